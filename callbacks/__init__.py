@@ -1,0 +1,5 @@
+"""Lightning callbacks of canonical-editing."""
+
+from callbacks.evaluation_report import EvaluationReport
+
+__all__ = ["EvaluationReport"]

@@ -1,0 +1,189 @@
+"""The ``editing`` command: LightningCLI (validate, test) plus ``evaluate`` and ``data download``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+
+from editing.errors import EditingError
+
+EXTRA_COMMANDS = ("evaluate", "data")
+
+
+class EditingCLI(LightningCLI):
+    """LightningCLI with the project's defaults: results written by ``EvaluationReport``, no duplicated
+    examples under DDP (our batch sampler shards by rank itself)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from callbacks.evaluation_report import EvaluationReport
+
+        parser.add_lightning_class_args(EvaluationReport, "report")
+
+    def _attach_config(self) -> None:
+        # The resolved config goes into the results JSON rather than a config.yaml in the working directory.
+        from callbacks.evaluation_report import EvaluationReport
+
+        resolved = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationReport):
+                callback.resolved_config = resolved
+
+    def before_validate(self) -> None:
+        self._attach_config()
+
+    def before_test(self) -> None:
+        self._attach_config()
+
+
+def run_lightning_cli(args: list[str] | None) -> None:
+    """``editing validate|test`` through LightningCLI."""
+    from editing.data.datamodule import TaskDataModule
+    from editing.methods.base import EditingModule
+
+    EditingCLI(
+        EditingModule,
+        TaskDataModule,
+        args=args,
+        trainer_defaults={"use_distributed_sampler": False, "logger": False, "enable_checkpointing": False},
+        save_config_callback=None,
+    )
+
+
+def _table(rows: list[dict]) -> str:
+    headers = ["task", "success rate", "general NLL", "targeted NLL", "hard-neg NLL", "examples"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {fmt(r['success_rate'], '.3f')} | {fmt(r['general_nll'], '.5f')} | "
+            f"{fmt(r['targeted_nll'], '.4f')} | {fmt(r['hard_negative_nll'], '.4f')} | {r['examples']} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
+                   precision: str = "bf16", data_root: str | None = None, eval_limit: int | None = None,
+                   general_limit: int | None = None, output_dir: str = "runs/evaluate", overwrite: bool = False,
+                   max_tokens: int = 8192) -> list[dict]:
+    """Evaluate one model on several tasks, load it once, and print one table.
+
+    The general set G does not depend on the task, so its NLL is computed once and shared.
+
+    Args:
+        tasks: task names or task YAMLs (default: the six built-in tasks).
+        split: ``val`` or ``test``.
+        model: model name (see ``ModelConfig.name``).
+        precision: ``bf16`` or ``fp32``.
+        data_root: data folder (default: searched).
+        eval_limit: first N examples of each task set.
+        general_limit: first N texts of the general set.
+        output_dir: results go to ``<output_dir>/<task>-<split>/``.
+        overwrite: replace results of an earlier run.
+        max_tokens: padded-token budget per batch.
+
+    Returns:
+        One row of metrics per task.
+    """
+    from editing.data.datamodule import TaskDataModule
+    from editing.methods.base import EditingModule, evaluate
+    from editing.models.loading import ModelConfig
+    from editing.report_files import write_evaluation
+    from editing.tasks import BUILTIN_TASKS
+
+    tasks = list(tasks or BUILTIN_TASKS)
+    start = time.time()
+    module = EditingModule(ModelConfig(name=model, precision=precision))
+    print(f"loaded {model} ({module.identity['num_parameters']:,} parameters, {precision}) "
+          f"in {time.time() - start:.1f}s", flush=True)
+    modules = {}
+    for task in tasks:  # check every task's data before spending time on any
+        dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
+                            general_limit=general_limit, max_tokens=max_tokens)
+        out = Path(output_dir) / f"{dm.task.name}-{split}"
+        if (out / "evaluation.json").exists() and not overwrite:
+            raise EditingError(f"{out / 'evaluation.json'} already exists: choose another --output_dir "
+                               "or pass --overwrite true")
+        modules[task] = (dm, out)
+    general: dict | None = None
+    rows = []
+    for task, (dm, out) in modules.items():
+        t0 = time.time()
+        roles = [r for r in dm.eval_roles() if r != "general" or general is None]
+        summary = evaluate(module, dm, roles=roles, progress=True)
+        if general is None:
+            general = {"general_nll": summary["general_nll"], "general_tokens": summary["counts"]["general_tokens"],
+                       "file": dm.describe().get("general")}
+        else:
+            summary["general_nll"] = general["general_nll"]
+            summary["counts"]["general_tokens"] = general["general_tokens"]
+        files = dm.describe()
+        files.setdefault("general", general["file"])
+        write_evaluation(out, summary, stage="validate" if split == "val" else "test", task=dm.task, split=split,
+                         identity=module.identity, data_files=files, overwrite=overwrite)
+        row = {"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+               **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}
+        rows.append(row)
+        print(f"{dm.task.name}: success {row['success_rate']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    table = _table(rows)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / f"table-{split}.md").write_text(table + "\n")
+    print(f"\n{model}, split {split}, precision {precision} ({time.time() - start:.0f}s in all)\n")
+    print(table)
+    return rows
+
+
+def download_data(root: str | None = None, base_url: str | None = None, overwrite: bool = False) -> None:
+    """Download the six tasks' files and the general sets from the paper's public repository.
+
+    Args:
+        root: destination (default: the cache folder searched by default).
+        base_url: the repository's raw ``data/`` URL (a mirror or a ``file://`` folder works too).
+        overwrite: replace files already there.
+    """
+    from editing.data.download import DEFAULT_BASE_URL, download
+
+    download(root=root, base_url=base_url or DEFAULT_BASE_URL, overwrite=overwrite)
+
+
+def run_extra(args: list[str]) -> None:
+    """``editing evaluate`` and ``editing data download``."""
+    parser = ArgumentParser(prog="editing", description="canonical-editing commands besides validate/test")
+    sub = parser.add_subcommands()
+    ev = ArgumentParser(description="Evaluate a model on several tasks and print one table.")
+    ev.add_function_arguments(evaluate_tasks)
+    sub.add_subcommand("evaluate", ev, help="evaluate a model on several tasks (one table)")
+    data = ArgumentParser(description="Task data commands.")
+    data_sub = data.add_subcommands()
+    dl = ArgumentParser(description="Download the task data from the paper's public repository.")
+    dl.add_function_arguments(download_data)
+    data_sub.add_subcommand("download", dl, help="download the task data")
+    sub.add_subcommand("data", data, help="task data commands")
+    cfg = parser.parse_args(args)
+    if cfg.subcommand == "evaluate":
+        evaluate_tasks(**{k: v for k, v in cfg.evaluate.items() if k != "config"})
+    else:
+        download_data(**{k: v for k, v in cfg.data.download.items() if k != "config"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``editing`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            run_extra(args)
+        else:
+            run_lightning_cli(None if argv is None else args)
+    except EditingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: reading task files, tokenizing with suffix masks, batching, and DataModules."""

