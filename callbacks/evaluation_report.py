@@ -31,7 +31,7 @@ class EvaluationReport(L.Callback):
         self.root = root
         self.overwrite = overwrite
         self.written: Path | None = None
-        self.resolved_config: str | None = None
+        self.resolved_config: dict | None = None
 
     def _out(self, trainer: L.Trainer, module, stage: str) -> Path:
         dm = trainer.datamodule

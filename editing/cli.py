@@ -2,35 +2,68 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 
 from editing.errors import EditingError
 
-EXTRA_COMMANDS = ("evaluate", "data")
+EXTRA_COMMANDS = ("evaluate", "data", "apply")
+TRAINER_DEFAULTS = {
+    "use_distributed_sampler": False,
+    "max_epochs": 10,
+    "num_sanity_val_steps": 0,
+    "logger": lazy_instance(CSVLogger, save_dir="runs", name="fit"),
+}
+
+
+class FitConfigSaver(SaveConfigCallback):
+    """Saves the resolved config into the run folder of ``fit`` runs (validate/test put it in their JSON)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
 
 class EditingCLI(LightningCLI):
-    """LightningCLI with the project's defaults: results written by ``EvaluationReport``, no duplicated
-    examples under DDP (our batch sampler shards by rank itself)."""
+    """LightningCLI with the project's defaults: any editing method as the model (``--model LoRAEditor``; the
+    default is the unedited ``EditingModule``), the degradation budget while fitting, results files after
+    validate/test, and no duplicated examples under DDP (our batch sampler shards by rank itself)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no predict: editing has nothing to generate
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
+        from callbacks.degradation_budget import DegradationBudget
         from callbacks.evaluation_report import EvaluationReport
 
         parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(DegradationBudget, "budget")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+        parser.set_defaults({"model": {"class_path": "editing.methods.base.EditingModule"}})
 
     def _attach_config(self) -> None:
-        # The resolved config goes into the results JSON rather than a config.yaml in the working directory.
+        from callbacks.degradation_budget import DegradationBudget
         from callbacks.evaluation_report import EvaluationReport
 
-        resolved = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        resolved = json.loads(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False,
+                                                                  format="json"))
         for callback in self.trainer.callbacks:
-            if isinstance(callback, EvaluationReport):
+            if isinstance(callback, (EvaluationReport, DegradationBudget)):
                 callback.resolved_config = resolved
+
+    def before_fit(self) -> None:
+        self._attach_config()
 
     def before_validate(self) -> None:
         self._attach_config()
@@ -47,9 +80,13 @@ def run_lightning_cli(args: list[str] | None) -> None:
     EditingCLI(
         EditingModule,
         TaskDataModule,
+        subclass_mode_model=True,
         args=args,
-        trainer_defaults={"use_distributed_sampler": False, "logger": False, "enable_checkpointing": False},
-        save_config_callback=None,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_callback=FitConfigSaver,
+        parser_kwargs={"description": "canonical-editing: edit language models from canonical examples. "
+                                      "LightningCLI commands below; also `editing evaluate` (several tasks, one "
+                                      "table), `editing apply` (evaluate a saved edit) and `editing data download`."},
     )
 
 
@@ -69,7 +106,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
-                   precision: str = "bf16", data_root: str | None = None, eval_limit: int | None = None,
+                   precision: str = "fp32", data_root: str | None = None, eval_limit: int | None = None,
                    general_limit: int | None = None, output_dir: str = "runs/evaluate", overwrite: bool = False,
                    max_tokens: int = 8192) -> list[dict]:
     """Evaluate one model on several tasks, load it once, and print one table.
@@ -152,22 +189,63 @@ def download_data(root: str | None = None, base_url: str | None = None, overwrit
     download(root=root, base_url=base_url or DEFAULT_BASE_URL, overwrite=overwrite)
 
 
+def apply_edit(edit: str, task: str = "country_capital", split: str = "val", data_root: str | None = None,
+               eval_limit: int | None = None, general_limit: int | None = None, output_dir: str | None = None,
+               overwrite: bool = False) -> dict:
+    """Load a base model plus a saved edit and evaluate it on a task.
+
+    Args:
+        edit: an edit folder (``<run>/edits/ball_<eps>``).
+        task: task name or task YAML.
+        split: ``val`` or ``test``.
+        data_root: data folder (default: searched).
+        eval_limit: first N examples of the task sets.
+        general_limit: first N texts of the general set.
+        output_dir: where to write ``evaluation.json`` (default: ``<edit>/eval-<task>-<split>``).
+        overwrite: replace an earlier evaluation.
+
+    Returns:
+        The evaluation summary.
+    """
+    from editing.data.datamodule import TaskDataModule
+    from editing.edits import load_edited
+    from editing.methods.base import evaluate
+    from editing.report_files import write_evaluation
+
+    module = load_edited(edit)
+    dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
+                        general_limit=general_limit)
+    summary = evaluate(module, dm, progress=True)
+    out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
+    path = write_evaluation(out, summary, stage="apply", task=dm.task, split=split, identity=module.identity,
+                            data_files=dm.describe(), overwrite=overwrite)
+    print(_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+                   **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}]))
+    print(f"results: {path}")
+    return summary
+
+
 def run_extra(args: list[str]) -> None:
-    """``editing evaluate`` and ``editing data download``."""
-    parser = ArgumentParser(prog="editing", description="canonical-editing commands besides validate/test")
+    """``editing evaluate``, ``editing apply`` and ``editing data download``."""
+    parser = ArgumentParser(prog="editing", description="canonical-editing commands besides fit/validate/test")
     sub = parser.add_subcommands()
     ev = ArgumentParser(description="Evaluate a model on several tasks and print one table.")
     ev.add_function_arguments(evaluate_tasks)
     sub.add_subcommand("evaluate", ev, help="evaluate a model on several tasks (one table)")
+    ap = ArgumentParser(description="Apply a saved edit to its base model and evaluate it.")
+    ap.add_function_arguments(apply_edit)
+    sub.add_subcommand("apply", ap, help="apply a saved edit and evaluate it")
     data = ArgumentParser(description="Task data commands.")
+    sub.add_subcommand("data", data, help="task data commands")
     data_sub = data.add_subcommands()
     dl = ArgumentParser(description="Download the task data from the paper's public repository.")
     dl.add_function_arguments(download_data)
     data_sub.add_subcommand("download", dl, help="download the task data")
-    sub.add_subcommand("data", data, help="task data commands")
     cfg = parser.parse_args(args)
     if cfg.subcommand == "evaluate":
         evaluate_tasks(**{k: v for k, v in cfg.evaluate.items() if k != "config"})
+    elif cfg.subcommand == "apply":
+        apply_edit(**{k: v for k, v in cfg.apply.items() if k != "config"})
     else:
         download_data(**{k: v for k, v in cfg.data.download.items() if k != "config"})
 
@@ -180,9 +258,23 @@ def main(argv: list[str] | None = None) -> None:
             run_extra(args)
         else:
             run_lightning_cli(None if argv is None else args)
-    except EditingError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - only our own errors are turned into messages, others re-raise
+        cause = _editing_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _editing_error(err: BaseException | None) -> EditingError | None:
+    """The user-facing error behind ``err`` (jsonargparse wraps errors raised while building classes)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, EditingError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def collate(examples: list[TokenizedExample], role: str = "", pad_id: int = 0) -
         ``n_slots`` (sequences per example), ``truncated`` (prefix tokens cut) and ``role``.
     """
     seqs = [(i, slot, s) for i, ex in enumerate(examples) for slot, s in enumerate(ex.sequences)]
-    length = max(len(s.ids) for _, _, s in seqs)
+    length = max((len(s.ids) for _, _, s in seqs), default=1)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), length), dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
@@ -33,7 +33,7 @@ def collate(examples: list[TokenizedExample], role: str = "", pad_id: int = 0) -
         input_ids[row, : len(ids)] = ids
         attention[row, : len(ids)] = 1
         labels[row, s.score_from - 1: len(ids) - 1] = ids[s.score_from:]
-    n_slots = {len(ex.sequences) for ex in examples}
+    n_slots = {len(ex.sequences) for ex in examples} or {1}
     if len(n_slots) != 1:
         raise ValueError("all examples of a batch must have the same number of suffixes")
     return {
@@ -104,10 +104,25 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             batches.append(current)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _shard(self) -> list[list[int]]:
         rank, world = _dist_info()
-        yield from self._batches()[rank::world]
+        batches = self._batches()
+        if self.shuffle and world > 1 and len(batches) % world:
+            # Training under DDP: every rank must take the same number of steps, so the last round is filled with
+            # batches from the start (as DistributedSampler does). Evaluation never pads: no example counts twice.
+            batches = batches + batches[: world - len(batches) % world]
+        elif not self.shuffle and len(batches) < world:
+            # Evaluation: every rank needs at least one batch (Lightning refuses an empty dataloader). Split the
+            # largest batches; with fewer examples than ranks, the idle ranks get an empty batch that scores nothing.
+            while len(batches) < world and max(len(b) for b in batches) > 1:
+                big = max(range(len(batches)), key=lambda i: len(batches[i]))
+                b = batches.pop(big)
+                batches[big:big] = [b[: len(b) // 2], b[len(b) // 2:]]
+            batches += [[] for _ in range(world - len(batches))]
+        return batches[rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._shard()
 
     def __len__(self) -> int:
-        rank, world = _dist_info()
-        return len(self._batches()[rank::world])
+        return len(self._shard())

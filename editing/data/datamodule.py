@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from editing.data.batching import TokenBudgetBatchSampler, collate
@@ -70,13 +71,15 @@ class TaskDataModule(L.LightningDataModule):
         max_tokens: padded-token budget of an evaluation batch.
         max_examples: most examples in an evaluation batch.
         batch_size: canonical examples per training batch.
-        seed: training shuffle seed.
+        regularization_batch_size: texts of the general set R per regularization batch (one per optimizer step).
+        seed: training shuffle seed (and the seed of the regularization batches).
         num_workers: dataloader workers.
     """
 
     def __init__(self, task: str = "country_capital", split: str = "val", data_root: str | None = None,
                  eval_limit: int | None = None, general_limit: int | None = None, max_tokens: int = 8192,
-                 max_examples: int = 64, batch_size: int = 1, seed: int = 0, num_workers: int = 0) -> None:
+                 max_examples: int = 64, batch_size: int = 1, regularization_batch_size: int = 2, seed: int = 0,
+                 num_workers: int = 0) -> None:
         super().__init__()
         if split not in SPLITS:
             raise ConfigError(f"data.split={split!r} is not valid; expected 'val' or 'test'")
@@ -92,6 +95,7 @@ class TaskDataModule(L.LightningDataModule):
         self.max_tokens = max_tokens
         self.max_examples = max_examples
         self.batch_size = batch_size
+        self.regularization_batch_size = regularization_batch_size
         self.seed = seed
         self.num_workers = num_workers
         self.tokenizer = None
@@ -140,6 +144,30 @@ class TaskDataModule(L.LightningDataModule):
             self.attach(module.tokenizer, module.max_length)
         for role in self.eval_roles():
             self.load(role)
+        if stage == "fit":
+            self.load("canonical")
+            self.load("regularization")
+
+    @property
+    def pad_id(self) -> int:
+        """Token id used for padding (never scored, never attended to)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        """Canonical examples, ``batch_size`` per batch, reshuffled each epoch (seeded)."""
+        data = self.load("canonical")
+        sampler = TokenBudgetBatchSampler([e.length for e in data.examples], max_tokens=1 << 30,
+                                          max_examples=self.batch_size, shuffle=True, seed=self.seed)
+        return DataLoader(ExampleDataset(data.examples), batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=partial(collate, role="canonical", pad_id=self.pad_id))
+
+    def regularization_batch(self, step: int) -> dict:
+        """The batch of R used at optimizer step ``step``: random texts, chosen by (seed, step) so a resumed run
+        draws the same batches as an uninterrupted one."""
+        data = self.load("regularization")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = torch.randperm(len(data.examples), generator=generator)[: self.regularization_batch_size]
+        return collate([data.examples[i] for i in picks.tolist()], role="regularization", pad_id=self.pad_id)
 
     def eval_roles(self) -> list[str]:
         """Evaluation roles this task has, in dataloader order."""
@@ -151,13 +179,14 @@ class TaskDataModule(L.LightningDataModule):
         sampler = TokenBudgetBatchSampler(
             [e.length * len(e.sequences) for e in data.examples], self.max_tokens, self.max_examples
         )
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return DataLoader(
             ExampleDataset(data.examples), batch_sampler=sampler, num_workers=self.num_workers,
-            collate_fn=partial(collate, role=role, pad_id=pad),
+            collate_fn=partial(collate, role=role, pad_id=self.pad_id),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []  # while fitting, the DegradationBudget callback evaluates (epoch 0 and after each epoch)
         return [self.eval_dataloader(role) for role in self.eval_roles()]
 
     def test_dataloader(self) -> list[DataLoader]:

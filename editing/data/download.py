@@ -70,8 +70,10 @@ def download(root: str | Path | None = None, base_url: str = DEFAULT_BASE_URL, o
         _write_atomic(target, _fetch(f"{base_url}/{rel}"))
     general = root / "general"
     if overwrite or not (general / "degradation.jsonl").exists():
-        lines = _fetch(f"{base_url}/{GENERAL_SOURCE}").decode("utf-8").splitlines(keepends=True)
-        _write_atomic(general / "regularization.jsonl", "".join(lines[:REGULARIZATION_LINES]).encode("utf-8"))
-        _write_atomic(general / "degradation.jsonl", "".join(lines[REGULARIZATION_LINES:]).encode("utf-8"))
+        # split on "\n" only: str.splitlines would also break at U+2028 and friends inside JSON strings
+        lines = _fetch(f"{base_url}/{GENERAL_SOURCE}").split(b"\n")
+        lines = [line + b"\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        _write_atomic(general / "regularization.jsonl", b"".join(lines[:REGULARIZATION_LINES]))
+        _write_atomic(general / "degradation.jsonl", b"".join(lines[REGULARIZATION_LINES:]))
     print(f"data ready in {root}", file=sys.stderr)
     return root

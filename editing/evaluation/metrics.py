@@ -77,7 +77,9 @@ class ExampleScores(Metric):
         self.score.append(score.double())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.index:
+        """(index, score) sorted by index. torchmetrics squeezes one-element results to 0-d tensors: callers
+        reshape(-1)."""
+        if isinstance(self.index, list) and not self.index:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
         index = torch.cat(self.index) if isinstance(self.index, list) else self.index
         score = torch.cat(self.score) if isinstance(self.score, list) else self.score

@@ -1,1 +1,7 @@
 """Editing methods: one sub-package per method, registered in ``editing.methods.registry``."""
+
+from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
+from editing.methods.full import FullFinetune
+from editing.methods.lora import LoRAConfig, LoRAEditor
+
+__all__ = ["EditingModule", "FullFinetune", "LoRAConfig", "LoRAEditor", "OptimizerConfig", "RegularizationConfig"]

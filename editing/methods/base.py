@@ -1,13 +1,21 @@
-"""The editing base LightningModule: a frozen base model, evaluated on a task's sets (SPEC section 5).
+"""The editing base LightningModule: a frozen base model plus trainable deltas, its training step (SPEC section 4)
+and its evaluation (SPEC section 5).
 
-Editing methods subclass it and add trainable deltas; evaluation is shared, so every method is measured the same
-way. ``evaluate_batch``/``evaluation_summary`` are the small interface callbacks use.
+Methods subclass it: they say which parameters are trainable (``_prepare_deltas``), how p0 is obtained
+(``reference``) and how an edit is saved (``export_edit``). The training step, the regularizers, the optimizer and
+the evaluation are shared, so every method is trained and measured the same way. ``evaluate``,
+``delta_state``/``load_delta_state`` and ``export_edit`` are the small interface the callbacks use.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -16,28 +24,106 @@ from tqdm.auto import tqdm
 
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL
 from editing.evaluation.scorer import example_nll, sequence_nll
-from editing.losses import example_score
+from editing.errors import ConfigError
+from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
+from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
 
 METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
 
 
+@dataclass
+class OptimizerConfig:
+    """Adam with cosine decay to zero over the run (SPEC section 6)."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.995)
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Adam weight decay."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule over all optimizer steps of the run."""
+    eight_bit: bool = False
+    """8-bit Adam from bitsandbytes (CUDA only)."""
+
+
+@dataclass
+class RegularizationConfig:
+    """Pull toward the unedited model p0, computed on the general set R (SPEC section 4)."""
+
+    kind: Literal["kl", "l2", "ewc", "none"] = "kl"
+    """``kl``: KL(p0 || p) on one batch of R per optimizer step; ``l2``/``ewc``: toward p0's parameters."""
+    weight: float = 0.5
+    """Weight of the regularization term."""
+    fisher_batches: int = 8
+    """Batches of R used to estimate EWC's Fisher information."""
+
+
 class EditingModule(L.LightningModule):
-    """A language model under evaluation (and, in subclasses, under editing).
+    """A language model under evaluation, and (in subclasses) under editing.
 
     Args:
         base: which model to load and at what precision.
+        optimizer: optimizer settings (training only).
+        regularization: regularization toward p0 (training only).
     """
 
-    def __init__(self, base: ModelConfig | None = None) -> None:
+    method = "none"
+
+    def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
+                 regularization: RegularizationConfig | None = None) -> None:
         super().__init__()
         self.base_config = base or ModelConfig()
-        self.save_hyperparameters({"base": asdict(self.base_config)})
+        self.optim_config = optimizer or OptimizerConfig()
+        self.reg_config = regularization or RegularizationConfig()
+        if self.reg_config.kind not in REGULARIZERS:
+            raise ConfigError(f"regularization.kind={self.reg_config.kind!r}; expected one of {REGULARIZERS}")
+        self.save_hyperparameters({"method": self.method, "base": asdict(self.base_config),
+                                   "optimizer": asdict(self.optim_config),
+                                   "regularization": asdict(self.reg_config)})
         self.loaded: LoadedModel = load_model(self.base_config)
         self.model = self.loaded.model
         self.task: TaskSpec | None = None
         self.eval_metrics = nn.ModuleDict()
+        self.diverged = False
+        # checkpoints hold only the trainable deltas, so loading them into the full module is never strict
+        self.strict_loading = False
+        self._prepare_deltas()
+        self._initial: dict[str, torch.Tensor] = {}
+        self._fisher: dict[str, torch.Tensor] = {}
+
+    # what a method defines ----------------------------------------------------------------------------------
+    def _prepare_deltas(self) -> None:
+        """Make the method's deltas and mark exactly them trainable (the base class trains nothing)."""
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """A context in which the yielded model computes p0 (the unedited model)."""
+        yield self.model
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """The trainable deltas by name."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def delta_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the current deltas (what a checkpoint and a ball's saved edit hold)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the deltas from ``delta_state`` output."""
+        params = self.trainable_parameters()
+        missing = set(params) - set(state)
+        if missing:
+            raise ConfigError(f"edit state lacks {len(missing)} delta(s), e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere."""
+        raise NotImplementedError(f"{type(self).__name__} has no edit to export")
 
     @property
     def tokenizer(self):
@@ -71,10 +157,129 @@ class EditingModule(L.LightningModule):
         if datamodule is not None and self.task is None:
             self.bind_task(datamodule.task)
 
+    # training ----------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        params = self.trainable_parameters()
+        if not params:
+            raise ConfigError(f"method {self.method!r} has no trainable parameters: use an editing method "
+                              "(e.g. editing.methods.LoRAEditor or editing.methods.FullFinetune) to fit")
+        if self.reg_config.kind in ("l2", "ewc") and not self._initial:
+            self._initial = {n: p.detach().clone() for n, p in params.items()}
+        if self.reg_config.kind == "ewc" and not self._fisher:
+            self._fisher = self._estimate_fisher()
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        """Submodules that stay in train mode while editing (e.g. LoRA dropout). The base model itself runs in
+        eval mode so that p and p0 see the same deterministic network (KL is exactly zero before the first step)."""
+        return []
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self.model.eval()
+        for module in self.train_mode_modules():
+            module.train()
+
+    def _estimate_fisher(self) -> dict[str, torch.Tensor]:
+        # Diagonal Fisher of the model's own next-token likelihood on R, at p0.
+        datamodule = self.trainer.datamodule
+        params = self.trainable_parameters()
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        for i in range(self.reg_config.fisher_batches):
+            batch = self._to_device(datamodule.regularization_batch(-1 - i))
+            self.zero_grad(set_to_none=True)
+            sums, counts = sequence_nll(self.model, batch)
+            (sums.sum() / counts.sum()).backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    fisher[n] += p.grad.detach().float().pow(2) / self.reg_config.fisher_batches
+        self.zero_grad(set_to_none=True)
+        return fisher
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def regularization_loss(self) -> torch.Tensor:
+        """The unweighted regularization term for the current optimizer step."""
+        kind = self.reg_config.kind
+        if kind == "kl":
+            batch = self._to_device(self.trainer.datamodule.regularization_batch(self.global_step))
+            return kl_to_reference(self.model, self.reference, batch)
+        if kind == "l2":
+            return l2_to_reference(self.trainable_parameters(), self._initial)
+        if kind == "ewc":
+            return ewc_penalty(self.trainable_parameters(), self._initial, self._fisher)
+        return torch.zeros((), device=self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        sums, counts = example_nll(self.model, batch)
+        task_loss = training_loss(sums / counts.clamp(min=1), self.task.loss).mean().float()
+        loss = task_loss
+        accumulate = max(1, int(self.trainer.accumulate_grad_batches))
+        reg = None
+        if self.reg_config.kind != "none" and self.reg_config.weight > 0 and batch_idx % accumulate == 0:
+            # One regularization batch per optimizer step, on its first micro-batch. Lightning divides every
+            # micro-batch loss by `accumulate`, so the term is scaled back up to count once per step.
+            reg = self.regularization_loss().float()
+            loss = loss + self.reg_config.weight * reg * accumulate
+        if not torch.isfinite(loss):
+            # Stop cleanly: skip this update (returning None) and let the callback record the run as diverged.
+            self.diverged = True
+            self.trainer.should_stop = True
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["example_index"].numel()))
+        self.log("train/task_loss", task_loss, batch_size=int(batch["example_index"].numel()))
+        if reg is not None:
+            self.log("train/regularization", reg, batch_size=int(batch["example_index"].numel()))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        cfg = self.optim_config
+        if cfg.eight_bit:
+            if not torch.cuda.is_available():
+                raise ConfigError("optimizer.eight_bit=true needs a CUDA device (bitsandbytes); set it to false")
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ConfigError("optimizer.eight_bit=true needs `pip install bitsandbytes`") from err
+            optimizer = bnb.optim.Adam8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if cfg.schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # checkpoints: only the deltas, plus the base model's identity ----------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = set(self.trainable_parameters())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["base_identity"] = dict(self.identity)
+        checkpoint["editing_state"] = {"diverged": self.diverged, "initial": self._initial, "fisher": self._fisher}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("base_identity")
+        if saved is None:
+            raise ConfigError("checkpoint has no base model identity: it was not written by canonical-editing")
+        if saved.get("fingerprint") != self.identity["fingerprint"]:
+            raise ConfigError(
+                f"checkpoint was made on base model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}), "
+                f"but this run loads {self.identity['name']!r} (fingerprint {self.identity['fingerprint']}); "
+                "resume with the same --model.base settings"
+            )
+        state = checkpoint.get("editing_state", {})
+        self.diverged = bool(state.get("diverged", False))
+        self._initial = state.get("initial", {}) or {}
+        self._fisher = state.get("fisher", {}) or {}
+
     # evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> None:
         """Score one evaluation batch and update the metric of its role."""
+        if batch["input_ids"].numel() == 0:  # an empty shard under DDP (fewer examples than processes)
+            return
         role = batch["role"]
         m = self.eval_metrics
         if role == "evaluation":
@@ -94,19 +299,36 @@ class EditingModule(L.LightningModule):
             raise ValueError(f"unknown evaluation role {role!r}")
 
     def evaluation_summary(self, reset: bool = True) -> dict:
-        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics."""
+        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics.
+
+        Every process computes every metric in the same order (each compute is a collective under DDP), also a
+        process whose shard of a set was empty; a metric is None when no process saw any example of its set.
+        """
         m = self.eval_metrics
+        empty = torch.zeros(0, device=self.eval_metrics["general_nll"].nll.device)
+        if m["success_rate"].update_count == 0:
+            m["success_rate"].update(empty)
+            m["scores"].update(empty.long(), empty)
+        for name in ("general_nll", "targeted_nll"):
+            if m[name].update_count == 0:
+                m[name].update(empty, empty.long())
+        if m["hard_negative_nll"].update_count == 0:
+            m["hard_negative_nll"].update(empty)
+        sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
+                             m["hard_negative_nll"].count]).clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sizes)
         summary: dict = {}
-        for name in METRIC_NAMES:
-            metric = m[name]
-            summary[name] = float(metric.compute()) if metric.update_count > 0 else None
-        index, score = m["scores"].compute() if m["scores"].update_count > 0 else (torch.zeros(0), torch.zeros(0))
+        for name, size in zip(METRIC_NAMES, sizes.tolist()):
+            value = float(m[name].compute())
+            summary[name] = value if size > 0 else None
+        index, score = (t.reshape(-1) for t in m["scores"].compute())
         summary["counts"] = {
-            "evaluation": int(m["success_rate"].total),
-            "evaluation_failed": int(m["success_rate"].failed),
-            "general_tokens": int(m["general_nll"].tokens),
-            "targeted_tokens": int(m["targeted_nll"].tokens),
-            "hard_negatives": int(m["hard_negative_nll"].count),
+            "evaluation": int(sizes[0]),
+            "evaluation_failed": int((score > self.task.threshold).sum()),
+            "general_tokens": int(sizes[1]),
+            "targeted_tokens": int(sizes[2]),
+            "hard_negatives": int(sizes[3]),
         }
         summary["per_example"] = [
             {"index": int(i), "score": float(s), "failed": bool(s > self.task.threshold)}
@@ -151,9 +373,11 @@ def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, 
     """
     if datamodule.tokenizer is None:
         datamodule.attach(module.tokenizer, module.max_length)
-    if module.task is None or module.task.name != datamodule.task.name:
+    if module.task != datamodule.task:
         module.bind_task(datamodule.task)
     device = next(module.model.parameters()).device
+    was_training = module.model.training
+    module.model.eval()
     for role in roles or datamodule.eval_roles():
         loader = datamodule.eval_dataloader(role)
         if progress:
@@ -161,4 +385,5 @@ def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, 
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             module.evaluate_batch(batch)
+    module.model.train(was_training)
     return module.evaluation_summary()

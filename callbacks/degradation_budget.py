@@ -1,0 +1,225 @@
+"""The degradation budget (SPEC section 6): evaluate p0 and every epoch, keep per ball the last epoch inside it,
+stop early once the model has left the largest ball, and write the run's results and edits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from editing import __version__
+from editing.methods.base import METRIC_NAMES, evaluate
+from editing.results import ResultsExistError, write_json
+
+DEFAULT_BALLS = (1e-3, 1e-4, 1e-5)
+
+
+def ball_key(eps: float) -> str:
+    """Name of a ball in results files, e.g. ``1e-05``."""
+    return f"{eps:.0e}"
+
+
+def choose_epochs(history: list[dict], balls: tuple[float, ...] = DEFAULT_BALLS,
+                  max_epoch: dict[str, int] | None = None) -> dict[str, int]:
+    """The reported epoch per ball: the LAST evaluated epoch whose general NLL is below (1 + eps) x epoch 0's.
+
+    Args:
+        history: per-epoch records with ``epoch`` and ``general_nll`` (epoch 0 = the unedited model).
+        balls: the eps values.
+        max_epoch: per ball, an epoch not to go past (the test rule: never later than validation's choice).
+
+    Returns:
+        Ball key -> chosen epoch (0 when no later epoch stays inside).
+    """
+    initial = history[0]["general_nll"]
+    chosen = {}
+    for eps in balls:
+        key = ball_key(eps)
+        limit = None if max_epoch is None else max_epoch.get(key)
+        best = 0
+        for record in history:
+            nll = record.get("general_nll")
+            if nll is None or not math.isfinite(nll) or (limit is not None and record["epoch"] > limit):
+                continue
+            if nll < (1.0 + eps) * initial:
+                best = max(best, record["epoch"])
+        chosen[key] = best
+    return chosen
+
+
+class DegradationBudget(L.Callback):
+    """Keeps an edit inside the degradation balls.
+
+    Evaluates p0 before training (epoch 0) and the edited model after every epoch on the DataModule's evaluation
+    sets; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``, ``val/targeted_nll`` and
+    ``val/hard_negative_nll``; keeps, per ball, the last epoch inside it and that epoch's deltas; stops once the
+    general NLL has been outside the largest ball for ``patience`` epochs; at the end writes ``results.json`` and
+    each ball's edit into the run folder. Its state is saved in checkpoints, so a resumed run continues it.
+
+    Args:
+        balls: the eps values of the balls.
+        patience: epochs outside the largest ball before stopping.
+        output_dir: run folder (default: the trainer's log folder).
+        overwrite: replace the results of a finished run in ``output_dir``.
+        save_edits: write each ball's edit (LoRA adapter, changed tensors, ...) at the end.
+        max_epoch: per ball key, do not choose an epoch after this one (test runs use validation's choice).
+    """
+
+    def __init__(self, balls: list[float] | None = None, patience: int = 1, output_dir: str | None = None,
+                 overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> None:
+        self.balls = tuple(balls or DEFAULT_BALLS)
+        self.patience = patience
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.save_edits = save_edits
+        self.max_epoch = max_epoch
+        self.history: list[dict] = []
+        self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
+        self.outside = 0
+        self.diverged_epoch: int | None = None
+        self.resolved_config: dict | None = None
+        self.results_path: Path | None = None
+
+    # state in checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
+                "diverged_epoch": self.diverged_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.ball_states = dict(state["ball_states"])
+        self.outside = int(state["outside"])
+        self.diverged_epoch = state.get("diverged_epoch")
+
+    # helpers ---------------------------------------------------------------------------------------------
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        """Where results and edits go."""
+        return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
+        summary = evaluate(module, trainer.datamodule)
+        record = {"epoch": epoch, **{k: summary[k] for k in METRIC_NAMES}, "counts": summary["counts"]}
+        initial = self.history[0]["general_nll"] if self.history else record["general_nll"]
+        record["degradation"] = record["general_nll"] / initial - 1.0
+        return record
+
+    def _log(self, module, record: dict) -> None:
+        for name in (*METRIC_NAMES, "degradation"):
+            if record.get(name) is not None:
+                module.log(f"val/{name}", float(record[name]), rank_zero_only=True)
+
+    def _update_balls(self, module, record: dict) -> None:
+        initial = self.history[0]["general_nll"]
+        state = None
+        for eps in self.balls:
+            if record["general_nll"] < (1.0 + eps) * initial:
+                state = state if state is not None else module.delta_state()
+                self.ball_states[ball_key(eps)] = state
+
+    # hooks -----------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        results = self.run_dir(trainer) / "results.json"
+        if results.exists() and not self.overwrite and not trainer.ckpt_path:
+            raise ResultsExistError(f"{results} already exists: a finished run is never overwritten silently; "
+                                    "choose another run folder or pass overwrite=true")
+        if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
+            return
+        record = self._evaluate(trainer, pl_module, 0)
+        self.history.append(record)
+        self.ball_states = {ball_key(eps): pl_module.delta_state() for eps in self.balls}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if len(self.history) == 1 and trainer.logger is not None:
+            # epoch 0 is logged once a logger is ready
+            metrics = {f"val/{k}": float(v) for k, v in self.history[0].items()
+                       if k in (*METRIC_NAMES, "degradation") and v is not None}
+            trainer.logger.log_metrics(metrics, step=0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if pl_module.diverged:
+            self.diverged_epoch = epoch
+            trainer.should_stop = True
+            return
+        record = self._evaluate(trainer, pl_module, epoch)
+        self.history.append(record)
+        self._log(pl_module, record)
+        self._update_balls(pl_module, record)
+        largest = max(self.balls)
+        if record["general_nll"] < (1.0 + largest) * self.history[0]["general_nll"]:
+            self.outside = 0
+        else:
+            self.outside += 1
+            if self.outside >= self.patience:
+                trainer.should_stop = True
+
+    def summary(self) -> dict:
+        """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""
+        chosen = choose_epochs(self.history, self.balls, self.max_epoch)
+        by_epoch = {r["epoch"]: r for r in self.history}
+        initial = self.history[0]
+        balls = {}
+        for key, epoch in chosen.items():
+            record = by_epoch[epoch]
+            balls[key] = {
+                "epoch": epoch,
+                "metrics": {k: record[k] for k in (*METRIC_NAMES, "degradation")},
+                "success_change_pp": 100.0 * (record["success_rate"] - initial["success_rate"]),
+            }
+        return balls
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero or not self.history:
+            return
+        run_dir = self.run_dir(trainer)
+        balls = self.summary()
+        edits = {}
+        if self.save_edits:
+            current = pl_module.delta_state()
+            for key, info in balls.items():
+                state = self.ball_states.get(key)
+                if state is None or info["epoch"] != self._state_epoch(key):
+                    continue
+                edits[key] = str(pl_module.export_edit(run_dir / "edits" / f"ball_{key}", state))
+            pl_module.load_delta_state(current)
+        dm = trainer.datamodule
+        record = {
+            "method": pl_module.method,
+            "task": {"name": dm.task.name, "loss": dm.task.loss, "threshold": dm.task.threshold},
+            "split": dm.split,
+            "model": pl_module.identity,
+            "seed": dm.seed,
+            "config": self.resolved_config,
+            "hyperparameters": dict(pl_module.hparams),
+            "status": "diverged" if self.diverged_epoch is not None else "finished",
+            "diverged_at_epoch": self.diverged_epoch,
+            "epochs": self.history,
+            "balls": balls,
+            "edits": edits,
+            "data_files": dm.describe(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "editing_version": __version__,
+        }
+        self.results_path = write_json(run_dir / "results.json", record, overwrite=True)
+        print(format_balls(self.history, balls))
+        print(f"results: {self.results_path}")
+
+    def _state_epoch(self, key: str) -> int:
+        # The saved state of a ball is the one of the last epoch inside it, which is what choose_epochs picks
+        # unless max_epoch cuts it earlier (then no edit is exported for that ball).
+        return choose_epochs(self.history, self.balls, None)[key]
+
+
+def format_balls(history: list[dict], balls: dict) -> str:
+    """A small table: per ball, the epoch chosen, success before/after, change (pp) and degradation."""
+    initial = history[0]
+    lines = ["| ball | epoch | success before | success after | change (pp) | general NLL x |",
+             "|---|---|---|---|---|---|"]
+    for key, info in balls.items():
+        m = info["metrics"]
+        lines.append(f"| {key} | {info['epoch']} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
+                     f"{info['success_change_pp']:+.1f} | {1 + m['degradation']:.6f} |")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Full finetuning: all weights train; p0 is a frozen copy kept outside the module's parameters."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
+from editing.models.loading import ModelConfig
+
+
+class FullFinetune(EditingModule):
+    """Edit by finetuning every weight of the model.
+
+    Args:
+        base: the base model.
+        gradient_checkpointing: recompute activations in the backward pass when the model supports it.
+        optimizer: optimizer settings.
+        regularization: regularization toward p0.
+    """
+
+    method = "full"
+
+    def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = False,
+                 optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
+        self.gradient_checkpointing = gradient_checkpointing
+        super().__init__(base=base, optimizer=optimizer, regularization=regularization)
+        self.hparams["gradient_checkpointing"] = gradient_checkpointing
+
+    def _prepare_deltas(self) -> None:
+        # p0 lives in a plain list so it is neither a parameter of this module nor in its state dict.
+        frozen = copy.deepcopy(self.model)
+        frozen.requires_grad_(False)
+        frozen.eval()
+        self._p0 = [frozen]
+        self.model.requires_grad_(True)
+        if self.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
+            self.model.gradient_checkpointing_enable()
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        p0 = self._p0[0]
+        if p0.device != self.device:  # the frozen copy follows the module across devices
+            p0.to(self.device)
+        yield p0
+
+    def changed_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of the edit that differ from p0, by the base model's parameter names."""
+        state = state if state is not None else self.delta_state()
+        reference = dict(self._p0[0].named_parameters())
+        out = {}
+        for name, value in state.items():
+            key = name[len("model."):] if name.startswith("model.") else name
+            if not torch.equal(value, reference[key].detach().to(value.device, value.dtype)):
+                out[key] = value.contiguous()
+        return out
+
+    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the changed tensors as ``edit.safetensors`` plus the base model's identity."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.changed_tensors(state), str(folder / "edit.safetensors"),
+                  metadata={"method": "full", "base_fingerprint": self.identity["fingerprint"]})
+        (folder / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
+        return folder

@@ -1,0 +1,71 @@
+"""LoRA settings and how they resolve to layers and module names per architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editing.errors import ConfigError
+
+# MLP up and down projections per architecture (SPEC section 6 / peft target_modules suffixes).
+MLP_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "mistral": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "qwen2": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+    "backpack-gpt2": ("mlp.c_fc", "mlp.c_proj"),
+    "gpt_neox": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+    "gptj": ("mlp.fc_in", "mlp.fc_out"),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the MLP up and down projections of a contiguous block of layers."""
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 8.0
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    layer_fraction: float | None = 0.5
+    """Fraction of all layers to adapt, as a block centred on the middle layer (ignored if start/end are set)."""
+    layer_start: int | None = None
+    """First adapted layer (0-based), with ``layer_end``."""
+    layer_end: int | None = None
+    """Last adapted layer (inclusive), with ``layer_start``."""
+    target_modules: list[str] | None = None
+    """Override the module-name suffixes to adapt (default: the architecture's MLP projections)."""
+
+
+def num_layers(config) -> int:
+    """Number of transformer layers of a Hugging Face config."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"cannot tell the number of layers of a {type(config).__name__}")
+
+
+def lora_layers(cfg: LoRAConfig, total: int) -> list[int]:
+    """The layers to adapt: ``layer_start..layer_end``, or a centred block covering ``layer_fraction``."""
+    if cfg.layer_start is not None or cfg.layer_end is not None:
+        if cfg.layer_start is None or cfg.layer_end is None:
+            raise ConfigError("lora.layer_start and lora.layer_end must be set together")
+        if not 0 <= cfg.layer_start <= cfg.layer_end < total:
+            raise ConfigError(f"lora layers {cfg.layer_start}..{cfg.layer_end} are outside 0..{total - 1}")
+        return list(range(cfg.layer_start, cfg.layer_end + 1))
+    fraction = 1.0 if cfg.layer_fraction is None else cfg.layer_fraction
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"lora.layer_fraction={fraction} must be in (0, 1]")
+    count = max(1, min(total, round(fraction * total)))
+    start = (total - count) // 2
+    return list(range(start, start + count))
+
+
+def mlp_target_modules(model_type: str) -> list[str]:
+    """The MLP projection names LoRA adapts for ``model_type``."""
+    if model_type not in MLP_MODULES:
+        raise ConfigError(f"no default LoRA targets for model type {model_type!r}; set lora.target_modules "
+                          f"(known: {', '.join(MLP_MODULES)})")
+    return list(MLP_MODULES[model_type])

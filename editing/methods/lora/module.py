@@ -1,0 +1,76 @@
+"""LoRA editing: adapters are the only trainable deltas; p0 is the same model with the adapter disabled."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
+from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules, num_layers
+from editing.models.loading import ModelConfig
+
+
+class LoRAEditor(EditingModule):
+    """Edit with LoRA adapters on the MLP up/down projections (peft).
+
+    Args:
+        base: the base model.
+        lora: adapter settings.
+        optimizer: optimizer settings.
+        regularization: regularization toward p0.
+    """
+
+    method = "lora"
+
+    def __init__(self, base: ModelConfig | None = None, lora: LoRAConfig | None = None,
+                 optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
+        self.lora_config = lora or LoRAConfig()
+        super().__init__(base=base, optimizer=optimizer, regularization=regularization)
+        self.hparams["lora"] = dict(vars(self.lora_config))
+
+    def _prepare_deltas(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.lora_config
+        config = self.model.config
+        layers = lora_layers(cfg, num_layers(config))
+        targets = cfg.target_modules or mlp_target_modules(config.model_type)
+        peft_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+            layers_to_transform=layers, bias="none", fan_in_fan_out=config.model_type in ("gpt2", "backpack-gpt2"),
+        )
+        self.model = get_peft_model(self.model, peft_config)
+        self.lora_layers = layers
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        with self.model.disable_adapter():
+            yield self.model
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        return [m for n, m in self.model.named_modules() if n.endswith("lora_dropout")]
+
+    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the adapter as a peft folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""
+        folder = Path(folder)
+        current = None
+        if state is not None:
+            current = self.delta_state()
+            self.load_delta_state(state)
+        try:
+            self.model.save_pretrained(str(folder))
+        finally:
+            if current is not None:
+                self.load_delta_state(current)
+        (folder / "base_model.json").write_text(_identity_json(self.identity))
+        return folder
+
+
+def _identity_json(identity: dict) -> str:
+    import json
+
+    return json.dumps(identity, indent=2) + "\n"

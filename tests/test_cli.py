@@ -1,0 +1,190 @@
+"""The ``editing`` command end to end: validate/test through LightningCLI, ``evaluate``, errors and --print_config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import reference_scores
+
+from editing.cli import main
+from editing.data.datamodule import TaskDataModule
+
+VALIDATE = ["validate", "--model.base.name", "tiny-gpt2", "--model.base.precision", "fp32", "--data.task",
+            "stereoset", "--data.eval_limit", "8", "--data.general_limit", "10"]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_scores(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def validate_run(tmp_path_factory):
+    """One ``editing validate`` run (cwd = a fresh folder); yields the output folder."""
+    work = tmp_path_factory.mktemp("validate")
+    out = work / "results"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        main(VALIDATE + ["--report.output_dir", str(out)])
+    return out
+
+
+def test_validate_writes_results(validate_run, tiny_module, data_root):
+    record = json.loads((validate_run / "evaluation.json").read_text())
+    assert record["stage"] == "validate" and record["split"] == "val"
+    assert record["task"] == {"name": "stereoset", "loss": "bad", "threshold": pytest.approx(-6.907755, abs=1e-5)}
+    metrics = record["metrics"]
+    assert set(metrics) == {"success_rate", "general_nll", "targeted_nll", "hard_negative_nll"}
+    assert all(isinstance(v, float) for v in metrics.values())
+    counts = record["counts"]
+    assert counts["evaluation"] == 8 and counts["hard_negatives"] == 8
+    assert counts["general_tokens"] > 0 and counts["targeted_tokens"] > 0
+
+    # the model identity: the same weights as the library's tiny-gpt2 (fingerprint of the fp32 weights)
+    model = record["model"]
+    module = tiny_module("tiny-gpt2")
+    assert model["name"] == "tiny-gpt2" and model["precision"] == "fp32"
+    assert model["fingerprint"] == module.identity["fingerprint"] and len(model["fingerprint"]) == 16
+    assert model["num_parameters"] == module.identity["num_parameters"]
+
+    files = record["data_files"]
+    assert set(files) == {"evaluation", "general", "targeted", "hard_negatives"}
+    assert Path(files["general"]["path"]) == data_root / "general" / "degradation.jsonl"
+    assert Path(files["evaluation"]["path"]) == data_root / "stereoset" / "split" / "stereoset_eval_clear-val.jsonl"
+    for role, info in files.items():
+        assert info["sha256"] == _sha256(info["path"]), role
+    assert files["evaluation"]["examples"] == 8 and files["general"]["examples"] == 10
+
+    config = record["config"]
+    config = yaml.safe_load(config) if isinstance(config, str) else config
+    assert config["data"]["task"] == "stereoset" and config["data"]["eval_limit"] == 8
+    assert "tiny-gpt2" in json.dumps(config["model"])
+
+    # per-example scores: one line per evaluation example, equal to the reference loop
+    rows = _read_scores(validate_run / record["scores_file"])
+    assert len(rows) == counts["evaluation"]
+    assert [r["index"] for r in rows] == list(range(8))
+    assert all(set(r) == {"index", "score", "failed"} for r in rows)
+    threshold = record["task"]["threshold"]
+    assert [r["failed"] for r in rows] == [r["score"] > threshold for r in rows]
+    assert sum(r["failed"] for r in rows) == counts["evaluation_failed"]
+    assert metrics["success_rate"] == pytest.approx(1 - counts["evaluation_failed"] / 8)
+
+    dm = TaskDataModule(task="stereoset", data_root=str(data_root), eval_limit=8, general_limit=10)
+    dm.attach(module.tokenizer, module.max_length)
+    ref = reference_scores(module.model, dm.load("evaluation").examples, "bad")
+    torch.testing.assert_close(torch.tensor([r["score"] for r in rows], dtype=torch.float64), ref, atol=1e-4, rtol=0)
+
+
+def test_validate_refuses_to_overwrite(validate_run, capsys, monkeypatch):
+    monkeypatch.chdir(validate_run.parent)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in validate_run.iterdir()}
+    assert set(before) == {"evaluation.json", "evaluation_scores.jsonl"}
+    with pytest.raises(SystemExit) as info:
+        main(VALIDATE + ["--report.output_dir", str(validate_run)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--report.overwrite" in err
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in validate_run.iterdir()}
+    assert after == before
+
+    main(VALIDATE + ["--report.output_dir", str(validate_run), "--report.overwrite", "true"])
+    rewritten = json.loads((validate_run / "evaluation.json").read_text())
+    assert rewritten["metrics"] == json.loads(before["evaluation.json"][0])["metrics"]
+    assert (validate_run / "evaluation_scores.jsonl").read_bytes() == before["evaluation_scores.jsonl"][0]
+
+
+def test_test_subcommand_uses_the_test_split(tmp_path, monkeypatch, tiny_module):
+    monkeypatch.chdir(tmp_path)
+    main(["test", "--model.base.name", "tiny-neox", "--model.base.precision", "bf16", "--data.task",
+          "pronoun_gender_bias", "--data.split", "test", "--data.eval_limit", "4",
+          "--data.general_limit", "3", "--report.root", str(tmp_path / "runs")])
+    out = tmp_path / "runs" / "tiny-neox" / "pronoun_gender_bias-test" / "test"  # the default folder layout
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["stage"] == "test" and record["split"] == "test"
+    assert record["model"]["precision"] == "bf16"
+    # the fingerprint is of the fp32 weights: it does not depend on the precision the model runs in
+    assert record["model"]["fingerprint"] == tiny_module("tiny-neox").identity["fingerprint"]
+    assert record["data_files"]["evaluation"]["path"].endswith("pronoun_gender_bias_eval-test.jsonl")
+    assert record["counts"]["evaluation"] == 4 and len(_read_scores(out / "evaluation_scores.jsonl")) == 4
+
+
+def test_evaluate_command(tmp_path, monkeypatch, capsys, tiny_module, data_root):
+    from editing.methods.base import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ev"
+    args = ["evaluate", "--tasks", "[country_capital,stereoset]", "--model", "tiny-gpt2", "--precision", "fp32",
+            "--eval_limit", "4", "--general_limit", "5", "--output_dir", str(out)]
+    main(args)
+    stdout = capsys.readouterr().out
+    assert "| task | success rate | general NLL |" in stdout
+    table_rows = [line for line in stdout.splitlines() if line.startswith("| country_capital |")
+                  or line.startswith("| stereoset |")]
+    assert len(table_rows) == 2
+    assert (out / "table-val.md").read_text().strip() in stdout
+
+    records = {t: json.loads((out / f"{t}-val" / "evaluation.json").read_text())
+               for t in ("country_capital", "stereoset")}
+    module = tiny_module("tiny-gpt2")
+    for task, record in records.items():
+        assert record["task"]["name"] == task and record["counts"]["evaluation"] == 4
+        assert record["model"]["fingerprint"] == module.identity["fingerprint"]
+        assert record["data_files"]["general"]["examples"] == 5
+        scores = _read_scores(out / f"{task}-val" / "evaluation_scores.jsonl")
+        dm = TaskDataModule(task=task, data_root=str(data_root), eval_limit=4, general_limit=5)
+        expected = evaluate(module, dm)
+        assert [r["score"] for r in scores] == pytest.approx([p["score"] for p in expected["per_example"]], abs=1e-5)
+        for key in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll"):
+            assert record["metrics"][key] == pytest.approx(expected[key], abs=1e-5), (task, key)
+    # the general set is scored once and shared
+    assert records["stereoset"]["metrics"]["general_nll"] == records["country_capital"]["metrics"]["general_nll"]
+    assert records["stereoset"]["counts"]["general_tokens"] == records["country_capital"]["counts"]["general_tokens"]
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--model.base.name", "tiny-gpt2", "--data.task", "stereoset", "--data.eval_limit", "3",
+              "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    model = config["model"].get("init_args", config["model"])
+    assert model["base"]["name"] == "tiny-gpt2"
+    assert config["data"]["task"] == "stereoset" and config["data"]["eval_limit"] == 3
+    assert "report" in config and "trainer" in config
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.task", "country_capitol"], "unknown task"),
+    (["--data.task", "stereoset", "--data.split", "train"], "split"),
+    (["--data.task", "stereoset", "--model.base.precision", "fp16"], "precision"),
+])
+def test_cli_bad_settings_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--model.base.name", "tiny-gpt2", "--report.output_dir", str(tmp_path / "o")] + args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unknown_model_offline(tmp_path, monkeypatch, capsys, offline_hub):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["validate", "--model.base.name", "no-such-org/no-such-model-xyz", "--data.task", "stereoset"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no-such-org/no-such-model-xyz" in err and "cannot be reached" in err
