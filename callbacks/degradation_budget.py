@@ -200,7 +200,7 @@ class DegradationBudget(L.Callback):
             "balls": balls,
             "edits": edits,
             "data_files": dm.describe(),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "editing_version": __version__,
         }
         self.results_path = write_json(run_dir / "results.json", record, overwrite=True)

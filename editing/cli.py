@@ -7,8 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentParser, lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
@@ -150,7 +149,7 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         modules[task] = (dm, out)
     general: dict | None = None
     rows = []
-    for task, (dm, out) in modules.items():
+    for dm, out in modules.values():
         t0 = time.time()
         roles = [r for r in dm.eval_roles() if r != "general" or general is None]
         summary = evaluate(module, dm, roles=roles, progress=True)

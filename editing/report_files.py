@@ -44,7 +44,7 @@ def write_evaluation(output_dir: str | Path, summary: dict, *, stage: str, task,
         "model": identity,
         "data_files": data_files,
         "scores_file": scores_path.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "editing_version": __version__,
         **(extra or {}),
     }

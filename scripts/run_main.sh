@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Evaluate the embedded default model (smollm2-135m) on all six tasks, split val, and print one table.
-# Results go to runs/main/<timestamp>/<task>-val/ and runs/main/<timestamp>/table-val.md.
-#   bash scripts/run_main.sh                       # as described
-#   bash scripts/run_main.sh --precision fp32      # extra arguments go to `editing evaluate` (and win)
-#   bash scripts/run_main.sh --eval_limit 20 --general_limit 100   # a quick look
+# The main job: LoRA-edit the embedded SmolLM2-135M on country_capital (validation pair) and print, before and
+# after, the success rate and the degradation for each ball. Run folder: runs/main/fit/version_N/.
+#   bash scripts/run_main.sh                              # as described (about 15-20 minutes on 2 CPU cores)
+#   bash scripts/run_main.sh --trainer.max_epochs 2       # extra arguments go to `editing fit` (and win)
+# The unedited model on all six tasks, one table:  .venv/bin/editing evaluate --split val
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +11,5 @@ cd "$ROOT"
 
 bash scripts/setup.sh
 
-OUT="runs/main/$(date +%Y%m%d-%H%M%S)"
-echo "run_main: .venv/bin/editing evaluate --split val --output_dir $OUT $*" >&2
-exec .venv/bin/editing evaluate --split val --output_dir "$OUT" "$@"
+echo "run_main: .venv/bin/editing fit --config lightning_configs/main/lora_country_capital.yaml $*" >&2
+exec .venv/bin/editing fit --config lightning_configs/main/lora_country_capital.yaml "$@"

@@ -9,7 +9,8 @@ from callbacks.degradation_budget import ball_key, choose_epochs
 
 def history(nlls: list[float], success: list[float] | None = None) -> list[dict]:
     success = success or [0.0] * len(nlls)
-    return [{"epoch": i, "general_nll": n, "success_rate": s} for i, (n, s) in enumerate(zip(nlls, success))]
+    pairs = enumerate(zip(nlls, success, strict=True))
+    return [{"epoch": i, "general_nll": n, "success_rate": s} for i, (n, s) in pairs]
 
 
 def test_last_epoch_inside_each_ball_is_chosen() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning as L

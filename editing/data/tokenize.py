@@ -121,7 +121,7 @@ class ExampleTokenizer:
             return TokenizedExample(record.index, [Sequence(ids, 1)], truncated=cut, is_text=True)
         prefix = self._encode_prefix(record.prefix)
         suffixes = [self._encode_suffix(s) for s in record.suffixes]
-        for s, ids in zip(record.suffixes, suffixes):
+        for s, ids in zip(record.suffixes, suffixes, strict=True):
             if not ids:
                 raise DataFormatError(path, record.line, f"suffix {s!r} has no tokens after tokenization")
             if len(ids) >= self.max_length:

@@ -9,8 +9,8 @@ the evaluation are shared, so every method is trained and measured the same way.
 
 from __future__ import annotations
 
-import sys
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from editing.errors import ConfigError
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL
 from editing.evaluation.scorer import example_nll, sequence_nll
-from editing.errors import ConfigError
 from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
@@ -319,7 +319,7 @@ class EditingModule(L.LightningModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sizes)
         summary: dict = {}
-        for name, size in zip(METRIC_NAMES, sizes.tolist()):
+        for name, size in zip(METRIC_NAMES, sizes.tolist(), strict=True):
             value = float(m[name].compute())
             summary[name] = value if size > 0 else None
         index, score = (t.reshape(-1) for t in m["scores"].compute())
@@ -332,7 +332,7 @@ class EditingModule(L.LightningModule):
         }
         summary["per_example"] = [
             {"index": int(i), "score": float(s), "failed": bool(s > self.task.threshold)}
-            for i, s in zip(index.tolist(), score.tolist())
+            for i, s in zip(index.tolist(), score.tolist(), strict=True)
         ]
         if reset:
             for metric in m.values():
