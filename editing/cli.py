@@ -107,7 +107,7 @@ def _table(rows: list[dict]) -> str:
 def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
                    precision: str = "fp32", data_root: str | None = None, eval_limit: int | None = None,
                    general_limit: int | None = None, output_dir: str = "runs/evaluate", overwrite: bool = False,
-                   max_tokens: int = 8192) -> list[dict]:
+                   max_tokens: int = 1024) -> list[dict]:
     """Evaluate one model on several tasks, load it once, and print one table.
 
     The general set G does not depend on the task, so its NLL is computed once and shared.

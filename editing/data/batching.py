@@ -71,7 +71,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         seed: shuffle seed (combined with the epoch).
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int = 8192, max_examples: int = 64, shuffle: bool = False,
+    def __init__(self, lengths: list[int], max_tokens: int = 1024, max_examples: int = 64, shuffle: bool = False,
                  seed: int = 0) -> None:
         self.lengths = list(lengths)
         self.max_tokens = max_tokens

@@ -77,7 +77,7 @@ class TaskDataModule(L.LightningDataModule):
     """
 
     def __init__(self, task: str = "country_capital", split: str = "val", data_root: str | None = None,
-                 eval_limit: int | None = None, general_limit: int | None = None, max_tokens: int = 8192,
+                 eval_limit: int | None = None, general_limit: int | None = None, max_tokens: int = 1024,
                  max_examples: int = 64, batch_size: int = 1, regularization_batch_size: int = 2, seed: int = 0,
                  num_workers: int = 0) -> None:
         super().__init__()
