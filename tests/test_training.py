@@ -242,3 +242,20 @@ def test_ddp_two_processes_match_one(tmp_path, data_root) -> None:
         assert b["general_nll"] == pytest.approx(a["general_nll"], rel=1e-6)
         assert b["success_rate"] == a["success_rate"]
         assert b["counts"] == a["counts"]
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_full_finetuning_with_gradient_checkpointing(tmp_path, data_root, model: str) -> None:
+    L.seed_everything(0)
+    module = FullFinetune(ModelConfig(name=model, precision="fp32"), gradient_checkpointing=True,
+                          optimizer=OptimizerConfig(lr=1e-3))
+    assert module.model.is_gradient_checkpointing
+    dm = TaskDataModule(task="country_capital", regularization_batch_size=2, **LIMITS)
+    dm.attach(module.tokenizer, module.max_length)
+    module.on_train_batch_start({}, 0)  # the training mode the module runs its steps in
+    assert module.model.training
+    assert kl_to_reference(module.model, module.reference, dm.regularization_batch(0)).item() == 0.0
+    budget = DegradationBudget(output_dir=str(tmp_path / "run"))
+    trainer(tmp_path, epochs=1, batches=3, callbacks=[budget]).fit(module, dm)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["epochs"][1]["general_nll"] != results["epochs"][0]["general_nll"]

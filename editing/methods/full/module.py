@@ -15,19 +15,30 @@ from editing.methods.base import EditingModule, OptimizerConfig, RegularizationC
 from editing.models.loading import ModelConfig
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability of ``model`` to zero (modules and the float attributes attention reads)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "dropout_p"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+
+
 class FullFinetune(EditingModule):
     """Edit by finetuning every weight of the model.
 
     Args:
         base: the base model.
-        gradient_checkpointing: recompute activations in the backward pass when the model supports it.
+        gradient_checkpointing: recompute activations in the backward pass when the model supports it (saves
+            memory for a copy-heavy method; costs about one more forward pass).
         optimizer: optimizer settings.
         regularization: regularization toward p0.
     """
 
     method = "full"
 
-    def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = False,
+    def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = True,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
         self.gradient_checkpointing = gradient_checkpointing
         super().__init__(base=base, optimizer=optimizer, regularization=regularization)
@@ -40,8 +51,16 @@ class FullFinetune(EditingModule):
         frozen.eval()
         self._p0 = [frozen]
         self.model.requires_grad_(True)
-        if self.gradient_checkpointing and getattr(self.model, "supports_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_enable()
+        self._checkpointing = bool(self.gradient_checkpointing
+                                   and getattr(self.model, "supports_gradient_checkpointing", False))
+        if self._checkpointing:
+            # Hugging Face checkpoints only in train mode, so the model trains in train mode with every dropout
+            # off: p stays as deterministic as p0 (KL is still exactly zero before the first step).
+            disable_dropout(self.model)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def train_mode_modules(self) -> list[nn.Module]:
+        return [self.model] if self._checkpointing else []
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
