@@ -100,7 +100,8 @@ class DegradationBudget(L.Callback):
         return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
 
     def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
-        summary = evaluate(module, trainer.datamodule)
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        summary = evaluate(module, trainer.datamodule, progress=show)
         record = {"epoch": epoch, **{k: summary[k] for k in METRIC_NAMES}, "counts": summary["counts"]}
         initial = self.history[0]["general_nll"] if self.history else record["general_nll"]
         record["degradation"] = record["general_nll"] / initial - 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentParser, lazy_instance
@@ -13,6 +14,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
 from editing.errors import EditingError
+
+# While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
+warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
 
 EXTRA_COMMANDS = ("evaluate", "data", "apply")
 TRAINER_DEFAULTS = {
