@@ -31,8 +31,11 @@ class FitConfigSaver(SaveConfigCallback):
     """Saves the resolved config into the run folder of ``fit`` runs (validate/test put it in their JSON)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.config.get("ckpt_path"):
+            self.overwrite = True  # resuming continues the same run, whose config this is
+        super().setup(trainer, pl_module, stage)
 
 
 class EditingCLI(LightningCLI):

@@ -259,3 +259,18 @@ def test_full_finetuning_with_gradient_checkpointing(tmp_path, data_root, model:
     trainer(tmp_path, epochs=1, batches=3, callbacks=[budget]).fit(module, dm)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["epochs"][1]["general_nll"] != results["epochs"][0]["general_nll"]
+
+
+def test_cli_resumes_in_its_own_run_folder(tmp_path, data_root) -> None:
+    args = [sys.executable, "-m", "editing.cli", "fit", "--model", "LoRAEditor", "--model.base.name", "tiny-gpt2",
+            "--data.task", "stereoset", "--data.eval_limit", "5", "--data.general_limit", "5",
+            "--trainer.limit_train_batches", "3", "--trainer.enable_progress_bar", "false"]
+    first = subprocess.run([*args, "--trainer.max_epochs", "1"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([*args, "--trainer.max_epochs", "2", "--trainer.logger.init_args.version", "0",
+                            "--ckpt_path", "last"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    results = json.loads((tmp_path / "runs" / "fit" / "version_0" / "results.json").read_text())
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
+    assert not (tmp_path / "runs" / "fit" / "version_1").exists()
