@@ -274,3 +274,21 @@ def test_cli_resumes_in_its_own_run_folder(tmp_path, data_root) -> None:
     results = json.loads((tmp_path / "runs" / "fit" / "version_0" / "results.json").read_text())
     assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
     assert not (tmp_path / "runs" / "fit" / "version_1").exists()
+
+
+@pytest.mark.parametrize("kind", ["l2", "ewc", "none"])
+def test_other_regularizers(tmp_path, data_root, kind: str) -> None:
+    L.seed_everything(0)
+    module = make("lora", regularization=RegularizationConfig(kind=kind, weight=1.0, fisher_batches=2))
+    dm = TaskDataModule(task="country_capital", **LIMITS)
+    trainer(tmp_path, epochs=1, batches=3, callbacks=[DegradationBudget(output_dir=str(tmp_path / "run"))]).fit(
+        module, dm)
+    if kind == "none":
+        assert module.regularization_loss().item() == 0.0
+        return
+    assert set(module._initial) == set(module.trainable_parameters())
+    # the deltas moved away from p0, so the pull toward p0 is positive
+    assert module.regularization_loss().item() > 0
+    if kind == "ewc":
+        assert all(f.shape == module._initial[n].shape for n, f in module._fisher.items())
+        assert any(f.abs().sum() > 0 for f in module._fisher.values())

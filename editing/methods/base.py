@@ -154,7 +154,7 @@ class EditingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and self.task is None:
+        if datamodule is not None and self.task != datamodule.task:
             self.bind_task(datamodule.task)
 
     # training ----------------------------------------------------------------------------------------------
