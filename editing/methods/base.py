@@ -9,6 +9,7 @@ the evaluation are shared, so every method is trained and measured the same way.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -124,6 +125,10 @@ class EditingModule(L.LightningModule):
     def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere."""
         raise NotImplementedError(f"{type(self).__name__} has no edit to export")
+
+    def write_base_identity(self, folder: str | Path) -> None:
+        """Record beside an edit which base model it applies to (``editing.edits`` checks it on loading)."""
+        (Path(folder) / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
 
     @property
     def tokenizer(self):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,5 +87,5 @@ class FullFinetune(EditingModule):
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.changed_tensors(state), str(folder / "edit.safetensors"),
                   metadata={"method": "full", "base_fingerprint": self.identity["fingerprint"]})
-        (folder / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
+        self.write_base_identity(folder)
         return folder

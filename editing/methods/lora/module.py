@@ -66,11 +66,5 @@ class LoRAEditor(EditingModule):
         finally:
             if current is not None:
                 self.load_delta_state(current)
-        (folder / "base_model.json").write_text(_identity_json(self.identity))
+        self.write_base_identity(folder)
         return folder
-
-
-def _identity_json(identity: dict) -> str:
-    import json
-
-    return json.dumps(identity, indent=2) + "\n"
