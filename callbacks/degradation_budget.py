@@ -12,7 +12,7 @@ import torch
 
 from editing import __version__
 from editing.methods.base import METRIC_NAMES, evaluate
-from editing.results import ResultsExistError, write_json
+from editing.results import ensure_writable, write_json
 
 DEFAULT_BALLS = (1e-3, 1e-4, 1e-5)
 
@@ -122,10 +122,9 @@ class DegradationBudget(L.Callback):
 
     # hooks -----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
-        results = self.run_dir(trainer) / "results.json"
-        if results.exists() and not self.overwrite and not trainer.ckpt_path:
-            raise ResultsExistError(f"{results} already exists: a finished run is never overwritten silently; "
-                                    "choose another run folder or pass overwrite=true")
+        # a resumed run continues its own results; anything else must not replace a finished run
+        ensure_writable(self.run_dir(trainer) / "results.json", self.overwrite or bool(trainer.ckpt_path),
+                        "--budget.overwrite true")
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
             return
         record = self._evaluate(trainer, pl_module, 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from editing.report_files import write_evaluation
-from editing.results import ResultsExistError
+from editing.results import ensure_writable
 
 
 def default_output_dir(root: str | Path, model_name: str, task: str, split: str, stage: str) -> Path:
@@ -40,10 +40,8 @@ class EvaluationReport(L.Callback):
 
     def _refuse_existing(self, trainer: L.Trainer, module, stage: str) -> None:
         # Fail before the evaluation runs, not after it, when the results would be refused anyway.
-        path = self._out(trainer, module, stage) / "evaluation.json"
-        if path.exists() and not self.overwrite:
-            raise ResultsExistError(f"{path} already exists: a finished run is never overwritten silently; "
-                                    "choose another --report.output_dir or pass --report.overwrite true")
+        ensure_writable(self._out(trainer, module, stage) / "evaluation.json", self.overwrite,
+                        "--report.overwrite true")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.state.fn == "validate":

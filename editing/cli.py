@@ -138,6 +138,7 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
     from editing.methods.base import EditingModule, evaluate
     from editing.models.loading import ModelConfig
     from editing.report_files import write_evaluation
+    from editing.results import ensure_writable
     from editing.tasks import BUILTIN_TASKS
 
     tasks = list(tasks or BUILTIN_TASKS)
@@ -150,9 +151,7 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                             general_limit=general_limit, max_tokens=max_tokens)
         out = Path(output_dir) / f"{dm.task.name}-{split}"
-        if (out / "evaluation.json").exists() and not overwrite:
-            raise EditingError(f"{out / 'evaluation.json'} already exists: choose another --output_dir "
-                               "or pass --overwrite true")
+        ensure_writable(out / "evaluation.json", overwrite)
         modules[task] = (dm, out)
     general: dict | None = None
     rows = []

@@ -6,7 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 from editing import __version__
-from editing.results import write_json, write_jsonl
+from editing.results import ensure_writable, write_json, write_jsonl
 
 
 def write_evaluation(output_dir: str | Path, summary: dict, *, stage: str, task, split: str, identity: dict,
@@ -30,10 +30,8 @@ def write_evaluation(output_dir: str | Path, summary: dict, *, stage: str, task,
     output_dir = Path(output_dir)
     json_path = output_dir / "evaluation.json"
     scores_path = output_dir / "evaluation_scores.jsonl"
-    if not overwrite:
-        for path in (json_path, scores_path):
-            if path.exists():
-                write_json(path, {}, overwrite=False)  # raises the standard "already exists" error
+    for path in (json_path, scores_path):
+        ensure_writable(path, overwrite)
     write_jsonl(scores_path, summary["per_example"], overwrite=overwrite)
     record = {
         "stage": stage,

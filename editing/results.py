@@ -17,11 +17,16 @@ class ResultsExistError(EditingError, FileExistsError):
     """A results file already exists and overwriting was not asked for."""
 
 
-def _check(path: Path, overwrite: bool) -> None:
+def ensure_writable(path: str | Path, overwrite: bool, flag: str = "--overwrite true") -> None:
+    """Raise ``ResultsExistError`` when ``path`` exists and overwriting was not asked for (check before the work).
+
+    ``flag`` names the setting that allows overwriting, for the message.
+    """
+    path = Path(path)
     if path.exists() and not overwrite:
         raise ResultsExistError(
             f"{path} already exists: a finished run is never overwritten silently. Choose another output folder "
-            "or pass overwrite=true (CLI: --overwrite true)"
+            f"or pass {flag}"
         )
 
 
@@ -71,7 +76,7 @@ def write_json(path: str | Path, obj: Any, overwrite: bool = False) -> Path:
         The path written.
     """
     path = Path(path)
-    _check(path, overwrite)
+    ensure_writable(path, overwrite)
     _atomic_write(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
     return path
 
@@ -79,6 +84,6 @@ def write_json(path: str | Path, obj: Any, overwrite: bool = False) -> Path:
 def write_jsonl(path: str | Path, rows: Iterable[dict], overwrite: bool = False) -> Path:
     """Write one JSON object per line, atomically (see ``write_json``)."""
     path = Path(path)
-    _check(path, overwrite)
+    ensure_writable(path, overwrite)
     _atomic_write(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
     return path
