@@ -1,4 +1,5 @@
-"""The ``editing`` command: LightningCLI (validate, test) plus ``evaluate`` and ``data download``."""
+"""The ``editing`` command: LightningCLI (fit, validate, test) plus ``evaluate``, ``apply``, ``data download``,
+``senses inspect``, ``ensemble`` and ``backpack distill``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
-from jsonargparse import ArgumentParser, lazy_instance
+from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
@@ -18,7 +19,7 @@ from editing.errors import EditingError
 # While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
 warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
 
-EXTRA_COMMANDS = ("evaluate", "data", "apply")
+EXTRA_COMMANDS = ("evaluate", "data", "apply", "senses", "ensemble")
 TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,
     "max_epochs": 10,
@@ -230,6 +231,89 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     return summary
 
 
+def inspect_senses(edit: str, top: int = 5, limit: int | None = 30) -> list[dict]:
+    """List the senses a sense edit changed: token, sense index, importance, and the words the sense vector scores
+    highest before and after the edit.
+
+    Args:
+        edit: a sense edit folder (``<run>/edits/ball_<eps>``).
+        top: words per sense, before and after.
+        limit: show the N senses that changed most (null: all).
+
+    Returns:
+        The rows of the table.
+    """
+    from editing.methods.senses.inspect import format_inspection, inspect_edit
+
+    rows = inspect_edit(edit, top=top, limit=limit)
+    print(format_inspection(rows))
+    return rows
+
+
+def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital", split: str = "val",
+                 large_tokenizer: str | None = None, data_root: str | None = None, eval_limit: int | None = None,
+                 general_limit: int | None = None, balls: list[float] | None = None,
+                 output_dir: str = "runs/ensemble", overwrite: bool = False, max_tokens: int = 1024) -> dict:
+    """Carry a Backpack's edit to a larger model with the same tokenizer: per ball, beta from 1.0 down in steps of
+    0.1 until the ensemble's general NLL is inside the ball, then its evaluation (SPEC section 9).
+
+    Args:
+        large: the large model (see ``ModelConfig.name``).
+        backpack_edits: a senses fit run folder (its ``edits/ball_<eps>``) or one Backpack edit folder.
+        task: task name or task YAML.
+        split: ``val`` or ``test``.
+        large_tokenizer: override the large model's tokenizer (``gpt2`` for GPT-J offline).
+        data_root: data folder (default: searched).
+        eval_limit: first N examples of each task set.
+        general_limit: first N texts of the general set.
+        balls: eps values (default 1e-3, 1e-4, 1e-5).
+        output_dir: results go to ``<output_dir>/results.json``.
+        overwrite: replace an earlier result there.
+        max_tokens: padded-token budget per batch.
+
+    Returns:
+        The results written.
+    """
+    from editing.data.datamodule import TaskDataModule
+    from editing.edits import load_edited
+    from editing.ensemble_search import ball_key, edit_folders, search
+    from editing.models.loading import ModelConfig, load_model
+    from editing.results import ensure_writable, write_json
+
+    balls = tuple(balls or (1e-3, 1e-4, 1e-5))
+    target = Path(output_dir) / "results.json"
+    ensure_writable(target, overwrite)
+    folders = edit_folders(backpack_edits, balls)
+    large_model = load_model(ModelConfig(name=large, tokenizer=large_tokenizer))
+    backpacks = {key: load_edited(folder) for key, folder in folders.items()}
+    dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
+                        general_limit=general_limit, max_tokens=max_tokens)
+    started = time.time()
+    found = search(large_model, backpacks, dm, balls)
+    initial = found["initial"]
+    summary = {"method": "ensemble", "task": dm.task.name, "split": split, "large": large_model.identity,
+               "backpack_edits": {k: str(v) for k, v in folders.items()}, "vocab": found["vocab"],
+               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": {},
+               "seconds": round(time.time() - started, 1)}
+    print("| ball | beta | success before | success after | change (pp) | general NLL x |")
+    print("|---|---|---|---|---|---|")
+    for eps in balls:
+        key = ball_key(eps)
+        entry = found["balls"][key]
+        m = entry["metrics"]
+        ratio = m["general_nll"] / initial["general_nll"]
+        summary["balls"][key] = {"beta": entry["beta"], "general_nll_by_beta": entry["general_nll_by_beta"],
+                                 "success_before": initial["success_rate"], "success_after": m["success_rate"],
+                                 "success_change": m["success_rate"] - initial["success_rate"],
+                                 "general_nll": m["general_nll"], "degradation": ratio - 1,
+                                 "metrics": {k: v for k, v in m.items() if k != "per_example"}}
+        print(f"| {key} | {entry['beta']:.1f} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
+              f"{100 * (m['success_rate'] - initial['success_rate']):+.1f} | {ratio:.6f} |")
+    write_json(target, summary)
+    print(f"results: {target}")
+    return summary
+
+
 def run_extra(args: list[str]) -> None:
     """``editing evaluate``, ``editing apply`` and ``editing data download``."""
     parser = ArgumentParser(prog="editing", description="canonical-editing commands besides fit/validate/test")
@@ -246,8 +330,22 @@ def run_extra(args: list[str]) -> None:
     dl = ArgumentParser(description="Download the task data from the paper's public repository.")
     dl.add_function_arguments(download_data)
     data_sub.add_subcommand("download", dl, help="download the task data")
+    senses = ArgumentParser(description="Sense edit commands.")
+    sub.add_subcommand("senses", senses, help="sense edit commands")
+    senses_sub = senses.add_subcommands()
+    ins = ArgumentParser(description="List what a sense edit changed (figure 4 of the paper).")
+    ins.add_function_arguments(inspect_senses)
+    senses_sub.add_subcommand("inspect", ins, help="list the senses an edit changed")
+    ens = ArgumentParser(description="Ensemble a larger model with a Backpack edit; beta searched per ball.")
+    ens.add_argument("--config", action=ActionConfigFile, help="a YAML of these settings (lightning_configs/ensemble)")
+    ens.add_function_arguments(run_ensemble)
+    sub.add_subcommand("ensemble", ens, help="carry a Backpack edit to a larger model")
     cfg = parser.parse_args(args)
-    if cfg.subcommand == "evaluate":
+    if cfg.subcommand == "senses":
+        inspect_senses(**{k: v for k, v in cfg.senses.inspect.items() if k != "config"})
+    elif cfg.subcommand == "ensemble":
+        run_ensemble(**{k: v for k, v in cfg.ensemble.items() if k != "config"})
+    elif cfg.subcommand == "evaluate":
         evaluate_tasks(**{k: v for k, v in cfg.evaluate.items() if k != "config"})
     elif cfg.subcommand == "apply":
         apply_edit(**{k: v for k, v in cfg.apply.items() if k != "config"})
@@ -255,11 +353,29 @@ def run_extra(args: list[str]) -> None:
         download_data(**{k: v for k, v in cfg.data.download.items() if k != "config"})
 
 
+def run_distill_cli(args: list[str]) -> None:
+    """``editing backpack distill``: a Lightning fit of ``BackpackDistillation`` on a ``CorpusDataModule``."""
+    from editing.data.corpus import CorpusDataModule
+    from editing.models.backpack.distill import BackpackDistillation
+
+    class DistillCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.every_n_train_steps": 200})
+
+    DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
+               trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
+                                 "logger": lazy_instance(CSVLogger, save_dir="runs", name="distill")})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``editing`` command."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in EXTRA_COMMANDS:
+        if args[:2] == ["backpack", "distill"]:
+            run_distill_cli(args[2:])
+        elif args and args[0] in EXTRA_COMMANDS:
             run_extra(args)
         else:
             run_lightning_cli(None if argv is None else args)

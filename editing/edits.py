@@ -1,4 +1,4 @@
-"""Apply a saved edit (a LoRA adapter folder or full finetuning's changed tensors) to its base model."""
+"""Apply a saved edit (a LoRA adapter folder, changed tensors, or sense deltas) to its base model."""
 
 from __future__ import annotations
 
@@ -55,7 +55,12 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditingMod
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value.to(params[name].dtype))
+    elif (folder / "senses.safetensors").is_file():
+        from editing.methods.senses import load_sense_edit
+
+        load_sense_edit(folder / "senses.safetensors", module.model)
     else:
-        raise ConfigError(f"{folder} holds neither a LoRA adapter (adapter_config.json) nor edit.safetensors")
+        raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
+                          "nor senses.safetensors")
     module.identity["edit"] = str(folder)
     return module

@@ -13,7 +13,12 @@ from editing.cli import main
 from editing.tasks import get_task
 
 CONFIG_DIR = REPO_DIR / "lightning_configs"
-CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
+ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
+# configs of commands other than fit/validate/test, each checked by its own test below
+OTHER_KINDS = ("distill", "ensemble")
+CONFIGS = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] not in OTHER_KINDS]
+DISTILL = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] == "distill"]
+ENSEMBLE = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] == "ensemble"]
 PARAMS = [pytest.param(p, id=str(p.relative_to(CONFIG_DIR))) for p in CONFIGS] or [
     pytest.param(None, marks=pytest.mark.skip(reason="no YAML under lightning_configs/ yet"), id="none")]
 
@@ -78,3 +83,29 @@ def test_tiny_configs_run(path: Path, tmp_path, monkeypatch):
     record = json.loads((out / "evaluation.json").read_text())
     assert record["metrics"]["success_rate"] is not None
     assert record["counts"]["evaluation"] == len((out / "evaluation_scores.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("path", DISTILL, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_distill_config_parses_and_keeps_its_values(path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_DIR)
+    with pytest.raises(SystemExit) as info:
+        main(["backpack", "distill", "--config", str(path), "--print_config"])
+    captured = capsys.readouterr()
+    assert info.value.code in (0, None), captured.err
+    printed = _normalize(yaml.safe_load(captured.out))
+    for key_path, value in _leaves(_normalize(yaml.safe_load(path.read_text()))):
+        assert _get(printed, key_path) == value, ".".join(key_path)
+
+
+@pytest.mark.parametrize("path", ENSEMBLE, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_ensemble_config_names_real_settings(path: Path):
+    import inspect
+
+    from editing.cli import run_ensemble
+
+    settings = yaml.safe_load(path.read_text())
+    params = inspect.signature(run_ensemble).parameters
+    assert set(settings) <= set(params), f"unknown settings {set(settings) - set(params)}"
+    required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+    assert required <= set(settings)
+    assert get_task(settings["task"]) is not None

@@ -40,6 +40,8 @@ def capture_final_hidden(model):
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's LM head to ``hidden`` (n, d) in fp32."""
     head = model.get_output_embeddings()
+    if hasattr(head, "logits_from_hidden"):  # a composite head (the ensemble) computes its own fp32 logits
+        return head.logits_from_hidden(hidden)
     bias = getattr(head, "bias", None)
     return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
 

@@ -95,6 +95,19 @@ class EditingModule(L.LightningModule):
         self._initial: dict[str, torch.Tensor] = {}
         self._fisher: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> EditingModule:
+        """An evaluation-only module around an already built model (e.g. an ensemble), without loading anything."""
+        module = cls.__new__(cls)
+        L.LightningModule.__init__(module)
+        module.base_config = ModelConfig(name=str(loaded.identity.get("name", "custom")))
+        module.optim_config, module.reg_config = OptimizerConfig(), RegularizationConfig(kind="none")
+        module.loaded, module.model = loaded, loaded.model
+        module.task, module.eval_metrics, module.diverged = None, nn.ModuleDict(), False
+        module.strict_loading = False
+        module._initial, module._fisher = {}, {}
+        return module
+
     # what a method defines ----------------------------------------------------------------------------------
     def _prepare_deltas(self) -> None:
         """Make the method's deltas and mark exactly them trainable (the base class trains nothing)."""

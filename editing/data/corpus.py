@@ -1,0 +1,185 @@
+"""A plain-text corpus cut into fixed-length token blocks, for distilling (or pretraining) language models.
+
+Sources: a folder of ``.jsonl``/``.jsonl.gz`` files of ``{"text": ...}`` lines and ``.txt`` files (offline:
+``../shared/corpus``), or a ``datasets`` id for users online. Token ids are cached per (tokenizer, files), so a
+resumed or repeated run does not tokenize again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from editing.errors import DataFormatError
+from editing.paths import REPO_DIR, cache_dir
+
+
+def corpus_files(folder: Path) -> list[Path]:
+    """The text files of a corpus folder, in name order."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".txt", ".txt.gz")))
+    if not files:
+        raise DataFormatError(f"corpus folder {folder} holds no .jsonl, .jsonl.gz or .txt files")
+    return files
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of one corpus file: one per JSONL line (its ``text`` field), or the whole of a .txt file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        if ".jsonl" not in path.name:
+            return [handle.read()]
+        texts = []
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataFormatError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+        return texts
+
+
+def default_corpus() -> Path:
+    """``../shared/corpus`` beside the checkout."""
+    return REPO_DIR.parent / "shared" / "corpus"
+
+
+class BlockDataset(Dataset):
+    """Fixed-length blocks of a token stream."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation drawn from (seed, epoch), sharded by rank: a resumed run sees the same order as an
+    uninterrupted one (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        usable = self.size - self.size % world
+        return order[:usable][rank::world].tolist()
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return self.size // world
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Token blocks of a text corpus; the held-out tail serves as validation.
+
+    Args:
+        corpus: a corpus folder, or a ``datasets`` id (``name`` or ``name:config``, its ``train`` split's ``text``).
+        block_size: tokens per training sequence.
+        batch_size: sequences per batch.
+        max_tokens: use at most this many tokens of the corpus (None: all).
+        val_blocks: blocks held out for validation.
+        seed: shuffle seed.
+    """
+
+    def __init__(self, corpus: str | None = None, block_size: int = 256, batch_size: int = 16,
+                 max_tokens: int | None = None, val_blocks: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.corpus = corpus
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.val_blocks = val_blocks
+        self.seed = seed
+        self.tokenizer = None
+        self.train_set: BlockDataset | None = None
+        self.val_set: BlockDataset | None = None
+
+    def attach(self, tokenizer) -> None:
+        """Give the DataModule the model's tokenizer (done by ``setup`` from the LightningModule)."""
+        self.tokenizer = tokenizer
+
+    def _texts(self) -> tuple[list[str], str]:
+        source = self.corpus
+        folder = Path(source).expanduser() if source else default_corpus()
+        if folder.is_dir():
+            files = corpus_files(folder)
+            digest = hashlib.sha256("|".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()
+            return [t for p in files for t in read_texts(p)], digest[:16]
+        if source is None:
+            raise DataFormatError(f"no corpus given and the default {folder} does not exist; set data.corpus")
+        import datasets
+
+        name, _, config = source.partition(":")
+        data = datasets.load_dataset(name, config or None, split="train")
+        return list(data["text"]), hashlib.sha256(source.encode()).hexdigest()[:16]
+
+    def token_stream(self) -> torch.Tensor:
+        """The whole corpus as one stream of token ids, texts separated by the EOS token (cached)."""
+        texts, digest = self._texts()
+        tok = self.tokenizer
+        key = hashlib.sha256(f"{tok.name_or_path}|{len(tok)}|{tok.eos_token}|{digest}".encode()).hexdigest()[:16]
+        path = cache_dir() / "corpus_tokens" / f"{key}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+        eos = tok.eos_token_id
+        ids: list[int] = []
+        for start in range(0, len(texts), 512):
+            for piece in tok(texts[start: start + 512], add_special_tokens=False)["input_ids"]:
+                ids.extend(piece)
+                ids.append(eos)
+        stream = torch.tensor(ids, dtype=torch.int32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(handle)
+        torch.save(stream, tmp)
+        os.replace(tmp, path)
+        return stream
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.tokenizer is None and self.trainer is not None:
+            self.attach(self.trainer.lightning_module.tokenizer)
+        stream = self.token_stream()
+        if self.max_tokens is not None:
+            stream = stream[: self.max_tokens + self.val_blocks * self.block_size]
+        n = stream.numel() // self.block_size
+        if n <= self.val_blocks:
+            raise DataFormatError(f"corpus has {n} blocks of {self.block_size} tokens; need more than "
+                                  f"data.val_blocks={self.val_blocks}")
+        blocks = stream[: n * self.block_size].view(n, self.block_size).long()
+        # validation is the corpus's tail, so training never sees it
+        self.train_set = BlockDataset(blocks[: n - self.val_blocks])
+        self.val_set = BlockDataset(blocks[n - self.val_blocks:])
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)

@@ -1,0 +1,129 @@
+"""Carry a Backpack edit to a larger model: per ball, the largest beta (1.0 down in steps of 0.1) whose ensemble
+stays inside the ball on the general set, then the ensemble's evaluation at that beta (SPEC section 9).
+
+The general NLL of every beta comes from one pass over G: the three models' hidden states are computed once per batch
+and only the cheap head arithmetic is repeated per beta.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from editing.data.batching import IGNORE
+from editing.errors import ConfigError
+from editing.methods.base import EditingModule, evaluate
+from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
+from editing.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+BETAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # 1.0, 0.9, ..., 0.0
+
+
+def ball_key(eps: float) -> str:
+    """The results-file key of a ball (e.g. ``1e-03``)."""
+    return f"{eps:.0e}"
+
+
+@torch.no_grad()
+def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ...] = BETAS,
+                        progress: bool = False) -> dict[float, float]:
+    """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G."""
+    device = next(ensemble.large.parameters()).device
+    ensemble.eval()
+    sums = {b: 0.0 for b in betas}
+    tokens = 0
+    loader = datamodule.eval_dataloader("general")
+    if progress:
+        loader = tqdm(loader, desc="ensemble general NLL (all betas)", leave=False, file=sys.stderr)
+    for batch in loader:
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        parts = [ensemble._hidden(ensemble.large, ids, mask), ensemble._hidden(ensemble.backpack, ids, mask)]
+        with ensemble.backpack_reference():
+            parts.append(ensemble._hidden(ensemble.backpack, ids, mask))
+        scored = labels != IGNORE
+        hidden = torch.cat([p.float()[scored] for p in parts], dim=-1)
+        targets = labels[scored]
+        tokens += int(targets.numel())
+        for start in range(0, hidden.shape[0], 1024):
+            chunk, tgt = hidden[start: start + 1024], targets[start: start + 1024]
+            for beta in betas:
+                logits = ensemble.head.logits_from_hidden(chunk, beta)
+                nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)
+                sums[beta] += float(nll.double().sum())
+    return {b: sums[b] / max(1, tokens) for b in betas}
+
+
+def choose_beta(nll_by_beta: dict[float, float], eps: float) -> float:
+    """The largest beta whose general NLL is < (1 + eps) x the large model's (beta 0); 0 if none is."""
+    limit = (1 + eps) * nll_by_beta[0.0]
+    for beta in sorted(nll_by_beta, reverse=True):
+        if beta > 0 and nll_by_beta[beta] < limit:
+            return beta
+    return 0.0
+
+
+def ensemble_module(large: LoadedModel, backpack: EditingModule, vocab: int) -> tuple[EditingModule, EnsembleLM]:
+    """An evaluation module around the ensemble of ``large`` and an edited Backpack module."""
+    ensemble = EnsembleLM(large.model, backpack.model, backpack.reference, vocab)
+    identity = {"name": f"ensemble({large.identity['name']} + {backpack.identity['name']})",
+                "large": large.identity, "backpack": backpack.identity}
+    loaded = LoadedModel(model=ensemble, tokenizer=large.tokenizer, max_length=min(large.max_length,
+                                                                                   backpack.max_length),
+                         identity=identity)
+    return EditingModule.from_loaded(loaded), ensemble
+
+
+def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, balls: tuple[float, ...],
+           progress: bool = True) -> dict:
+    """Per ball: choose beta on G, then evaluate the ensemble there.
+
+    Args:
+        large: the large model.
+        backpacks: ball key -> the Backpack module carrying that ball's edit (``reference()`` gives its p0).
+        datamodule: the task's data (attached to the large model's tokenizer here).
+        balls: the eps values.
+        progress: progress bars.
+
+    Returns:
+        ``{"initial": metrics of the large model, "balls": {key: {"beta", "general_nll_by_beta", "metrics"}}}``.
+    """
+    first = next(iter(backpacks.values()))
+    vocab = shared_vocabulary(large.tokenizer, first.tokenizer)
+    datamodule.attach(large.tokenizer, min(large.max_length, first.max_length))
+    module, ensemble = ensemble_module(large, first, vocab)
+    with beta_set_to(ensemble, 0.0):
+        initial = evaluate(module, datamodule, progress=progress)
+    out: dict = {"initial": initial, "balls": {}, "vocab": vocab}
+    for eps in balls:
+        key = ball_key(eps)
+        if key not in backpacks:
+            raise ConfigError(f"no Backpack edit for ball {key}")
+        module, ensemble = ensemble_module(large, backpacks[key], vocab)
+        by_beta = general_nll_by_beta(ensemble, datamodule, progress=progress)
+        beta = choose_beta(by_beta, eps)
+        with beta_set_to(ensemble, beta):
+            metrics = evaluate(module, datamodule, progress=progress) if beta > 0 else initial
+        log.info("ensemble ball %s: beta %.1f", key, beta)
+        out["balls"][key] = {"beta": beta, "general_nll_by_beta": {f"{b:.1f}": v for b, v in by_beta.items()},
+                             "metrics": metrics}
+    return out
+
+
+def edit_folders(edits: str | Path, balls: tuple[float, ...]) -> dict[str, Path]:
+    """Ball key -> edit folder: a fit run's ``edits/ball_<eps>`` folders, or one edit folder for every ball."""
+    edits = Path(edits)
+    if (edits / "base_model.json").is_file():
+        return {ball_key(eps): edits for eps in balls}
+    root = edits / "edits" if (edits / "edits").is_dir() else edits
+    found = {ball_key(eps): root / f"ball_{ball_key(eps)}" for eps in balls}
+    missing = [str(p) for p in found.values() if not (p / "base_model.json").is_file()]
+    if missing:
+        raise ConfigError(f"{edits} is neither an edit folder nor a run folder with edits for every ball "
+                          f"(missing: {', '.join(missing)})")
+    return found

@@ -1,0 +1,77 @@
+"""What a sense edit changed: each selected sense's token, importance, and the words its vector scores highest
+through the LM head before and after the edit (the paper's figure 4 view)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from editing.errors import ConfigError
+from editing.methods.senses.module import SENSE_EDIT_FILE
+from editing.methods.senses.selection import backpack_of
+
+
+def top_words(model, tokenizer, vectors: torch.Tensor, top: int) -> list[list[str]]:
+    """The ``top`` tokens each vector (n, d) scores highest through the LM head."""
+    head = model.get_output_embeddings().weight.float()
+    scores = vectors.float() @ head.T
+    ids = scores.topk(top, dim=-1).indices.tolist()
+    return [[tokenizer.decode([i]) for i in row] for row in ids]
+
+
+@torch.no_grad()
+def inspect_edit(edit: str | Path, top: int = 5, limit: int | None = None) -> list[dict]:
+    """Rows describing each selected sense of a sense edit, largest change first.
+
+    Args:
+        edit: an edit folder holding ``senses.safetensors`` and ``base_model.json``.
+        top: words listed per sense, before and after.
+        limit: list only the N senses whose vectors changed most.
+
+    Returns:
+        One dict per sense: token, vocab id, sense index, importance, change norm, top words before/after.
+    """
+    from safetensors.torch import load_file
+
+    from editing.edits import load_edited
+
+    folder = Path(edit)
+    if not (folder / SENSE_EDIT_FILE).is_file():
+        raise ConfigError(f"{folder} is not a sense edit (no {SENSE_EDIT_FILE}); `editing senses inspect` reads the "
+                          "edits/ball_<eps> folders of a senses fit run")
+    tensors = load_file(str(folder / SENSE_EDIT_FILE))
+    module = load_edited(folder)
+    model = module.model
+    backpack = backpack_of(model)
+    deltas = backpack.sense_edit
+    ids, senses = tensors["vocab_ids"], tensors["sense_ids"]
+    object.__setattr__(backpack, "sense_edit", None)
+    try:
+        base = backpack.sense_network(backpack.get_input_embeddings()(ids)[None])[0]  # (k, n, d)
+    finally:
+        object.__setattr__(backpack, "sense_edit", deltas)
+    before = base[senses, torch.arange(ids.numel())]
+    after = before + tensors["vectors"].to(before.dtype)
+    tok = module.tokenizer
+    words_before, words_after = top_words(model, tok, before, top), top_words(model, tok, after, top)
+    importance = tensors.get("importance")
+    rows = []
+    for i in range(ids.numel()):
+        rows.append({"token": tok.decode([int(ids[i])]), "vocab_id": int(ids[i]), "sense": int(senses[i]),
+                     "importance": None if importance is None else float(importance[i]),
+                     "change_norm": float(tensors["vectors"][i].norm()),
+                     "before": words_before[i], "after": words_after[i]})
+    rows.sort(key=lambda r: -r["change_norm"])
+    return rows[:limit] if limit else rows
+
+
+def format_inspection(rows: list[dict]) -> str:
+    """A Markdown table of ``inspect_edit`` rows."""
+    lines = ["| token | id | sense | importance | change | top words before | top words after |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        imp = "-" if r["importance"] is None else f"{r['importance']:.3f}"
+        lines.append(f"| {r['token']!r} | {r['vocab_id']} | {r['sense']} | {imp} | {r['change_norm']:.3f} | "
+                     f"{' '.join(repr(w) for w in r['before'])} | {' '.join(repr(w) for w in r['after'])} |")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""Distil a Backpack from a pretrained causal LM: the LM (or its first N layers) becomes the frozen
+contextualization network, its embeddings the word embeddings and tied output matrix, and only the sense network and
+the alpha head learn, to match the LM's next-token distributions (KL) on a text corpus.
+
+When the contextualizer is the whole LM, one forward pass gives both the teacher's distribution and the hidden states
+alpha is computed from, so the teacher costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from editing.errors import ConfigError
+from editing.models.backpack.configuration import BackpackConfig
+from editing.models.backpack.modeling import BackpackLMHeadModel
+from editing.models.loading import ModelConfig, load_model
+from editing.results import ensure_writable
+
+log = logging.getLogger(__name__)
+
+KL_CHUNK = 1024  # positions per fp32 vocabulary-wide KL computation (bounds memory at KL_CHUNK x vocab floats)
+
+
+@dataclass
+class BackpackShape:
+    """The sense part of a distilled Backpack."""
+
+    num_senses: int = 16
+    """Sense vectors per word (k); must divide the embedding width (or ``sense_attention_dim``)."""
+    sense_intermediate_scale: int = 4
+    """Width of the sense network's final MLP, as a multiple of the embedding width."""
+    layers: int | None = None
+    """Keep only the LM's first N layers as the contextualizer (None: all of them, which also lets one forward pass
+    serve as the teacher)."""
+    sense_attention_dim: int | None = None
+    """Width of alpha's query/key projection (default: the embedding width)."""
+
+
+def _layer_count(config) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ConfigError(f"cannot tell how many layers a {type(config).__name__} has")
+
+
+def build_backpack_from(lm, shape: BackpackShape, seed: int = 0) -> BackpackLMHeadModel:
+    """A Backpack whose contextualizer and embeddings are copies of ``lm``'s (sense network freshly initialised).
+
+    Args:
+        lm: a Hugging Face causal LM with tied or untied embeddings (its input embeddings are used).
+        shape: the sense settings and how many layers to keep.
+        seed: initialisation seed of the sense network and alpha head.
+
+    Returns:
+        The Backpack, in fp32, in eval mode.
+    """
+    inner = lm.config.to_dict()
+    total = _layer_count(lm.config)
+    layers = shape.layers or total
+    if not 1 <= layers <= total:
+        raise ConfigError(f"backpack layers={layers} must be between 1 and the LM's {total} layers")
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in inner:
+            inner[key] = layers
+    for key in ("architectures", "auto_map", "transformers_version", "quantization_config", "_name_or_path"):
+        inner.pop(key, None)
+    config = BackpackConfig(num_senses=shape.num_senses, sense_intermediate_scale=shape.sense_intermediate_scale,
+                            contextualizer=inner, sense_attention_dim=shape.sense_attention_dim)
+    config.distilled_from = {"layers": layers, "of_layers": total}
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        backpack = BackpackLMHeadModel(config)
+    finally:
+        torch.random.set_rng_state(state)
+    base = lm.get_decoder() if hasattr(lm, "get_decoder") and lm.get_decoder() is not None else lm.base_model
+    missing, unexpected = backpack.backpack.contextualizer.load_state_dict(base.state_dict(), strict=False)
+    if missing:
+        raise ConfigError(f"the LM's base model lacks contextualizer weights, e.g. {missing[:3]}")
+    backpack.tie_weights()
+    return backpack.eval()
+
+
+class BackpackDistillation(L.LightningModule):
+    """Train a Backpack's sense network and alpha head to match a teacher LM (KL(teacher || Backpack)).
+
+    Args:
+        teacher: the pretrained LM to distil (default: the embedded SmolLM2-135M).
+        shape: the Backpack's sense settings.
+        lr: peak AdamW learning rate of the sense network and alpha head.
+        warmup_steps: linear warm-up steps before cosine decay.
+        weight_decay: AdamW weight decay.
+        kl_fraction: share of each batch's positions whose vocabulary-wide KL is computed in training (drawn anew
+            each step, seeded by the step). Every position still feeds the Backpack's sums; on a CPU the two
+            vocabulary-sized matmuls per position cost as much as the contextualizer, so 0.25 trains about twice
+            as many tokens per hour. Validation always uses every position.
+        output: folder to write the distilled model to when training ends (``from_pretrained`` loads it).
+        overwrite: replace an existing model folder at ``output``.
+        seed: initialisation seed.
+    """
+
+    def __init__(self, teacher: ModelConfig | None = None, shape: BackpackShape | None = None, lr: float = 1e-3,
+                 warmup_steps: int = 100, weight_decay: float = 0.0, kl_fraction: float = 1.0,
+                 output: str | None = None, overwrite: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.teacher_config = teacher or ModelConfig()
+        self.shape = shape or BackpackShape()
+        self.save_hyperparameters({"teacher": asdict(self.teacher_config), "shape": asdict(self.shape), "lr": lr,
+                                   "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+                                   "kl_fraction": kl_fraction, "output": output,
+                                   "seed": seed})
+        if not 0 < kl_fraction <= 1:
+            raise ConfigError(f"model.kl_fraction={kl_fraction} must be in (0, 1]")
+        self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
+        self.kl_fraction = kl_fraction
+        self.output, self.overwrite = output, overwrite
+        if output is not None:
+            output = str(Path(output).expanduser())
+            ensure_writable(Path(output) / "config.json", overwrite, "--model.overwrite true")
+        loaded = load_model(self.teacher_config)
+        self.tokenizer = loaded.tokenizer
+        self.teacher_identity = loaded.identity
+        # the teacher stays out of the module tree: it is frozen and shares its body with the student
+        object.__setattr__(self, "teacher", loaded.model.float().eval())
+        self.student = build_backpack_from(self.teacher, self.shape, seed)
+        self.student.requires_grad_(False)
+        for module in (self.student.backpack.sense_network, self.student.backpack.sense_weight_net):
+            module.requires_grad_(True)
+        self.shares_teacher_pass = (self.shape.layers or _layer_count(self.teacher.config)) == _layer_count(
+            self.teacher.config)
+        self.strict_loading = False
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (what a checkpoint holds)."""
+        return {f"student.{n}": p for n, p in self.student.named_parameters() if p.requires_grad}
+
+    def _teacher_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+        """(contextualizer hidden states, teacher's final hidden states before its head)."""
+        contextual = self.student.backpack.contextualizer(input_ids=input_ids, attention_mask=attention_mask,
+                                                          use_cache=False).last_hidden_state
+        if self.shares_teacher_pass:
+            return contextual, contextual
+        store: dict = {}
+        head = self.teacher.get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda m, a: store.__setitem__("h", a[0]))
+        try:
+            self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            handle.remove()
+        return contextual, store["h"]
+
+    def kl_loss(self, input_ids: torch.Tensor, fraction: float = 1.0, step: int = 0) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+        """Mean KL(teacher || Backpack) per token and the Backpack's mean NLL of the next token, over all positions
+        or a seeded random ``fraction`` of them."""
+        mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            contextual, teacher_hidden = self._teacher_pass(input_ids, mask)
+        out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach())
+        student_hidden = out.hidden_states.flatten(0, 1)
+        teacher_hidden = teacher_hidden.flatten(0, 1)
+        head_t = self.teacher.get_output_embeddings()
+        head_s = self.student.get_output_embeddings()
+        kl_total = student_hidden.new_zeros((), dtype=torch.float32)
+        nll_total = student_hidden.new_zeros((), dtype=torch.float32)
+        # the last position of each block has no next token in the block, but the KL is defined there too
+        next_token = torch.full((student_hidden.shape[0],), -100, dtype=torch.long, device=input_ids.device)
+        next_token.view(input_ids.shape[0], -1)[:, :-1] = input_ids[:, 1:]
+        if fraction < 1.0:
+            count = max(1, int(round(fraction * student_hidden.shape[0])))
+            generator = torch.Generator().manual_seed(1_000_003 * (self.hparams.get("seed", 0) + 1) + step)
+            picks = torch.randperm(student_hidden.shape[0], generator=generator)[:count].to(input_ids.device)
+            student_hidden, teacher_hidden, next_token = student_hidden[picks], teacher_hidden[picks], next_token[picks]
+        positions = student_hidden.shape[0]
+        for start in range(0, positions, KL_CHUNK):
+            end = min(positions, start + KL_CHUNK)
+            with torch.no_grad():
+                t_logits = head_t(teacher_hidden[start:end]).float()
+                t_logp = F.log_softmax(t_logits, dim=-1)
+            s_logp = F.log_softmax(head_s(student_hidden[start:end]).float(), dim=-1)
+            kl_total = kl_total + (t_logp.exp() * (t_logp - s_logp)).sum()
+            nll_total = nll_total + F.nll_loss(s_logp, next_token[start:end], ignore_index=-100, reduction="sum")
+        return kl_total / positions, nll_total / max(1, int((next_token != -100).sum()))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.student.eval()  # no dropout: the sense network is deterministic, as the teacher is
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        kl, nll = self.kl_loss(batch, self.kl_fraction, self.global_step)
+        self.log("train/kl", kl, prog_bar=True)
+        self.log("train/nll", nll, prog_bar=True)
+        return kl
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        kl, nll = self.kl_loss(batch)
+        self.log("val/kl", kl, prog_bar=True, batch_size=batch.shape[0])
+        self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trainable_state())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["teacher_identity"] = dict(self.teacher_identity)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("teacher_identity", {})
+        if saved.get("fingerprint") != self.teacher_identity["fingerprint"]:
+            raise ConfigError(f"checkpoint was distilled from {saved.get('name')!r}, not from "
+                              f"{self.teacher_identity['name']!r}; resume with the same --model.teacher")
+
+    def on_train_end(self) -> None:
+        if self.output is not None and self.trainer.is_global_zero:
+            path = save_distilled(self.student, self.tokenizer, self.output, self.overwrite)
+            print(f"distilled Backpack: {path}", file=sys.stderr)
+
+
+def save_distilled(student: BackpackLMHeadModel, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
+    """Write the Backpack and its tokenizer as a model folder, atomically."""
+    from editing.models.loading import _atomic_save
+
+    target = Path(output).expanduser()
+    if target.exists():
+        if not overwrite:
+            ensure_writable(target / "config.json", overwrite, "--model.overwrite true")
+        import shutil
+
+        shutil.rmtree(target)
+
+    def save(folder: Path) -> None:
+        student.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    _atomic_save(target, save)
+    return target
