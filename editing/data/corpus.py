@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from editing.errors import DataFormatError
+from editing.errors import ConfigError, DataFormatError
 from editing.paths import REPO_DIR, cache_dir
 
 
@@ -26,7 +26,7 @@ def corpus_files(folder: Path) -> list[Path]:
     """The text files of a corpus folder, in name order."""
     files = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".txt", ".txt.gz")))
     if not files:
-        raise DataFormatError(f"corpus folder {folder} holds no .jsonl, .jsonl.gz or .txt files")
+        raise DataFormatError(str(folder), None, "the corpus folder holds no .jsonl, .jsonl.gz or .txt files")
     return files
 
 
@@ -43,7 +43,7 @@ def read_texts(path: Path) -> list[str]:
             try:
                 texts.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DataFormatError(f"{path}:{number}: expected a JSON object with a 'text' field") from err
+                raise DataFormatError(str(path), number, "expected a JSON object with a 'text' field") from err
         return texts
 
 
@@ -131,7 +131,7 @@ class CorpusDataModule(L.LightningDataModule):
             digest = hashlib.sha256("|".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()
             return [t for p in files for t in read_texts(p)], digest[:16]
         if source is None:
-            raise DataFormatError(f"no corpus given and the default {folder} does not exist; set data.corpus")
+            raise ConfigError(f"no corpus given and the default {folder} does not exist; set data.corpus")
         import datasets
 
         name, _, config = source.partition(":")
@@ -170,8 +170,8 @@ class CorpusDataModule(L.LightningDataModule):
             stream = stream[: self.max_tokens + self.val_blocks * self.block_size]
         n = stream.numel() // self.block_size
         if n <= self.val_blocks:
-            raise DataFormatError(f"corpus has {n} blocks of {self.block_size} tokens; need more than "
-                                  f"data.val_blocks={self.val_blocks}")
+            raise ConfigError(f"the corpus has {n} blocks of {self.block_size} tokens; it needs more than "
+                              f"data.val_blocks={self.val_blocks}")
         blocks = stream[: n * self.block_size].view(n, self.block_size).long()
         # validation is the corpus's tail, so training never sees it
         self.train_set = BlockDataset(blocks[: n - self.val_blocks])
