@@ -10,7 +10,7 @@ import torch
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_FAMILIES = ("tiny-gpt2", "tiny-llama", "tiny-neox")
+TINY_FAMILIES = ("tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-backpack")
 
 
 @pytest.fixture(scope="session")

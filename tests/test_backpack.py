@@ -353,3 +353,22 @@ def test_ensemble_command_writes_results_per_ball(tmp_path, data_root) -> None:
     with pytest.raises(SystemExit):  # never overwritten silently
         main(["ensemble", "--large", "tiny-gpt2", "--backpack_edits", str(tmp_path / "run"), "--eval_limit", "6",
               "--general_limit", "8", "--output_dir", str(tmp_path / "ens")])
+
+
+@pytest.mark.parametrize("task", ["country_capital", "company_ceo", "temporal", "stereoset", "pronoun_gender_bias",
+                                  "verb_conjugation"])
+def test_senses_fit_through_the_cli_on_every_task(tmp_path, data_root, monkeypatch, task: str) -> None:
+    from safetensors.torch import load_file
+
+    from editing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "lightning_configs" / "tiny" / f"senses_{task}.yaml"
+    main(["fit", "--config", str(config), "--budget.output_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1",
+          "--trainer.limit_train_batches", "3"])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and results["method"] == "senses"
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1]
+    edit = load_file(str(tmp_path / "run" / "edits" / "ball_1e-03" / "senses.safetensors"))
+    if results["balls"]["1e-03"]["epoch"] == 1:
+        assert edit["vectors"].abs().sum() > 0  # the trained deltas, not the initial zeros
