@@ -375,6 +375,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args[:2] == ["backpack", "distill"]:
             run_distill_cli(args[2:])
+        elif args[:2] == ["backpack", "export"]:
+            from editing.models.backpack.distill import export_checkpoint
+
+            parser = ArgumentParser(prog="editing backpack export",
+                                    description="Write the Backpack of a distillation checkpoint as a model folder.")
+            parser.add_function_arguments(export_checkpoint)
+            cfg = parser.parse_args(args[2:])
+            print(export_checkpoint(**{k: v for k, v in cfg.items() if k != "config"}))
         elif args and args[0] in EXTRA_COMMANDS:
             run_extra(args)
         else:

@@ -123,3 +123,17 @@ def test_a_corpus_folder_without_text_files_is_a_clear_error(tmp_path) -> None:
     dm.attach(load_model(ModelConfig(name="tiny-llama")).tokenizer)
     with pytest.raises(DataFormatError, match="no .jsonl"):
         dm.setup()
+
+
+def test_an_interrupted_run_exports_from_its_checkpoint(tmp_path, corpus) -> None:
+    from editing.cli import main
+
+    L.seed_everything(0)
+    module = distiller(tmp_path)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer(tmp_path, epochs=1, callbacks=[checkpoint]).fit(module, data(corpus))
+    main(["backpack", "export", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--output",
+          str(tmp_path / "model")])
+    loaded = load_model(ModelConfig(name=str(tmp_path / "model"))).model
+    x = torch.randint(0, 1000, (1, 8))
+    assert torch.equal(loaded(x).logits, module.student.eval()(x).logits)

@@ -254,3 +254,29 @@ def save_distilled(student: BackpackLMHeadModel, tokenizer, output: str | Path, 
 
     _atomic_save(target, save)
     return target
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write the Backpack of a distillation checkpoint (e.g. an interrupted run's ``last.ckpt``) as a model folder.
+
+    Args:
+        checkpoint: a checkpoint written by ``editing backpack distill``.
+        output: the model folder to write.
+        overwrite: replace an existing folder.
+
+    Returns:
+        The model folder.
+    """
+    ensure_writable(Path(output).expanduser() / "config.json", overwrite, "--overwrite true")
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    hp = state.get("hyper_parameters", {})
+    if "shape" not in hp or "teacher" not in hp:
+        raise ConfigError(f"{checkpoint} is not a Backpack distillation checkpoint")
+    module = BackpackDistillation(teacher=ModelConfig(**hp["teacher"]), shape=BackpackShape(**hp["shape"]),
+                                  seed=hp.get("seed", 0))
+    module.on_load_checkpoint(state)
+    missing = set(module.trainable_state()) - set(state["state_dict"])
+    if missing:
+        raise ConfigError(f"{checkpoint} lacks trained tensors, e.g. {sorted(missing)[:3]}")
+    module.load_state_dict(state["state_dict"], strict=False)
+    return save_distilled(module.student, module.tokenizer, output, overwrite)
