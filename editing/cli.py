@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -353,6 +353,17 @@ def run_extra(args: list[str]) -> None:
         download_data(**{k: v for k, v in cfg.data.download.items() if k != "config"})
 
 
+class SaveOnInterrupt(OnExceptionCheckpoint):
+    """Writes ``interrupted.ckpt`` beside the run's other checkpoints when a fit stops on an exception (Ctrl-C)."""
+
+    def __init__(self) -> None:
+        super().__init__(dirpath=".", filename="interrupted")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            self.dirpath = trainer.checkpoint_callback.dirpath
+
+
 def run_distill_cli(args: list[str]) -> None:
     """``editing backpack distill``: a Lightning fit of ``BackpackDistillation`` on a ``CorpusDataModule``."""
     from editing.data.corpus import CorpusDataModule
@@ -362,10 +373,13 @@ def run_distill_cli(args: list[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                                 "checkpoint.every_n_train_steps": 200})
+                                 "checkpoint.every_n_train_steps": 25})
 
+    # an interrupted run (Ctrl-C, a crash) still leaves its latest state: `editing backpack export` turns it into
+    # a model folder, `--ckpt_path` resumes it
     DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
+                                 "callbacks": [SaveOnInterrupt()],
                                  "logger": lazy_instance(CSVLogger, save_dir="runs", name="distill")})
 
 

@@ -101,6 +101,9 @@ def test_reference_key_names_round_trip(tmp_path, with_aliases: bool) -> None:
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.backpack.gpt2_model.wte.weight.data_ptr()
     x = torch.randint(0, 300, (2, 9))
     assert torch.equal(loaded.model(x).logits, model(x).logits)
+    # the class's own from_pretrained reads the hub layout too (auto_map ignored)
+    direct = BackpackLMHeadModel.from_pretrained(folder, trust_remote_code=False).eval()
+    assert torch.equal(direct(x).logits, model(x).logits)
     # and our own save/from_pretrained round trip
     model.save_pretrained(tmp_path / "ours")
     again = BackpackLMHeadModel.from_pretrained(tmp_path / "ours").eval()
