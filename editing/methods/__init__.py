@@ -3,5 +3,7 @@
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.full import FullFinetune
 from editing.methods.lora import LoRAConfig, LoRAEditor
+from editing.methods.memit import MEMITConfig, MEMITEditor
 
-__all__ = ["EditingModule", "FullFinetune", "LoRAConfig", "LoRAEditor", "OptimizerConfig", "RegularizationConfig"]
+__all__ = ["EditingModule", "FullFinetune", "LoRAConfig", "LoRAEditor", "MEMITConfig", "MEMITEditor", "OptimizerConfig",
+           "RegularizationConfig"]

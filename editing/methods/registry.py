@@ -6,11 +6,13 @@ from editing.errors import ConfigError
 from editing.methods.base import EditingModule
 from editing.methods.full import FullFinetune
 from editing.methods.lora import LoRAEditor
+from editing.methods.memit import MEMITEditor
 
 METHODS: dict[str, type[EditingModule]] = {
     "none": EditingModule,
     "full": FullFinetune,
     "lora": LoRAEditor,
+    "memit": MEMITEditor,
 }
 
 
