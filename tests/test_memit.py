@@ -179,7 +179,7 @@ def test_bad_settings_are_clear_errors(data_root) -> None:
     with pytest.raises(ConfigError, match="oracle_field"):
         module.canonical_requests(datamodule(module, "temporal"))
     module.memit_config.oracle_field = "capital"
-    with pytest.raises(DataFormatError, match="does not occur in the prefix"):
+    with pytest.raises(DataFormatError, match="occurs in no prefix"):
         module.canonical_requests(datamodule(module))
     module.memit_config.oracle_field = None
     module.memit_config.covariance_samples = 10**9

@@ -71,7 +71,8 @@ class MEMITConfig:
     ``oracle_field`` or ``oracle_pattern`` (defaults exist for the built-in tasks except temporal)."""
     oracle_field: str | None = None
     """Oracle supervision: the field of each canonical line holding the subject (e.g. ``country``, ``company``,
-    ``target``); it must occur in the prefix."""
+    ``target``), found in the prefix ignoring case; a line whose prefix lacks it keeps the whole prefix (a warning
+    counts them: a few country_capital lines put the country in the suffix)."""
     oracle_pattern: str | None = None
     """Oracle supervision: a regular expression searched in the prefix; its first group (or the whole match) is
     the subject, e.g. ``^The (.+) said`` for the career noun of pronoun_gender_bias."""

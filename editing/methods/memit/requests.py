@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ from editing.data.jsonl import Record
 from editing.data.tokenize import ExampleTokenizer
 from editing.errors import ConfigError, DataFormatError
 from editing.methods.memit.config import ORACLE_DEFAULTS, MEMITConfig
+
+log = logging.getLogger(__name__)
 
 # First words of the generated context templates (greedy continuations, so the templates are deterministic).
 TEMPLATE_STARTS = ("The", "Therefore", "Because", "I", "You", "It", "In", "A", "This", "When")
@@ -67,6 +70,7 @@ def build_requests(records: list[Record], cfg: MEMITConfig, task_name: str, path
             compiled = re.compile(rule[1])
         except re.error as err:
             raise ConfigError(f"memit.oracle_pattern={rule[1]!r} is not a valid regular expression: {err}") from err
+    not_found: list[int] = []
     for record in records:
         prefix = record.prefix
         if rule is None:
@@ -76,11 +80,14 @@ def build_requests(records: list[Record], cfg: MEMITConfig, task_name: str, path
             if not isinstance(value, str) or not value:
                 raise DataFormatError(path, record.line, f"oracle supervision needs a string field {rule[1]!r} "
                                                          "(memit.oracle_field); this line has none")
-            start = prefix.rfind(value)
+            start = prefix.lower().rfind(value.lower())  # case-insensitive: "the Democratic Republic of Congo"
             if start < 0:
-                raise DataFormatError(path, record.line, f"the subject {value!r} (field {rule[1]!r}) does not occur "
-                                                         f"in the prefix {prefix!r}")
-            span = (start, start + len(value))
+                # A few lines of the source data put the entity in the suffix ("The capital of" + " Algeria is
+                # Alger"); those keep the whole prefix as their subject, as under standard supervision.
+                not_found.append(record.line)
+                span = (0, len(prefix.rstrip()))
+            else:
+                span = (start, start + len(value))
         else:
             match = compiled.search(prefix)
             if match is None:
@@ -91,6 +98,12 @@ def build_requests(records: list[Record], cfg: MEMITConfig, task_name: str, path
         if span[1] <= span[0]:
             raise DataFormatError(path, record.line, f"empty subject in prefix {prefix!r}")
         requests.append(Request(prefix, tuple(record.suffixes), span))
+    if not_found and len(not_found) == len(records):
+        raise DataFormatError(path, None, f"the oracle subject field {rule[1]!r} occurs in no prefix; set "
+                                          "memit.oracle_field to a field that names the subject in the prefix")
+    if not_found:
+        log.warning("%s: the oracle subject (field %r) is not in the prefix on %d line(s) (e.g. line %d); those "
+                    "requests use the whole prefix as their subject", path, rule[1], len(not_found), not_found[0])
     return requests
 
 
