@@ -72,42 +72,44 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     bare = [r for r in rewrite if r.template == 0 and r.slot == 0]
     h = subject_activations(model, bare, layer, "output", pad_id).float()  # (n, d), request order
     h_norm = h.norm(dim=1)
-    rows = rewrite + kl
-    ids, mask = pad_rows(rows, pad_id, device)
-    row_index = torch.arange(len(rows), device=device)
-    subj_pos = torch.tensor([r.subject_pos for r in rows], device=device)
-    req_of_row = torch.tensor([r.request for r in rows], device=device)
-    # suffix positions of the rewrite rows: position p predicts token p + 1
-    labels = torch.full_like(ids, -100)
-    for i, r in enumerate(rewrite):
-        labels[i, r.score_from - 1: len(r.ids) - 1] = torch.tensor(r.ids[r.score_from:], device=device)
-    scored = labels != -100
-    scored_rows = scored.nonzero(as_tuple=True)[0]
     n_slots = max(r.slot for r in rewrite) + 1
     # (request, template, slot) cell of each rewrite row
     cell = torch.tensor([(r.request * n_templates + r.template) * n_slots + r.slot for r in rewrite], device=device)
-    kl_rows = torch.arange(len(rewrite), len(rows), device=device)
-    kl_req = req_of_row[kl_rows]
+    kl_req = torch.tensor([r.request for r in kl], device=device)
+    groups = _length_groups(rewrite, kl, pad_id, device)
 
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
-
-    def inject(hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.index_put((row_index, subj_pos), delta[req_of_row].to(hidden.dtype), accumulate=True)
-
     init_logp = None
     for _step in range(cfg.steps):
         optimizer.zero_grad(set_to_none=True)
-        with hooks([add_to_block_output(model, layer, inject)]), capture_final_hidden(model) as store:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = store["hidden"]
-        logits = head_logits(model, hidden[scored])
-        nll = torch.logsumexp(logits, -1) - logits.gather(1, labels[scored][:, None]).squeeze(1)
-        sums = torch.zeros(len(rewrite), device=device).index_add(0, scored_rows, nll)
-        counts = torch.zeros(len(rewrite), device=device).index_add(0, scored_rows, torch.ones_like(nll))
-        means = torch.zeros(n_requests * n_templates * n_slots, device=device).index_put((cell,), sums / counts)
+        nll_means, kl_logps = [], []
+        for g in groups:
+            def inject(hidden: torch.Tensor, g=g) -> torch.Tensor:
+                return hidden.index_put((g["row"], g["pos"]), delta[g["req"]].to(hidden.dtype), accumulate=True)
+
+            with hooks([add_to_block_output(model, layer, inject)]), capture_final_hidden(model) as store:
+                model(input_ids=g["ids"], attention_mask=g["mask"], use_cache=False)
+            hidden = store["hidden"]
+            if g["scored"].any():
+                scored = g["scored"]
+                logits = head_logits(model, hidden[scored])
+                nll = torch.logsumexp(logits, -1) - logits.gather(1, g["labels"][scored][:, None]).squeeze(1)
+                rows = scored.nonzero(as_tuple=True)[0]
+                n = len(g["rewrite_at"])
+                sums = torch.zeros(n, device=device).index_add(0, rows, nll)
+                counts = torch.zeros(n, device=device).index_add(0, rows, torch.ones_like(nll))
+                nll_means.append((g["rewrite_at"], sums / counts))
+            if len(g["kl_at"]):
+                k = g["kl_rows"]
+                kl_logps.append((g["kl_at"], torch.log_softmax(head_logits(model, hidden[k, g["pos"][k]]), -1)))
+        row_means = torch.zeros(len(rewrite), device=device).index_put(
+            (torch.cat([i for i, _ in nll_means]),), torch.cat([v for _, v in nll_means]))
+        means = torch.zeros(n_requests * n_templates * n_slots, device=device).index_put((cell,), row_means)
         task = training_loss(means.view(-1, n_slots), loss).view(n_requests, n_templates).mean(1)
-        kl_logp = torch.log_softmax(head_logits(model, hidden[kl_rows, subj_pos[kl_rows]]), -1)
+        kl_at = torch.cat([i for i, _ in kl_logps])
+        kl_logp = torch.zeros(len(kl), kl_logps[0][1].shape[1], device=device).index_put(
+            (kl_at,), torch.cat([v for _, v in kl_logps]))
         if init_logp is None:
             init_logp = kl_logp.detach()
         kl_term = torch.zeros(n_requests, device=device).index_add(
@@ -141,3 +143,36 @@ def layer_update(keys: torch.Tensor, residual: torch.Tensor, moment: torch.Tenso
     system = covariance_weight * moment.double().to(k.device) + k.T @ k
     v = torch.linalg.solve(system, k.T).T  # (n, d_in): K^T (lambda C + K K^T)^-1, the system being symmetric
     return residual.double().T.contiguous(), v.contiguous()
+
+
+GROUP_ROWS = 64  # rows per forward pass of the target optimization
+
+
+def _length_groups(rewrite: list[Row], kl: list[Row], pad_id: int, device) -> list[dict]:
+    """Rows sorted by length and batched, so short prompts (the KL ones, the bare ones) are not padded to the
+    longest templated prompt; each group records where its rows go in the rewrite and KL lists."""
+    rows = [(r, i, False) for i, r in enumerate(rewrite)] + [(r, i, True) for i, r in enumerate(kl)]
+    rows.sort(key=lambda item: len(item[0].ids))
+    groups = []
+    for start in range(0, len(rows), GROUP_ROWS):
+        chunk = rows[start: start + GROUP_ROWS]
+        ids, mask = pad_rows([r for r, _, _ in chunk], pad_id, device)
+        labels = torch.full_like(ids, -100)
+        for j, (r, _, is_kl) in enumerate(chunk):
+            if not is_kl:  # position p predicts token p + 1: the suffix tokens are scored
+                labels[j, r.score_from - 1: len(r.ids) - 1] = torch.tensor(r.ids[r.score_from:], device=device)
+        rewrite_rows = [j for j, (_, _, is_kl) in enumerate(chunk) if not is_kl]
+        # rewrite rows come first in the group's NLL bookkeeping: relabel the scored mask by rewrite order
+        order = torch.tensor(rewrite_rows + [j for j, (_, _, is_kl) in enumerate(chunk) if is_kl], device=device)
+        groups.append({
+            "ids": ids[order], "mask": mask[order], "labels": labels[order],
+            "row": torch.arange(len(chunk), device=device),
+            "pos": torch.tensor([chunk[j][0].subject_pos for j in order.tolist()], device=device),
+            "req": torch.tensor([chunk[j][0].request for j in order.tolist()], device=device),
+            "scored": (labels[order] != -100),
+            "rewrite_at": torch.tensor([chunk[j][1] for j in rewrite_rows], device=device, dtype=torch.long),
+            "kl_at": torch.tensor([chunk[j][1] for j, (_, _, is_kl) in enumerate(chunk) if is_kl], device=device,
+                                  dtype=torch.long),
+            "kl_rows": torch.arange(len(rewrite_rows), len(chunk), device=device),
+        })
+    return groups
