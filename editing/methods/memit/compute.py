@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from editing.evaluation.scorer import capture_final_hidden, head_logits
 from editing.losses import training_loss
@@ -46,7 +49,7 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
-                     layer: int, loss: str, cfg: MEMITConfig, pad_id: int) -> torch.Tensor:
+                     layer: int, loss: str, cfg: MEMITConfig, pad_id: int, progress: bool = False) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
@@ -64,6 +67,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         loss: the task's loss type (good, bad, balance, good-v-bad).
         cfg: MEMIT settings.
         pad_id: padding token id.
+        progress: show a progress bar over the steps.
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -81,7 +85,9 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     init_logp = None
-    for _step in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc=f"MEMIT targets ({n_requests} requests)", disable=not progress,
+               file=sys.stderr, leave=False)
+    for _step in bar:
         optimizer.zero_grad(set_to_none=True)
         nll_means, kl_logps = [], []
         for g in groups:
@@ -117,6 +123,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         decay = cfg.weight_decay * delta.norm(dim=1) / h_norm
         total = (task + cfg.kl_factor * kl_term + decay).sum()
         total.backward()
+        bar.set_postfix(task=f"{task.mean().item():.3f}", kl=f"{kl_term.mean().item():.4f}")
         optimizer.step()
         with torch.no_grad():  # keep the change within clamp_norm_factor times the hidden state's norm
             limit = cfg.clamp_norm_factor * h_norm

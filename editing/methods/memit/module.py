@@ -7,7 +7,6 @@ switching the hooks off (``reference()``, p0) or clearing the factors restores t
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from editing.data.jsonl import read_jsonl
@@ -27,8 +27,6 @@ from editing.methods.memit.covariance import CovarianceStats, layer_covariances
 from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
 from editing.models.loading import ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 class MEMITEditor(EditingModule):
@@ -155,6 +153,7 @@ class MEMITEditor(EditingModule):
         for name, p in self.trainable_parameters().items():
             if name in state:
                 p.data = torch.zeros_like(state[name], dtype=torch.float32, device=p.device)
+        self.edited = any(state[n].numel() > 0 for n in self.trainable_parameters() if n in state)
 
     # fitting -----------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -222,15 +221,15 @@ class MEMITEditor(EditingModule):
         self.model.eval()
         try:
             with torch.enable_grad():
-                self._compute_deltas(requests, cfg)
+                self._compute_deltas(requests, cfg, progress)
         finally:
             self.model.train(was_training)
         self.edit_timings["edit_s"] = time.perf_counter() - start
         if progress:
-            log.info("MEMIT: %d requests, layers %s, statistics %.1fs, edit %.1fs", len(requests), self.memit_layers,
-                     self.edit_timings["statistics_s"], self.edit_timings["edit_s"])
+            rank_zero_info(f"MEMIT: {len(requests)} requests, layers {self.memit_layers}, statistics "
+                           f"{self.edit_timings['statistics_s']:.1f}s, edit {self.edit_timings['edit_s']:.1f}s")
 
-    def _compute_deltas(self, requests: list[Request], cfg: MEMITConfig) -> None:
+    def _compute_deltas(self, requests: list[Request], cfg: MEMITConfig, progress: bool) -> None:
         builder = RowBuilder(self.tokenizer, self.max_length)
         with self.deltas_off():
             templates = context_templates(self.model, self.tokenizer, cfg.context_templates,
@@ -244,7 +243,7 @@ class MEMITEditor(EditingModule):
                 chunk = requests[start: start + cfg.request_batch_size]
                 targets.append(optimize_targets(
                     self.model, builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk),
-                    len(chunk), len(templates), last, self.task.loss, cfg, pad))
+                    len(chunk), len(templates), last, self.task.loss, cfg, pad, progress=progress))
         z = torch.cat(targets)
         # 2. spread the change over the layers in ascending order, each seeing the edits below it
         key_rows = builder.rows(requests, templates, with_suffixes=False)
