@@ -208,3 +208,17 @@ def test_fit_with_budget_writes_results_and_loadable_edits(tmp_path, data_root, 
     edited.model.eval()
     batch_nll = canonical_nll(edited, datamodule(module), 4)
     torch.testing.assert_close(batch_nll, canonical_nll(module, datamodule(module), 4), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_restores_the_edit(data_root) -> None:
+    module = make(layers=[1, 2], steps=3)
+    dm = datamodule(module)
+    module.compute_edit(dm, module.canonical_requests(dm)[:4], progress=False)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(module.trainable_parameters())  # only the factors are saved
+    fresh = make(layers=[1, 2], steps=3)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    assert fresh.edited
+    assert torch.equal(canonical_nll(fresh, dm, 4), canonical_nll(module, dm, 4))
