@@ -1,8 +1,9 @@
 """Covariance statistics C = E[k k^T] of the MLP down-projection inputs over the general set R (SPEC section 10).
 
 They depend only on the model, the layer, the corpus and the number of tokens, so they are computed once and
-cached on disk under ``<cache>/memit_stats/<model fingerprint>/``. Sums are accumulated in float64 over batches of
-R; the partial sums are saved every few batches so that an interrupted computation resumes where it stopped.
+cached on disk under ``<cache>/memit_stats/<model fingerprint>/``. Each batch's sum of k k^T is taken in float32
+and the running sum over batches of R in float64; the partial sums are saved every few batches so that an
+interrupted computation resumes where it stopped.
 Every file is written to a temporary name and renamed, so a reader never sees half a file.
 """
 
@@ -144,14 +145,16 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
             captured: dict[int, torch.Tensor] = {}
 
             def grab(x, layer, captured=captured, mask=mask):
-                captured[layer] = x[mask].to(torch.float64)
+                captured[layer] = x[mask].float()
 
             with torch.no_grad():
                 forward_until(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max(missing),
                               on_down_input={layer: (lambda x, layer=layer: grab(x, layer)) for layer in missing})
             for layer in missing:
+                # one batch's products in float32 (a few thousand terms), the running sum over batches in
+                # float64: the float64 matrix product would cost several times more on a CPU
                 k = captured[layer]
-                term = k.T @ k
+                term = (k.T @ k).double()
                 sums[layer] = term if layer not in sums else sums[layer] + term
             done_tokens += used
             text += len(chunk)
