@@ -6,6 +6,7 @@ from editing.errors import ConfigError
 from editing.methods.base import EditingModule
 from editing.methods.full import FullFinetune
 from editing.methods.lora import LoRAEditor
+from editing.methods.memit import MEMITEditor
 from editing.methods.senses import SenseFinetune
 
 METHODS: dict[str, type[EditingModule]] = {
@@ -13,6 +14,7 @@ METHODS: dict[str, type[EditingModule]] = {
     "full": FullFinetune,
     "lora": LoRAEditor,
     "senses": SenseFinetune,
+    "memit": MEMITEditor,
 }
 
 

@@ -1,0 +1,127 @@
+"""MEMIT settings (SPEC section 10), their sweep ranges (SPEC section 6) and per-model layer defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from editing.errors import ConfigError
+
+Supervision = Literal["standard", "oracle"]
+
+# SPEC section 6: the random-search distributions of the reference sweeps for MEMIT. The sweep system reads this:
+# "log10_uniform" draws 10^U(low, high), "int_uniform" an integer in [low, high], "uniform" U(low, high).
+SWEEP_SPACE: dict[str, tuple[str, float, float]] = {
+    "clamp_norm_factor": ("log10_uniform", -1.35, 0.0),
+    "covariance_weight": ("int_uniform", 9000, 75000),
+    "kl_factor": ("uniform", 0.001, 0.1),
+}
+
+# Edited layers per (model type, number of layers): the reference's choices where it has one (GPT-2 small and
+# GPT-J: 3..8; GPT-2 XL: 13..17; Llama-2-7B: 4..8), and for the 30-layer SmolLM2 the same early-middle block as
+# GPT-J's 28 layers (about 10% to 30% of the depth).
+DEFAULT_LAYERS: dict[tuple[str, int], list[int]] = {
+    ("gpt2", 12): [3, 4, 5, 6, 7, 8],
+    ("gpt2", 48): [13, 14, 15, 16, 17],
+    ("gptj", 28): [3, 4, 5, 6, 7, 8],
+    ("llama", 32): [4, 5, 6, 7, 8],
+    ("llama", 30): [3, 4, 5, 6, 7, 8],
+}
+
+# Oracle subject spans of the built-in tasks: a field of the data line, or a regular expression on the prefix
+# whose first group is the subject (pronoun_gender_bias: the career noun; verb_conjugation: the subject noun).
+# temporal has neither (its prefixes are truncated entity names), so oracle supervision there needs a setting.
+ORACLE_DEFAULTS: dict[str, dict[str, str]] = {
+    "country_capital": {"field": "country"},
+    "company_ceo": {"field": "company"},
+    "stereoset": {"field": "target"},
+    "pronoun_gender_bias": {"pattern": r"^The (.+) said"},
+    "verb_conjugation": {"pattern": r"The (\w+)"},
+}
+
+
+@dataclass
+class MEMITConfig:
+    """MEMIT: closed-form updates of the MLP down projections of a block of layers (SPEC section 10).
+
+    Sweep ranges (SPEC section 6, also in ``editing.methods.memit.config.SWEEP_SPACE``): clamp_norm_factor
+    10^U(-1.35, 0), covariance_weight U{9000..75000}, kl_factor U(0.001, 0.1).
+    """
+
+    layers: list[int] | None = None
+    """Edited layers, 0-based and ascending (default: per model, e.g. 3..8 for GPT-2 small, GPT-J and SmolLM2;
+    otherwise a block of six layers starting at a tenth of the depth). The target vectors live at the last one."""
+    clamp_norm_factor: float = 0.75
+    """The residual change delta at the last edited layer is clamped to this times the norm of the original
+    hidden state (sweep: 10^U(-1.35, 0))."""
+    covariance_weight: float = 15000.0
+    """lambda: weight of the covariance statistics C against the new keys in (lambda C + K K^T)
+    (sweep: U{9000..75000})."""
+    kl_factor: float = 0.0625
+    """Weight of KL(p0 || p) at the subject's last token of an "<subject> is a" prompt while optimizing the
+    targets (sweep: U(0.001, 0.1))."""
+    steps: int = 20
+    """Adam steps optimizing each target vector."""
+    lr: float = 0.5
+    """Adam learning rate of the target optimization."""
+    weight_decay: float = 0.5
+    """Weight of the penalty |delta| / |h| on the residual change (SPEC section 10)."""
+    supervision: Supervision = "standard"
+    """``standard``: the subject is the whole prefix; ``oracle``: an entity span of the prefix, from
+    ``oracle_field`` or ``oracle_pattern`` (defaults exist for the built-in tasks except temporal)."""
+    oracle_field: str | None = None
+    """Oracle supervision: the field of each canonical line holding the subject (e.g. ``country``, ``company``,
+    ``target``), found in the prefix ignoring case; a line whose prefix lacks it keeps the whole prefix (a warning
+    counts them: a few country_capital lines put the country in the suffix)."""
+    oracle_pattern: str | None = None
+    """Oracle supervision: a regular expression searched in the prefix; its first group (or the whole match) is
+    the subject, e.g. ``^The (.+) said`` for the career noun of pronoun_gender_bias."""
+    covariance_samples: int = 100000
+    """Tokens of the general set R over which C = E[k k^T] is estimated (cached on disk per model, layer, corpus
+    and count)."""
+    covariance_batch_size: int = 16
+    """Texts of R per forward pass while estimating C."""
+    context_templates: int = 5
+    """Model-generated prefixes the keys are averaged over, besides the bare prompt (0: the bare prompt only)."""
+    context_template_length: int = 10
+    """Tokens per generated prefix."""
+    request_batch_size: int = 32
+    """Requests whose target vectors are optimized together in one batch."""
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the setting at fault."""
+        checks = [
+            ("clamp_norm_factor", self.clamp_norm_factor > 0, "a positive number"),
+            ("covariance_weight", self.covariance_weight >= 0, "a number >= 0"),
+            ("kl_factor", self.kl_factor >= 0, "a number >= 0"),
+            ("steps", self.steps >= 1, "at least 1"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("covariance_samples", self.covariance_samples >= 1, "at least 1 token"),
+            ("covariance_batch_size", self.covariance_batch_size >= 1, "at least 1"),
+            ("context_templates", self.context_templates >= 0, "0 or more"),
+            ("context_template_length", self.context_template_length >= 1, "at least 1"),
+            ("request_batch_size", self.request_batch_size >= 1, "at least 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"memit.{name}={getattr(self, name)!r} must be {expected}")
+        if self.supervision not in ("standard", "oracle"):
+            raise ConfigError(f"memit.supervision={self.supervision!r}; expected 'standard' or 'oracle'")
+        if self.oracle_field is not None and self.oracle_pattern is not None:
+            raise ConfigError("set only one of memit.oracle_field and memit.oracle_pattern")
+        if self.layers is not None and (not self.layers or sorted(set(self.layers)) != list(self.layers)):
+            raise ConfigError(f"memit.layers={self.layers!r} must be a non-empty ascending list of distinct layers")
+
+
+def resolve_layers(cfg: MEMITConfig, model_type: str, total: int) -> list[int]:
+    """The layers to edit: ``cfg.layers``, the model's default, or a block of six from a tenth of the depth."""
+    if cfg.layers is not None:
+        bad = [layer for layer in cfg.layers if not 0 <= layer < total]
+        if bad:
+            raise ConfigError(f"memit.layers has {bad}, outside the model's layers 0..{total - 1}")
+        return list(cfg.layers)
+    if (model_type, total) in DEFAULT_LAYERS:
+        return list(DEFAULT_LAYERS[(model_type, total)])
+    start = min(total - 1, round(0.1 * total))
+    return list(range(start, min(total, start + 6)))

@@ -1,0 +1,261 @@
+"""MEMIT as an editing method: one closed-form edit of the MLP down projections, computed in the first epoch.
+
+The deltas are low-rank factors per edited layer, Delta W_l = u_l @ v_l (rank = number of requests), applied by a
+forward hook that adds ``(x @ v^T) @ u^T`` to the projection's output. The base weights are never written, so
+switching the hooks off (``reference()``, p0) or clearing the factors restores the original model exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from editing.data.jsonl import read_jsonl
+from editing.errors import ConfigError
+from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
+from editing.methods.lora.config import num_layers
+from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
+from editing.methods.memit.config import MEMITConfig, resolve_layers
+from editing.methods.memit.covariance import CovarianceStats, layer_covariances
+from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
+from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
+from editing.models.loading import ModelConfig
+
+
+class MEMITEditor(EditingModule):
+    """Edit with MEMIT (SPEC section 10): target vectors by gradient steps, layer updates in closed form.
+
+    Fitting computes the whole edit at the start of the first epoch from all canonical examples of the split (the
+    requests); the DegradationBudget callback evaluates p0 before and the edited model after that epoch, and the
+    run stops there. ``memit.supervision`` chooses the subject: the whole prefix, or an oracle entity span.
+
+    Args:
+        base: the base model.
+        memit: MEMIT settings.
+        optimizer: unused (MEMIT's only optimizer is the target optimization in ``memit``); kept so that configs
+            and results have the same shape as the other methods'.
+        regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
+    """
+
+    method = "memit"
+
+    def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
+                 optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
+        self.memit_config = memit or MEMITConfig()
+        self.memit_config.validate()
+        super().__init__(base=base, optimizer=optimizer, regularization=regularization or RegularizationConfig("none"))
+        self.hparams["memit"] = asdict(self.memit_config)
+        # the edit is one closed-form computation, not optimizer steps over batches
+        self.automatic_optimization = False
+        self.edit_timings: dict[str, float] = {}
+        self.covariance_stats: CovarianceStats | None = None
+
+    # deltas ------------------------------------------------------------------------------------------------
+    def _prepare_deltas(self) -> None:
+        cfg = self.memit_config
+        kind = model_type(self.model)
+        self.memit_layers = resolve_layers(cfg, kind, num_layers(self.model.config))
+        self.memit_u = nn.ParameterDict()
+        self.memit_v = nn.ParameterDict()
+        self._deltas_on = True
+        self._handles = []
+        for layer in self.memit_layers:
+            module = down_projection(self.model, layer)
+            out_features, in_features = (module.weight.shape[1], module.weight.shape[0]) if is_transposed(module) \
+                else module.weight.shape
+            # rank 0 until the edit is computed: the update is exactly zero
+            self.memit_u[str(layer)] = nn.Parameter(torch.zeros(out_features, 0), requires_grad=False)
+            self.memit_v[str(layer)] = nn.Parameter(torch.zeros(0, in_features), requires_grad=False)
+            self._handles.append(module.register_forward_hook(self._make_hook(str(layer))))
+        self.edited = False
+
+    def _make_hook(self, key: str):
+        def hook(_module, args, output):
+            u, v = self.memit_u[key], self.memit_v[key]
+            if not self._deltas_on or u.shape[1] == 0:
+                return output
+            x = args[0]
+            return output + ((x.float() @ v.T) @ u.T).to(output.dtype)
+
+        return hook
+
+    @contextmanager
+    def deltas_off(self) -> Iterator[None]:
+        """A context in which the model computes p0."""
+        previous = self._deltas_on
+        self._deltas_on = False
+        try:
+            yield
+        finally:
+            self._deltas_on = previous
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        with self.deltas_off():
+            yield self.model
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """The edit's factors by name (closed-form, so they never need gradients)."""
+        return {n: p for n, p in self.named_parameters() if n.startswith(("memit_u.", "memit_v."))}
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the factors from ``delta_state`` output (their rank may differ from the current one)."""
+        params = self.trainable_parameters()
+        missing = set(params) - set(state)
+        if missing:
+            raise ConfigError(f"edit state lacks {len(missing)} delta(s), e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.data = state[name].to(p.device, torch.float32).clone()
+        self.edited = any(p.shape[0] * p.shape[1] > 0 for p in params.values())
+
+    def clear_edit(self) -> None:
+        """Remove the edit: every factor back to rank 0 (the model is p0 again, bit for bit)."""
+        self.load_delta_state({n: p.new_zeros(p.shape[0], 0) if n.startswith("memit_u.") else p.new_zeros(0, p.shape[1])
+                               for n, p in self.trainable_parameters().items()})
+
+    def weight_deltas(self, state: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+        """Delta W per layer, as (out, in) matrices in float32."""
+        state = state if state is not None else self.delta_state()
+        return {layer: state[f"memit_u.{layer}"].float() @ state[f"memit_v.{layer}"].float()
+                for layer in self.memit_layers}
+
+    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save the edited down-projection weights (W + Delta W) as ``edit.safetensors`` by the base model's
+        parameter names, as full finetuning does (``editing.edits.load_edited`` applies either), plus the base
+        model's identity."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for layer, delta in self.weight_deltas(state).items():
+            module = down_projection(self.model, layer)
+            weight = module.weight.detach().float().cpu()
+            tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
+                weight + (delta.T if is_transposed(module) else delta)).contiguous()
+        save_file(tensors, str(folder / "edit.safetensors"),
+                  metadata={"method": "memit", "base_fingerprint": self.identity["fingerprint"]})
+        self.write_base_identity(folder)
+        return folder
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # the factors' rank is the number of requests: shape them as saved before Lightning loads the state dict
+        state = checkpoint.get("state_dict", {})
+        for name, p in self.trainable_parameters().items():
+            if name in state:
+                p.data = torch.zeros_like(state[name], dtype=torch.float32, device=p.device)
+        self.edited = any(state[n].numel() > 0 for n in self.trainable_parameters() if n in state)
+
+    # fitting -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        return None
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> int:
+        return -1  # the edit was made at the start of the epoch; the canonical batches are not iterated
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        if not self.edited:
+            datamodule = self.trainer.datamodule
+            self.compute_edit(datamodule)
+        self.trainer.should_stop = True  # one edit: the callback evaluates after this epoch, then the run ends
+
+    def canonical_requests(self, datamodule) -> list[Request]:
+        """The requests of the DataModule's canonical examples under the configured supervision."""
+        path = datamodule.path("canonical")
+        records = read_jsonl(path, "pair" if datamodule.task.pair else "single")
+        return build_requests(records, self.memit_config, datamodule.task.name, str(path))
+
+    def statistics(self, datamodule, progress: bool = True) -> CovarianceStats:
+        """E[k k^T] of every edited layer over R (cached on disk)."""
+        path = datamodule.path("regularization")
+        from editing.data.datamodule import file_sha256
+        from editing.data.jsonl import read_jsonl as read
+        from editing.data.tokenize import ExampleTokenizer
+
+        # R is read here in full (not through the DataModule's general_limit), so the cached statistics depend
+        # only on the file and the sample count
+        texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(read(path, "text"), str(path))
+        with self.deltas_off():
+            return layer_covariances(
+                self.model, self.memit_layers, texts, fingerprint=self.identity["fingerprint"],
+                corpus_sha=file_sha256(path), samples=self.memit_config.covariance_samples,
+                precision=self.base_config.precision, batch_size=self.memit_config.covariance_batch_size,
+                pad_id=self._pad_id, progress=progress)
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def compute_edit(self, datamodule, requests: list[Request] | None = None, progress: bool = True) -> None:
+        """Compute MEMIT's edit for the canonical examples (or ``requests``) and switch it on.
+
+        Args:
+            datamodule: the task's DataModule (canonical file, task loss, general set R).
+            requests: the requests (default: from the DataModule's canonical examples).
+            progress: show progress bars and log timings.
+        """
+        if datamodule.tokenizer is None:
+            datamodule.attach(self.tokenizer, self.max_length)
+        if self.task != datamodule.task:
+            self.bind_task(datamodule.task)
+        cfg = self.memit_config
+        requests = requests if requests is not None else self.canonical_requests(datamodule)
+        start = time.perf_counter()
+        self.covariance_stats = self.statistics(datamodule, progress=progress)
+        self.edit_timings = {"statistics_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        self.clear_edit()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                self._compute_deltas(requests, cfg, progress)
+        finally:
+            self.model.train(was_training)
+        self.edit_timings["edit_s"] = time.perf_counter() - start
+        if progress:
+            rank_zero_info(f"MEMIT: {len(requests)} requests, layers {self.memit_layers}, statistics "
+                           f"{self.edit_timings['statistics_s']:.1f}s, edit {self.edit_timings['edit_s']:.1f}s")
+
+    def _compute_deltas(self, requests: list[Request], cfg: MEMITConfig, progress: bool) -> None:
+        builder = RowBuilder(self.tokenizer, self.max_length)
+        with self.deltas_off():
+            templates = context_templates(self.model, self.tokenizer, cfg.context_templates,
+                                          cfg.context_template_length)
+        last = self.memit_layers[-1]
+        pad = self._pad_id
+        # 1. target vectors z at the last edited layer, a batch of requests at a time, on p0
+        targets = []
+        with self.deltas_off():
+            for start in range(0, len(requests), cfg.request_batch_size):
+                chunk = requests[start: start + cfg.request_batch_size]
+                targets.append(optimize_targets(
+                    self.model, builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk),
+                    len(chunk), len(templates), last, self.task.loss, cfg, pad, progress=progress))
+        z = torch.cat(targets)
+        # 2. spread the change over the layers in ascending order, each seeing the edits below it
+        key_rows = builder.rows(requests, templates, with_suffixes=False)
+        bare_rows = [r for r in key_rows if r.template == 0]
+        for i, layer in enumerate(self.memit_layers):
+            keys = mean_over_templates(subject_activations(self.model, key_rows, layer, "key", pad), key_rows,
+                                       len(requests))
+            current = subject_activations(self.model, bare_rows, last, "output", pad)
+            residual = (z.to(current.device) - current) / (len(self.memit_layers) - i)
+            moment = self.covariance_stats.moments[layer]
+            u, v = layer_update(keys, residual, moment, cfg.covariance_weight)
+            with torch.no_grad():
+                self.memit_u[str(layer)].data = u.float().to(self.device)
+                self.memit_v[str(layer)].data = v.float().to(self.device)
+        self.edited = True
