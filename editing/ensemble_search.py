@@ -7,6 +7,7 @@ and only the cheap head arithmetic is repeated per beta.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule, evaluate
+from editing.methods.senses.selection import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
 from editing.models.loading import LoadedModel
 
@@ -100,19 +102,43 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
     with beta_set_to(ensemble, 0.0):
         initial = evaluate(module, datamodule, progress=progress)
     out: dict = {"initial": initial, "balls": {}, "vocab": vocab}
+    # balls whose runs chose the same epoch carry identical edits: measure each distinct edit (and beta) once
+    nll_cache: dict[str, dict[float, float]] = {}
+    metrics_cache: dict[tuple[str, float], dict] = {}
     for eps in balls:
         key = ball_key(eps)
         if key not in backpacks:
             raise ConfigError(f"no Backpack edit for ball {key}")
         module, ensemble = ensemble_module(large, backpacks[key], vocab)
-        by_beta = general_nll_by_beta(ensemble, datamodule, progress=progress)
+        digest = _edit_digest(backpacks[key])
+        if digest not in nll_cache:
+            nll_cache[digest] = general_nll_by_beta(ensemble, datamodule, progress=progress)
+        by_beta = nll_cache[digest]
         beta = choose_beta(by_beta, eps)
-        with beta_set_to(ensemble, beta):
-            metrics = evaluate(module, datamodule, progress=progress) if beta > 0 else initial
+        if beta == 0.0:
+            metrics = initial
+        elif (digest, beta) in metrics_cache:
+            metrics = metrics_cache[(digest, beta)]
+        else:
+            with beta_set_to(ensemble, beta):
+                metrics = metrics_cache[(digest, beta)] = evaluate(module, datamodule, progress=progress)
         log.info("ensemble ball %s: beta %.1f", key, beta)
         out["balls"][key] = {"beta": beta, "general_nll_by_beta": {f"{b:.1f}": v for b, v in by_beta.items()},
                              "metrics": metrics}
     return out
+
+
+def _edit_digest(module: EditingModule) -> str:
+    """A hash of the edit a Backpack module carries (its trainable deltas, or its installed sense edit)."""
+    digest = hashlib.sha256()
+    state = dict(module.trainable_parameters())
+    edit = getattr(backpack_of(module.model), "sense_edit", None) if backpack_of(module.model) is not None else None
+    if edit is not None:
+        state.update({f"sense_edit.{n}": t for n, t in edit.state_dict().items()})
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def edit_folders(edits: str | Path, balls: tuple[float, ...]) -> dict[str, Path]:
