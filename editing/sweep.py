@@ -264,9 +264,17 @@ def _prepare_sqlite(url: str) -> None:
         con.execute("PRAGMA journal_mode=WAL")
 
 
+def _retry_callback():
+    """Re-queues a dead worker's trial (same configuration) as a WAITING trial, at most 3 times."""
+    from optuna import storages
+
+    cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    return cls(max_retry=3)
+
+
 def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None):
     """An optuna RDBStorage with heartbeats: a trial whose worker stops beating for ``grace_period`` seconds is
-    marked FAIL and re-queued with the same configuration (``RetryFailedTrialCallback``).
+    marked FAIL and re-queued with the same configuration.
 
     Args:
         url: SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg2://user:pw@host/db``).
@@ -274,7 +282,7 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
         grace_period: seconds without a heartbeat before a trial counts as dead (default 3 x interval).
     """
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     _prepare_sqlite(url)
     engine_kwargs: dict = {}
@@ -287,11 +295,13 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
     if heartbeat_interval:
         kwargs = {"heartbeat_interval": heartbeat_interval,
                   "grace_period": grace_period or 3 * heartbeat_interval,
-                  "heartbeat_stale_trial_callback": RetryFailedTrialCallback(max_retry=3)}
+                  "heartbeat_stale_trial_callback": _retry_callback()}
     last: Exception | None = None
     for attempt in range(10):  # two workers creating the tables of a new database at once may collide: retry
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna since 2.9; we rely on them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
         except Exception as err:  # noqa: BLE001 - retried, then re-raised
             last = err
             time.sleep(0.5 + attempt)
@@ -500,14 +510,13 @@ def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: in
 
 def _requeue_interrupted(study, numbers: list[int]) -> None:
     """Ctrl-C in a worker: optuna fails its trial; queue the configuration again, as for a killed worker."""
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     for number in numbers:
         t = trials[number]
         if t.state == TrialState.FAIL and "error" not in t.user_attrs:
-            RetryFailedTrialCallback(max_retry=3)(study, t)
+            _retry_callback()(study, t)
 
 
 def run_sweep(task: str = "country_capital", method: str = "lora", model: str = "smollm2-135m",
