@@ -110,11 +110,14 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[TestRun], list[dict]]:
     study folder itself)."""
     runs: list[TestRun] = []
     trials: list[dict] = []
+    seen: set[Path] = set()
     for root in roots:
         root = Path(root)
         single = (root / "selection.json").is_file()
-        dirs = [root] if single else sorted(p.parent for p in root.glob("*/selection.json"))
-        for d in dirs:
+        for d in [root] if single else sorted(p.parent for p in root.glob("*/selection.json")):
+            if d.resolve() in seen:  # a study named twice (its root and itself) counts once
+                continue
+            seen.add(d.resolve())
             _, r, t = load_study(d)
             runs += r
             trials += t
@@ -363,12 +366,13 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def make_report(root: list[str] | None = None, output: str = "runs/report", digits: int = 1,
+def make_report(root: list[str] | str | None = None, output: str = "runs/report", digits: int = 1,
                 overwrite: bool = False) -> dict:
     """The paper's tables (Markdown and LaTeX) and plots (PNG) from the test runs of one or more sweep roots.
 
     Args:
-        root: sweep roots (folders of ``<study>/selection.json``; default ``runs/sweeps``) or study folders.
+        root: a sweep root or a list of them (folders of ``<study>/selection.json``; default ``runs/sweeps``), or
+            study folders.
         output: where ``report.md``, ``tables.tex``, ``report.json`` and the PNG files go.
         digits: decimals of the table cells.
         overwrite: replace an earlier report in ``output``.
@@ -376,7 +380,7 @@ def make_report(root: list[str] | None = None, output: str = "runs/report", digi
     Returns:
         Paths of the files written.
     """
-    roots = root or ["runs/sweeps"]
+    roots = [root] if isinstance(root, str) else (root or ["runs/sweeps"])
     runs, trials = collect(roots)
     if not runs:
         raise ConfigError(f"no test runs found under {', '.join(map(str, roots))} (run `editing select` and "
