@@ -662,21 +662,39 @@ def select_best(records: Sequence[dict]) -> dict[str, dict]:
     return dict(sorted(best.items(), key=lambda kv: -float(kv[0])))
 
 
-def select(study_name: str, root: str = DEFAULT_ROOT, storage: str | None = None, overwrite: bool = False) -> dict:
+def study_names(root: str = DEFAULT_ROOT, storage: str | None = None) -> list[str]:
+    """The sweeps in a storage (every study made by ``editing sweep``), or, without one, every
+    ``<root>/<study>/study.db``."""
+    import optuna
+
+    if storage is None:
+        return sorted(p.parent.name for p in Path(root).glob("*/study.db"))
+    store = make_storage(storage, None)
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)
+                  if "sweep" in s.user_attrs)
+
+
+def select(study_name: str | None = None, root: str = DEFAULT_ROOT, storage: str | None = None,
+           overwrite: bool = False) -> dict:
     """For each ball, the validation configuration with the largest success gain inside the ball, and its epoch.
 
     Writes ``<root>/<study_name>/selection.json`` (and ``trials.jsonl``: every complete trial's per-epoch record,
     for the report's plots).
 
     Args:
-        study_name: the study.
+        study_name: the study (default: every sweep in the storage, or under the root).
         root: the sweep root.
         storage: the study's SQLAlchemy URL (default: the SQLite file under the root).
         overwrite: replace an earlier, different selection (test runs made from it are kept apart by trial number).
 
     Returns:
-        The selection.
+        The selection (study name -> selection when several studies were selected).
     """
+    if study_name is None:
+        names = study_names(root, storage)
+        if not names:
+            raise ConfigError(f"no sweep found ({storage or root})")
+        return {name: select(name, root, storage, overwrite) for name in names}
     study = open_study(make_storage(storage or default_storage(root, study_name), None), study_name)
     sweep = study.user_attrs.get("sweep")
     if sweep is None:
@@ -724,8 +742,9 @@ def test_run_plan(selection: dict) -> dict[int, dict]:
     return plan
 
 
-def test_runs(study_name: str, root: str = DEFAULT_ROOT, seeds: int = 10, seed_list: list[int] | None = None,
-              args: str | None = None, runner: Callable[[list[str], Path], int] | None = None) -> list[Path]:
+def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: int = 10,
+              seed_list: list[int] | None = None, args: str | None = None,
+              runner: Callable[[list[str], Path], int] | None = None) -> list[Path]:
     """Rerun each selected configuration on the test pair with several seeds (SPEC section 6).
 
     Each run trains as at validation (same settings, same number of epochs, so the same learning-rate schedule)
@@ -734,7 +753,8 @@ def test_runs(study_name: str, root: str = DEFAULT_ROOT, seeds: int = 10, seed_l
     Finished seeds are skipped, so the command resumes; results are never overwritten.
 
     Args:
-        study_name: the study (its ``selection.json`` must exist: run ``editing select`` first).
+        study_name: the study (its ``selection.json`` must exist: run ``editing select`` first); default: every
+            study under the root with a selection.
         root: the sweep root.
         seeds: number of seeds (0 .. seeds-1).
         seed_list: explicit seeds instead (e.g. to split the work between machines).
@@ -744,6 +764,11 @@ def test_runs(study_name: str, root: str = DEFAULT_ROOT, seeds: int = 10, seed_l
     Returns:
         The results files of all selected (trial, seed) runs.
     """
+    if study_name is None:
+        names = sorted(p.parent.name for p in Path(root).glob("*/selection.json"))
+        if not names:
+            raise ConfigError(f"no selection.json under {root}: run `editing select` first")
+        return [p for name in names for p in test_runs(name, root, seeds, seed_list, args, runner)]
     sweep_dir = Path(root) / study_name
     path = sweep_dir / "selection.json"
     if not path.is_file():

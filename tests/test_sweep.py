@@ -310,6 +310,10 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
                                                                                 f"seed_{seed}")
     # resumable: finished seeds are skipped, a new one runs
     assert sweep.test_runs("st", root=str(root), seeds=3, runner=runner) and len(calls) == 3
+    # without a study name: every sweep under the root, or in the storage
+    assert sweep.study_names(str(root)) == ["st"] == sweep.study_names(storage=url)
+    assert sweep.select(root=str(root))["st"]["balls"] == selection["balls"]
+    assert len(sweep.test_runs(root=str(root), seeds=3, runner=runner)) == 3 and len(calls) == 3
 
 
 def main_select(root: Path) -> dict:
