@@ -71,6 +71,12 @@ def test_spec_distributions() -> None:
     full = load_space("full")
     assert full["model.init_args.optimizer.lr"].args == (-8.5, -4.0)
     assert full["model.init_args.regularization.weight"].args == (-1.0, 0.0)
+    memit = load_space("memit")
+    assert {k.rsplit(".", 1)[1]: (p.kind, p.args) for k, p in memit.items()} == {
+        "clamp_norm_factor": ("log10_uniform", (-1.35, 0.0)),
+        "covariance_weight": ("int_uniform", (9000, 75000)),
+        "kl_factor": ("uniform", (0.001, 0.1)),
+    }
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
