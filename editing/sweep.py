@@ -789,6 +789,11 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
                 print(f"trial {trial} seed {seed}: done already ({results})", flush=True)
                 done.append(results)
                 continue
+            if out.exists():
+                # an interrupted run (no results.json): keep its files aside and start the seed afresh
+                aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                out.rename(aside)
+                print(f"trial {trial} seed {seed}: an interrupted run was moved to {aside}", flush=True)
             fit_args = [*definition.fit_args(base.resolve()), *overrides(entry["params"]), "--data.split", "test",
                         "--seed_everything", str(seed), "--data.seed", str(seed), "--budget.max_epoch",
                         json.dumps(entry["max_epoch"]), *HOUSEKEEPING, "--trainer.default_root_dir", str(out),

@@ -314,8 +314,13 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
         assert args[args.index("--model.init_args.optimizer.lr") + 1] == repr(lrs[winner])
         assert Path(args[args.index("--budget.output_dir") + 1]).parts[-3:] == ("test", f"trial_{winner}",
                                                                                 f"seed_{seed}")
-    # resumable: finished seeds are skipped, a new one runs
+    # resumable: finished seeds are skipped, a new one runs; an interrupted one is moved aside and rerun
+    partial = root / "st" / "test" / f"trial_{winner}" / "seed_2"
+    partial.mkdir()
+    (partial / "config.yaml").write_text("interrupted\n")
     assert sweep.test_runs("st", root=str(root), seeds=3, runner=runner) and len(calls) == 3
+    assert (partial / "results.json").is_file() and not (partial / "config.yaml").exists()
+    assert [p.name.split(".")[1].split("-")[0] for p in partial.parent.glob("seed_2.*")] == ["interrupted"]
     # without a study name: every sweep under the root, or in the storage
     assert sweep.study_names(str(root)) == ["st"] == sweep.study_names(storage=url)
     assert sweep.select(root=str(root))["st"]["balls"] == selection["balls"]
