@@ -120,3 +120,18 @@ def test_report_tables_and_plots(sweeps, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as info:  # a report is not replaced silently
         main(["report", "--root", f"[{sweeps}]", "--output", str(out)])
     assert info.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_size_plot_needs_several_sizes(tmp_path) -> None:
+    from editing.report import TestRun, plot_sizes
+
+    def run(model, size, task, seed, gain):
+        return TestRun(model=model, task=task, method="lora", ball="1e-03", trial=0, seed=seed, epoch=1,
+                       success_change_pp=gain, initial_success_rate=0.1, degradation=1e-4, hard_negative_nll=None,
+                       initial_hard_negative_nll=None, num_parameters=size)
+
+    small = [run("small", 10**6, t, s, 1.0 + s) for t in ("country_capital", "stereoset") for s in range(2)]
+    large = [run("large", 10**8, t, s, 5.0 + s) for t in ("country_capital", "stereoset") for s in range(2)]
+    assert plot_sizes(small, tmp_path / "one.png") is None
+    path = plot_sizes(small + large, tmp_path / "sizes.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
