@@ -583,7 +583,11 @@ def study_status(study) -> dict:
         elif state == "FAIL":
             counts["retried" if t.number in retried else "failed"] += 1
     records = [_trial_record(t) for t in trials if t.state.name == "COMPLETE" and "balls" in t.user_attrs]
-    return {"study": study.study_name, "counts": counts, "best": select_best(records)}
+    now = dt.datetime.now()
+    running = [{"trial": t.number, "host": t.user_attrs.get("host"),
+                "seconds": round((now - t.datetime_start).total_seconds()) if t.datetime_start else None}
+               for t in trials if t.state.name == "RUNNING"]
+    return {"study": study.study_name, "counts": counts, "running": running, "best": select_best(records)}
 
 
 def short_config(params: dict[str, Any]) -> str:
@@ -598,6 +602,8 @@ def format_status(status: dict) -> str:
     lines = [f"study {status['study']}: {c['complete']} complete, {c['running']} running, {c['waiting']} queued, "
              f"{c['failed']} failed, {c['retried']} failed and re-queued (worker died)"
              + (f", {c['surplus']} surplus (pruned unrun)" if c["surplus"] else "")]
+    for r in status.get("running", []):
+        lines.append(f"  running: trial {r['trial']} on {r['host']}, for {r['seconds']}s")
     if status["best"]:
         lines += ["| ball | best trial | success change (pp) | epoch | degradation | configuration |",
                   "|---|---|---|---|---|---|"]
