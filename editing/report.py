@@ -273,6 +273,7 @@ def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, pa
     balls = _ball_order([r.ball for r in runs if r.model == model] or ["1e-03", "1e-04", "1e-05"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
+        seen_x = [float(b) for b in balls]
         for method in methods:
             xs, ys = [], []
             for t in trials:
@@ -285,12 +286,16 @@ def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, pa
                         ys.append(100 * (e["success_rate"] - initial))
             ax.scatter(xs, ys, s=10, alpha=0.45, color=colours[method], label=f"{method} (validation epochs)")
             test = [r for r in runs if (r.model, r.task, r.method) == (model, task, method)]
+            seen_x += xs + [r.degradation for r in test]
             ax.scatter([r.degradation for r in test], [r.success_change_pp for r in test], s=45, marker="D",
                        edgecolor="black", color=colours[method], label=f"{method} (test runs)")
         for b in balls:
             ax.axvline(float(b), color="grey", linestyle="--", linewidth=0.8)
             ax.text(float(b), ax.get_ylim()[1], f" ε={b}", rotation=90, va="top", fontsize=7, color="grey")
         ax.set_xscale("symlog", linthresh=1e-6)
+        # a factor 3 of room on both sides (symlog's autoscale puts extreme points on the frame)
+        finite = [x for x in seen_x if math.isfinite(x)]
+        ax.set_xlim(min(-1e-6, 3 * min(finite)), 3 * max(finite))
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(task)
         ax.set_xlabel("degradation (general NLL / initial - 1)")
