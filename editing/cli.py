@@ -1,5 +1,6 @@
 """The ``editing`` command: LightningCLI (fit, validate, test) plus ``evaluate``, ``apply``, ``data download``,
-``senses inspect``, ``ensemble`` and ``backpack distill``."""
+``senses inspect``, ``ensemble``, ``backpack distill|export`` and the protocol commands ``sweep``, ``sweep-status``,
+``select``, ``test-runs`` and ``report``."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from editing.errors import EditingError
 # While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
 warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
 
-EXTRA_COMMANDS = ("evaluate", "data", "apply", "senses", "ensemble")
+EXTRA_COMMANDS = ("evaluate", "data", "apply", "senses", "ensemble", "sweep", "sweep-status", "select", "test-runs",
+                  "report")
 TRAINER_DEFAULTS = {
     "use_distributed_sampler": False,
     "max_epochs": 10,
@@ -93,7 +95,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
         save_config_callback=FitConfigSaver,
         parser_kwargs={"description": "canonical-editing: edit language models from canonical examples. "
                                       "LightningCLI commands below; also `editing evaluate` (several tasks, one "
-                                      "table), `editing apply` (evaluate a saved edit) and `editing data download`."},
+                                      "table), `editing apply` (evaluate a saved edit), `editing data download`, and "
+                                      "the protocol: `editing sweep|sweep-status|select|test-runs|report`."},
     )
 
 
@@ -314,8 +317,21 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     return summary
 
 
+def _protocol_commands() -> dict[str, tuple]:
+    """The protocol commands: name -> (function, help)."""
+    from editing import report, sweep
+
+    return {
+        "sweep": (sweep.run_sweep, "random search on the validation pair (one worker; start several to share it)"),
+        "sweep-status": (sweep.sweep_status, "a sweep's progress: trials done, running, failed; best per ball"),
+        "select": (sweep.select, "the best validation configuration and epoch per ball"),
+        "test-runs": (sweep.test_runs, "rerun the selected configurations on the test pair with several seeds"),
+        "report": (report.make_report, "tables (Markdown, LaTeX) and plots (PNG) from the test runs"),
+    }
+
+
 def run_extra(args: list[str]) -> None:
-    """``editing evaluate``, ``editing apply`` and ``editing data download``."""
+    """``editing evaluate``, ``apply``, ``data download`` and the protocol commands."""
     parser = ArgumentParser(prog="editing", description="canonical-editing commands besides fit/validate/test")
     sub = parser.add_subcommands()
     ev = ArgumentParser(description="Evaluate a model on several tasks and print one table.")
@@ -340,6 +356,11 @@ def run_extra(args: list[str]) -> None:
     ens.add_argument("--config", action=ActionConfigFile, help="a YAML of these settings (lightning_configs/ensemble)")
     ens.add_function_arguments(run_ensemble)
     sub.add_subcommand("ensemble", ens, help="carry a Backpack edit to a larger model")
+    protocol = _protocol_commands()
+    for name, (func, help_text) in protocol.items():
+        p = ArgumentParser(description=(func.__doc__ or help_text).split("\n\n")[0])
+        p.add_function_arguments(func, skip={"runner"})
+        sub.add_subcommand(name, p, help=help_text)
     cfg = parser.parse_args(args)
     if cfg.subcommand == "senses":
         inspect_senses(**{k: v for k, v in cfg.senses.inspect.items() if k != "config"})
@@ -349,6 +370,9 @@ def run_extra(args: list[str]) -> None:
         evaluate_tasks(**{k: v for k, v in cfg.evaluate.items() if k != "config"})
     elif cfg.subcommand == "apply":
         apply_edit(**{k: v for k, v in cfg.apply.items() if k != "config"})
+    elif cfg.subcommand in protocol:
+        func = protocol[cfg.subcommand][0]
+        func(**{k: v for k, v in cfg[cfg.subcommand].items() if k != "config"})
     else:
         download_data(**{k: v for k, v in cfg.data.download.items() if k != "config"})
 

@@ -14,8 +14,8 @@ from editing.tasks import get_task
 
 CONFIG_DIR = REPO_DIR / "lightning_configs"
 ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
-# configs of commands other than fit/validate/test, each checked by its own test below
-OTHER_KINDS = ("distill", "ensemble")
+# configs of commands other than fit/validate/test, each checked by its own test (sweeps/: tests/test_sweep.py)
+OTHER_KINDS = ("distill", "ensemble", "sweeps")
 CONFIGS = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] not in OTHER_KINDS]
 DISTILL = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] == "distill"]
 ENSEMBLE = [p for p in ALL_CONFIGS if p.relative_to(CONFIG_DIR).parts[0] == "ensemble"]

@@ -1,0 +1,814 @@
+"""The paper's protocol at scale (SPEC section 6): random search on the validation pair, selection per ball, and
+test runs with several seeds.
+
+A sweep is one optuna study per (task, model, method). Each trial is one ``editing fit`` run in a subprocess (so a
+crash, a kill or a leak stays inside the trial) with the base fit config plus the sampled overrides; its outcome is
+the ``results.json`` the DegradationBudget callback writes, copied into the trial's user attributes so that
+``select`` needs only the database. Folder layout under ``<root>/<study>/``::
+
+    study.db                    the study (default storage; any SQLAlchemy URL works instead)
+    base.yaml                   the base fit config the trials ran with
+    trial_<n>/results.json      one fit per trial (its log in fit.log)
+    selection.json, trials.jsonl    written by ``select``
+    test/trial_<n>/seed_<s>/results.json    written by ``test-runs``
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from editing.errors import ConfigError
+from editing.paths import REPO_DIR
+from editing.results import ensure_writable, write_json, write_jsonl
+
+SPACE_DIR = REPO_DIR / "lightning_configs" / "sweeps"
+FIT_DIR = REPO_DIR / "lightning_configs" / "fit"
+DISTRIBUTIONS = ("log10_uniform", "uniform", "int_uniform", "categorical")
+DEFAULT_ROOT = "runs/sweeps"
+
+# Arguments every trial and test run gets: results go to its own folder, no CSV logs or checkpoints (a sweep runs
+# thousands of fits; the results file is the outcome), no progress bars in the logs.
+HOUSEKEEPING = ("--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--checkpoint.save_top_k", "0",
+                "--checkpoint.save_last", "false")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# search spaces
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parameter:
+    """One searched setting: a dotted ``editing fit`` key and its distribution.
+
+    Args:
+        key: the CLI key, e.g. ``model.init_args.lora.rank``.
+        kind: ``log10_uniform`` (10^U(low, high)), ``uniform``, ``int_uniform`` (U{low..high}) or ``categorical``.
+        args: ``[low, high]``, or the choices of a categorical.
+    """
+
+    key: str
+    kind: str
+    args: tuple
+
+    def suggest(self, trial) -> Any:
+        """Draw the value for an optuna trial (10^U(low, high) is a log-uniform float between 10^low and 10^high)."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.key, list(self.args))
+        low, high = self.args
+        if self.kind == "log10_uniform":
+            return trial.suggest_float(self.key, 10.0 ** low, 10.0 ** high, log=True)
+        if self.kind == "uniform":
+            return trial.suggest_float(self.key, float(low), float(high))
+        return trial.suggest_int(self.key, int(low), int(high))
+
+
+def parse_space(spec: dict, source: str = "search space") -> dict[str, Parameter]:
+    """Check and parse a search space mapping (the ``parameters`` of a sweep YAML).
+
+    Args:
+        spec: dotted key -> ``{distribution: args}``.
+        source: where it came from, for messages.
+
+    Returns:
+        Key -> Parameter, in the file's order.
+    """
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"{source}: `parameters` must map dotted `editing fit` keys to distributions")
+    space = {}
+    for key, dist in spec.items():
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", key):
+            raise ConfigError(f"{source}: {key!r} is not a dotted key such as model.init_args.optimizer.lr")
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{source}: {key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
+        kind, args = next(iter(dist.items()))
+        if not isinstance(args, (list, tuple)) or not args:
+            raise ConfigError(f"{source}: {key}: {kind} needs a list, got {args!r}")
+        if kind != "categorical":
+            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise ConfigError(f"{source}: {key}: {kind} needs [low, high], got {args!r}")
+            if args[0] > args[1] or (kind == "int_uniform" and not all(float(a).is_integer() for a in args)):
+                raise ConfigError(f"{source}: {key}: bad bounds {args!r}")
+        space[key] = Parameter(key, kind, tuple(args))
+    return space
+
+
+def load_space(method: str, files: Sequence[str] | None = None, params: dict | None = None) -> dict[str, Parameter]:
+    """The search space of a method: ``lightning_configs/sweeps/<method>.yaml`` unless ``files`` are given; later
+    files and then ``params`` override earlier entries key by key.
+
+    Args:
+        method: the method name (``lora``, ``full``, ... any method with a sweeps YAML).
+        files: search-space YAMLs to use instead of the default one.
+        params: extra entries, ``{key: {distribution: args}}``.
+    """
+    paths = [Path(f) for f in files] if files else [SPACE_DIR / f"{method}.yaml"]
+    merged: dict = {}
+    for path in paths:
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
+            raise ConfigError(f"no search space {path} (methods with one: {known}); write one, see "
+                              f"lightning_configs/sweeps/lora.yaml")
+        doc = yaml.safe_load(path.read_text()) or {}
+        if doc.get("method") not in (None, method):
+            raise ConfigError(f"{path} is the search space of method {doc['method']!r}, not {method!r}")
+        merged.update(doc.get("parameters") or {})
+    merged.update(params or {})
+    return parse_space(merged, ", ".join(str(p) for p in paths))
+
+
+def make_sampler(seed: int):
+    """Random search whose draws depend only on (seed, trial number, key): a sweep samples the same configurations
+    however many workers share it, and workers never draw identical ones by sharing a seed."""
+    import numpy as np
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.samplers import BaseSampler
+
+    class _Sampler(BaseSampler):
+        def infer_relative_search_space(self, study, trial):
+            return {}
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            digest = hashlib.sha256(f"{seed}/{trial.number}/{param_name}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            d = param_distribution
+            if isinstance(d, CategoricalDistribution):
+                return d.choices[int(rng.integers(len(d.choices)))]
+            if isinstance(d, IntDistribution):
+                return int(rng.integers(d.low, d.high + 1))
+            if isinstance(d, FloatDistribution) and d.log:
+                return float(math.exp(rng.uniform(math.log(d.low), math.log(d.high))))
+            return float(rng.uniform(d.low, d.high))
+
+    return _Sampler()
+
+
+def format_value(value: Any) -> str:
+    """A sampled value as a command-line argument."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def split_args(args: str | Sequence[str] | None) -> list[str]:
+    """Command-line arguments given as one string (split like a shell does) or already as a list."""
+    if args is None:
+        return []
+    return shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
+
+
+def overrides(params: dict[str, Any]) -> list[str]:
+    """``editing fit`` arguments setting the sampled values."""
+    args: list[str] = []
+    for key, value in params.items():
+        args += [f"--{key}", format_value(value)]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sweep definition and its study
+# ----------------------------------------------------------------------------------------------------------------
+def study_name_for(task: str, model: str, method: str) -> str:
+    """Default study name ``<task>-<model>-<method>`` (characters outside [\\w.-] become ``_``)."""
+    return re.sub(r"[^\w.-]+", "_", f"{Path(task).stem}-{model}-{method}")
+
+
+def default_storage(root: str | Path, study: str) -> str:
+    """The SQLite file of a study under the sweep root."""
+    return f"sqlite:///{(Path(root) / study / 'study.db').resolve()}"
+
+
+@dataclass
+class SweepDefinition:
+    """What every worker of a study must agree on; stored in the study, checked when a worker joins."""
+
+    task: str
+    model: str
+    method: str
+    base_config: str  # the base fit config's text (stored, so that workers on other machines need no same path)
+    space: dict[str, dict]
+    args: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def parameters(self) -> dict[str, Parameter]:
+        """The parsed search space."""
+        return parse_space(self.space)
+
+    def fit_args(self, base_path: Path) -> list[str]:
+        """The ``editing fit`` arguments shared by all trials (before the sampled ones)."""
+        return ["--config", str(base_path), "--data.task", self.task, "--model.init_args.base.name", self.model,
+                *self.args]
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return {"task": self.task, "model": self.model, "method": self.method, "base_config": self.base_config,
+                "space": self.space, "args": list(self.args), "seed": self.seed}
+
+
+def _space_dict(space: dict[str, Parameter]) -> dict[str, dict]:
+    return {k: {p.kind: list(p.args)} for k, p in space.items()}
+
+
+def make_definition(task: str, method: str, model: str = "smollm2-135m", base_config: str | None = None,
+                    space: Sequence[str] | None = None, params: dict | None = None,
+                    args: Sequence[str] | None = None, seed: int = 0) -> SweepDefinition:
+    """Build a sweep definition from command-line settings (see ``run_sweep``)."""
+    if base_config is None:
+        path = FIT_DIR / Path(task).stem / f"{method}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"no base fit config {path}; pass --base_config")
+    else:
+        path = Path(base_config)
+        if not path.is_file():
+            raise ConfigError(f"base_config {path} does not exist")
+    parsed = load_space(method, space, params)
+    return SweepDefinition(task=task, model=model, method=method, base_config=path.read_text(),
+                           space=_space_dict(parsed), args=list(args or []), seed=seed)
+
+
+def _prepare_sqlite(url: str) -> None:
+    """Create the folder of a SQLite study and switch the file to WAL, so that readers do not block the writer of
+    another worker (the setting is stored in the file; WAL needs a local filesystem, use PostgreSQL across
+    machines)."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path, timeout=60) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+def _retry_callback():
+    """Re-queues a dead worker's trial (same configuration) as a WAITING trial, at most 3 times."""
+    from optuna import storages
+
+    cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    return cls(max_retry=3)
+
+
+def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None):
+    """An optuna RDBStorage with heartbeats: a trial whose worker stops beating for ``grace_period`` seconds is
+    marked FAIL and re-queued with the same configuration.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg2://user:pw@host/db``).
+        heartbeat_interval: seconds between heartbeats of a running trial (None: no heartbeats).
+        grace_period: seconds without a heartbeat before a trial counts as dead (default 3 x interval).
+    """
+    import optuna
+    from optuna.storages import RDBStorage
+
+    _prepare_sqlite(url)
+    engine_kwargs: dict = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs: dict = {}
+    if heartbeat_interval:
+        kwargs = {"heartbeat_interval": heartbeat_interval,
+                  "grace_period": grace_period or 3 * heartbeat_interval,
+                  "heartbeat_stale_trial_callback": _retry_callback()}
+    last: Exception | None = None
+    for attempt in range(10):  # two workers creating the tables of a new database at once may collide: retry
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in optuna since 2.9; we rely on them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except Exception as err:  # noqa: BLE001 - retried, then re-raised
+            last = err
+            time.sleep(0.5 + attempt)
+    raise last  # type: ignore[misc]
+
+
+def open_study(storage, name: str, definition: SweepDefinition | None = None, seed: int = 0):
+    """Create or join study ``name``; a joining worker's definition must equal the stored one.
+
+    Args:
+        storage: an optuna storage.
+        name: the study name.
+        definition: the sweep this worker runs (None: only read the study, which must exist).
+        seed: the sampler seed (the definition's seed when given).
+    """
+    import optuna
+
+    if definition is None:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"no study {name!r} in this storage") from None
+        sweep = study.user_attrs.get("sweep") or {}
+        study.sampler = make_sampler(sweep.get("seed", seed))
+        return study
+    last: Exception | None = None
+    for attempt in range(10):
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                        sampler=make_sampler(definition.seed), load_if_exists=True)
+            break
+        except Exception as err:  # noqa: BLE001 - concurrent creation of the same study: retry, then re-raise
+            last = err
+            time.sleep(0.5 + attempt)
+    else:
+        raise last  # type: ignore[misc]
+    stored = study.user_attrs.get("sweep")
+    mine = definition.to_dict()
+    if stored is None:
+        study.set_user_attr("sweep", mine)
+        stored = mine
+    if stored != mine:
+        diff = sorted(k for k in mine if stored.get(k) != mine[k])
+        raise ConfigError(f"study {name!r} was started with other settings ({', '.join(diff)} differ); join it "
+                          f"with the same settings, or use another --study_name")
+    return study
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trials
+# ----------------------------------------------------------------------------------------------------------------
+class TrialError(RuntimeError):
+    """A trial's fit failed (non-zero exit); the trial is recorded FAIL and counts as done."""
+
+
+def _die_with_parent() -> None:
+    # Linux: the fit subprocess gets SIGKILL when its worker dies, so a killed worker leaves no orphan fit behind.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None) -> int:
+    """Run ``editing fit <args>`` in a subprocess with the same code as this process; output goes to ``log_path``.
+
+    Returns:
+        The exit code.
+    """
+    env = dict(os.environ if env is None else env)
+    # the subprocess must import this checkout's package, not another installed copy
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), *filter(None, [env.get("PYTHONPATH")])])
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ editing fit {' '.join(args)}\n")
+        log.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "editing.cli", "fit", *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: do not leave the fit running
+                proc.kill()
+                proc.wait()
+
+
+def summarize_results(results: dict) -> dict:
+    """The compact outcome of a fit stored in the study: per ball the epoch and gain, and the per-epoch history."""
+    history = [{k: e.get(k) for k in ("epoch", "success_rate", "general_nll", "degradation", "targeted_nll",
+                                     "hard_negative_nll")} for e in results["epochs"]]
+    balls = {key: {"epoch": b["epoch"], "success_change_pp": b["success_change_pp"],
+                   "degradation": b["metrics"]["degradation"], "success_rate": b["metrics"]["success_rate"],
+                   "hard_negative_nll": b["metrics"].get("hard_negative_nll")}
+             for key, b in results["balls"].items()}
+    return {"status": results["status"], "balls": balls, "history": history,
+            "num_parameters": (results.get("model") or {}).get("num_parameters")}
+
+
+def _consumes_budget(trial) -> bool:
+    """Whether a trial counts toward ``n_trials``: done, running or queued; a trial that failed because its worker
+    died does not (its retry, a new WAITING trial, takes its place); a surplus trial (pruned unrun) does not."""
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
+        return True
+    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
+
+
+def _done(trial) -> bool:
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
+
+
+def make_objective(definition: SweepDefinition, sweep_dir: Path, n_trials: int,
+                   runner: Callable[[list[str], Path], int] = run_fit) -> Callable:
+    """The optuna objective: one ``editing fit`` per trial; returns the gain in the strictest ball."""
+    import optuna
+
+    space = definition.parameters()
+    base_path = sweep_dir / "base.yaml"
+
+    ran: list[int] = []
+
+    def objective(trial) -> float:
+        # the global budget: a trial goes ahead only when fewer than n_trials budget-consuming trials precede it,
+        # so workers asking at the same moment never run more than n_trials fits in all
+        trials = trial.study.get_trials(deepcopy=False)
+        earlier = [t for t in trials if t.number < trial.number and _consumes_budget(t)]
+        if len(earlier) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned("the study's trial budget is used up")
+        params = {key: p.suggest(trial) for key, p in space.items()}
+        out = sweep_dir / f"trial_{trial.number}"
+        trial.set_user_attr("dir", str(out))
+        trial.set_user_attr("host", socket.gethostname())
+        retry_of = trials[trial.number].system_attrs.get("failed_trial")
+        if retry_of is not None:
+            trial.set_user_attr("retry_of", retry_of)
+        args = [*definition.fit_args(base_path), *overrides(params), *HOUSEKEEPING,
+                "--trainer.default_root_dir", str(out), "--budget.output_dir", str(out),
+                "--budget.save_edits", "false"]
+        start = time.time()
+        ran.append(trial.number)
+        code = runner(args, out / "fit.log")
+        trial.set_user_attr("seconds", round(time.time() - start, 1))
+        results_path = out / "results.json"
+        if code != 0 or not results_path.is_file():
+            trial.set_user_attr("error", f"editing fit exited with {code}; see {out / 'fit.log'}")
+            raise TrialError(trial.user_attrs.get("error", f"exit {code}"))
+        outcome = summarize_results(json.loads(results_path.read_text()))
+        trial.set_user_attr("results", str(results_path))
+        for key, value in outcome.items():
+            trial.set_user_attr(key, value)
+        strictest = min(outcome["balls"], key=float)
+        return float(outcome["balls"][strictest]["success_change_pp"])
+
+    objective.ran = ran  # the trials this worker ran a fit for
+    return objective
+
+
+def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: int, poll: float = 5.0,
+               runner: Callable[[list[str], Path], int] = run_fit, log: Callable[[str], None] = print) -> int:
+    """Run trials of ``study`` until it holds ``n_trials`` finished ones (complete, or failed by an error).
+
+    Workers wait while the remaining budget is held by trials running elsewhere: if such a worker dies, its trial
+    is failed once its heartbeat is stale and re-queued, and a waiting worker takes it over.
+
+    Returns:
+        The number of trials this worker ran.
+    """
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base = sweep_dir / "base.yaml"
+    if not base.is_file() or base.read_text() != definition.base_config:
+        base.write_text(definition.base_config)
+    objective = make_objective(definition, sweep_dir, n_trials, runner)
+    while True:
+        with warnings.catch_warnings():  # experimental since optuna 2.9, the public way to reap dead trials
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        done = sum(_done(t) for t in trials)
+        if done >= n_trials:
+            log(f"study {study.study_name}: {done} trials finished; this worker ran {len(objective.ran)}")
+            return len(objective.ran)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        if waiting == 0 and sum(_consumes_budget(t) for t in trials) >= n_trials:
+            time.sleep(poll)  # the rest of the budget is running in other workers
+            continue
+        before = len(objective.ran)
+        try:
+            study.optimize(objective, n_trials=1, catch=(TrialError,))
+        except KeyboardInterrupt:
+            _requeue_interrupted(study, objective.ran[-1:])
+            raise
+        if len(objective.ran) > before:
+            t = study.get_trials(deepcopy=False)[objective.ran[-1]]
+            log(f"trial {t.number}: {t.state.name} value={t.value} {t.params}")
+
+
+def _requeue_interrupted(study, numbers: list[int]) -> None:
+    """Ctrl-C in a worker: optuna fails its trial; queue the configuration again, as for a killed worker."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    for number in numbers:
+        t = trials[number]
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
+            _retry_callback()(study, t)
+
+
+def run_sweep(task: str = "country_capital", method: str = "lora", model: str = "smollm2-135m",
+              n_trials: int = 25, base_config: str | None = None, space: list[str] | None = None,
+              params: dict[str, dict] | None = None, args: str | None = None, root: str = DEFAULT_ROOT,
+              study_name: str | None = None, storage: str | None = None, seed: int = 0,
+              heartbeat_interval: int = 60, grace_period: int | None = None, poll: float = 10.0) -> int:
+    """Random search on the validation pair: join (or create) a study and run trials until it holds ``n_trials``.
+
+    Start the same command on as many processes or machines as wanted; they share the trial budget. A killed
+    worker's trial is failed after ``grace_period`` and its configuration re-queued; restart the worker (or let the
+    others finish). Progress: ``editing sweep-status``.
+
+    Args:
+        task: task name (or task YAML).
+        method: method name; its search space is ``lightning_configs/sweeps/<method>.yaml``.
+        model: model name (``--model.init_args.base.name`` of the trials).
+        n_trials: trials of the whole study (all workers together).
+        base_config: the fit config the trials start from (default ``lightning_configs/fit/<task>/<method>.yaml``).
+        space: search-space YAMLs replacing the default one (later files override earlier ones key by key).
+        params: extra search-space entries, e.g. ``{"model.init_args.lora.rank": {"int_uniform": [1, 16]}}``.
+        args: fixed ``editing fit`` arguments for every trial (and its test runs), one string split like a shell
+            command line, e.g. ``"--data.eval_limit 50 --trainer.max_epochs 3"``.
+        root: sweep folders go to ``<root>/<study_name>/``.
+        study_name: default ``<task>-<model>-<method>``.
+        storage: SQLAlchemy URL of the study (default: ``sqlite:///<root>/<study_name>/study.db``); use PostgreSQL
+            for workers on several machines.
+        seed: seed of the random search (draws depend on it and the trial number only).
+        heartbeat_interval: seconds between a running trial's heartbeats.
+        grace_period: seconds without heartbeat before a trial is failed and re-queued (default 3 x interval).
+        poll: seconds between looks at the study while the rest of the budget runs elsewhere.
+
+    Returns:
+        The number of trials this worker ran.
+    """
+    definition = make_definition(task, method, model, base_config, space, params, split_args(args), seed)
+    name = study_name or study_name_for(task, model, method)
+    sweep_dir = Path(root) / name
+    url = storage or default_storage(root, name)
+    study = open_study(make_storage(url, heartbeat_interval, grace_period), name, definition)
+    print(f"sweep {name}: {n_trials} trials, storage {url}, trial folders {sweep_dir}/trial_<n>", flush=True)
+    return run_worker(study, definition, sweep_dir.resolve(), n_trials, poll=poll,
+                      log=lambda m: print(m, flush=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------------------------------------
+def study_status(study) -> dict:
+    """Counts of trials by state, and the best complete trial so far per ball."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {"complete": 0, "running": 0, "waiting": 0, "failed": 0, "retried": 0, "surplus": 0}
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    for t in trials:
+        state = t.state.name
+        if state == "COMPLETE":
+            counts["complete"] += 1
+        elif state == "RUNNING":
+            counts["running"] += 1
+        elif state == "WAITING":
+            counts["waiting"] += 1
+        elif state == "PRUNED" and t.user_attrs.get("surplus"):
+            counts["surplus"] += 1
+        elif state == "FAIL":
+            counts["retried" if t.number in retried else "failed"] += 1
+    records = [_trial_record(t) for t in trials if t.state.name == "COMPLETE" and "balls" in t.user_attrs]
+    now = dt.datetime.now()
+    running = [{"trial": t.number, "host": t.user_attrs.get("host"),
+                "seconds": round((now - t.datetime_start).total_seconds()) if t.datetime_start else None}
+               for t in trials if t.state.name == "RUNNING"]
+    return {"study": study.study_name, "counts": counts, "running": running, "best": select_best(records)}
+
+
+def short_config(params: dict[str, Any]) -> str:
+    """``rank=8, lr=0.003``: the last part of each key, floats to 3 significant digits."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}=" + (f"{v:.3g}" if isinstance(v, float) else format_value(v))
+                     for k, v in params.items())
+
+
+def format_status(status: dict) -> str:
+    """Human-readable progress of a sweep."""
+    c = status["counts"]
+    lines = [f"study {status['study']}: {c['complete']} complete, {c['running']} running, {c['waiting']} queued, "
+             f"{c['failed']} failed, {c['retried']} failed and re-queued (worker died)"
+             + (f", {c['surplus']} surplus (pruned unrun)" if c["surplus"] else "")]
+    for r in status.get("running", []):
+        lines.append(f"  running: trial {r['trial']} on {r['host']}, for {r['seconds']}s")
+    if status["best"]:
+        lines += ["| ball | best trial | success change (pp) | epoch | degradation | configuration |",
+                  "|---|---|---|---|---|---|"]
+        for key, b in status["best"].items():
+            lines.append(f"| {key} | {b['trial']} | {b['success_change_pp']:+.1f} | {b['epoch']} | "
+                         f"{b['degradation']:.2e} | {short_config(b['params'])} |")
+    return "\n".join(lines)
+
+
+def sweep_status(study_name: str, root: str = DEFAULT_ROOT, storage: str | None = None,
+                 watch: float | None = None) -> dict:
+    """Print a sweep's progress: trials done, running, failed, and the best configuration so far per ball.
+
+    Args:
+        study_name: the study.
+        root: the sweep root (for the default SQLite storage).
+        storage: the study's SQLAlchemy URL.
+        watch: reprint every this many seconds until the study has no running or queued trial.
+    """
+    study = open_study(make_storage(storage or default_storage(root, study_name), None), study_name)
+    while True:
+        status = study_status(study)
+        print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] " + format_status(status), flush=True)
+        if not watch or (status["counts"]["running"] == 0 and status["counts"]["waiting"] == 0):
+            return status
+        time.sleep(watch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------------------------------------------
+def _trial_record(trial) -> dict:
+    a = trial.user_attrs
+    return {"trial": trial.number, "params": dict(trial.params), "balls": a.get("balls", {}),
+            "history": a.get("history", []), "status": a.get("status"), "results": a.get("results"),
+            "num_parameters": a.get("num_parameters"), "host": a.get("host")}
+
+
+def select_best(records: Sequence[dict]) -> dict[str, dict]:
+    """Per ball, the trial with the largest success-rate gain inside the ball (SPEC section 6).
+
+    The gain of a trial in a ball is ``success_change_pp`` at the ball's chosen epoch (the last epoch inside it;
+    epoch 0 gives zero). Ties go to the smaller degradation, then to the earlier trial.
+
+    Args:
+        records: per trial ``{"trial", "params", "balls": {key: {"epoch", "success_change_pp", "degradation"}}}``.
+
+    Returns:
+        Ball key -> ``{"trial", "params", "epoch", "success_change_pp", "degradation"}`` (balls sorted largest
+        first).
+    """
+    best: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: r["trial"]):
+        for key, b in r["balls"].items():
+            gain, degradation = float(b["success_change_pp"]), float(b["degradation"])
+            if not math.isfinite(gain):
+                continue
+            current = best.get(key)
+            if current is None or (gain, -degradation) > (current["success_change_pp"], -current["degradation"]):
+                best[key] = {"trial": r["trial"], "params": r["params"], "epoch": int(b["epoch"]),
+                             "success_change_pp": gain, "degradation": degradation}
+    return dict(sorted(best.items(), key=lambda kv: -float(kv[0])))
+
+
+def study_names(root: str = DEFAULT_ROOT, storage: str | None = None) -> list[str]:
+    """The sweeps in a storage (every study made by ``editing sweep``), or, without one, every
+    ``<root>/<study>/study.db``."""
+    import optuna
+
+    if storage is None:
+        return sorted(p.parent.name for p in Path(root).glob("*/study.db"))
+    store = make_storage(storage, None)
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)
+                  if "sweep" in s.user_attrs)
+
+
+def select(study_name: str | None = None, root: str = DEFAULT_ROOT, storage: str | None = None,
+           overwrite: bool = False) -> dict:
+    """For each ball, the validation configuration with the largest success gain inside the ball, and its epoch.
+
+    Writes ``<root>/<study_name>/selection.json`` (and ``trials.jsonl``: every complete trial's per-epoch record,
+    for the report's plots).
+
+    Args:
+        study_name: the study (default: every sweep in the storage, or under the root).
+        root: the sweep root.
+        storage: the study's SQLAlchemy URL (default: the SQLite file under the root).
+        overwrite: replace an earlier, different selection (test runs made from it are kept apart by trial number).
+
+    Returns:
+        The selection (study name -> selection when several studies were selected).
+    """
+    if study_name is None:
+        names = study_names(root, storage)
+        if not names:
+            raise ConfigError(f"no sweep found ({storage or root})")
+        return {name: select(name, root, storage, overwrite) for name in names}
+    study = open_study(make_storage(storage or default_storage(root, study_name), None), study_name)
+    sweep = study.user_attrs.get("sweep")
+    if sweep is None:
+        raise ConfigError(f"study {study_name!r} was not made by `editing sweep`")
+    records = [_trial_record(t) for t in study.get_trials(deepcopy=False)
+               if t.state.name == "COMPLETE" and "balls" in t.user_attrs]
+    if not records:
+        raise ConfigError(f"study {study_name!r} has no complete trial yet")
+    selection = {"study": study_name, "sweep": sweep, "trials": len(records), "balls": select_best(records)}
+    out = Path(root) / study_name
+    path = out / "selection.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("balls") != json.loads(json.dumps(selection["balls"])):
+            ensure_writable(path, overwrite, "--overwrite true")
+    write_json(path, {**selection, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
+               overwrite=True)
+    write_jsonl(out / "trials.jsonl", records, overwrite=True)
+    print(format_selection(selection))
+    print(f"selection: {path}")
+    return selection
+
+
+def format_selection(selection: dict) -> str:
+    """The selection as a Markdown table."""
+    lines = [f"{selection['study']}: best of {selection['trials']} complete trials per ball (validation pair)",
+             "| ball | trial | epoch | success change (pp) | degradation | configuration |",
+             "|---|---|---|---|---|---|"]
+    for key, b in selection["balls"].items():
+        lines.append(f"| {key} | {b['trial']} | {b['epoch']} | {b['success_change_pp']:+.1f} | "
+                     f"{b['degradation']:.2e} | {short_config(b['params'])} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# test runs
+# ----------------------------------------------------------------------------------------------------------------
+def test_run_plan(selection: dict) -> dict[int, dict]:
+    """Group the selected balls by trial: one test run per (trial, seed) serves every ball that chose the trial,
+    each with its own epoch cap (``budget.max_epoch``)."""
+    plan: dict[int, dict] = {}
+    for key, b in selection["balls"].items():
+        entry = plan.setdefault(b["trial"], {"params": b["params"], "max_epoch": {}})
+        entry["max_epoch"][key] = b["epoch"]
+    return plan
+
+
+def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: int = 10,
+              seed_list: list[int] | None = None, args: str | None = None,
+              runner: Callable[[list[str], Path], int] | None = None) -> list[Path]:
+    """Rerun each selected configuration on the test pair with several seeds (SPEC section 6).
+
+    Each run trains as at validation (same settings, same number of epochs, so the same learning-rate schedule)
+    with ``--seed_everything s --data.seed s`` and reports per ball the last epoch inside the ball but never one
+    later than the epoch chosen at validation. Results: ``<root>/<study>/test/trial_<n>/seed_<s>/results.json``.
+    Finished seeds are skipped, so the command resumes; results are never overwritten.
+
+    Args:
+        study_name: the study (its ``selection.json`` must exist: run ``editing select`` first); default: every
+            study under the root with a selection.
+        root: the sweep root.
+        seeds: number of seeds (0 .. seeds-1).
+        seed_list: explicit seeds instead (e.g. to split the work between machines).
+        args: extra ``editing fit`` arguments for the test runs (after the sweep's own), one string.
+        runner: runs one fit (tests replace it).
+
+    Returns:
+        The results files of all selected (trial, seed) runs.
+    """
+    if study_name is None:
+        names = sorted(p.parent.name for p in Path(root).glob("*/selection.json"))
+        if not names:
+            raise ConfigError(f"no selection.json under {root}: run `editing select` first")
+        return [p for name in names for p in test_runs(name, root, seeds, seed_list, args, runner)]
+    sweep_dir = Path(root) / study_name
+    path = sweep_dir / "selection.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: run `editing select --study_name {study_name}` first")
+    selection = json.loads(path.read_text())
+    definition = SweepDefinition(**selection["sweep"])
+    base = sweep_dir / "base.yaml"
+    if not base.is_file():
+        base.write_text(definition.base_config)
+    runner = runner or run_fit
+    done: list[Path] = []
+    plan = test_run_plan(selection)
+    for trial, entry in sorted(plan.items()):
+        for seed in (seed_list if seed_list is not None else range(seeds)):
+            out = (sweep_dir / "test" / f"trial_{trial}" / f"seed_{seed}").resolve()
+            results = out / "results.json"
+            if results.is_file():
+                print(f"trial {trial} seed {seed}: done already ({results})", flush=True)
+                done.append(results)
+                continue
+            if out.exists():
+                # an interrupted run (no results.json): keep its files aside and start the seed afresh
+                aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                out.rename(aside)
+                print(f"trial {trial} seed {seed}: an interrupted run was moved to {aside}", flush=True)
+            fit_args = [*definition.fit_args(base.resolve()), *overrides(entry["params"]), "--data.split", "test",
+                        "--seed_everything", str(seed), "--data.seed", str(seed), "--budget.max_epoch",
+                        json.dumps(entry["max_epoch"]), *HOUSEKEEPING, "--trainer.default_root_dir", str(out),
+                        "--budget.output_dir", str(out), *split_args(args)]
+            print(f"trial {trial} seed {seed}: balls {', '.join(entry['max_epoch'])} -> {out}", flush=True)
+            start = time.time()
+            code = runner(fit_args, out / "fit.log")
+            if code != 0 or not results.is_file():
+                raise RuntimeError(f"test run trial {trial} seed {seed} failed (exit {code}); see {out / 'fit.log'}")
+            print(f"trial {trial} seed {seed}: finished in {time.time() - start:.0f}s", flush=True)
+            done.append(results)
+    return done
