@@ -234,7 +234,8 @@ def test_sense_finetuning_lowers_the_canonical_loss_and_saves_a_reloadable_edit(
     dm = TaskDataModule(task="country_capital", **LIMITS)
     dm.attach(module.tokenizer, module.max_length)
     budget = DegradationBudget(output_dir=str(tmp_path / "run"))
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=15, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[budget],
                         enable_checkpointing=False, default_root_dir=str(tmp_path))
     trainer.fit(module, dm)
