@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -384,8 +385,37 @@ class SaveOnInterrupt(OnExceptionCheckpoint):
         super().__init__(dirpath=".", filename="interrupted")
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            self.dirpath = trainer.checkpoint_callback.dirpath
+        checkpoint = _last_checkpoint(trainer)
+        if checkpoint is not None:
+            self.dirpath = checkpoint.dirpath
+
+
+def _last_checkpoint(trainer) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that keeps ``last.ckpt`` (``trainer.checkpoint_callback`` may be another Checkpoint)."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            return callback
+    return None
+
+
+class SaveLastOnStop(Checkpoint):
+    """Brings ``last.ckpt`` up to date when a run is told to stop between periodic checkpoints (``max_time``,
+    a callback setting ``should_stop``), so that ``--ckpt_path last`` resumes from the final step rather than from
+    the last multiple of ``every_n_train_steps``.
+
+    It saves at the end of that training batch, like the periodic checkpoints, so the resumed run continues the same
+    epoch (saving in ``on_train_end`` would record the epoch as finished). Being a ``Checkpoint``, Lightning runs it
+    after the other callbacks, the Timer included, so it sees their ``should_stop``.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        checkpoint = _last_checkpoint(trainer)
+        if not trainer.should_stop or checkpoint is None or checkpoint._last_global_step_saved == trainer.global_step:
+            return
+        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+        trainer.save_checkpoint(path)
+        checkpoint._last_global_step_saved = trainer.global_step
+        checkpoint.last_model_path = path
 
 
 def run_distill_cli(args: list[str]) -> None:
@@ -403,7 +433,9 @@ def run_distill_cli(args: list[str]) -> None:
     # a model folder, `--ckpt_path` resumes it
     DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
-                                 "callbacks": [SaveOnInterrupt()],
+                                 # the corpus sampler shards by rank itself and restores its place in the epoch
+                                 "use_distributed_sampler": False,
+                                 "callbacks": [SaveOnInterrupt(), SaveLastOnStop()],
                                  "logger": lazy_instance(CSVLogger, save_dir="runs", name="distill")})
 
 

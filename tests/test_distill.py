@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from editing.cli import SaveLastOnStop
 from editing.data.corpus import CorpusDataModule
 from editing.data.datamodule import TaskDataModule
 from editing.errors import DataFormatError
@@ -125,6 +126,56 @@ def test_resume_reaches_the_same_state(tmp_path, corpus) -> None:
     for name in a:
         if not name.endswith("sense_weight_net.c_attn.bias"):
             torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def assert_same_student(a: BackpackDistillation, b: BackpackDistillation, corpus: Path) -> None:
+    dm = data(corpus)
+    dm.attach(a.tokenizer)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(b.student.eval()(batch).logits, a.student.eval()(batch).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_stopped_mid_epoch_resumes_where_it_stopped(tmp_path, corpus) -> None:
+    """A time limit stops a run between periodic checkpoints; resuming must neither lose the steps since the last one
+    nor start the epoch's data over (the loader restores its place in the epoch)."""
+    L.seed_everything(0)
+    straight = distiller(tmp_path)
+    trainer(tmp_path / "a", epochs=1, enable_checkpointing=False).fit(straight, data(corpus))
+    batches = straight.trainer.global_step
+    assert batches >= 10
+
+    class StopAt(L.Callback):  # what max_time does: should_stop in the middle of the epoch
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                trainer.should_stop = True
+
+    def checkpoints() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=5)
+
+    L.seed_everything(0)
+    first = distiller(tmp_path)
+    trainer(tmp_path / "b", epochs=1, callbacks=[checkpoints(), StopAt(), SaveLastOnStop()]).fit(first, data(corpus))
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 7
+
+    resumed = distiller(tmp_path)
+    seen: list[torch.Tensor] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch)
+
+    trainer(tmp_path / "b", epochs=1, callbacks=[checkpoints(), Record()]).fit(
+        resumed, data(corpus), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.trainer.global_step == batches and len(seen) == batches - 7
+    dm = data(corpus)
+    dm.attach(resumed.tokenizer)
+    dm.setup()
+    expected = list(dm.train_dataloader())[7:]
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))
+    assert_same_student(straight, resumed, corpus)
 
 
 def test_a_corpus_folder_without_text_files_is_a_clear_error(tmp_path) -> None:
