@@ -431,6 +431,9 @@ def run_distill_cli(args: list[str]) -> None:
 
     # an interrupted run (Ctrl-C, a crash) still leaves its latest state: `editing backpack export` turns it into
     # a model folder, `--ckpt_path` resumes it
+    # Lightning warns that a mid-epoch resume replays the epoch unless the loader is stateful; ours resumes through
+    # the DataModule's checkpoint state instead (CorpusDataModule.load_state_dict), so the warning does not apply
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
                                  # the corpus sampler shards by rank itself and restores its place in the epoch
