@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule
@@ -20,7 +23,46 @@ def read_edit_identity(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditingModule:
+class EditedModule(EditingModule):
+    """An ``EditingModule`` carrying a saved edit whose ``reference()`` takes the edit off again, so that p0 is the
+    base model (the ensemble's "base Backpack" and the degradation reference need it): the LoRA adapter disabled,
+    the sense edit uninstalled, or the changed tensors swapped back to the base values kept at load time."""
+
+    edit_kind: str = "none"
+    _base_tensors: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        if self.edit_kind == "lora":
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.edit_kind == "senses":
+            from editing.methods.senses.selection import backpack_of
+
+            backpack = backpack_of(self.model)
+            deltas = backpack.sense_edit
+            object.__setattr__(backpack, "sense_edit", None)
+            try:
+                yield self.model
+            finally:
+                object.__setattr__(backpack, "sense_edit", deltas)
+        elif self.edit_kind == "tensors":
+            params = dict(self.model.named_parameters())
+            edited = {n: params[n].detach().clone() for n in self._base_tensors}
+            with torch.no_grad():
+                for n, value in self._base_tensors.items():
+                    params[n].copy_(value)
+            try:
+                yield self.model
+            finally:
+                with torch.no_grad():
+                    for n, value in edited.items():
+                        params[n].copy_(value)
+        else:
+            yield self.model
+
+
+def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditedModule:
     """Load the base model an edit was made on and apply the edit.
 
     Args:
@@ -28,12 +70,13 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditingMod
         base: the base model settings (default: the name recorded in the edit, at fp32).
 
     Returns:
-        An ``EditingModule`` whose model carries the edit, ready for ``editing.methods.base.evaluate``.
+        An ``EditedModule`` whose model carries the edit, ready for ``editing.methods.base.evaluate``; its
+        ``reference()`` computes the base model (for an edit of changed tensors, their base values are kept).
     """
     folder = Path(edit)
     identity = read_edit_identity(folder)
     base = base or ModelConfig(name=identity["name"], precision="fp32")
-    module = EditingModule(base)
+    module = EditedModule(base)
     if module.identity["fingerprint"] != identity.get("fingerprint"):
         raise ConfigError(
             f"edit {folder} was made on {identity.get('name')!r} (fingerprint {identity.get('fingerprint')}), not on "
@@ -44,6 +87,7 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditingMod
 
         module.model = PeftModel.from_pretrained(module.model, str(folder))
         module.model.eval()
+        module.edit_kind = "lora"
     elif (folder / "edit.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -52,13 +96,16 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditingMod
         unknown = set(tensors) - set(params)
         if unknown:
             raise ConfigError(f"{folder}/edit.safetensors names tensors the model lacks: {sorted(unknown)[:3]}")
+        module._base_tensors = {name: params[name].detach().clone() for name in tensors}
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value.to(params[name].dtype))
+        module.edit_kind = "tensors"
     elif (folder / "senses.safetensors").is_file():
         from editing.methods.senses import load_sense_edit
 
         load_sense_edit(folder / "senses.safetensors", module.model)
+        module.edit_kind = "senses"
     else:
         raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
                           "nor senses.safetensors")

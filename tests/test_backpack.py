@@ -254,6 +254,11 @@ def test_sense_finetuning_lowers_the_canonical_loss_and_saves_a_reloadable_edit(
     assert saved["vectors"].shape == (len(module.selection), module.model.config.n_embd)
     reloaded = load_edited(tmp_path / "edit")
     assert evaluate(reloaded, dm)["per_example"] == evaluate(module, dm)["per_example"]
+    # its p0 is the base model again (the ensemble subtracts it: an edit that stayed on would cancel out)
+    assert canonical_loss(reloaded, dm) == pytest.approx(after, rel=1e-6)
+    with reloaded.reference():
+        assert canonical_loss(reloaded, dm) == pytest.approx(before, rel=1e-6)
+    assert canonical_loss(reloaded, dm) == pytest.approx(after, rel=1e-6)
 
 
 def test_a_sense_edit_from_another_base_is_refused(tmp_path, data_root) -> None:
