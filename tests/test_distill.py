@@ -94,6 +94,16 @@ def test_the_distilled_model_reloads_and_scores_identically(tmp_path, corpus, da
         distiller(tmp_path, output=str(tmp_path / "model"))
 
 
+def assert_same_student(a: BackpackDistillation, b: BackpackDistillation, corpus: Path) -> None:
+    dm = data(corpus)
+    dm.attach(a.tokenizer)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(b.student.eval()(batch).logits, a.student.eval()(batch).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_resume_reaches_the_same_state(tmp_path, corpus) -> None:
     L.seed_everything(0)
     straight = distiller(tmp_path)
@@ -116,26 +126,10 @@ def test_resume_reaches_the_same_state(tmp_path, corpus) -> None:
     assert set(a) == set(b) and a
     # Compared through outputs: the key half of alpha's bias has an exactly-zero gradient (softmax is invariant to
     # it), so Adam turns thread-order rounding noise there into arbitrary steps that change no output.
-    dm = data(corpus)
-    dm.attach(straight.tokenizer)
-    dm.setup()
-    batch = next(iter(dm.val_dataloader()))
-    with torch.no_grad():
-        torch.testing.assert_close(resumed.student.eval()(batch).logits, straight.student.eval()(batch).logits,
-                                   rtol=1e-4, atol=1e-5)
+    assert_same_student(straight, resumed, corpus)
     for name in a:
         if not name.endswith("sense_weight_net.c_attn.bias"):
             torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
-
-
-def assert_same_student(a: BackpackDistillation, b: BackpackDistillation, corpus: Path) -> None:
-    dm = data(corpus)
-    dm.attach(a.tokenizer)
-    dm.setup()
-    batch = next(iter(dm.val_dataloader()))
-    with torch.no_grad():
-        torch.testing.assert_close(b.student.eval()(batch).logits, a.student.eval()(batch).logits,
-                                   rtol=1e-4, atol=1e-5)
 
 
 def test_a_run_stopped_mid_epoch_resumes_where_it_stopped(tmp_path, corpus) -> None:
