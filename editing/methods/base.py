@@ -30,6 +30,7 @@ from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
+from editing.types import MethodName
 
 METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
 
@@ -71,7 +72,7 @@ class EditingModule(L.LightningModule):
         regularization: regularization toward p0 (training only).
     """
 
-    method = "none"
+    method: MethodName = MethodName.NONE
 
     def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
                  regularization: RegularizationConfig | None = None) -> None:
@@ -81,7 +82,7 @@ class EditingModule(L.LightningModule):
         self.reg_config = regularization or RegularizationConfig()
         if self.reg_config.kind not in REGULARIZERS:
             raise ConfigError(f"regularization.kind={self.reg_config.kind!r}; expected one of {REGULARIZERS}")
-        self.save_hyperparameters({"method": self.method, "base": asdict(self.base_config),
+        self.save_hyperparameters({"method": self.method.value, "base": asdict(self.base_config),
                                    "optimizer": asdict(self.optim_config),
                                    "regularization": asdict(self.reg_config)})
         self.loaded: LoadedModel = load_model(self.base_config)
@@ -179,7 +180,7 @@ class EditingModule(L.LightningModule):
     def on_fit_start(self) -> None:
         params = self.trainable_parameters()
         if not params:
-            raise ConfigError(f"method {self.method!r} has no trainable parameters: use an editing method "
+            raise ConfigError(f"method {self.method.value!r} has no trainable parameters: use an editing method "
                               "(e.g. editing.methods.LoRAEditor or editing.methods.FullFinetune) to fit")
         if self.reg_config.kind in ("l2", "ewc") and not self._initial:
             self._initial = {n: p.detach().clone() for n, p in params.items()}
