@@ -162,8 +162,10 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
     Args:
         history: per-epoch records with ``epoch`` and ``general_nll``; the first is the unedited model (epoch 0).
         balls: the balls or their eps values (default ``DEFAULT_BALLS``).
-        max_epoch: per ball key, an epoch not to go past: on the test pair the reported epoch is the rule's epoch or
-            the epoch chosen at validation, whichever is earlier.
+        max_epoch: per ball key, an epoch not to go past (the test pair's rule, SPEC section 6): the reported epoch is
+            then the last epoch inside the ball among epochs 0..cap, as the reference's test report computes it (it
+            walks the epochs up to the one chosen at validation and keeps the last one inside), so a reported epoch is
+            always inside its ball.
 
     Returns:
         Ball key -> chosen epoch, in the order of ``balls``.
