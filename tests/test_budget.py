@@ -145,6 +145,29 @@ def test_cli_refuses_bad_balls_before_training(tmp_path, monkeypatch, capsys, da
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+def test_cli_fit_keeps_both_colliding_balls(tmp_path, monkeypatch, data_root) -> None:
+    import json
+
+    from editing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main([*FIT, "--budget.output_dir", str(tmp_path / "run"), "--budget.balls", "[0.0012, 0.0014]"])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["balls"]) == ["0.0012", "0.0014"] and results["stopped_early"] is None
+
+
+@pytest.mark.parametrize("value", ["[0.0]", "[0.001, 0.001]"])
+def test_ensemble_refuses_bad_balls_before_loading_anything(tmp_path, capsys, value) -> None:
+    from editing.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ensemble", "--large", "tiny-gpt2", "--backpack_edits", str(tmp_path / "missing"), "--balls", value,
+              "--output_dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --balls" in err and "Traceback" not in err
+
+
 def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **budget_kw) -> dict:
     """A tiny LoRA fit whose general NLL after epoch e is ``factors[e]`` x the real epoch-0 value (the training and
     the rest of the evaluation are real)."""
