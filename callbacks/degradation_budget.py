@@ -1,53 +1,24 @@
-"""The degradation budget (SPEC section 6): evaluate p0 and every epoch, keep per ball the last epoch inside it,
-stop early once the model has left the largest ball, and write the run's results and edits."""
+"""The degradation budget (SPEC section 6): evaluate p0 and every epoch, keep per ball the last epoch inside it, and
+write the run's results and edits. By default every epoch up to ``max_epochs`` is trained (the paper's rule);
+stopping early is an option (``patience``)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from editing import __version__
+from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, parse_balls, parse_max_epoch
+from editing.errors import ConfigError
 from editing.methods.base import METRIC_NAMES, evaluate
 from editing.results import ensure_writable, write_json
+from editing.types import LossType, MethodName
 
-DEFAULT_BALLS = (1e-3, 1e-4, 1e-5)
-
-
-def ball_key(eps: float) -> str:
-    """Name of a ball in results files, e.g. ``1e-05``."""
-    return f"{eps:.0e}"
-
-
-def choose_epochs(history: list[dict], balls: tuple[float, ...] = DEFAULT_BALLS,
-                  max_epoch: dict[str, int] | None = None) -> dict[str, int]:
-    """The reported epoch per ball: the LAST evaluated epoch whose general NLL is below (1 + eps) x epoch 0's.
-
-    Args:
-        history: per-epoch records with ``epoch`` and ``general_nll`` (epoch 0 = the unedited model).
-        balls: the eps values.
-        max_epoch: per ball, an epoch not to go past (the test rule: never later than validation's choice).
-
-    Returns:
-        Ball key -> chosen epoch (0 when no later epoch stays inside).
-    """
-    initial = history[0]["general_nll"]
-    chosen = {}
-    for eps in balls:
-        key = ball_key(eps)
-        limit = None if max_epoch is None else max_epoch.get(key)
-        best = 0
-        for record in history:
-            nll = record.get("general_nll")
-            if nll is None or not math.isfinite(nll) or (limit is not None and record["epoch"] > limit):
-                continue
-            if nll < (1.0 + eps) * initial:
-                best = max(best, record["epoch"])
-        chosen[key] = best
-    return chosen
+# re-exported: the ball rule lives in editing.budget
+__all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs", "format_balls"]
 
 
 class DegradationBudget(L.Callback):
@@ -55,44 +26,53 @@ class DegradationBudget(L.Callback):
 
     Evaluates p0 before training (epoch 0) and the edited model after every epoch on the DataModule's evaluation
     sets; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``, ``val/targeted_nll`` and
-    ``val/hard_negative_nll``; keeps, per ball, the last epoch inside it and that epoch's deltas; stops once the
-    general NLL has been outside the largest ball for ``patience`` epochs; at the end writes ``results.json`` and
-    each ball's edit into the run folder. Its state is saved in checkpoints, so a resumed run continues it.
+    ``val/hard_negative_nll``; keeps, per ball, the last epoch inside it and that epoch's deltas; at the end writes
+    ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a resumed run
+    continues it.
 
     Args:
-        balls: the eps values of the balls.
-        patience: epochs outside the largest ball before stopping.
+        balls: the eps values of the balls (each finite, 0 < eps < 1, listed once; default 1e-3, 1e-4, 1e-5).
+        patience: None (the default, the paper's rule): train every epoch up to ``max_epochs``. A number N: stop once
+            the general NLL has been outside the largest ball for N epochs in a row. Stopping early saves time but
+            can change the result: an epoch after the stop whose general NLL would have come back inside a ball is
+            never seen, so the reported epoch can be earlier (and the success change smaller) than the paper's rule
+            gives. A run that stops early records when and why in ``results.json`` (``stopped_early``).
         output_dir: run folder (default: the trainer's log folder).
         overwrite: replace the results of a finished run in ``output_dir``.
         save_edits: write each ball's edit (LoRA adapter, changed tensors, ...) at the end.
         max_epoch: per ball key, do not choose an epoch after this one (test runs use validation's choice).
     """
 
-    def __init__(self, balls: list[float] | None = None, patience: int = 1, output_dir: str | None = None,
+    def __init__(self, balls: list[float] | None = None, patience: int | None = None, output_dir: str | None = None,
                  overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> None:
-        self.balls = tuple(balls or DEFAULT_BALLS)
+        self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
+                              "epoch (the paper's rule)")
         self.patience = patience
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.save_edits = save_edits
-        self.max_epoch = max_epoch
+        self.max_epoch = parse_max_epoch(max_epoch, self.balls, "--budget.max_epoch")
         self.history: list[dict] = []
         self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
         self.outside = 0
         self.diverged_epoch: int | None = None
+        self.stopped_early: dict | None = None
         self.resolved_config: dict | None = None
         self.results_path: Path | None = None
 
     # state in checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
-                "diverged_epoch": self.diverged_epoch}
+                "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
         self.ball_states = dict(state["ball_states"])
         self.outside = int(state["outside"])
         self.diverged_epoch = state.get("diverged_epoch")
+        self.stopped_early = state.get("stopped_early")
 
     # helpers ---------------------------------------------------------------------------------------------
     def run_dir(self, trainer: L.Trainer) -> Path:
@@ -115,10 +95,10 @@ class DegradationBudget(L.Callback):
     def _update_balls(self, module, record: dict) -> None:
         initial = self.history[0]["general_nll"]
         state = None
-        for eps in self.balls:
-            if record["general_nll"] < (1.0 + eps) * initial:
+        for ball in self.balls:
+            if ball.inside(record["general_nll"], initial):
                 state = state if state is not None else module.delta_state()
-                self.ball_states[ball_key(eps)] = state
+                self.ball_states[ball.key] = state
 
     # hooks -----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -129,7 +109,7 @@ class DegradationBudget(L.Callback):
             return
         record = self._evaluate(trainer, pl_module, 0)
         self.history.append(record)
-        self.ball_states = {ball_key(eps): pl_module.delta_state() for eps in self.balls}
+        self.ball_states = {ball.key: pl_module.delta_state() for ball in self.balls}
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if len(self.history) == 1 and trainer.logger is not None:
@@ -148,13 +128,25 @@ class DegradationBudget(L.Callback):
         self.history.append(record)
         self._log(pl_module, record)
         self._update_balls(pl_module, record)
-        largest = max(self.balls)
-        if record["general_nll"] < (1.0 + largest) * self.history[0]["general_nll"]:
+        largest = max(self.balls, key=lambda b: b.eps)
+        if largest.inside(record["general_nll"], self.history[0]["general_nll"]):
             self.outside = 0
-        else:
-            self.outside += 1
-            if self.outside >= self.patience:
-                trainer.should_stop = True
+            return
+        self.outside += 1
+        last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch
+        if self.patience is not None and self.outside >= self.patience and not last:
+            trainer.should_stop = True
+            skipped = (f"epochs {epoch + 1}..{trainer.max_epochs} were not trained"
+                       if trainer.max_epochs is not None and trainer.max_epochs > 0
+                       else "no later epoch was trained")
+            self.stopped_early = {
+                "epoch": epoch,
+                "reason": f"general NLL outside the largest ball ({largest.key}) for {self.outside} epoch(s) in a row "
+                          f"(--budget.patience {self.patience}); {skipped}, so a later epoch that comes back inside "
+                          "a ball is never seen (null patience trains every epoch, the paper's rule)",
+            }
+            if trainer.is_global_zero:
+                print(f"stopped early after epoch {epoch}: {self.stopped_early['reason']}", flush=True)
 
     def summary(self) -> dict:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""
@@ -187,8 +179,8 @@ class DegradationBudget(L.Callback):
             pl_module.load_delta_state(current)
         dm = trainer.datamodule
         record = {
-            "method": pl_module.method,
-            "task": {"name": dm.task.name, "loss": dm.task.loss, "threshold": dm.task.threshold},
+            "method": MethodName(pl_module.method).value,
+            "task": {"name": dm.task.name, "loss": LossType(dm.task.loss).value, "threshold": dm.task.threshold},
             "split": dm.split,
             "model": pl_module.identity,
             "seed": dm.seed,
@@ -196,6 +188,7 @@ class DegradationBudget(L.Callback):
             "hyperparameters": dict(pl_module.hparams),
             "status": "diverged" if self.diverged_epoch is not None else "finished",
             "diverged_at_epoch": self.diverged_epoch,
+            "stopped_early": self.stopped_early,
             "epochs": self.history,
             "balls": balls,
             "edits": edits,
@@ -205,6 +198,8 @@ class DegradationBudget(L.Callback):
         }
         self.results_path = write_json(run_dir / "results.json", record, overwrite=True)
         print(format_balls(self.history, balls))
+        if self.stopped_early is not None:
+            print(f"stopped early after epoch {self.stopped_early['epoch']}: {self.stopped_early['reason']}")
         print(f"results: {self.results_path}")
 
     def _state_epoch(self, key: str) -> int:

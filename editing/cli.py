@@ -270,7 +270,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
         data_root: data folder (default: searched).
         eval_limit: first N examples of each task set.
         general_limit: first N texts of the general set.
-        balls: eps values (default 1e-3, 1e-4, 1e-5).
+        balls: eps values, each finite with 0 < eps < 1 and listed once (default 1e-3, 1e-4, 1e-5).
         output_dir: results go to ``<output_dir>/results.json``.
         overwrite: replace an earlier result there.
         max_tokens: padded-token budget per batch.
@@ -278,13 +278,14 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     Returns:
         The results written.
     """
+    from editing.budget import ball_key, parse_balls
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
-    from editing.ensemble_search import ball_key, edit_folders, search
+    from editing.ensemble_search import edit_folders, search
     from editing.models.loading import ModelConfig, load_model
     from editing.results import ensure_writable, write_json
 
-    balls = tuple(balls or (1e-3, 1e-4, 1e-5))
+    balls = parse_balls(balls, "--balls")
     target = Path(output_dir) / "results.json"
     ensure_writable(target, overwrite)
     folders = edit_folders(backpack_edits, balls)

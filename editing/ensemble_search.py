@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from editing.budget import ball_key, choose_beta
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule, evaluate
@@ -25,11 +26,6 @@ from editing.models.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 BETAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # 1.0, 0.9, ..., 0.0
-
-
-def ball_key(eps: float) -> str:
-    """The results-file key of a ball (e.g. ``1e-03``)."""
-    return f"{eps:.0e}"
 
 
 @torch.no_grad()
@@ -59,15 +55,6 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
                 nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)
                 sums[beta] += float(nll.double().sum())
     return {b: sums[b] / max(1, tokens) for b in betas}
-
-
-def choose_beta(nll_by_beta: dict[float, float], eps: float) -> float:
-    """The largest beta whose general NLL is < (1 + eps) x the large model's (beta 0); 0 if none is."""
-    limit = (1 + eps) * nll_by_beta[0.0]
-    for beta in sorted(nll_by_beta, reverse=True):
-        if beta > 0 and nll_by_beta[beta] < limit:
-            return beta
-    return 0.0
 
 
 def ensemble_module(large: LoadedModel, backpack: EditingModule, vocab: int) -> tuple[EditingModule, EnsembleLM]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from editing.budget import DEFAULT_BALLS, key_eps, key_label
 from editing.errors import ConfigError
 from editing.results import ensure_writable, write_json
 
@@ -128,7 +129,7 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[TestRun], list[dict]]:
 # tables
 # ----------------------------------------------------------------------------------------------------------------
 def _ball_order(balls: Iterable[str]) -> list[str]:
-    return sorted(set(balls), key=lambda b: -float(b))
+    return sorted(set(balls), key=lambda b: -key_eps(b))
 
 
 def _task_order(tasks: Iterable[str]) -> list[str]:
@@ -235,7 +236,7 @@ def table_latex(table: Table, digits: int = 1) -> str:
                         for method in methods)
     lines.append(f" & & {groups} \\\\")
     lines.append(f"task & {_tex(table.initial_label)} & " + " & ".join(
-        rf"$\epsilon={float(b):.0e}$".replace("e-0", "e-") for _, b in table.columns) + r" \\")
+        rf"$\epsilon={key_label(b)}$" for _, b in table.columns) + r" \\")
     lines.append(r"\midrule")
     for task in [*table.tasks, AVERAGE]:
         if task == AVERAGE:
@@ -270,10 +271,10 @@ def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, pa
     methods = sorted({r.method for r in runs if r.model == model} | {t["method"] for t in trials
                                                                       if t["model"] == model})
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
-    balls = _ball_order([r.ball for r in runs if r.model == model] or ["1e-03", "1e-04", "1e-05"])
+    balls = _ball_order([r.ball for r in runs if r.model == model] or [b.key for b in DEFAULT_BALLS])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        seen_x = [float(b) for b in balls]
+        seen_x = [key_eps(b) for b in balls]
         for method in methods:
             xs, ys = [], []
             for t in trials:
@@ -290,8 +291,9 @@ def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, pa
             ax.scatter([r.degradation for r in test], [r.success_change_pp for r in test], s=45, marker="D",
                        edgecolor="black", color=colours[method], label=f"{method} (test runs)")
         for b in balls:
-            ax.axvline(float(b), color="grey", linestyle="--", linewidth=0.8)
-            ax.text(float(b), ax.get_ylim()[1], f" ε={b}", rotation=90, va="top", fontsize=7, color="grey")
+            ax.axvline(key_eps(b), color="grey", linestyle="--", linewidth=0.8)
+            ax.text(key_eps(b), ax.get_ylim()[1], f" ε={key_label(b)}", rotation=90, va="top", fontsize=7,
+                    color="grey")
         ax.set_xscale("symlog", linthresh=1e-6)
         # a factor 3 of room on both sides (symlog's autoscale puts extreme points on the frame)
         finite = [x for x in seen_x if math.isfinite(x)]

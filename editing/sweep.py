@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from editing.budget import key_eps
 from editing.errors import ConfigError
 from editing.paths import REPO_DIR
 from editing.results import ensure_writable, write_json, write_jsonl
@@ -458,7 +459,7 @@ def make_objective(definition: SweepDefinition, sweep_dir: Path, n_trials: int,
         trial.set_user_attr("results", str(results_path))
         for key, value in outcome.items():
             trial.set_user_attr(key, value)
-        strictest = min(outcome["balls"], key=float)
+        strictest = min(outcome["balls"], key=key_eps)
         return float(outcome["balls"][strictest]["success_change_pp"])
 
     objective.ran = ran  # the trials this worker ran a fit for
@@ -665,7 +666,7 @@ def select_best(records: Sequence[dict]) -> dict[str, dict]:
             if current is None or (gain, -degradation) > (current["success_change_pp"], -current["degradation"]):
                 best[key] = {"trial": r["trial"], "params": r["params"], "epoch": int(b["epoch"]),
                              "success_change_pp": gain, "degradation": degradation}
-    return dict(sorted(best.items(), key=lambda kv: -float(kv[0])))
+    return dict(sorted(best.items(), key=lambda kv: -key_eps(kv[0])))
 
 
 def study_names(root: str = DEFAULT_ROOT, storage: str | None = None) -> list[str]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
 from editing.errors import ConfigError
+from editing.types import LossType
 
-LossType = Literal["good", "bad", "balance", "good-v-bad"]
-LOSS_TYPES: tuple[str, ...] = ("good", "bad", "balance", "good-v-bad")
+LOSS_TYPES: tuple[str, ...] = tuple(m.value for m in LossType)
 ROLES: tuple[str, ...] = ("canonical", "evaluation", "targeted", "hard_negatives")
 SPLITS: tuple[str, ...] = ("val", "test")
 
@@ -47,10 +46,18 @@ class TaskSpec:
     builtin: bool = False
     """Whether the files are stems inside the data root."""
 
+    def __post_init__(self) -> None:
+        # a task built in code with a string loss gets the typed value; a misspelt one fails here, not later
+        try:
+            loss = LossType(self.loss)
+        except ConfigError as err:
+            raise ConfigError(f"task {self.name!r}: {err}") from None
+        object.__setattr__(self, "loss", loss)
+
     @property
     def pair(self) -> bool:
         """Whether examples carry two suffixes."""
-        return self.loss in ("balance", "good-v-bad")
+        return self.loss.pair
 
     def file(self, role: str, split: str, data_root: str | Path | None = None) -> Path | None:
         """Resolve the file for ``role`` and ``split``.
@@ -88,18 +95,18 @@ def _builtin(name: str, loss: LossType, threshold: float, canonical: str, evalua
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        _builtin("country_capital", "good", -math.log(0.2), "country_capital_fixed", "country_capital_clear_eval",
-                 "country_capital_unconditional", "country_capital_hard_neg"),
-        _builtin("company_ceo", "good", -math.log(0.05), "company_ceo_train", "company_ceo_eval_clear",
+        _builtin("country_capital", LossType.GOOD, -math.log(0.2), "country_capital_fixed",
+                 "country_capital_clear_eval", "country_capital_unconditional", "country_capital_hard_neg"),
+        _builtin("company_ceo", LossType.GOOD, -math.log(0.05), "company_ceo_train", "company_ceo_eval_clear",
                  "company_ceo_unconditional", "company_ceo_hard_neg_eval_clear"),
-        _builtin("temporal", "good", -math.log(0.05), "temporal_train", "temporal_eval_clear",
+        _builtin("temporal", LossType.GOOD, -math.log(0.05), "temporal_train", "temporal_eval_clear",
                  "temporal_unconditional", "temporal_hard_neg_eval_clear"),
-        _builtin("stereoset", "bad", math.log(0.001), "stereoset_train", "stereoset_eval_clear",
+        _builtin("stereoset", LossType.BAD, math.log(0.001), "stereoset_train", "stereoset_eval_clear",
                  "stereoset_unconditional", "stereoset_hard_neg"),
-        _builtin("pronoun_gender_bias", "balance", math.log(1.5), "pronoun_gender_bias_train",
+        _builtin("pronoun_gender_bias", LossType.BALANCE, math.log(1.5), "pronoun_gender_bias_train",
                  "pronoun_gender_bias_eval", "pronoun_gender_bias_unconditional",
                  "pronoun_gender_bias_hard_neg_eval"),
-        _builtin("verb_conjugation", "good-v-bad", math.log(1 / 16), "verb_conjugation_train",
+        _builtin("verb_conjugation", LossType.GOOD_V_BAD, math.log(1 / 16), "verb_conjugation_train",
                  "verb_conjugation_eval", "verb_conjugation_eval_unconditional", "verb_conjugation_hard_neg_eval"),
     )
 }
@@ -132,15 +139,18 @@ def load_task_yaml(path: str | Path) -> TaskSpec:
     for key in ("loss", "threshold", "canonical", "evaluation"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key {key!r} (a task needs loss, threshold, canonical, evaluation)")
-    if raw["loss"] not in LOSS_TYPES:
-        raise ConfigError(f"{path}: field 'loss' is {raw['loss']!r}; expected one of {', '.join(LOSS_TYPES)}")
+    try:
+        loss = LossType(raw["loss"])
+    except ConfigError:
+        raise ConfigError(f"{path}: field 'loss' is {raw['loss']!r}; expected one of {LossType.choices()} "
+                          "(note the hyphens in good-v-bad)") from None
     try:
         threshold = float(raw["threshold"])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: field 'threshold' must be a number, got {raw['threshold']!r}") from err
     return TaskSpec(
         name=str(raw.get("name", path.stem)),
-        loss=raw["loss"],
+        loss=loss,
         threshold=threshold,
         canonical=str(raw["canonical"]),
         evaluation=str(raw["evaluation"]),
@@ -170,4 +180,4 @@ def get_task(name_or_path: str) -> TaskSpec:
     )
 
 
-__all__ = ["BUILTIN_TASKS", "LOSS_TYPES", "ROLES", "SPLITS", "TaskSpec", "get_task", "load_task_yaml"]
+__all__ = ["BUILTIN_TASKS", "LOSS_TYPES", "ROLES", "SPLITS", "LossType", "TaskSpec", "get_task", "load_task_yaml"]

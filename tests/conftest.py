@@ -55,24 +55,47 @@ def tokenizer_of():
     return get
 
 
+# --- independent references (SPEC sections 3 and 5), written here without the package's scoring code ------------
+
+@torch.no_grad()
+def reference_sequence_nll(model, ids: list[int], score_from: int) -> list[float]:
+    """NLL of each scored token ``ids[score_from:]`` of one sequence: one forward pass, full logits, float64
+    log-softmax; token t is predicted by the logits at position t - 1."""
+    logits = model(input_ids=torch.tensor([ids], dtype=torch.long)).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return [-float(logprobs[t - 1, ids[t]]) for t in range(score_from, len(ids))]
+
+
+def spec_score(sums: list[float], loss: str) -> float:
+    """SPEC section 5: an evaluation example's score from the SUM of each suffix's token NLL."""
+    if loss == "good":
+        return sums[0]
+    if loss == "bad":
+        return -sums[0]
+    if loss == "balance":
+        return abs(sums[0] - sums[1])
+    if loss == "good-v-bad":
+        return sums[0] - sums[1]
+    raise ValueError(f"no SPEC score for loss {loss!r}")
+
+
 def reference_scores(model, examples, loss: str) -> torch.Tensor:
     """Scores of the one-at-a-time reference loop (float64), in the order of ``examples``."""
-    from editing.evaluation.reference import reference_example_nll
-    from editing.losses import example_score
-
-    sums = torch.tensor([reference_example_nll(model, e) for e in examples], dtype=torch.float64)
-    return example_score(sums, loss)
+    scores = []
+    for e in examples:
+        sums = [sum(reference_sequence_nll(model, s.ids, s.score_from)) for s in e.sequences]
+        scores.append(spec_score(sums, loss))
+    return torch.tensor(scores, dtype=torch.float64)
 
 
 def reference_text_stats(model, examples) -> tuple[float, int]:
     """(sum of scored-token NLL, number of scored tokens) of text examples, by the reference loop."""
-    from editing.evaluation.reference import reference_example_nll
-
     total, tokens = 0.0, 0
     for e in examples:
-        (s,) = reference_example_nll(model, e)
-        total += s
-        tokens += len(e.sequences[0].ids) - e.sequences[0].score_from
+        (seq,) = e.sequences
+        nll = reference_sequence_nll(model, seq.ids, seq.score_from)
+        total += sum(nll)
+        tokens += len(nll)
     return total, tokens
 
 

@@ -45,3 +45,220 @@ def test_test_rule_caps_at_validation_epoch() -> None:
 @pytest.mark.parametrize("eps,key", [(1e-3, "1e-03"), (1e-4, "1e-04"), (1e-5, "1e-05")])
 def test_ball_keys(eps: float, key: str) -> None:
     assert ball_key(eps) == key
+
+
+# --- balls: validation and collision-free keys (issue 11 item 4) --------------------------------------------------
+
+def test_ball_keys_are_collision_free_and_round_trip() -> None:
+    from editing.budget import ball_key, key_eps
+
+    assert ball_key(0.0012) == "0.0012" and ball_key(0.0014) == "0.0014"  # both were "1e-03"
+    values = [1e-3, 1e-4, 1e-5, 0.0012, 0.0014, 3e-5, 1.5e-5, 0.5, 1e-3 + 1e-18, 0.1 + 0.2]
+    keys = [ball_key(v) for v in values]
+    assert len(set(keys)) == len(set(values))
+    assert all(key_eps(k) == v for k, v in zip(keys, values, strict=True))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1e-3, float("nan"), float("inf"), float("-inf"), 1.0, 2.0, True, "x", None])
+def test_invalid_eps_is_a_clear_error_naming_the_setting(bad) -> None:
+    from editing.budget import Ball, parse_balls
+    from editing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--budget\.balls"):
+        parse_balls([1e-3, bad])
+    with pytest.raises(ConfigError):
+        Ball(bad)
+
+
+@pytest.mark.parametrize("balls", [[1e-3, 1e-3], [1e-4, "0.0001"], []])
+def test_duplicate_or_missing_balls_are_refused(balls) -> None:
+    from editing.budget import parse_balls
+    from editing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--budget\.balls: .*(listed twice|no ball)"):
+        parse_balls(balls)
+
+
+def test_colliding_eps_values_keep_both_results() -> None:
+    base = 2.0
+    h = history([base, base * (1 + 1.3e-3), base * (1 + 1.1e-3), base * (1 + 5e-3)])
+    # 1.3e-3 is inside the 0.0014 ball only; 1.1e-3 is inside both
+    assert choose_epochs(h, balls=(0.0012, 0.0014)) == {"0.0012": 2, "0.0014": 2}
+    h = history([base, base * (1 + 1.1e-3), base * (1 + 1.3e-3)])
+    assert choose_epochs(h, balls=(0.0012, 0.0014)) == {"0.0012": 1, "0.0014": 2}
+
+
+def test_nonfinite_general_nll_is_never_inside() -> None:
+    from editing.budget import choose_beta, inside
+
+    for bad in (float("nan"), float("inf"), float("-inf"), None):
+        assert not inside(bad, 4.0, 1e-3)
+        assert not inside(4.0, bad, 1e-3)
+    assert inside(4.0, 4.0, 1e-3) and not inside(4.0 * (1 + 1e-3), 4.0, 1e-3)
+    # the ensemble's beta: a broken measurement at beta 1.0 is not "inside"
+    assert choose_beta({1.0: float("-inf"), 0.9: 3.0001, 0.0: 3.0}, 1e-3) == 0.9
+    assert choose_beta({1.0: float("nan"), 0.5: 3.0, 0.0: 3.0}, 1e-3) == 0.5
+    assert choose_beta({1.0: 3.0, 0.0: float("nan")}, 1e-3) == 0.0
+    h = history([2.0, float("-inf"), 2.0 * (1 + 2e-3)])
+    assert choose_epochs(h, balls=(1e-3,)) == {"1e-03": 0}
+
+
+def test_test_rule_cap_accepts_any_spelling_of_a_ball_and_refuses_unknown_ones() -> None:
+    from editing.errors import ConfigError
+
+    base = 5.0
+    h = history([base, base * (1 + 1e-6), base * (1 + 2e-6), base * (1 + 3e-6)])
+    # a cap named "0.001" caps the 1e-03 ball (it used to be ignored: the ball went uncapped)
+    assert choose_epochs(h, balls=(1e-3,), max_epoch={"0.001": 1}) == {"1e-03": 1}
+    with pytest.raises(ConfigError, match=r"--budget\.max_epoch: '2e-03' is not one of this run's balls"):
+        choose_epochs(h, balls=(1e-3,), max_epoch={"2e-03": 1})
+    with pytest.raises(ConfigError, match="epoch number >= 0"):
+        choose_epochs(h, balls=(1e-3,), max_epoch={"1e-03": -1})
+
+
+# --- through the callback and the command line --------------------------------------------------------------------
+
+@pytest.mark.parametrize("balls", [[0.0], [-1e-3, 1e-4], [float("nan")], [1e-3, 1e-3]])
+def test_callback_refuses_bad_balls(balls) -> None:
+    from callbacks.degradation_budget import DegradationBudget
+    from editing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--budget\.balls"):
+        DegradationBudget(balls=balls)
+
+
+FIT = ["fit", "--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--model.lora.rank", "2", "--data.task",
+       "stereoset", "--data.eval_limit", "2", "--data.general_limit", "2", "--trainer.max_epochs", "1",
+       "--trainer.limit_train_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+
+
+@pytest.mark.parametrize("value", ["[0.0]", "[-0.001]", "[.nan]", "[0.001, 0.001]", "[1.5]"])
+def test_cli_refuses_bad_balls_before_training(tmp_path, monkeypatch, capsys, data_root, value) -> None:
+    from editing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*FIT, "--budget.output_dir", str(tmp_path / "run"), "--budget.balls", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --budget.balls" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_cli_fit_keeps_both_colliding_balls(tmp_path, monkeypatch, data_root) -> None:
+    import json
+
+    from editing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main([*FIT, "--budget.output_dir", str(tmp_path / "run"), "--budget.balls", "[0.0012, 0.0014]"])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["balls"]) == ["0.0012", "0.0014"] and results["stopped_early"] is None
+
+
+@pytest.mark.parametrize("value", ["[0.0]", "[0.001, 0.001]"])
+def test_ensemble_refuses_bad_balls_before_loading_anything(tmp_path, capsys, value) -> None:
+    from editing.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ensemble", "--large", "tiny-gpt2", "--backpack_edits", str(tmp_path / "missing"), "--balls", value,
+              "--output_dir", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --balls" in err and "Traceback" not in err
+
+
+def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **budget_kw) -> dict:
+    """A tiny LoRA fit whose general NLL after epoch e is ``factors[e]`` x the real epoch-0 value (the training and
+    the rest of the evaluation are real)."""
+    import json
+
+    import lightning as L
+
+    import callbacks.degradation_budget as budget_module
+    from callbacks.degradation_budget import DegradationBudget
+    from editing.data.datamodule import TaskDataModule
+    from editing.methods import LoRAConfig, LoRAEditor
+    from editing.methods.base import evaluate as real
+    from editing.models.loading import ModelConfig
+
+    seen: list[float] = []
+
+    def scripted(module, datamodule, **kw):
+        summary = real(module, datamodule, **kw)
+        if not seen:
+            seen.append(summary["general_nll"])
+        summary["general_nll"] = seen[0] * factors[len(seen) - 1]
+        seen.append(summary["general_nll"])
+        return summary
+
+    monkeypatch.setattr(budget_module, "evaluate", scripted)
+    L.seed_everything(0)
+    module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=2))
+    dm = TaskDataModule(task="stereoset", eval_limit=2, general_limit=2)
+    budget = DegradationBudget(output_dir=str(tmp_path / "run"), **budget_kw)
+    L.Trainer(max_epochs=epochs, limit_train_batches=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+              enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[budget]).fit(module, dm)
+    return json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def test_colliding_balls_both_get_results_and_edits_through_the_callback(tmp_path, monkeypatch, data_root) -> None:
+    results = scripted_fit(tmp_path, monkeypatch, [1.0, 1 + 1.3e-3, 1 + 5e-3], epochs=2, balls=[0.0012, 0.0014])
+    assert {k: b["epoch"] for k, b in results["balls"].items()} == {"0.0012": 0, "0.0014": 1}
+    assert set(results["edits"]) == {"0.0012", "0.0014"}
+    assert all((tmp_path / "run" / "edits" / f"ball_{key}").is_dir() for key in ("0.0012", "0.0014"))
+
+
+# --- the paper's epoch rule by default (issue 11 item 5) --------------------------------------------------------------
+
+# epoch 2 leaves the largest ball, epoch 3 comes back inside every ball, epoch 4 leaves again
+LEAVES_THEN_RETURNS = [1.0, 1 + 5e-6, 1 + 5e-3, 1 + 5e-6, 1 + 2e-3]
+
+
+def test_default_trains_every_epoch_and_reports_the_later_epoch(tmp_path, monkeypatch, capsys, data_root) -> None:
+    results = scripted_fit(tmp_path, monkeypatch, LEAVES_THEN_RETURNS, epochs=4)
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2, 3, 4]
+    assert {k: b["epoch"] for k, b in results["balls"].items()} == {"1e-03": 3, "1e-04": 3, "1e-05": 3}
+    assert results["stopped_early"] is None
+    assert "stopped early" not in capsys.readouterr().out
+
+
+def test_patience_stops_early_and_records_when_and_why(tmp_path, monkeypatch, capsys, data_root) -> None:
+    results = scripted_fit(tmp_path, monkeypatch, LEAVES_THEN_RETURNS, epochs=4, patience=1)
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2]
+    # the early stop never saw epoch 3: every ball reports epoch 1, earlier than the paper's rule gives
+    assert {k: b["epoch"] for k, b in results["balls"].items()} == {"1e-03": 1, "1e-04": 1, "1e-05": 1}
+    stop = results["stopped_early"]
+    assert stop["epoch"] == 2 and "outside the largest ball (1e-03)" in stop["reason"]
+    assert "patience 1" in stop["reason"] and "epochs 3..4 were not trained" in stop["reason"]
+    assert "stopped early after epoch 2" in capsys.readouterr().out
+
+
+def test_patience_counts_epochs_in_a_row_and_never_reports_a_stop_at_the_last_epoch(tmp_path, monkeypatch,
+                                                                                     data_root) -> None:
+    results = scripted_fit(tmp_path / "two", monkeypatch, LEAVES_THEN_RETURNS, epochs=4, patience=2)
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2, 3, 4] and results["stopped_early"] is None
+    # leaving the ball at the last epoch stops nothing: the run trained every epoch
+    results = scripted_fit(tmp_path / "last", monkeypatch, [1.0, 1 + 5e-6, 1 + 5e-3], epochs=2, patience=1)
+    assert [e["epoch"] for e in results["epochs"]] == [0, 1, 2] and results["stopped_early"] is None
+
+
+@pytest.mark.parametrize("patience", [0, -1])
+def test_patience_must_be_positive(patience) -> None:
+    from callbacks.degradation_budget import DegradationBudget
+    from editing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--budget\.patience"):
+        DegradationBudget(patience=patience)
+
+
+def test_no_shipped_config_stops_early() -> None:
+    import yaml
+    from conftest import REPO_DIR
+
+    configs = sorted((REPO_DIR / "lightning_configs").rglob("*.yaml"))
+    assert len(configs) > 40
+    for path in configs:
+        budget = (yaml.safe_load(path.read_text()) or {}).get("budget") or {}
+        assert budget.get("patience") is None, f"{path} sets budget.patience: the paper trains every epoch"

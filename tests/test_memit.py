@@ -192,7 +192,7 @@ def test_fit_with_budget_writes_results_and_loadable_edits(tmp_path, data_root, 
     L.seed_everything(0)
     module = make(model, layers=[1, 2], covariance_weight=10.0)
     dm = TaskDataModule(task="country_capital", **LIMITS)
-    budget = DegradationBudget(balls=[1e-3, 10.0], output_dir=str(tmp_path / "run"))
+    budget = DegradationBudget(balls=[1e-3, 0.5], output_dir=str(tmp_path / "run"))
     trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
                         callbacks=[budget], enable_checkpointing=False)
@@ -203,8 +203,8 @@ def test_fit_with_budget_writes_results_and_loadable_edits(tmp_path, data_root, 
     assert results["epochs"][1]["general_nll"] != results["epochs"][0]["general_nll"]
     assert results["hyperparameters"]["memit"]["layers"] == [1, 2]
     # the loose ball keeps the edit; its exported weights reproduce the hooked model
-    assert results["balls"]["1e+01"]["epoch"] == 1
-    edited = load_edited(results["edits"]["1e+01"])
+    assert results["balls"]["5e-01"]["epoch"] == 1
+    edited = load_edited(results["edits"]["5e-01"])
     edited.model.eval()
     batch_nll = canonical_nll(edited, datamodule(module), 4)
     torch.testing.assert_close(batch_nll, canonical_nll(module, datamodule(module), 4), atol=1e-4, rtol=1e-4)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import reference_scores
 
-from editing.evaluation.reference import reference_example_nll
-from editing.losses import example_score
 from editing.tasks import BUILTIN_TASKS
 
 N = 20
@@ -38,8 +37,7 @@ def test_smollm2_matches_reference_loop(task, smollm2, data_root):
     summary = evaluate(smollm2, dm, roles=["evaluation"])
     examples = dm.sets["evaluation"].examples
     assert len(examples) == N and [p["index"] for p in summary["per_example"]] == list(range(N))
-    sums = torch.tensor([reference_example_nll(smollm2.model, e) for e in examples], dtype=torch.float64)
-    ref = example_score(sums, dm.task.loss)
+    ref = reference_scores(smollm2.model, examples, dm.task.loss)
     got = torch.tensor([p["score"] for p in summary["per_example"]], dtype=torch.float64)
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
     assert [p["failed"] for p in summary["per_example"]] == (ref > dm.task.threshold).tolist()

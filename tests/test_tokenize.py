@@ -192,6 +192,32 @@ def test_sentencepiece_style_strips_suffix_space(tmp_path):
     assert seq.ids == [0, 8, 9, 10, 11, 7, 3, 6]
 
 
+@pytest.mark.parametrize("suffix", [" Paris ", "  Paris", "Paris  ", "   Paris   "])
+def test_sentencepiece_style_strips_spaces_from_both_ends(tmp_path, suffix):
+    """SPEC section 3: the reference tokenizes ``suffix.strip(' ')`` (a few stereoset hard-negative suffixes end in
+    a space); without it a trailing or second leading space becomes an extra word-boundary token."""
+    tok = _sentencepiece_style(bos=True)
+    assert tok(suffix, add_special_tokens=False)["input_ids"] != [6]  # the spaces would cost tokens
+    path = _write(tmp_path / "e.jsonl", [{"prefix": "The capital of France is", "suffix": suffix}])
+    (rec,) = read_jsonl(path, "single")
+    (seq,) = ExampleTokenizer(tok, 64).example(rec, path).sequences
+    assert seq.ids == [0, 8, 9, 10, 11, 7] + tok(suffix.strip(" "), add_special_tokens=False)["input_ids"]
+    assert seq.ids[seq.score_from:] == [6]
+
+
+def test_suffix_of_spaces_only_is_a_clear_error_on_sentencepiece(tmp_path):
+    tok = _sentencepiece_style(bos=True)
+    path = _write(tmp_path / "e.jsonl", [{"prefix": "The capital of France is", "suffix": "  "}])
+    (rec,) = read_jsonl(path, "single")
+    with pytest.raises(DataFormatError, match="e.jsonl, line 1.*no tokens"):
+        ExampleTokenizer(tok, 64).example(rec, path)
+
+
+def test_byte_level_bpe_keeps_trailing_suffix_space(tokenizer_of):
+    tok = tokenizer_of("gpt2")
+    assert ExampleTokenizer(tok, 512)._encode_suffix(" Paris ") == tok(" Paris ", add_special_tokens=False)["input_ids"]
+
+
 def test_empty_prefix_scores_from_bos(tmp_path):
     tok = _sentencepiece_style(bos=True)
     path = _write(tmp_path / "e.jsonl", [{"prefix": "", "suffix": " Paris"}])

@@ -199,12 +199,12 @@ def test_saved_edit_reloads_and_evaluates_identically(tmp_path, data_root, metho
 
     L.seed_everything(0)
     module = make(method, lr=3e-3)
-    budget = DegradationBudget(output_dir=str(tmp_path / "run"), balls=[1.0])  # a ball wide enough to move
+    budget = DegradationBudget(output_dir=str(tmp_path / "run"), balls=[0.5])  # a ball wide enough to move
     trainer(tmp_path, epochs=1, batches=4, callbacks=[budget]).fit(
         module, TaskDataModule(task="country_capital", **LIMITS))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["balls"]["1e+00"]["epoch"] == 1
-    edit = Path(results["edits"]["1e+00"])
+    assert results["balls"]["5e-01"]["epoch"] == 1
+    edit = Path(results["edits"]["5e-01"])
     if method == "lora":
         from peft import PeftModel
 

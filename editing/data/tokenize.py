@@ -52,8 +52,9 @@ class TokenizationStats:
 def strips_suffix_space(tokenizer) -> bool:
     """Whether the tokenizer adds its own word-boundary marker at the start of a string (SentencePiece style).
 
-    For such tokenizers the reference strips the suffix's leading space, since tokenizing " Paris" alone would
-    otherwise yield an extra space token. Byte-level BPE (GPT-2, GPT-NeoX, SmolLM2) keeps the space.
+    For such tokenizers the reference strips spaces from both ends of the suffix (Python ``suffix.strip(' ')``),
+    since tokenizing " Paris" alone would otherwise yield an extra space token. Byte-level BPE (GPT-2, GPT-NeoX,
+    SmolLM2) keeps the suffix as it is.
     """
     pieces = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
     return bool(pieces) and pieces[0].startswith("\u2581")
@@ -65,7 +66,8 @@ class ExampleTokenizer:
     Args:
         tokenizer: a Hugging Face tokenizer.
         max_length: the model's context; longer examples lose tokens from the start of the prefix.
-        strip_suffix_space: strip a suffix's leading space; None decides from the tokenizer.
+        strip_suffix_space: strip spaces from both ends of a suffix (``suffix.strip(' ')``, SPEC section 3); None
+            decides from the tokenizer.
     """
 
     def __init__(self, tokenizer, max_length: int, strip_suffix_space: bool | None = None) -> None:
@@ -83,8 +85,9 @@ class ExampleTokenizer:
         return list(self.tokenizer(text)["input_ids"])
 
     def _encode_suffix(self, text: str) -> list[int]:
-        if self.strip_suffix_space and text.startswith(" "):
-            text = text[1:]
+        if self.strip_suffix_space:
+            # only the space character, as the reference does: tabs and newlines are kept
+            text = text.strip(" ")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _encode_text(self, text: str) -> list[int]:

@@ -10,6 +10,7 @@ the evaluation are shared, so every method is trained and measured the same way.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -24,12 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editing.errors import ConfigError
-from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL
+from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.scorer import example_nll, sequence_nll
 from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
+from editing.types import MethodName
+
+log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
 
@@ -71,7 +75,7 @@ class EditingModule(L.LightningModule):
         regularization: regularization toward p0 (training only).
     """
 
-    method = "none"
+    method: MethodName = MethodName.NONE
 
     def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
                  regularization: RegularizationConfig | None = None) -> None:
@@ -81,7 +85,7 @@ class EditingModule(L.LightningModule):
         self.reg_config = regularization or RegularizationConfig()
         if self.reg_config.kind not in REGULARIZERS:
             raise ConfigError(f"regularization.kind={self.reg_config.kind!r}; expected one of {REGULARIZERS}")
-        self.save_hyperparameters({"method": self.method, "base": asdict(self.base_config),
+        self.save_hyperparameters({"method": self.method.value, "base": asdict(self.base_config),
                                    "optimizer": asdict(self.optim_config),
                                    "regularization": asdict(self.reg_config)})
         self.loaded: LoadedModel = load_model(self.base_config)
@@ -179,7 +183,7 @@ class EditingModule(L.LightningModule):
     def on_fit_start(self) -> None:
         params = self.trainable_parameters()
         if not params:
-            raise ConfigError(f"method {self.method!r} has no trainable parameters: use an editing method "
+            raise ConfigError(f"method {self.method.value!r} has no trainable parameters: use an editing method "
                               "(e.g. editing.methods.LoRAEditor or editing.methods.FullFinetune) to fit")
         if self.reg_config.kind in ("l2", "ewc") and not self._initial:
             self._initial = {n: p.detach().clone() for n, p in params.items()}
@@ -332,26 +336,34 @@ class EditingModule(L.LightningModule):
                 m[name].update(empty, empty.long())
         if m["hard_negative_nll"].update_count == 0:
             m["hard_negative_nll"].update(empty)
+        # sizes, then the non-finite values each metric saw (scores; general, targeted, hard-negative NLLs)
         sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
-                             m["hard_negative_nll"].count]).clone()
+                             m["hard_negative_nll"].count, *(m[name].nonfinite for name in METRIC_NAMES)]).clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sizes)
         summary: dict = {}
-        for name, size in zip(METRIC_NAMES, sizes.tolist(), strict=True):
+        for name, size in zip(METRIC_NAMES, sizes.tolist()[:4], strict=True):
             value = float(m[name].compute())
             summary[name] = value if size > 0 else None
         index, score = (t.reshape(-1) for t in m["scores"].compute())
+        nonfinite = dict(zip(("scores", *METRIC_NAMES[1:]), (int(n) for n in sizes.tolist()[4:]), strict=True))
         summary["counts"] = {
             "evaluation": int(sizes[0]),
-            "evaluation_failed": int((score > self.task.threshold).sum()),
+            "evaluation_failed": int(failed(score, self.task.threshold).sum()),
             "general_tokens": int(sizes[1]),
             "targeted_tokens": int(sizes[2]),
             "hard_negatives": int(sizes[3]),
+            **{f"nonfinite_{name}": n for name, n in nonfinite.items()},
         }
         summary["per_example"] = [
-            {"index": int(i), "score": float(s), "failed": bool(s > self.task.threshold)}
-            for i, s in zip(index.tolist(), score.tolist(), strict=True)
+            {"index": int(i), "score": s, "failed": bool(f)}
+            for i, s, f in zip(index.tolist(), score.tolist(), failed(score, self.task.threshold).tolist(),
+                               strict=True)
         ]
+        if any(nonfinite.values()) and _rank() == 0:
+            seen = ", ".join(f"{n} {name}" for name, n in nonfinite.items() if n)
+            log.warning("evaluation on %s saw NaN or infinite values (%s): non-finite scores count as failures, and a "
+                        "non-finite general NLL is never inside a ball", self.task.name, seen)
         if reset:
             for metric in m.values():
                 metric.reset()
@@ -375,6 +387,12 @@ class EditingModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_summary("test")
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:

@@ -12,6 +12,7 @@ from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.models.loading import ModelConfig
+from editing.types import MethodName
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -35,7 +36,7 @@ class FullFinetune(EditingModule):
         regularization: regularization toward p0.
     """
 
-    method = "full"
+    method = MethodName.FULL
 
     def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = True,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -86,6 +87,6 @@ class FullFinetune(EditingModule):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.changed_tensors(state), str(folder / "edit.safetensors"),
-                  metadata={"method": "full", "base_fingerprint": self.identity["fingerprint"]})
+                  metadata={"method": self.method.value, "base_fingerprint": self.identity["fingerprint"]})
         self.write_base_identity(folder)
         return folder

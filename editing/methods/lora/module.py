@@ -12,6 +12,7 @@ from torch import nn
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules, num_layers
 from editing.models.loading import ModelConfig
+from editing.types import MethodName
 
 
 class LoRAEditor(EditingModule):
@@ -24,7 +25,7 @@ class LoRAEditor(EditingModule):
         regularization: regularization toward p0.
     """
 
-    method = "lora"
+    method = MethodName.LORA
 
     def __init__(self, base: ModelConfig | None = None, lora: LoRAConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:

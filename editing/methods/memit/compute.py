@@ -13,6 +13,7 @@ from editing.losses import training_loss
 from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.layers import add_to_block_output, forward_until, hooks
 from editing.methods.memit.requests import Row, pad_rows
+from editing.types import LossType
 
 
 @torch.no_grad()
@@ -49,7 +50,8 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
-                     layer: int, loss: str, cfg: MEMITConfig, pad_id: int, progress: bool = False) -> torch.Tensor:
+                     layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
+                     progress: bool = False) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
@@ -64,7 +66,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         n_requests: requests in this batch.
         n_templates: templates per request.
         layer: the last edited layer (where the targets live).
-        loss: the task's loss type (good, bad, balance, good-v-bad).
+        loss: the task's loss type (a ``LossType`` or its name; an unknown name raises ``ConfigError``).
         cfg: MEMIT settings.
         pad_id: padding token id.
         progress: show a progress bar over the steps.
@@ -72,6 +74,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     Returns:
         (n_requests, d) float64 targets z = h + delta.
     """
+    loss = LossType(loss)
     device = next(model.parameters()).device
     bare = [r for r in rewrite if r.template == 0 and r.slot == 0]
     h = subject_activations(model, bare, layer, "output", pad_id).float()  # (n, d), request order

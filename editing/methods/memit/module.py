@@ -27,6 +27,7 @@ from editing.methods.memit.covariance import CovarianceStats, layer_covariances
 from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
 from editing.models.loading import ModelConfig
+from editing.types import MethodName
 
 
 class MEMITEditor(EditingModule):
@@ -44,7 +45,7 @@ class MEMITEditor(EditingModule):
         regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
     """
 
-    method = "memit"
+    method = MethodName.MEMIT
 
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -142,7 +143,7 @@ class MEMITEditor(EditingModule):
             tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
                 weight + (delta.T if is_transposed(module) else delta)).contiguous()
         save_file(tensors, str(folder / "edit.safetensors"),
-                  metadata={"method": "memit", "base_fingerprint": self.identity["fingerprint"]})
+                  metadata={"method": self.method.value, "base_fingerprint": self.identity["fingerprint"]})
         self.write_base_identity(folder)
         return folder
 

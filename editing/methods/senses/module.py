@@ -24,6 +24,7 @@ from editing.methods.senses.selection import (
     select_senses,
 )
 from editing.models.loading import ModelConfig
+from editing.types import MethodName
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SenseFinetune(EditingModule):
         regularization: regularization toward p0.
     """
 
-    method = "senses"
+    method = MethodName.SENSES
 
     def __init__(self, base: ModelConfig | None = None, senses: SensesConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:

@@ -24,6 +24,7 @@ from editing.data.batching import IGNORE, collate
 from editing.data.tokenize import TokenizedExample
 from editing.errors import ConfigError
 from editing.paths import cache_dir
+from editing.types import LossType
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,22 @@ def cached_background(model, fingerprint: str, texts: list[TokenizedExample], vo
     return usage
 
 
-def slot_signs(loss: str, n_slots: int) -> list[float]:
-    """How each suffix's score enters the importance: good-v-bad scores suffix1 - suffix2, the rest add up."""
-    if loss == "good_v_bad":
-        return [1.0, -1.0][:n_slots]
+def slot_signs(loss: LossType | str, n_slots: int) -> list[float]:
+    """How each suffix's score enters the importance (SPEC section 8): good-v-bad scores suffix1 - suffix2, balance
+    suffix1 + suffix2; single-suffix losses have one slot."""
+    loss = LossType(loss)
+    if n_slots != (2 if loss.pair else 1):
+        raise ConfigError(f"loss {loss.value!r} expects {2 if loss.pair else 1} suffix(es) per example, got {n_slots}")
+    if loss is LossType.GOOD_V_BAD:
+        return [1.0, -1.0]
     return [1.0] * n_slots
 
 
 @torch.no_grad()
-def example_importance(model, examples: list[TokenizedExample], loss: str, background: torch.Tensor,
+def example_importance(model, examples: list[TokenizedExample], loss: LossType | str, background: torch.Tensor,
                        selection_lambda: float, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per example: candidate pair keys (vocab id x senses + sense) with score > 0, and their importance."""
+    loss = LossType(loss)
     device = next(model.parameters()).device
     num_senses = background.shape[1]
     bg = background.reshape(-1).to(device)
