@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
+from editing.evaluation.precision import full_precision
 from editing.methods.base import EditingModule, evaluate
 from editing.methods.senses.selection import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
@@ -35,7 +36,7 @@ def ball_key(eps: float) -> str:
 @torch.no_grad()
 def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ...] = BETAS,
                         progress: bool = False) -> dict[float, float]:
-    """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G."""
+    """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G (in full fp32)."""
     device = next(ensemble.large.parameters()).device
     ensemble.eval()
     sums = {b: 0.0 for b in betas}
@@ -43,21 +44,21 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
     loader = datamodule.eval_dataloader("general")
     if progress:
         loader = tqdm(loader, desc="ensemble general NLL (all betas)", leave=False, file=sys.stderr)
-    for batch in loader:
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        parts = [ensemble._hidden(ensemble.large, ids, mask), ensemble._hidden(ensemble.backpack, ids, mask)]
-        with ensemble.backpack_reference():
-            parts.append(ensemble._hidden(ensemble.backpack, ids, mask))
-        scored = labels != IGNORE
-        hidden = torch.cat([p.float()[scored] for p in parts], dim=-1)
-        targets = labels[scored]
-        tokens += int(targets.numel())
-        for start in range(0, hidden.shape[0], 1024):
-            chunk, tgt = hidden[start: start + 1024], targets[start: start + 1024]
-            for beta in betas:
-                logits = ensemble.head.logits_from_hidden(chunk, beta)
-                nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)
-                sums[beta] += float(nll.double().sum())
+    with full_precision():
+        for batch in loader:
+            ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+            scored = labels != IGNORE
+            hidden = ensemble.hidden_states(ids, mask)[scored]
+            targets = labels[scored]
+            tokens += int(targets.numel())
+            for start in range(0, hidden.shape[0], 1024):
+                # the three heads once per chunk; only the weighted sum is repeated per beta
+                large, change = ensemble.head.parts_from_hidden(hidden[start: start + 1024])
+                tgt = targets[start: start + 1024, None]
+                for beta in betas:
+                    logits = large + beta * change if beta != 0.0 else large
+                    nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt).squeeze(1)
+                    sums[beta] += float(nll.double().sum())
     return {b: sums[b] / max(1, tokens) for b in betas}
 
 
