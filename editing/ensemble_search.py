@@ -8,6 +8,7 @@ and only the cheap head arithmetic is repeated per beta.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -130,16 +131,40 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
 
 
 def _edit_digest(module: EditingModule) -> str:
-    """A hash of the edit a Backpack module carries (its trainable deltas, or its installed sense edit)."""
+    """A hash of everything the ensemble reads from a Backpack module: the edited model (every parameter and buffer,
+    an installed sense edit, adapter settings) and the reference model its ``reference()`` yields.
+
+    Hashing whole models rather than "the trainable deltas" keeps the digest right for every way an edit reaches
+    the ensemble: a loaded LoRA adapter or changed tensors train nothing, and a full-finetuning module's p0 is a
+    separate model.
+    """
     digest = hashlib.sha256()
-    state = dict(module.trainable_parameters())
-    edit = getattr(backpack_of(module.model), "sense_edit", None) if backpack_of(module.model) is not None else None
-    if edit is not None:
-        state.update({f"sense_edit.{n}": t for n, t in edit.state_dict().items()})
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    _hash_model(digest, "edited", module.model)
+    with module.reference() as base:
+        _hash_model(digest, "base", base)
     return digest.hexdigest()
+
+
+def _hash_model(digest, label: str, model: torch.nn.Module) -> None:
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    backpack = backpack_of(model)
+    edit = getattr(backpack, "sense_edit", None) if backpack is not None else None
+    if edit is not None:  # installed outside the module tree: not among the model's own tensors
+        state.update({f"sense_edit.{n}": t for n, t in edit.state_dict().items()})
+    digest.update(f"{label}:{type(model).__name__}".encode())
+    # LoRA's scaling (alpha / rank) and target modules live in the adapter config, not in tensors
+    for name, config in sorted((getattr(model, "peft_config", None) or {}).items()):
+        settings = json.dumps(config.to_dict(), sort_keys=True, default=_jsonable)
+        digest.update(f"peft:{name}:{settings}".encode())
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _jsonable(value: object) -> object:
+    return sorted(map(str, value)) if isinstance(value, set | frozenset) else str(value)
 
 
 def edit_folders(edits: str | Path, balls: tuple[float, ...]) -> dict[str, Path]:
