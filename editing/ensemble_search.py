@@ -8,6 +8,7 @@ and only the cheap head arithmetic is repeated per beta.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from editing.budget import ball_key, choose_beta
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
+from editing.evaluation.precision import full_precision
 from editing.methods.base import EditingModule, evaluate
 from editing.methods.senses.selection import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
@@ -31,7 +33,7 @@ BETAS = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))  # 1.0, 0.9, ..., 0.0
 @torch.no_grad()
 def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ...] = BETAS,
                         progress: bool = False) -> dict[float, float]:
-    """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G."""
+    """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G (in full fp32)."""
     device = next(ensemble.large.parameters()).device
     ensemble.eval()
     sums = {b: 0.0 for b in betas}
@@ -39,21 +41,21 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
     loader = datamodule.eval_dataloader("general")
     if progress:
         loader = tqdm(loader, desc="ensemble general NLL (all betas)", leave=False, file=sys.stderr)
-    for batch in loader:
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        parts = [ensemble._hidden(ensemble.large, ids, mask), ensemble._hidden(ensemble.backpack, ids, mask)]
-        with ensemble.backpack_reference():
-            parts.append(ensemble._hidden(ensemble.backpack, ids, mask))
-        scored = labels != IGNORE
-        hidden = torch.cat([p.float()[scored] for p in parts], dim=-1)
-        targets = labels[scored]
-        tokens += int(targets.numel())
-        for start in range(0, hidden.shape[0], 1024):
-            chunk, tgt = hidden[start: start + 1024], targets[start: start + 1024]
-            for beta in betas:
-                logits = ensemble.head.logits_from_hidden(chunk, beta)
-                nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt[:, None]).squeeze(1)
-                sums[beta] += float(nll.double().sum())
+    with full_precision():
+        for batch in loader:
+            ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+            scored = labels != IGNORE
+            hidden = ensemble.hidden_states(ids, mask)[scored]
+            targets = labels[scored]
+            tokens += int(targets.numel())
+            for start in range(0, hidden.shape[0], 1024):
+                # the three heads once per chunk; only the weighted sum is repeated per beta
+                large, change = ensemble.head.parts_from_hidden(hidden[start: start + 1024])
+                tgt = targets[start: start + 1024, None]
+                for beta in betas:
+                    logits = large + beta * change if beta != 0.0 else large
+                    nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt).squeeze(1)
+                    sums[beta] += float(nll.double().sum())
     return {b: sums[b] / max(1, tokens) for b in betas}
 
 
@@ -116,16 +118,40 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
 
 
 def _edit_digest(module: EditingModule) -> str:
-    """A hash of the edit a Backpack module carries (its trainable deltas, or its installed sense edit)."""
+    """A hash of everything the ensemble reads from a Backpack module: the edited model (every parameter and buffer,
+    an installed sense edit, adapter settings) and the reference model its ``reference()`` yields.
+
+    Hashing whole models rather than "the trainable deltas" keeps the digest right for every way an edit reaches
+    the ensemble: a loaded LoRA adapter or changed tensors train nothing, and a full-finetuning module's p0 is a
+    separate model.
+    """
     digest = hashlib.sha256()
-    state = dict(module.trainable_parameters())
-    edit = getattr(backpack_of(module.model), "sense_edit", None) if backpack_of(module.model) is not None else None
-    if edit is not None:
-        state.update({f"sense_edit.{n}": t for n, t in edit.state_dict().items()})
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    _hash_model(digest, "edited", module.model)
+    with module.reference() as base:
+        _hash_model(digest, "base", base)
     return digest.hexdigest()
+
+
+def _hash_model(digest, label: str, model: torch.nn.Module) -> None:
+    state = dict(model.named_parameters())
+    state.update(model.named_buffers())
+    backpack = backpack_of(model)
+    edit = getattr(backpack, "sense_edit", None) if backpack is not None else None
+    if edit is not None:  # installed outside the module tree: not among the model's own tensors
+        state.update({f"sense_edit.{n}": t for n, t in edit.state_dict().items()})
+    digest.update(f"{label}:{type(model).__name__}".encode())
+    # LoRA's scaling (alpha / rank) and target modules live in the adapter config, not in tensors
+    for name, config in sorted((getattr(model, "peft_config", None) or {}).items()):
+        settings = json.dumps(config.to_dict(), sort_keys=True, default=_jsonable)
+        digest.update(f"peft:{name}:{settings}".encode())
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _jsonable(value: object) -> object:
+    return sorted(map(str, value)) if isinstance(value, set | frozenset) else str(value)
 
 
 def edit_folders(edits: str | Path, balls: tuple[float, ...]) -> dict[str, Path]:

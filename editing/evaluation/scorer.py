@@ -2,7 +2,9 @@
 
 The model runs once per padded batch; a pre-hook on the output embedding captures the final hidden states, so
 the LM head is applied only at positions that predict a scored token (for a long prefix and a short suffix that is
-a few rows instead of the whole sequence). The head matmul, log-softmax and NLL run in fp32.
+a few rows instead of the whole sequence). The head matmul, log-softmax and NLL run in fp32. Autocast would override
+that (a bf16-mixed training step scores its loss in bf16, as it may); evaluation calls these functions inside
+``editing.evaluation.precision.full_precision``, where autocast is off.
 """
 
 from __future__ import annotations

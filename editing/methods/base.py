@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from editing.errors import ConfigError
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
+from editing.evaluation.precision import full_precision
 from editing.evaluation.scorer import example_nll, sequence_nll
 from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
@@ -299,9 +300,14 @@ class EditingModule(L.LightningModule):
     # evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate_batch(self, batch: dict) -> None:
-        """Score one evaluation batch and update the metric of its role."""
+        """Score one evaluation batch (in full fp32, see ``full_precision``) and update the metric of its role."""
         if batch["input_ids"].numel() == 0:  # an empty shard under DDP (fewer examples than processes)
             return
+        # under --trainer.precision bf16-mixed, Lightning runs validation/test steps in autocast
+        with full_precision():
+            self._evaluate_batch(batch)
+
+    def _evaluate_batch(self, batch: dict) -> None:
         role = batch["role"]
         m = self.eval_metrics
         if role == "evaluation":
@@ -414,12 +420,13 @@ def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, 
     device = next(module.model.parameters()).device
     was_training = module.model.training
     module.model.eval()
-    for role in roles or datamodule.eval_roles():
-        loader = datamodule.eval_dataloader(role)
-        if progress:
-            loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
-        for batch in loader:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            module.evaluate_batch(batch)
+    with full_precision():
+        for role in roles or datamodule.eval_roles():
+            loader = datamodule.eval_dataloader(role)
+            if progress:
+                loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                module.evaluate_batch(batch)
     module.model.train(was_training)
     return module.evaluation_summary()

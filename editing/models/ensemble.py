@@ -47,19 +47,32 @@ class EnsembleHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits_from_hidden(hidden)
 
+    def parts_from_hidden(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The large model's logits and the edit's log-probability change, both fp32 over the shared vocabulary,
+        from concatenated hidden states (n, d_large + 2 d_backpack); the ensemble's logits at beta are
+        ``large + beta * change``."""
+        e = self.ensemble
+        d_large, d_small = e.large_width, e.backpack_width
+        large = head_logits(e.large, hidden[:, :d_large])[:, : e.vocab]
+        h_edit = hidden[:, d_large: d_large + d_small]
+        h_base = hidden[:, d_large + d_small:]
+        edit = F.log_softmax(head_logits(e.backpack, h_edit)[:, : e.vocab], dim=-1)
+        # the base distribution's head is the reference model's own: a full-finetuning edit keeps p0 as a separate
+        # model, and an edit of changed tensors swaps the head's base values back only inside the context
+        with e.backpack_reference() as base:
+            base_logprobs = F.log_softmax(head_logits(base, h_base)[:, : e.vocab], dim=-1)
+        return large, edit - base_logprobs
+
     def logits_from_hidden(self, hidden: torch.Tensor, beta: float | None = None) -> torch.Tensor:
         """Ensemble logits (fp32) from concatenated hidden states (..., d_large + 2 d_backpack)."""
         e = self.ensemble
         beta = e.beta if beta is None else beta
-        d_large, d_small = e.large_width, e.backpack_width
-        h_large = hidden[..., :d_large]
-        logits = head_logits(e.large, h_large.reshape(-1, d_large))[:, : e.vocab]
-        if beta != 0.0:
-            h_edit = hidden[..., d_large: d_large + d_small].reshape(-1, d_small)
-            h_base = hidden[..., d_large + d_small:].reshape(-1, d_small)
-            edit = F.log_softmax(head_logits(e.backpack, h_edit)[:, : e.vocab], dim=-1)
-            base = F.log_softmax(head_logits(e.backpack, h_base)[:, : e.vocab], dim=-1)
-            logits = logits + beta * (edit - base)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if beta == 0.0:  # exactly the large model's logits (its scores equal the large model's own)
+            logits = head_logits(e.large, flat[:, : e.large_width])[:, : e.vocab]
+        else:
+            large, change = self.parts_from_hidden(flat)
+            logits = large + beta * change
         return logits.view(*hidden.shape[:-1], e.vocab)
 
 
@@ -68,10 +81,10 @@ class EnsembleLM(nn.Module):
 
     Args:
         large: the large causal LM.
-        backpack: the Backpack (carrying an installed sense edit, or any edit whose p0 ``backpack_reference``
-            yields).
-        backpack_reference: a context manager factory within which ``backpack`` computes its unedited
-            distribution (for sense edits: the deltas switched off).
+        backpack: the edited Backpack (carrying an installed sense edit, changed weights, an adapter, ...).
+        backpack_reference: a context manager factory yielding the model that computes the Backpack's unedited
+            distribution p0 (the edit's ``reference``): the same model with the edit switched off, or a separate
+            copy (full finetuning keeps the base weights in a frozen copy). The ensemble runs the model it yields.
         vocab: the shared vocabulary size (``shared_vocabulary``).
         beta: the edit's weight.
     """
@@ -99,16 +112,23 @@ class EnsembleLM(nn.Module):
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return store["hidden"]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> dict:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      with_backpack: bool = True) -> torch.Tensor:
+        """The final hidden states of the large model, the edited Backpack and the base Backpack (the model
+        ``backpack_reference`` yields), concatenated in fp32: (b, s, d_large + 2 d_backpack). Without
+        ``with_backpack`` the Backpack parts are zeros (at beta 0 they do not matter)."""
         parts = [self._hidden(self.large, input_ids, attention_mask)]
-        if self.beta != 0.0:
+        if with_backpack:
             parts.append(self._hidden(self.backpack, input_ids, attention_mask))
-            with self.backpack_reference():
-                parts.append(self._hidden(self.backpack, input_ids, attention_mask))
-        else:  # the Backpack does not matter at beta 0; zeros keep the layout
+            with self.backpack_reference() as base:
+                parts.append(self._hidden(base, input_ids, attention_mask))
+        else:
             zeros = parts[0].new_zeros(*parts[0].shape[:-1], self.backpack_width)
             parts += [zeros, zeros]
-        hidden = torch.cat([p.float() for p in parts], dim=-1)
+        return torch.cat([p.float() for p in parts], dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> dict:
+        hidden = self.hidden_states(input_ids, attention_mask, with_backpack=self.beta != 0.0)
         return {"logits": self.head(hidden)}
 
 
