@@ -177,8 +177,10 @@ def _read_checkpoint(path: Path) -> dict:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read it is the same fault for the user
-        raise ConfigError(f"--ckpt_path {path}: not a readable checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); give a .ckpt file a fit wrote") from None
+        # torch's own message would advise weights_only=False, i.e. running code from an untrusted file
+        what = "an empty file" if path.stat().st_size == 0 else f"not a readable checkpoint ({type(err).__name__})"
+        raise ConfigError(f"--ckpt_path {path}: {what}; it is truncated, corrupt or not written by a fit. Give a "
+                          ".ckpt file a fit wrote (e.g. <run>/checkpoints/last.ckpt) or `last`") from None
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
