@@ -5,6 +5,8 @@ stopping early is an option (``patience``)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -14,8 +16,11 @@ from editing import __version__
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, parse_balls, parse_max_epoch
 from editing.errors import ConfigError
 from editing.methods.base import METRIC_NAMES, evaluate
-from editing.results import ensure_writable, write_json
+from editing.results import write_json
+from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
 from editing.types import LossType, MethodName
+
+OVERWRITE_FLAG = "--budget.overwrite true"
 
 # re-exported: the ball rule lives in editing.budget
 __all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs", "format_balls"]
@@ -61,6 +66,9 @@ class DegradationBudget(L.Callback):
         self.stopped_early: dict | None = None
         self.resolved_config: dict | None = None
         self.results_path: Path | None = None
+        self._catching_up = False
+        self._restored = False
+        self.claims: list[Claim] = []
 
     # state in checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -68,6 +76,7 @@ class DegradationBudget(L.Callback):
                 "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early}
 
     def load_state_dict(self, state: dict) -> None:
+        self._restored = True  # a resumed run: epoch 0's row is in the log already
         self.history = list(state["history"])
         self.ball_states = dict(state["ball_states"])
         self.outside = int(state["outside"])
@@ -88,9 +97,22 @@ class DegradationBudget(L.Callback):
         return record
 
     def _log(self, module, record: dict) -> None:
-        for name in (*METRIC_NAMES, "degradation"):
-            if record.get(name) is not None:
-                module.log(f"val/{name}", float(record[name]), rank_zero_only=True)
+        # The epoch's row goes to the loggers at once rather than through module.log, which writes it only after
+        # every callback's epoch-end hook: a checkpoint written at the epoch's end (which a resumed run does not
+        # evaluate again) then comes after its row, and an epoch evaluated late (_catch_up) gets the row its end
+        # would have had.
+        trainer = module.trainer
+        metrics = {f"val/{k}": float(v) for k, v in record.items()
+                   if k in (*METRIC_NAMES, "degradation") and v is not None}
+        # Lightning's step for an epoch's end row; a late evaluation runs before the restored count is advanced
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped - (0 if self._catching_up else 1)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=step)
+                logger.save()
+        if not self._catching_up:
+            for name, value in metrics.items():  # for monitoring callbacks and the progress bar
+                module.log(name, value, rank_zero_only=True, logger=False)
 
     def _update_balls(self, module, record: dict) -> None:
         initial = self.history[0]["general_nll"]
@@ -101,10 +123,38 @@ class DegradationBudget(L.Callback):
                 self.ball_states[ball.key] = state
 
     # hooks -----------------------------------------------------------------------------------------------
+    def claim_run_folder(self, trainer: L.Trainer, resuming: bool, also: tuple[Path, ...] = (),
+                         restarting: bool = False) -> None:
+        """Check and claim the run folder and the folders ``also`` (see ``editing.run_folder``, which explains
+        ``resuming`` and ``restarting``) unless done already.
+
+        The CLI calls this before the fit touches any file (with the logger's folder in ``also``), ``on_fit_start``
+        for fits started otherwise. Every folder is checked before any is claimed, so a refused fit writes nothing.
+        """
+        if self.claims or not trainer.is_global_zero:
+            return
+        folders = list(dict.fromkeys(Path(os.path.abspath(f)) for f in (self.run_dir(trainer), *also)))
+        for folder in folders:
+            check_folder(folder, resuming, self.overwrite, OVERWRITE_FLAG, restarting)
+        try:
+            for folder in folders:
+                self.claims.append(claim_folder(folder, resuming, self.overwrite, OVERWRITE_FLAG, restarting))
+        except BaseException:
+            self.release_run_folder()
+            raise
+
+    def release_run_folder(self) -> None:
+        """Give up the claim on the run folder (the run ended, or failed)."""
+        claims, self.claims = self.claims, []
+        for claim in claims:
+            claim.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self.release_run_folder()
+
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         # a resumed run continues its own results; anything else must not replace a finished run
-        ensure_writable(self.run_dir(trainer) / "results.json", self.overwrite or bool(trainer.ckpt_path),
-                        "--budget.overwrite true")
+        self.claim_run_folder(trainer, resuming=bool(trainer.ckpt_path))
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
             return
         record = self._evaluate(trainer, pl_module, 0)
@@ -112,11 +162,33 @@ class DegradationBudget(L.Callback):
         self.ball_states = {ball.key: pl_module.delta_state() for ball in self.balls}
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        if len(self.history) == 1 and trainer.logger is not None:
+        self._catch_up(trainer, pl_module)
+        if len(self.history) == 1 and not self._restored and trainer.logger is not None:
             # epoch 0 is logged once a logger is ready
             metrics = {f"val/{k}": float(v) for k, v in self.history[0].items()
                        if k in (*METRIC_NAMES, "degradation") and v is not None}
             trainer.logger.log_metrics(metrics, step=0)
+
+    def _catch_up(self, trainer: L.Trainer, pl_module) -> None:
+        """Evaluate an epoch whose end a resumed run skipped.
+
+        Lightning resumes a checkpoint written after an epoch's last batch (``every_n_train_steps``) in the next
+        epoch without calling ``on_train_epoch_end``: that epoch would never be evaluated. The deltas restored are
+        the ones its end would have seen, so it is evaluated here, as its end would have done.
+        """
+        finished = trainer.current_epoch  # epochs whose batches are all done
+        if not self.history or self.history[-1]["epoch"] >= finished or self.diverged_epoch is not None:
+            return
+        if trainer.should_stop or self.history[-1]["epoch"] != finished - 1:
+            return
+        progress = trainer.fit_loop.epoch_progress.current
+        progress.completed -= 1  # current_epoch: the epoch whose end this is, as in on_train_epoch_end
+        self._catching_up = True
+        try:
+            self.on_train_epoch_end(trainer, pl_module)
+        finally:
+            progress.completed += 1
+            self._catching_up = False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
@@ -168,15 +240,6 @@ class DegradationBudget(L.Callback):
             return
         run_dir = self.run_dir(trainer)
         balls = self.summary()
-        edits = {}
-        if self.save_edits:
-            current = pl_module.delta_state()
-            for key, info in balls.items():
-                state = self.ball_states.get(key)
-                if state is None or info["epoch"] != self._state_epoch(key):
-                    continue
-                edits[key] = str(pl_module.export_edit(run_dir / "edits" / f"ball_{key}", state))
-            pl_module.load_delta_state(current)
         dm = trainer.datamodule
         record = {
             "method": MethodName(pl_module.method).value,
@@ -191,16 +254,54 @@ class DegradationBudget(L.Callback):
             "stopped_early": self.stopped_early,
             "epochs": self.history,
             "balls": balls,
-            "edits": edits,
+            "edits": {},
             "data_files": dm.describe(),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "editing_version": __version__,
         }
-        self.results_path = write_json(run_dir / "results.json", record, overwrite=True)
+        try:
+            self.results_path = self._write_results(run_dir, record, pl_module)
+        except OSError as err:
+            # disk full, folder gone or made read-only during training: what was computed is not lost
+            rescue = self._rescue(record, pl_module)
+            saved = f"the results and edits were saved in {rescue} instead" if rescue else \
+                "nothing could be saved elsewhere either"
+            raise ResultsWriteError(
+                f"could not write the results into {run_dir}: {err.strerror or err}; {saved}. Free space or fix the "
+                "folder, then copy them there (or resume with --ckpt_path last, which writes them again)"
+            ) from None
+        self.release_run_folder()
         print(format_balls(self.history, balls))
         if self.stopped_early is not None:
             print(f"stopped early after epoch {self.stopped_early['epoch']}: {self.stopped_early['reason']}")
         print(f"results: {self.results_path}")
+
+    def _write_results(self, run_dir: Path, record: dict, pl_module) -> Path:
+        edits = {}
+        if self.save_edits:
+            current = pl_module.delta_state()
+            try:
+                for key, info in record["balls"].items():
+                    state = self.ball_states.get(key)
+                    if state is None or info["epoch"] != self._state_epoch(key):
+                        continue
+                    edits[key] = str(pl_module.export_edit(run_dir / "edits" / f"ball_{key}", state))
+            finally:
+                pl_module.load_delta_state(current)
+        record["edits"] = edits
+        return write_json(run_dir / "results.json", record, overwrite=True)
+
+    def _rescue(self, record: dict, pl_module) -> Path | None:
+        for root in (os.environ.get("EDITING_RESCUE_DIR"), tempfile.gettempdir(), Path.home()):
+            if not root:
+                continue
+            try:
+                folder = Path(tempfile.mkdtemp(prefix="editing-results-", dir=root))
+                self._write_results(folder, record, pl_module)
+                return folder
+            except OSError:
+                continue
+        return None
 
     def _state_epoch(self, key: str) -> int:
         # The saved state of a ball is the one of the last epoch inside it, which is what choose_epochs picks

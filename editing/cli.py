@@ -20,6 +20,9 @@ from editing.errors import EditingError
 
 # While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
 warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
+# Lightning warns that a mid-epoch resume replays the epoch unless the loader is stateful; the DataModules resume
+# their loader's place in the epoch through their own checkpoint state instead, so the warning does not apply
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 EXTRA_COMMANDS = ("evaluate", "data", "apply", "senses", "ensemble", "sweep", "sweep-status", "select", "test-runs",
                   "report")
@@ -37,9 +40,20 @@ class FitConfigSaver(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        if self.config.get("ckpt_path"):
-            self.overwrite = True  # resuming continues the same run, whose config this is
-        super().setup(trainer, pl_module, stage)
+        budget = self.config.get("budget") or {}
+        if self.config.get("ckpt_path") or budget.get("overwrite"):
+            # resuming continues the same run, whose config this is; --budget.overwrite replaces the run, config too
+            self.overwrite = True
+        try:
+            super().setup(trainer, pl_module, stage)
+        except RuntimeError as err:
+            if "to NOT exist" not in str(err):
+                raise
+            from editing.run_folder import RunFolderError
+
+            config = Path(trainer.log_dir) / self.config_filename
+            raise RunFolderError(f"{config} exists: that folder holds another run. Resume it with --ckpt_path last, "
+                                 "choose another logger version or folder, or pass --budget.overwrite true") from None
 
 
 class EditingCLI(LightningCLI):
@@ -72,8 +86,43 @@ class EditingCLI(LightningCLI):
             if isinstance(callback, (EvaluationReport, DegradationBudget)):
                 callback.resolved_config = resolved
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would parse the hyperparameters stored in a --ckpt_path FILE as the model's init arguments,
+        # which ours are not (they describe the run), so an explicit path never resumed. The command line defines
+        # the run; the checkpoint is checked against it before the fit starts (_prepare_run_folders).
+        return
+
     def before_fit(self) -> None:
         self._attach_config()
+        self._prepare_run_folders()
+
+    def _prepare_run_folders(self) -> None:
+        """Before the fit touches any file: resolve and check the checkpoint to resume, claim the run folders
+        (refusing a fit that would clobber another run, or that cannot write), and keep the metrics log of a run
+        being resumed. A fit refused here has changed nothing on disk."""
+        from lightning.pytorch.loggers import CSVLogger
+
+        from callbacks.degradation_budget import DegradationBudget
+        from editing.metrics_log import keep_metrics_log
+
+        trainer = self.trainer
+        config = self.config_init[self.subcommand]
+        path = _resolve_ckpt_path(trainer, config.get("ckpt_path"))
+        restarting = config.get("ckpt_path") == "last" and path is None
+        if path is not None:
+            self.model.check_checkpoint(_read_checkpoint(path), str(path))
+            config["ckpt_path"] = str(path)  # resume the very file that was checked
+        elif restarting:
+            config["ckpt_path"] = None
+        resuming = bool(config.get("ckpt_path"))
+        budget = next((cb for cb in trainer.callbacks if isinstance(cb, DegradationBudget)), None)
+        if budget is None or not _launching_process():
+            return
+        budget.claim_run_folder(trainer, resuming, also=(Path(trainer.log_dir),), restarting=restarting)
+        if resuming:
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    keep_metrics_log(logger)
 
     def before_validate(self) -> None:
         self._attach_config()
@@ -82,8 +131,60 @@ class EditingCLI(LightningCLI):
         self._attach_config()
 
 
+def _launching_process() -> bool:
+    """Whether this is the process that starts the fit (global rank 0). Before the fit the trainer's ranks are not
+    set yet (every DDP process reads as rank 0), so they are read from the environment the launcher sets."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0 and int(os.environ.get("NODE_RANK") or 0) == 0
+
+
+def _resolve_ckpt_path(trainer, ckpt_path: str | None) -> Path | None:
+    """The checkpoint file ``--ckpt_path`` means: ``last`` is the newest ``last*.ckpt`` where the run's
+    ModelCheckpoint writes (None when there is none: the fit starts afresh, as Lightning does); other keywords
+    (``best``, ``hpc``) are left to Lightning (None)."""
+    from editing.errors import ConfigError
+
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    if ckpt_path == "last":
+        folders = {Path(cb.dirpath) if cb.dirpath else Path(trainer.log_dir) / "checkpoints"
+                   for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
+        found = [f for folder in folders for f in folder.glob("last*.ckpt") if f.is_file()]
+        if not found:
+            print(f"--ckpt_path last: no last.ckpt in {', '.join(map(str, sorted(folders))) or 'any folder'}; "
+                  "starting a new run", file=sys.stderr)
+            return None
+        return max(found, key=lambda f: f.stat().st_mtime)
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file; give the path of a .ckpt file "
+                          "(e.g. <run>/checkpoints/last.ckpt) or `last`")
+    return path
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, without unpickling code (memory-mapped: its tensors are read only when used)."""
+    import torch
+
+    from editing.errors import ConfigError
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # a checkpoint in torch's legacy format cannot be memory-mapped
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the same fault for the user
+        # torch's own message would advise weights_only=False, i.e. running code from an untrusted file
+        what = "an empty file" if path.stat().st_size == 0 else f"not a readable checkpoint ({type(err).__name__})"
+        raise ConfigError(f"--ckpt_path {path}: {what}; it is truncated, corrupt or not written by a fit. Give a "
+                          ".ckpt file a fit wrote (e.g. <run>/checkpoints/last.ckpt) or `last`") from None
+
+
 def run_lightning_cli(args: list[str] | None) -> None:
-    """``editing validate|test`` through LightningCLI."""
+    """``editing fit|validate|test`` through LightningCLI."""
     from editing.data.datamodule import TaskDataModule
     from editing.methods.base import EditingModule
 

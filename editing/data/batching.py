@@ -79,10 +79,18 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
+        """Batches to leave out at the start of the next iteration only (those a resumed run trained on already)."""
 
     def set_epoch(self, epoch: int) -> None:
         """Change the shuffle for a new epoch."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> TokenBudgetBatchSampler:
+        """Itself. Lightning calls ``set_epoch`` on a loader's ``sampler`` and on its ``batch_sampler.sampler``, never
+        on the batch sampler: without this the training order would be the same in every epoch."""
+        return self
 
     def _batches(self) -> list[list[int]]:
         order = list(range(len(self.lengths)))
@@ -122,7 +130,8 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return batches[rank::world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._shard()
+        skip, self.skip = self.skip, 0
+        yield from self._shard()[skip:]
 
     def __len__(self) -> int:
         return len(self._shard())

@@ -283,19 +283,64 @@ class EditingModule(L.LightningModule):
         checkpoint["editing_state"] = {"diverged": self.diverged, "initial": self._initial, "fisher": self._fisher}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("base_identity")
-        if saved is None:
-            raise ConfigError("checkpoint has no base model identity: it was not written by canonical-editing")
-        if saved.get("fingerprint") != self.identity["fingerprint"]:
-            raise ConfigError(
-                f"checkpoint was made on base model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}), "
-                f"but this run loads {self.identity['name']!r} (fingerprint {self.identity['fingerprint']}); "
-                "resume with the same --model.base settings"
-            )
+        self.check_checkpoint(checkpoint)
         state = checkpoint.get("editing_state", {})
         self.diverged = bool(state.get("diverged", False))
         self._initial = state.get("initial", {}) or {}
         self._fisher = state.get("fisher", {}) or {}
+
+    def check_checkpoint(self, checkpoint: dict, source: str | None = None) -> None:
+        """Refuse a checkpoint this run cannot continue: another method, another base model, or deltas of other
+        names or shapes (other method settings, e.g. a LoRA rank).
+
+        Args:
+            checkpoint: the loaded checkpoint.
+            source: its path, for the message.
+
+        Raises:
+            ConfigError: naming what the checkpoint was made with and what this run has.
+        """
+        where = f"checkpoint {source}" if source else "the checkpoint"
+        saved = checkpoint.get("base_identity")
+        if saved is None:
+            raise ConfigError(f"{where} has no base model identity: it was not written by a canonical-editing fit")
+        method = (checkpoint.get("hyper_parameters") or {}).get("method")
+        ours = getattr(self.method, "value", self.method)
+        if method is not None and getattr(method, "value", method) != ours:
+            raise ConfigError(
+                f"{where} was made by method {getattr(method, 'value', method)!r} on base model "
+                f"{saved.get('name')!r}, but this run is method {ours!r} on {self.identity['name']!r}; resume with "
+                "the --model (class_path) the checkpoint was made with, or start a new run without --ckpt_path"
+            )
+        if saved.get("fingerprint") != self.identity["fingerprint"]:
+            raise ConfigError(
+                f"{where} was made on base model {saved.get('name')!r} (fingerprint {saved.get('fingerprint')}), "
+                f"but this run loads {self.identity['name']!r} (fingerprint {self.identity['fingerprint']}); "
+                "resume with the same --model.base settings"
+            )
+        self._check_checkpoint_deltas(checkpoint, where)
+
+    def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
+        # Loading is not strict (a checkpoint holds only the deltas), so deltas of other names would be skipped
+        # silently and other shapes would fail deep inside torch: compare them first. Methods whose deltas are made
+        # later (sense selection in setup) or change shape (MEMIT's rank) have none yet or override this.
+        params = {n: tuple(p.shape) for n, p in self.trainable_parameters().items()}
+        if not params:
+            return
+        state = {n: tuple(t.shape) for n, t in (checkpoint.get("state_dict") or {}).items()}
+        if state == params:
+            return
+        # the method's own settings (e.g. lora.rank) shape the deltas; base, optimizer and regularization do not
+        skip = ("method", "base", "optimizer", "regularization")
+        theirs = _flatten({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k not in skip})
+        ours = _flatten({k: v for k, v in dict(self.hparams).items() if k not in skip})
+        differ = [f"{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} here"
+                  for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if not differ:
+            names = sorted(set(state) ^ set(params)) or sorted(n for n in params if state[n] != params[n])
+            differ = [f"deltas of other names or shapes, e.g. {names[:2]}"]
+        raise ConfigError(f"{where} holds deltas made with other settings ({'; '.join(differ)}); resume with the "
+                          "settings it was made with, or start a new run without --ckpt_path")
 
     # evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -399,6 +444,17 @@ def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return 0
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"lora": {"rank": 4}}`` -> ``{"lora.rank": 4}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:

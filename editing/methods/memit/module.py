@@ -147,6 +147,13 @@ class MEMITEditor(EditingModule):
         self.write_base_identity(folder)
         return folder
 
+    def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
+        # the factors' rank is the number of requests, so only their names must match
+        state = checkpoint.get("state_dict") or {}
+        if set(state) != set(self.trainable_parameters()):
+            raise ConfigError(f"{where} holds MEMIT factors of other layers ({sorted(state)[:4]}); resume with the "
+                              "memit.layers it was made with")
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         # the factors' rank is the number of requests: shape them as saved before Lightning loads the state dict
