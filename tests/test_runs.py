@@ -398,7 +398,7 @@ def test_results_are_saved_elsewhere_when_the_run_folder_fails_at_the_end(tmp_pa
     L.seed_everything(0)
     module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=4),
                         optimizer=OptimizerConfig(lr=3e-3))
-    budget = DegradationBudget(output_dir=str(run), balls=[1.0], patience=100)
+    budget = DegradationBudget(output_dir=str(run), balls=[0.5], patience=100)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                         enable_checkpointing=False, callbacks=[budget], default_root_dir=str(tmp_path))
@@ -408,8 +408,8 @@ def test_results_are_saved_elsewhere_when_the_run_folder_fails_at_the_end(tmp_pa
     assert str(rescue) in str(caught.value) and "No space left on device" in str(caught.value)
     saved = json.loads((rescue / "results.json").read_text())
     assert saved["epochs"] == json.loads(json.dumps(budget.history))
-    assert saved["balls"]["1e+00"]["epoch"] == 2
-    edit = Path(saved["edits"]["1e+00"])
+    assert saved["balls"]["5e-01"]["epoch"] == 2
+    edit = Path(saved["edits"]["5e-01"])
     assert edit.parent.parent == rescue
     tensors = load_file(str(edit / "adapter_model.safetensors"))
     current = module.delta_state()
@@ -437,7 +437,7 @@ def _inprocess_fit(root: Path, accumulate: int, ckpt_path: str | None = None, ke
     module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=4),
                         optimizer=OptimizerConfig(lr=3e-3))
     order = _Order()
-    callbacks = [DegradationBudget(output_dir=str(root), balls=[1e-3, 1.0], patience=100), order,
+    callbacks = [DegradationBudget(output_dir=str(root), balls=[1e-3, 0.5], patience=100), order,
                  ModelCheckpoint(dirpath=str(root / "checkpoints"), every_n_train_steps=1,
                                  save_top_k=-1 if keep else 0, save_last=False)]
     L.Trainer(max_epochs=3, limit_train_batches=4, logger=False, enable_progress_bar=False,
