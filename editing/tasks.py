@@ -10,9 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from editing.errors import ConfigError
+from editing.textfiles import load_yaml
 
 LossType = Literal["good", "bad", "balance", "good-v-bad"]
 LOSS_TYPES: tuple[str, ...] = ("good", "bad", "balance", "good-v-bad")
@@ -119,10 +118,7 @@ def load_task_yaml(path: str | Path) -> TaskSpec:
         The task.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = load_yaml(path, "task YAML")  # names the file and line of a non-UTF-8 byte or a syntax error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys loss, threshold, canonical, evaluation")
     allowed = {f.name for f in fields(TaskSpec)} - {"base_dir", "builtin"}
