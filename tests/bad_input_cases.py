@@ -342,6 +342,13 @@ def _cases() -> list[Case]:
 
     add(_c("corpus_not_utf8", corpus_not_utf8, ["part.jsonl", "line 2", "UTF-8"], utf8))
 
+    def distill_resume_truncated(d: Path, a: Artifacts) -> list[str]:
+        _truncate(_copy(a.checkpoint, d / "last.ckpt"))
+        return [*corpus_not_utf8(d, a), "--ckpt_path", "last.ckpt"]
+
+    add(_c("distill_resume_from_truncated_checkpoint", distill_resume_truncated, ["last.ckpt", "truncated"],
+           ["without --ckpt_path"]))
+
     # --- models --------------------------------------------------------------------------------------------------
     def not_gguf(d: Path, a: Artifacts) -> list[str]:
         (d / "model.gguf").write_bytes(b"this is not a model\n" * 100)
@@ -423,6 +430,16 @@ def _cases() -> list[Case]:
 
     add(_c("fit_resume_from_corrupt_last", corrupt_last, ["last.ckpt", "truncated"], ["without --ckpt_path"]))
 
+    def code_in_last(d: Path, a: Artifacts) -> list[str]:
+        (d / "ckpt").mkdir()
+        crafted_checkpoint(d / "ckpt" / "last.ckpt", d / "MARKER")
+        # the trainer's own load (not the --ckpt_path pre-check), even when told weights_only=false
+        return [*TINY_FIT, "--checkpoint.dirpath", "ckpt", "--trainer.logger", "false", "--ckpt_path", "last",
+                "--weights_only", "false"]
+
+    add(_c("fit_resume_last_with_code", code_in_last, ["last.ckpt", "code"], ["without --ckpt_path"],
+           absent=("MARKER",)))
+
     def other_base(d: Path, a: Artifacts) -> list[str]:
         return [*TINY_FIT[:4], "tiny-llama", *TINY_FIT[5:], "--ckpt_path", str(_copy(a.checkpoint, d / "last.ckpt"))]
 
@@ -503,6 +520,8 @@ def _cases() -> list[Case]:
            absent=("sweeps/nosuch",)))
     add(_c("select_without_any_sweep", lambda d, a: ["select", "--study_name", "nosuch", "--root", "sweeps"],
            ["nosuch"], ["editing sweep"], absent=("sweeps",)))
+    add(_c("report_without_test_runs", lambda d, a: ["report", "--root", "sweeps"], ["no test runs"],
+           ["editing test-runs"]))
     add(_c("test_runs_without_selection", lambda d, a: ["test-runs", "--root", "sweeps"], ["selection.json"],
            ["editing select"]))
     return cases

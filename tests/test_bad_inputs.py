@@ -49,7 +49,8 @@ def test_the_table_covers_the_issue() -> None:
                      "negative_learning_rate", "lora_rank_zero", "edit_truncated", "edit_wrong_shape",
                      "edit_base_model_json_malformed", "edit_adapter_of_a_backpack", "edit_scaled_1000x",
                      "edit_with_nan", "storage_not_a_url", "storage_unreachable", "space_single_path_bad_yaml",
-                     "space_bad_distribution", "select_unknown_study", "sweep_status_unknown_study"):
+                     "space_bad_distribution", "select_unknown_study", "sweep_status_unknown_study",
+                     "fit_resume_last_with_code", "fit_resume_from_corrupt_last"):
         assert required in names
     for kind in ("empty", "truncated", "random", "bit_flipped", "code_in"):
         assert f"fit_{kind}_checkpoint" in names and f"export_{kind}_checkpoint" in names
