@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+from jsonargparse import ActionConfigFile, lazy_instance
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from editing.errors import EditingError
+from editing.checkpoints import SafeCheckpointsMixin
+from editing.cli_errors import ArgumentParser, EditingArgumentParser
+from editing.errors import ConfigError, EditingError
 
 # While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
 warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
@@ -56,7 +59,7 @@ class FitConfigSaver(SaveConfigCallback):
                                  "choose another logger version or folder, or pass --budget.overwrite true") from None
 
 
-class EditingCLI(LightningCLI):
+class EditingCLI(SafeCheckpointsMixin, LightningCLI):
     """LightningCLI with the project's defaults: any editing method as the model (``--model LoRAEditor``; the
     default is the unedited ``EditingModule``), the degradation budget while fitting, results files after
     validate/test, and no duplicated examples under DDP (our batch sampler shards by rank itself)."""
@@ -195,6 +198,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
         args=args,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_callback=FitConfigSaver,
+        parser_class=EditingArgumentParser,
         parser_kwargs={"description": "canonical-editing: edit language models from canonical examples. "
                                       "LightningCLI commands below; also `editing evaluate` (several tasks, one "
                                       "table), `editing apply` (evaluate a saved edit), `editing data download`, and "
@@ -302,7 +306,7 @@ def download_data(root: str | None = None, base_url: str | None = None, overwrit
 
 def apply_edit(edit: str, task: str = "country_capital", split: str = "val", data_root: str | None = None,
                eval_limit: int | None = None, general_limit: int | None = None, output_dir: str | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, allow_unverified: bool = False) -> dict:
     """Load a base model plus a saved edit and evaluate it on a task.
 
     Args:
@@ -314,6 +318,8 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
         general_limit: first N texts of the general set.
         output_dir: where to write ``evaluation.json`` (default: ``<edit>/eval-<task>-<split>``).
         overwrite: replace an earlier evaluation.
+        allow_unverified: apply an edit saved without ``edit_manifest.json`` (by an older version), whose tensors
+            cannot be checked against the hashes recorded at saving.
 
     Returns:
         The evaluation summary.
@@ -323,7 +329,7 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     from editing.methods.base import evaluate
     from editing.report_files import write_evaluation
 
-    module = load_edited(edit)
+    module = load_edited(edit, allow_unverified=allow_unverified)
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit)
     summary = evaluate(module, dm, progress=True)
@@ -336,7 +342,7 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     return summary
 
 
-def inspect_senses(edit: str, top: int = 5, limit: int | None = 30) -> list[dict]:
+def inspect_senses(edit: str, top: int = 5, limit: int | None = 30, allow_unverified: bool = False) -> list[dict]:
     """List the senses a sense edit changed: token, sense index, importance, and the words the sense vector scores
     highest before and after the edit.
 
@@ -344,13 +350,14 @@ def inspect_senses(edit: str, top: int = 5, limit: int | None = 30) -> list[dict
         edit: a sense edit folder (``<run>/edits/ball_<eps>``).
         top: words per sense, before and after.
         limit: show the N senses that changed most (null: all).
+        allow_unverified: read an edit saved without ``edit_manifest.json`` (by an older version).
 
     Returns:
         The rows of the table.
     """
     from editing.methods.senses.inspect import format_inspection, inspect_edit
 
-    rows = inspect_edit(edit, top=top, limit=limit)
+    rows = inspect_edit(edit, top=top, limit=limit, allow_unverified=allow_unverified)
     print(format_inspection(rows))
     return rows
 
@@ -358,7 +365,8 @@ def inspect_senses(edit: str, top: int = 5, limit: int | None = 30) -> list[dict
 def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital", split: str = "val",
                  large_tokenizer: str | None = None, data_root: str | None = None, eval_limit: int | None = None,
                  general_limit: int | None = None, balls: list[float] | None = None,
-                 output_dir: str = "runs/ensemble", overwrite: bool = False, max_tokens: int = 1024) -> dict:
+                 output_dir: str = "runs/ensemble", overwrite: bool = False, max_tokens: int = 1024,
+                 allow_unverified: bool = False) -> dict:
     """Carry a Backpack's edit to a larger model with the same tokenizer: per ball, beta from 1.0 down in steps of
     0.1 until the ensemble's general NLL is inside the ball, then its evaluation (SPEC section 9).
 
@@ -375,6 +383,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
         output_dir: results go to ``<output_dir>/results.json``.
         overwrite: replace an earlier result there.
         max_tokens: padded-token budget per batch.
+        allow_unverified: use Backpack edits saved without ``edit_manifest.json`` (by an older version).
 
     Returns:
         The results written.
@@ -391,7 +400,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     ensure_writable(target, overwrite)
     folders = edit_folders(backpack_edits, balls)
     large_model = load_model(ModelConfig(name=large, tokenizer=large_tokenizer))
-    backpacks = {key: load_edited(folder) for key, folder in folders.items()}
+    backpacks = {key: load_edited(folder, allow_unverified=allow_unverified) for key, folder in folders.items()}
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit, max_tokens=max_tokens)
     started = time.time()
@@ -525,7 +534,7 @@ def run_distill_cli(args: list[str]) -> None:
     from editing.data.corpus import CorpusDataModule
     from editing.models.backpack.distill import BackpackDistillation
 
-    class DistillCLI(LightningCLI):
+    class DistillCLI(SafeCheckpointsMixin, LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
@@ -537,6 +546,7 @@ def run_distill_cli(args: list[str]) -> None:
     # the DataModule's checkpoint state instead (CorpusDataModule.load_state_dict), so the warning does not apply
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
+               parser_class=EditingArgumentParser,
                trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
                                  # the corpus sampler shards by rank itself and restores its place in the epoch
                                  "use_distributed_sampler": False,
@@ -546,8 +556,11 @@ def run_distill_cli(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``editing`` command."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        sys.argv[1:] = args  # LightningCLI reads sys.argv itself
     try:
+        check_arguments(args)
         if args[:2] == ["backpack", "distill"]:
             run_distill_cli(args[2:])
         elif args[:2] == ["backpack", "export"]:
@@ -568,6 +581,86 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def join_negative_values(args: list[str]) -> list[str]:
+    """``--key -1e-3`` as ``--key=-1e-3``: argparse takes a negative number in exponent notation for an option and
+    then reports a confusing "expected one argument" about another option."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if (arg.startswith("--") and "=" not in arg and i + 1 < len(args)
+                and NEGATIVE_NUMBER.fullmatch(args[i + 1])):
+            out.append(f"{arg}={args[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _option_values(args: list[str], option: str) -> list[str]:
+    """The values given to ``option`` on a command line (``--option VALUE`` or ``--option=VALUE``)."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(option + "="):
+            values.append(arg[len(option) + 1:])
+    return values
+
+
+def check_arguments(args: list[str]) -> None:
+    """Checks of the raw command line whose failures jsonargparse reports without naming the file or the choices:
+    a ``--config`` file that is not UTF-8 or not valid YAML (file and line), and an unknown ``--model`` class."""
+    from editing.textfiles import load_yaml
+
+    commands = ("fit", "validate", "test", "backpack", *EXTRA_COMMANDS)
+    if args and not args[0].startswith("-") and args[0] not in commands:
+        import difflib
+
+        close = difflib.get_close_matches(args[0], commands, n=1)
+        raise ConfigError(f"unknown command {args[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; the commands are {', '.join(commands)} (`editing --help`)")
+    if args[:1] == ["backpack"] and args[1:2] not in (["distill"], ["export"]):
+        raise ConfigError("`editing backpack` takes a command: distill or export (e.g. `editing backpack distill "
+                          "--help`)")
+    for path in _option_values(args, "--config"):
+        if Path(path).is_file():
+            load_yaml(path, "config file")
+    if args and args[0] in ("fit", "validate", "test"):
+        for value in _option_values(args, "--model"):
+            _check_model_class(value)
+
+
+def _check_model_class(value: str) -> None:
+    """An unknown ``--model`` class gets the list of methods (jsonargparse says only "expected a dot import path")."""
+    import importlib
+    import inspect
+
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", value) or value.endswith((".yaml", ".yml", ".json")):
+        return  # a config file or an inline YAML/JSON value: jsonargparse checks those itself
+    from editing import methods
+    from editing.methods.base import EditingModule
+
+    known = sorted(n for n in methods.__all__
+                   if inspect.isclass(getattr(methods, n)) and issubclass(getattr(methods, n), EditingModule))
+    if value in known:
+        return
+    if "." in value:
+        module_name, _, class_name = value.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            cls = None
+        if inspect.isclass(cls) and issubclass(cls, EditingModule):
+            return
+    raise ConfigError(f"--model {value!r} is not an editing method; use one of {', '.join(known)} "
+                      "(e.g. --model LoRAEditor) or the dotted import path of an EditingModule subclass")
 
 
 def _editing_error(err: BaseException | None) -> EditingError | None:

@@ -16,11 +16,20 @@ from editing.models.loading import ModelConfig
 
 
 def read_edit_identity(folder: str | Path) -> dict:
-    """The base model identity stored beside an edit."""
+    """The base model identity stored beside an edit (``base_model.json``)."""
     path = Path(folder) / "base_model.json"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"edit folder {folder} does not exist; pass an edit folder (<run>/edits/ball_<eps>)")
     if not path.is_file():
         raise ConfigError(f"{folder} is not an edit folder: it has no base_model.json")
-    return json.loads(path.read_text())
+    fix = "it is written with the edit by the fit; restore it from the run folder or re-export the edit"
+    try:
+        identity = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); {fix}") from None
+    if not isinstance(identity, dict) or not isinstance(identity.get("name"), str) or "fingerprint" not in identity:
+        raise ConfigError(f"{path}: expected an object with the base model's 'name' and 'fingerprint'; {fix}")
+    return identity
 
 
 class EditedModule(EditingModule):
@@ -62,19 +71,31 @@ class EditedModule(EditingModule):
             yield self.model
 
 
-def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditedModule:
+def load_edited(edit: str | Path, base: ModelConfig | None = None, allow_unverified: bool = False) -> EditedModule:
     """Load the base model an edit was made on and apply the edit.
+
+    The edit's tensors are checked first against the hashes recorded when it was saved, and for NaN/Inf
+    (``editing.integrity.verify_edit``).
 
     Args:
         edit: an edit folder written by a fit run (``<run>/edits/ball_<eps>``).
         base: the base model settings (default: the name recorded in the edit, at fp32).
+        allow_unverified: load an edit that has no manifest (saved by an older version), with a warning.
 
     Returns:
         An ``EditedModule`` whose model carries the edit, ready for ``editing.methods.base.evaluate``; its
         ``reference()`` computes the base model (for an edit of changed tensors, their base values are kept).
+        ``identity["edit_sha256"]`` is a hash of the edit's tensors.
     """
+    from editing.integrity import edit_digest, verify_edit
+
     folder = Path(edit)
     identity = read_edit_identity(folder)
+    if not any((folder / name).is_file() for name in ("adapter_config.json", "edit.safetensors",
+                                                      "senses.safetensors")):
+        raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
+                          "nor senses.safetensors; pass an edit folder of a fit run (<run>/edits/ball_<eps>)")
+    files = verify_edit(folder, allow_unverified)
     base = base or ModelConfig(name=identity["name"], precision="fp32")
     module = EditedModule(base)
     if module.identity["fingerprint"] != identity.get("fingerprint"):
@@ -83,31 +104,61 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None) -> EditedModu
             f"{module.identity['name']!r} (fingerprint {module.identity['fingerprint']})"
         )
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        module.model = PeftModel.from_pretrained(module.model, str(folder))
-        module.model.eval()
-        module.edit_kind = "lora"
-    elif (folder / "edit.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(folder / "edit.safetensors"))
-        params = dict(module.model.named_parameters())
-        unknown = set(tensors) - set(params)
-        if unknown:
-            raise ConfigError(f"{folder}/edit.safetensors names tensors the model lacks: {sorted(unknown)[:3]}")
-        module._base_tensors = {name: params[name].detach().clone() for name in tensors}
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value.to(params[name].dtype))
-        module.edit_kind = "tensors"
-    elif (folder / "senses.safetensors").is_file():
+        _apply_adapter(module, folder, files.get("adapter_model.safetensors"))
+    elif "edit.safetensors" in files:
+        _apply_tensors(module, folder / "edit.safetensors", files["edit.safetensors"])
+    elif "senses.safetensors" in files:
         from editing.methods.senses import load_sense_edit
 
-        load_sense_edit(folder / "senses.safetensors", module.model)
+        load_sense_edit(folder / "senses.safetensors", module.model, tensors=files["senses.safetensors"])
         module.edit_kind = "senses"
-    else:
-        raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
-                          "nor senses.safetensors")
+    else:  # its tensor file is listed in no manifest entry we could read
+        raise ConfigError(f"{folder}: the edit's tensor file is missing; re-export the edit")
     module.identity["edit"] = str(folder)
+    module.identity["edit_sha256"] = edit_digest(files)
     return module
+
+
+def _apply_adapter(module: EditedModule, folder: Path, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Load a peft LoRA adapter onto the module's model; one made for another architecture is refused (peft would
+    skip tensors whose modules the model lacks, leaving an adapter that changes nothing)."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    name = module.identity["name"]
+    other = (f"it was made for another model than {name!r} (was base_model.json copied from another edit?); apply "
+             "it to the model it was trained on")
+    if tensors is None:
+        raise ConfigError(f"{folder} has adapter_config.json but no adapter_model.safetensors; re-export the edit")
+    try:
+        module.model = PeftModel.from_pretrained(module.model, str(folder))
+    except Exception as err:  # noqa: BLE001 - peft raises ValueError/RuntimeError/KeyError for adapters that do not fit
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{folder}: the LoRA adapter does not fit {name!r} ({first}); {other}") from None
+    expected = get_peft_model_state_dict(module.model)
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        example = (unknown or missing)[0]
+        raise ConfigError(f"{folder}/adapter_model.safetensors: its tensors do not match the adapter modules of "
+                          f"{name!r} ({len(unknown)} unknown, {len(missing)} missing, e.g. {example}); {other}")
+    module.model.eval()
+    module.edit_kind = "lora"
+
+
+def _apply_tensors(module: EditedModule, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the model's parameters named in ``edit.safetensors`` (full finetuning, MEMIT)."""
+    params = dict(module.model.named_parameters())
+    unknown = set(tensors) - set(params)
+    if unknown:
+        raise ConfigError(f"{path} names tensors the model lacks: {sorted(unknown)[:3]}; it was made for another "
+                          "model")
+    for name, value in sorted(tensors.items()):
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ConfigError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, but the model's parameter has "
+                              f"shape {tuple(params[name].shape)}; the edit was made for another model or damaged, "
+                              "re-export it from its fit run")
+    module._base_tensors = {name: params[name].detach().clone() for name in tensors}
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+    module.edit_kind = "tensors"

@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from editing.budget import key_eps
 from editing.errors import ConfigError
 from editing.paths import REPO_DIR
 from editing.results import ensure_writable, write_json, write_jsonl
+from editing.textfiles import load_yaml, read_text
 
 SPACE_DIR = REPO_DIR / "lightning_configs" / "sweeps"
 FIT_DIR = REPO_DIR / "lightning_configs" / "fit"
@@ -113,15 +112,18 @@ def parse_space(spec: dict, source: str = "search space") -> dict[str, Parameter
     return space
 
 
-def load_space(method: str, files: Sequence[str] | None = None, params: dict | None = None) -> dict[str, Parameter]:
+def load_space(method: str, files: Sequence[str] | str | None = None,
+               params: dict | None = None) -> dict[str, Parameter]:
     """The search space of a method: ``lightning_configs/sweeps/<method>.yaml`` unless ``files`` are given; later
     files and then ``params`` override earlier entries key by key.
 
     Args:
         method: the method name (``lora``, ``full``, ... any method with a sweeps YAML).
-        files: search-space YAMLs to use instead of the default one.
+        files: search-space YAMLs to use instead of the default one (one path or a list).
         params: extra entries, ``{key: {distribution: args}}``.
     """
+    if isinstance(files, (str, Path)):
+        files = [files]
     paths = [Path(f) for f in files] if files else [SPACE_DIR / f"{method}.yaml"]
     merged: dict = {}
     for path in paths:
@@ -129,7 +131,10 @@ def load_space(method: str, files: Sequence[str] | None = None, params: dict | N
             known = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
             raise ConfigError(f"no search space {path} (methods with one: {known}); write one, see "
                               f"lightning_configs/sweeps/lora.yaml")
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = load_yaml(path, "search space") or {}
+        if not isinstance(doc, dict) or not isinstance(doc.get("parameters") or {}, dict):
+            raise ConfigError(f"{path}: a search space is a mapping with `parameters:` (dotted `editing fit` key -> "
+                              "{distribution: args}); see lightning_configs/sweeps/lora.yaml")
         if doc.get("method") not in (None, method):
             raise ConfigError(f"{path} is the search space of method {doc['method']!r}, not {method!r}")
         merged.update(doc.get("parameters") or {})
@@ -237,7 +242,7 @@ def _space_dict(space: dict[str, Parameter]) -> dict[str, dict]:
 
 
 def make_definition(task: str, method: str, model: str = "smollm2-135m", base_config: str | None = None,
-                    space: Sequence[str] | None = None, params: dict | None = None,
+                    space: Sequence[str] | str | None = None, params: dict | None = None,
                     args: Sequence[str] | None = None, seed: int = 0) -> SweepDefinition:
     """Build a sweep definition from command-line settings (see ``run_sweep``)."""
     if base_config is None:
@@ -249,20 +254,97 @@ def make_definition(task: str, method: str, model: str = "smollm2-135m", base_co
         if not path.is_file():
             raise ConfigError(f"base_config {path} does not exist")
     parsed = load_space(method, space, params)
-    return SweepDefinition(task=task, model=model, method=method, base_config=path.read_text(),
+    return SweepDefinition(task=task, model=model, method=method, base_config=read_text(path),
                            space=_space_dict(parsed), args=list(args or []), seed=seed)
 
 
-def _prepare_sqlite(url: str) -> None:
+STORAGE_EXAMPLES = ("e.g. sqlite:////abs/path/study.db or postgresql+psycopg2://user:password@host:5432/db, or leave "
+                    "--storage out for the SQLite file under --root")
+CONNECT_TIMEOUT = 10  # seconds: an unreachable database server is reported at once, not after minutes of retries
+
+
+def check_storage_url(url: str):
+    """Parse a ``--storage`` URL and check its database driver is installed, before anything connects.
+
+    Args:
+        url: a SQLAlchemy URL.
+
+    Returns:
+        The parsed ``sqlalchemy.engine.URL``.
+
+    Raises:
+        ConfigError: not a URL, an unknown database kind, a driver that is not installed, or an in-memory SQLite
+            database (a sweep's trials would vanish with the process).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"--storage {url!r} is not a database URL; {STORAGE_EXAMPLES}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"--storage {shown!r}: unknown database kind {parsed.drivername!r}; "
+                          f"{STORAGE_EXAMPLES}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        raise ConfigError(f"--storage {shown!r}: the {parsed.drivername} driver is not installed ({err}); install it "
+                          "(PostgreSQL: pip install -e '.[postgres]' and write postgresql+psycopg2://...)") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(f"--storage {shown!r} is an in-memory database, which dies with the process; give a file, "
+                          f"{STORAGE_EXAMPLES}")
+    return parsed
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
+def _prepare_sqlite(url: str, create: bool = True) -> None:
     """Create the folder of a SQLite study and switch the file to WAL, so that readers do not block the writer of
     another worker (the setting is stored in the file; WAL needs a local filesystem, use PostgreSQL across
-    machines)."""
-    if not url.startswith("sqlite:///"):
+    machines). With ``create`` false a missing file is an error, and nothing is created."""
+    path = _sqlite_path(url)
+    if path is None:
         return
-    path = Path(url[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path, timeout=60) as con:
-        con.execute("PRAGMA journal_mode=WAL")
+    if not create:
+        if not path.is_file():
+            raise ConfigError(f"--storage {url!r}: the database file {path} does not exist (check the path; a sweep "
+                              "creates it)")
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as err:
+        raise ConfigError(f"--storage {url!r}: cannot create or open the SQLite file {path} ({err}); choose a "
+                          "writable place (--root or --storage)") from None
+
+
+def _probe(url: str, engine_kwargs: dict) -> None:
+    """Connect once, with a short timeout, so that a wrong host, port or password is reported at once."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        shown = engine.url.render_as_string(hide_password=True)
+        raise ConfigError(f"--storage {shown!r}: cannot connect to the database ({reason}); check the host, port, "
+                          "user, password and database name, and that the server is running") from None
+    finally:
+        engine.dispose()
 
 
 def _retry_callback():
@@ -273,24 +355,34 @@ def _retry_callback():
     return cls(max_retry=3)
 
 
-def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None):
+def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
+                 create: bool = True):
     """An optuna RDBStorage with heartbeats: a trial whose worker stops beating for ``grace_period`` seconds is
     marked FAIL and re-queued with the same configuration.
+
+    The URL is checked first (``check_storage_url``) and the database connected to once with a
+    ``CONNECT_TIMEOUT``-second timeout, so a bad URL or an unreachable server fails at once with a clear message.
 
     Args:
         url: SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg2://user:pw@host/db``).
         heartbeat_interval: seconds between heartbeats of a running trial (None: no heartbeats).
         grace_period: seconds without a heartbeat before a trial counts as dead (default 3 x interval).
+        create: create a missing SQLite file (false for commands that only read a study).
     """
     import optuna
     from optuna.storages import RDBStorage
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
-    _prepare_sqlite(url)
+    parsed = check_storage_url(url)
+    _prepare_sqlite(url, create)
     engine_kwargs: dict = {}
-    if url.startswith("sqlite"):
+    if parsed.get_backend_name() == "sqlite":
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
+        if parsed.get_backend_name() in ("postgresql", "mysql", "mariadb"):
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
+    _probe(url, engine_kwargs)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict = {}
     if heartbeat_interval:
@@ -303,10 +395,16 @@ def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: in
             with warnings.catch_warnings():  # heartbeats are "experimental" in optuna since 2.9; we rely on them
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-        except Exception as err:  # noqa: BLE001 - retried, then re-raised
+        except (IntegrityError, OperationalError) as err:  # the collision; anything else fails at once below
             last = err
             time.sleep(0.5 + attempt)
-    raise last  # type: ignore[misc]
+        except Exception as err:  # noqa: BLE001 - reported with the URL, not as a SQLAlchemy traceback
+            last = err
+            break
+    reason = str(getattr(last, "orig", None) or last).strip().splitlines()[0]
+    raise ConfigError(f"--storage {parsed.render_as_string(hide_password=True)!r}: the optuna tables cannot be created "
+                      f"or read ({type(last).__name__}: {reason}); check the user's rights on the database, or "
+                      "use another database") from last
 
 
 def open_study(storage, name: str, definition: SweepDefinition | None = None, seed: int = 0):
@@ -324,7 +422,9 @@ def open_study(storage, name: str, definition: SweepDefinition | None = None, se
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise ConfigError(f"no study {name!r} in this storage") from None
+            known = sorted(optuna.get_all_study_names(storage))
+            raise ConfigError(f"no study {name!r} in this storage (its studies: {', '.join(known) or 'none'}); check "
+                              "--study_name, or start the sweep with `editing sweep`") from None
         sweep = study.user_attrs.get("sweep") or {}
         study.sampler = make_sampler(sweep.get("seed", seed))
         return study
@@ -521,7 +621,7 @@ def _requeue_interrupted(study, numbers: list[int]) -> None:
 
 
 def run_sweep(task: str = "country_capital", method: str = "lora", model: str = "smollm2-135m",
-              n_trials: int = 25, base_config: str | None = None, space: list[str] | None = None,
+              n_trials: int = 25, base_config: str | None = None, space: list[str] | str | None = None,
               params: dict[str, dict] | None = None, args: str | None = None, root: str = DEFAULT_ROOT,
               study_name: str | None = None, storage: str | None = None, seed: int = 0,
               heartbeat_interval: int = 60, grace_period: int | None = None, poll: float = 10.0) -> int:
@@ -537,7 +637,8 @@ def run_sweep(task: str = "country_capital", method: str = "lora", model: str = 
         model: model name (``--model.init_args.base.name`` of the trials).
         n_trials: trials of the whole study (all workers together).
         base_config: the fit config the trials start from (default ``lightning_configs/fit/<task>/<method>.yaml``).
-        space: search-space YAMLs replacing the default one (later files override earlier ones key by key).
+        space: search-space YAML(s) replacing the default one: one path, or a list whose later files override
+            earlier ones key by key.
         params: extra search-space entries, e.g. ``{"model.init_args.lora.rank": {"int_uniform": [1, 16]}}``.
         args: fixed ``editing fit`` arguments for every trial (and its test runs), one string split like a shell
             command line, e.g. ``"--data.eval_limit 50 --trainer.max_epochs 3"``.
@@ -614,6 +715,18 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def open_existing_study(study_name: str, root: str = DEFAULT_ROOT, storage: str | None = None):
+    """Open a study for reading; creates nothing (an unknown study is an error listing the known ones)."""
+    if storage is None:
+        db = Path(root) / study_name / "study.db"
+        if not db.is_file():
+            known = study_names(root)
+            raise ConfigError(f"no sweep {study_name!r} under {root} (no {db}); sweeps there: "
+                              f"{', '.join(known) or 'none'}. Check --study_name and --root, or start one with "
+                              "`editing sweep`")
+    return open_study(make_storage(storage or default_storage(root, study_name), None, create=False), study_name)
+
+
 def sweep_status(study_name: str, root: str = DEFAULT_ROOT, storage: str | None = None,
                  watch: float | None = None) -> dict:
     """Print a sweep's progress: trials done, running, failed, and the best configuration so far per ball.
@@ -624,7 +737,7 @@ def sweep_status(study_name: str, root: str = DEFAULT_ROOT, storage: str | None 
         storage: the study's SQLAlchemy URL.
         watch: reprint every this many seconds until the study has no running or queued trial.
     """
-    study = open_study(make_storage(storage or default_storage(root, study_name), None), study_name)
+    study = open_existing_study(study_name, root, storage)
     while True:
         status = study_status(study)
         print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] " + format_status(status), flush=True)
@@ -676,7 +789,7 @@ def study_names(root: str = DEFAULT_ROOT, storage: str | None = None) -> list[st
 
     if storage is None:
         return sorted(p.parent.name for p in Path(root).glob("*/study.db"))
-    store = make_storage(storage, None)
+    store = make_storage(storage, None, create=False)
     return sorted(s.study_name for s in optuna.get_all_study_summaries(store, include_best_trial=False)
                   if "sweep" in s.user_attrs)
 
@@ -702,7 +815,7 @@ def select(study_name: str | None = None, root: str = DEFAULT_ROOT, storage: str
         if not names:
             raise ConfigError(f"no sweep found ({storage or root})")
         return {name: select(name, root, storage, overwrite) for name in names}
-    study = open_study(make_storage(storage or default_storage(root, study_name), None), study_name)
+    study = open_existing_study(study_name, root, storage)
     sweep = study.user_attrs.get("sweep")
     if sweep is None:
         raise ConfigError(f"study {study_name!r} was not made by `editing sweep`")

@@ -9,9 +9,8 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from editing.errors import ConfigError
+from editing.textfiles import load_yaml
 from editing.types import LossType
 
 LOSS_TYPES: tuple[str, ...] = tuple(m.value for m in LossType)
@@ -126,10 +125,7 @@ def load_task_yaml(path: str | Path) -> TaskSpec:
         The task.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = load_yaml(path, "task YAML")  # names the file and line of a non-UTF-8 byte or a syntax error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys loss, threshold, canonical, evaluation")
     allowed = {f.name for f in fields(TaskSpec)} - {"base_dir", "builtin"}

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from editing.errors import ConfigError, DataFormatError
 from editing.paths import REPO_DIR, cache_dir
+from editing.textfiles import decode_line
 
 
 def corpus_files(folder: Path) -> list[Path]:
@@ -33,11 +34,13 @@ def corpus_files(folder: Path) -> list[Path]:
 def read_texts(path: Path) -> list[str]:
     """Texts of one corpus file: one per JSONL line (its ``text`` field), or the whole of a .txt file."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rb") as handle:  # bytes, so that a line that is not UTF-8 is reported with its number
         if ".jsonl" not in path.name:
-            return [handle.read()]
+            data = handle.read()
+            return ["".join(decode_line(line, path, n) for n, line in enumerate(data.splitlines(True), 1))]
         texts = []
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
+            line = decode_line(raw, path, number)
             if not line.strip():
                 continue
             try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editing.errors import DataFormatError
+from editing.textfiles import decode_line
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,18 @@ def read_jsonl(path: str | Path, kind: str, limit: int | None = None) -> list[Re
     if not path.is_file():
         raise DataFormatError(str(path), None, "file not found (check the data root or run `editing data download`)")
     records: list[Record] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, raw in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, so that a line that is not UTF-8 is reported with its number
+        for lineno, data in enumerate(handle, start=1):
             if limit is not None and len(records) >= limit:
                 break
+            raw = decode_line(data, path, lineno)
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:
-                raise DataFormatError(str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})") from err
+                raise DataFormatError(str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno}); "
+                                                   "each line must be one JSON object") from err
             if not isinstance(obj, dict):
                 raise DataFormatError(str(path), lineno, f"expected a JSON object, got {type(obj).__name__}")
             records.append(_record(obj, kind, path, lineno, len(records)))

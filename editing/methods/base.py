@@ -54,6 +54,15 @@ class OptimizerConfig:
     eight_bit: bool = False
     """8-bit Adam from bitsandbytes (CUDA only)."""
 
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"model.optimizer.lr={self.lr} must be a positive learning rate, e.g. 1e-4")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"model.optimizer.betas={list(self.betas)} must be two numbers in [0, 1), "
+                              "e.g. [0.9, 0.995]")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"model.optimizer.weight_decay={self.weight_decay} must be >= 0")
+
 
 @dataclass
 class RegularizationConfig:
@@ -145,8 +154,13 @@ class EditingModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} has no edit to export")
 
     def write_base_identity(self, folder: str | Path) -> None:
-        """Record beside an edit which base model it applies to (``editing.edits`` checks it on loading)."""
+        """Record beside an edit which base model it applies to, and the hashes of its tensors
+        (``editing.edits.load_edited`` checks both); every ``export_edit`` calls it once its tensor files are written.
+        """
+        from editing.integrity import write_edit_manifest
+
         (Path(folder) / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
+        write_edit_manifest(folder)
 
     @property
     def tokenizer(self):

@@ -110,6 +110,22 @@ def _load_gguf(path: Path):
     return model, tok
 
 
+def _load_gguf_checked(path: Path):
+    """``_load_gguf`` for a user's file: one that is not GGUF, or is truncated or damaged, is a ``ConfigError``."""
+    fix = "pass an intact .gguf file of a supported architecture (llama.cpp format), or a model folder"
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(f"model.name={str(path)!r} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                          f"{fix}")
+    try:
+        return _load_gguf(path)
+    except (ValueError, KeyError, OSError, EOFError, IndexError, TypeError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.name={str(path)!r}: the GGUF file cannot be loaded ({first}); it is truncated, "
+                          f"damaged or of an unsupported architecture; {fix}") from None
+
+
 def _load_embedded():
     """SmolLM2-135M-Instruct from the package's GGUF, dequantized once and cached as safetensors."""
     from transformers import AutoModelForCausalLM
@@ -162,11 +178,18 @@ def _load_pretrained(name: str, revision: str | None, tokenizer_name: str | None
     elif not local.is_dir():
         raise ConfigError(f"model.name={name!r} is a file but not a .gguf file; pass a model folder or a .gguf file")
     source = str(local) if local.exists() else name
-    config = AutoConfig.from_pretrained(source, **kwargs)
-    if is_backpack_config(config.to_dict()):
-        model = load_backpack(source, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        if is_backpack_config(config.to_dict()):
+            model = load_backpack(source, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        if not local.exists():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.name={name!r}: the folder is not a loadable model ({first}); it needs the "
+                          "config.json and weights that `save_pretrained` writes (or pass a .gguf file)") from None
     if tokenizer_name is None:
         try:
             tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name, **kwargs)
@@ -246,7 +269,7 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         path = Path(name).expanduser()
         if not path.is_file():
             raise ConfigError(f"model.name={name!r}: GGUF file not found")
-        model, tok = _load_gguf(path)
+        model, tok = _load_gguf_checked(path)
         source = f"GGUF file {path}"
     else:
         model, tok = _load_pretrained(name, config.revision, config.tokenizer)

@@ -37,6 +37,14 @@ class LoRAConfig:
     target_modules: list[str] | None = None
     """Override the module-name suffixes to adapt (default: the architecture's MLP projections)."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"model.lora.rank={self.rank} must be a whole number >= 1 (e.g. 8)")
+        if not self.alpha > 0:
+            raise ConfigError(f"model.lora.alpha={self.alpha} must be > 0 (the update is scaled by alpha / rank)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+
 
 def num_layers(config) -> int:
     """Number of transformer layers of a Hugging Face config."""

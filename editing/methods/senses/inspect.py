@@ -21,27 +21,28 @@ def top_words(model, tokenizer, vectors: torch.Tensor, top: int) -> list[list[st
 
 
 @torch.no_grad()
-def inspect_edit(edit: str | Path, top: int = 5, limit: int | None = None) -> list[dict]:
+def inspect_edit(edit: str | Path, top: int = 5, limit: int | None = None,
+                 allow_unverified: bool = False) -> list[dict]:
     """Rows describing each selected sense of a sense edit, largest change first.
 
     Args:
         edit: an edit folder holding ``senses.safetensors`` and ``base_model.json``.
         top: words listed per sense, before and after.
         limit: list only the N senses whose vectors changed most.
+        allow_unverified: accept an edit saved without a manifest (see ``editing.integrity``).
 
     Returns:
         One dict per sense: token, vocab id, sense index, importance, change norm, top words before/after.
     """
-    from safetensors.torch import load_file
-
     from editing.edits import load_edited
+    from editing.integrity import read_safetensors
 
     folder = Path(edit)
     if not (folder / SENSE_EDIT_FILE).is_file():
         raise ConfigError(f"{folder} is not a sense edit (no {SENSE_EDIT_FILE}); `editing senses inspect` reads the "
                           "edits/ball_<eps> folders of a senses fit run")
-    tensors = load_file(str(folder / SENSE_EDIT_FILE))
-    module = load_edited(folder)
+    module = load_edited(folder, allow_unverified=allow_unverified)  # checks the file's hash and values first
+    tensors = read_safetensors(folder / SENSE_EDIT_FILE)
     model = module.model
     backpack = backpack_of(model)
     deltas = backpack.sense_edit

@@ -54,11 +54,17 @@ def save_sense_edit(folder: str | Path, deltas: SenseDeltas, importance: torch.T
     return folder / SENSE_EDIT_FILE
 
 
-def load_sense_edit(path: str | Path, model) -> SenseDeltas:
-    """Read a sense edit file and install it into ``model`` (a Backpack)."""
-    from safetensors.torch import load_file
+def load_sense_edit(path: str | Path, model, tensors: dict[str, torch.Tensor] | None = None) -> SenseDeltas:
+    """Read a sense edit file and install it into ``model`` (a Backpack).
 
-    tensors = load_file(str(path))
+    Args:
+        path: the ``senses.safetensors`` file.
+        model: the Backpack.
+        tensors: the file's tensors when already read (and verified, see ``editing.edits.load_edited``).
+    """
+    from editing.integrity import read_safetensors
+
+    tensors = read_safetensors(path) if tensors is None else tensors
     missing = {"vocab_ids", "sense_ids", "vectors"} - set(tensors)
     if missing:
         raise ConfigError(f"{path} is not a sense edit: it lacks {sorted(missing)}")
@@ -66,9 +72,18 @@ def load_sense_edit(path: str | Path, model) -> SenseDeltas:
     if backpack is None:
         raise ConfigError(f"cannot apply sense edit {path}: the model is not a Backpack")
     config = backpack.config
-    if tensors["vectors"].shape[-1] != config.n_embd:
-        raise ConfigError(f"{path}: vectors have width {tensors['vectors'].shape[-1]}, the model's senses "
-                          f"{config.n_embd}")
+    vectors, vocab_ids, sense_ids = tensors["vectors"], tensors["vocab_ids"], tensors["sense_ids"]
+    if vectors.dim() != 2 or vectors.shape[-1] != config.n_embd:
+        raise ConfigError(f"{path}: vectors have shape {tuple(vectors.shape)}, the model's senses need (pairs, "
+                          f"{config.n_embd}); the edit was made for another Backpack")
+    if vocab_ids.shape != (vectors.shape[0],) or sense_ids.shape != (vectors.shape[0],):
+        raise ConfigError(f"{path}: vocab_ids {tuple(vocab_ids.shape)}, sense_ids {tuple(sense_ids.shape)} and "
+                          f"vectors {tuple(vectors.shape)} disagree on the number of (word, sense) pairs; the file is "
+                          "damaged, re-export the edit")
+    if vocab_ids.numel() and (int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= config.vocab_size
+                              or int(sense_ids.min()) < 0 or int(sense_ids.max()) >= config.num_senses):
+        raise ConfigError(f"{path}: word or sense indices lie outside the model's {config.vocab_size} words x "
+                          f"{config.num_senses} senses; the edit was made for another Backpack")
     deltas = SenseDeltas(tensors["vocab_ids"], tensors["sense_ids"], config.vocab_size, config.num_senses,
                          config.n_embd)
     with torch.no_grad():

@@ -267,16 +267,40 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
     Returns:
         The model folder.
     """
+    from dataclasses import fields
+
+    from editing.checkpoints import load_checkpoint_file
+
     ensure_writable(Path(output).expanduser() / "config.json", overwrite, "--overwrite true")
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    hp = state.get("hyper_parameters", {})
-    if "shape" not in hp or "teacher" not in hp:
-        raise ConfigError(f"{checkpoint} is not a Backpack distillation checkpoint")
+    # never unpickled with code: a checkpoint is a file anyone may hand over
+    state = load_checkpoint_file(checkpoint, fix="pass a checkpoint written by `editing backpack distill` (its "
+                                                 "last.ckpt or interrupted.ckpt)")
+    hp = state.get("hyper_parameters")
+    not_ours = (f"{checkpoint} is not a Backpack distillation checkpoint (it lacks the teacher and shape settings "
+                "of `editing backpack distill`); pass the last.ckpt of a distillation run")
+    if not isinstance(hp, dict) or not isinstance(hp.get("shape"), dict) or not isinstance(hp.get("teacher"), dict):
+        raise ConfigError(not_ours)
+    for key, cls in (("teacher", ModelConfig), ("shape", BackpackShape)):
+        unknown = set(hp[key]) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"{checkpoint}: hyper_parameters.{key} has unknown settings {sorted(unknown)}; "
+                              "it was written by another version of canonical-editing")
+    if not isinstance(state.get("state_dict"), dict):
+        raise ConfigError(not_ours)
     module = BackpackDistillation(teacher=ModelConfig(**hp["teacher"]), shape=BackpackShape(**hp["shape"]),
                                   seed=hp.get("seed", 0))
     module.on_load_checkpoint(state)
     missing = set(module.trainable_state()) - set(state["state_dict"])
     if missing:
         raise ConfigError(f"{checkpoint} lacks trained tensors, e.g. {sorted(missing)[:3]}")
+    trained = {k: v for k, v in state["state_dict"].items() if k in module.trainable_state()}
+    for name, value in trained.items():
+        expected = tuple(module.trainable_state()[name].shape)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected:
+            raise ConfigError(f"{checkpoint}: tensor {name} has shape {tuple(getattr(value, 'shape', ()))}, the "
+                              f"Backpack of its settings needs {expected}; the checkpoint is damaged")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConfigError(f"{checkpoint}: tensor {name} holds NaN or infinite values (the run diverged); export "
+                              "an earlier checkpoint")
     module.load_state_dict(state["state_dict"], strict=False)
     return save_distilled(module.student, module.tokenizer, output, overwrite)
