@@ -94,6 +94,9 @@ def _unpickling_detail(err: Exception) -> str | None:
     return None
 
 
+CKPT_PATH_FIX = "pass --ckpt_path an intact checkpoint of this run (or `last`), or start again without --ckpt_path"
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, loading through ``load_checkpoint_file`` whatever ``weights_only`` it is given
     (``--ckpt_path`` of fit/validate/test, ``last`` included, and ``--weights_only false`` too)."""
@@ -114,13 +117,16 @@ class SafeCheckpointsMixin:
     """For LightningCLI subclasses: check a ``--ckpt_path`` file before Lightning reads its hyperparameters, and
     load checkpoints in the trainer through ``SafeCheckpointIO``."""
 
-    def _parse_ckpt_path(self) -> None:
+    def _check_ckpt_file(self) -> None:
+        """Refuse a ``--ckpt_path`` FILE that is missing, corrupt or holds code, before anything else reads it."""
         subcommand = self.config.get("subcommand") if self.config is not None else None
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             # a typo'd path would otherwise be silently ignored here and fail later inside the trainer
-            load_checkpoint_file(ckpt_path, fix="pass --ckpt_path an intact checkpoint of this run (or `last`), or "
-                                                "start again without --ckpt_path")
+            load_checkpoint_file(ckpt_path, fix=CKPT_PATH_FIX)
+
+    def _parse_ckpt_path(self) -> None:
+        self._check_ckpt_file()
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):

@@ -92,8 +92,8 @@ class EditingCLI(SafeCheckpointsMixin, LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would parse the hyperparameters stored in a --ckpt_path FILE as the model's init arguments,
         # which ours are not (they describe the run), so an explicit path never resumed. The command line defines
-        # the run; the checkpoint is checked against it before the fit starts (_prepare_run_folders).
-        return
+        # the run; the file is checked here and against the run before the fit starts (_prepare_run_folders).
+        self._check_ckpt_file()
 
     def before_fit(self) -> None:
         self._attach_config()
@@ -167,23 +167,10 @@ def _resolve_ckpt_path(trainer, ckpt_path: str | None) -> Path | None:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    """A checkpoint's contents, without unpickling code (memory-mapped: its tensors are read only when used)."""
-    import torch
+    """A checkpoint's contents, checked for integrity and loaded without unpickling code."""
+    from editing.checkpoints import CKPT_PATH_FIX, load_checkpoint_file
 
-    from editing.errors import ConfigError
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:  # a checkpoint in torch's legacy format cannot be memory-mapped
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read it is the same fault for the user
-        # torch's own message would advise weights_only=False, i.e. running code from an untrusted file
-        what = "an empty file" if path.stat().st_size == 0 else f"not a readable checkpoint ({type(err).__name__})"
-        raise ConfigError(f"--ckpt_path {path}: {what}; it is truncated, corrupt or not written by a fit. Give a "
-                          ".ckpt file a fit wrote (e.g. <run>/checkpoints/last.ckpt) or `last`") from None
+    return load_checkpoint_file(path, fix=CKPT_PATH_FIX)
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
