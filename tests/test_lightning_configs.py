@@ -101,7 +101,7 @@ def test_distill_config_parses_and_keeps_its_values(path: Path, capsys, monkeypa
 def test_ensemble_config_names_real_settings(path: Path):
     import inspect
 
-    from editing.cli import run_ensemble
+    from editing.commands.ensemble import run_ensemble
 
     settings = yaml.safe_load(path.read_text())
     params = inspect.signature(run_ensemble).parameters

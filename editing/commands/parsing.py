@@ -3,7 +3,8 @@
 jsonargparse reports a bad value of a nested setting (``--model.base.precision fp16``) as a tree of union subtypes
 and "Given value" lines, after printing the whole usage. ``concise_parser_message`` keeps the leaves of that tree
 prefixed with the dotted setting they belong to, e.g. ``model.base.precision: Expected a typing.Literal['fp32',
-'bf16']. Got value: fp16``; the parsers below print that and point at ``--help``.
+'bf16']. Got value: fp16``; ``ArgumentParser`` below and the LightningCLI parser of ``editing.commands.lightning``
+(both with ``ClearErrorsMixin``) print that and point at ``--help``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from typing import NoReturn
 
 import jsonargparse
-from lightning.pytorch.cli import LightningArgumentParser
 
 NOISE = (
     re.compile(r"^Does not validate against any of the Union subtypes$"),
@@ -84,9 +84,5 @@ class ClearErrorsMixin:
         self.exit(2)
 
 
-class EditingArgumentParser(ClearErrorsMixin, LightningArgumentParser):
-    """The LightningCLI parser of ``editing fit|validate|test`` and ``editing backpack distill``."""
-
-
 class ArgumentParser(ClearErrorsMixin, jsonargparse.ArgumentParser):
-    """jsonargparse's ``ArgumentParser`` with concise errors (the other ``editing`` commands)."""
+    """jsonargparse's ``ArgumentParser`` with concise errors (the commands besides the LightningCLI ones)."""
