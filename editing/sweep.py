@@ -246,9 +246,12 @@ def make_definition(task: str, method: str, model: str = "smollm2-135m", base_co
                     args: Sequence[str] | None = None, seed: int = 0) -> SweepDefinition:
     """Build a sweep definition from command-line settings (see ``run_sweep``)."""
     if base_config is None:
-        path = FIT_DIR / Path(task).stem / f"{method}.yaml"
+        # one fit config per method, for any task (the task comes from --data.task, see SweepDefinition.fit_args)
+        path = FIT_DIR / f"{method}.yaml"
         if not path.is_file():
-            raise ConfigError(f"no base fit config {path}; pass --base_config")
+            known = sorted(p.stem for p in FIT_DIR.glob("*.yaml"))
+            raise ConfigError(f"no base fit config {path} for method {method!r} (there are: {', '.join(known)}); "
+                              "pass --base_config FILE")
     else:
         path = Path(base_config)
         if not path.is_file():
@@ -636,7 +639,8 @@ def run_sweep(task: str = "country_capital", method: str = "lora", model: str = 
         method: method name; its search space is ``lightning_configs/sweeps/<method>.yaml``.
         model: model name (``--model.init_args.base.name`` of the trials).
         n_trials: trials of the whole study (all workers together).
-        base_config: the fit config the trials start from (default ``lightning_configs/fit/<task>/<method>.yaml``).
+        base_config: the fit config the trials start from (default ``lightning_configs/fit/<method>.yaml``, for any
+            task: built-in or a task YAML of your own).
         space: search-space YAML(s) replacing the default one: one path, or a list whose later files override
             earlier ones key by key.
         params: extra search-space entries, e.g. ``{"model.init_args.lora.rank": {"int_uniform": [1, 16]}}``.
