@@ -12,39 +12,42 @@ Two ways a command reads its command line, and no other:
 Output folders
 --------------
 One rule for every command: **a command writes into one folder; ``output_dir`` names that folder exactly, and
-without it the folder is made under ``runs/`` in the current directory, named after the command.** A ``root``
-is a folder that holds several such folders (one per run, study or task), never one run's files.
+without it the folder is made under ``runs/`` in the current directory** (an evaluation of a saved edit goes beside
+the edit, downloaded data into the cache). A ``root`` is a folder holding several such folders (one per run, study
+or task), never one run's files.
 
-==================  ==========================================  ================================================
-command             default folder                              set it with
-==================  ==========================================  ================================================
-fit                 ``runs/fit/version_N`` (the logger's)       ``--budget.output_dir DIR`` (this run's folder);
-                                                                ``--trainer.default_root_dir ROOT`` puts the
-                                                                logger's folder at ``ROOT/fit/version_N``
-validate, test      ``runs/<model>/<task>-<split>/<stage>``     ``--report.output_dir DIR``; the root:
-                                                                ``--trainer.default_root_dir`` (or
-                                                                ``--report.root``)
-backpack distill    ``runs/distill/version_N`` (the logger's)   ``--trainer.default_root_dir ROOT``; the
-                                                                distilled model goes to ``--model.output``
-evaluate            ``runs/evaluate`` (``<task>-<split>/`` in)  ``--output_dir DIR``
-apply               ``<edit>/eval-<task>-<split>``              ``--output_dir DIR``
-ensemble            ``runs/ensemble/<large>/<task>-<split>``    ``--output_dir DIR``
-backpack export     (required)                                  ``--output_dir DIR``
-report              ``runs/report``                             ``--output_dir DIR``
-sweep, sweep-status ``runs/sweeps/<study>/``                    ``--root ROOT`` (a folder of sweeps)
-select, test-runs   ``runs/sweeps/<study>/``                    ``--root ROOT``; ``report --root`` reads them
-data download       ``~/.cache/canonical-editing/data``         ``--root ROOT`` (what ``--data.data_root`` reads)
-==================  ==========================================  ================================================
+==================  ===========================================  ===============================================
+command             default folder                               set it with
+==================  ===========================================  ===============================================
+fit                 ``runs/fit/version_N`` (the logger's)        ``--budget.output_dir DIR`` (this run's folder);
+                                                                 ``--trainer.default_root_dir ROOT``: the
+                                                                 logger's folder is ``ROOT/fit/version_N``
+validate, test      ``runs/<model>/<task>-<split>/<stage>``      ``--report.output_dir DIR``; the root:
+                                                                 ``--trainer.default_root_dir`` (or
+                                                                 ``--report.root``)
+backpack distill    ``runs/distill/version_N`` (the logger's)    ``--trainer.default_root_dir ROOT``; the
+                                                                 distilled model goes to ``--model.output``
+evaluate            ``runs/evaluate`` (``<task>-<split>/`` in)   ``--output_dir DIR``
+apply               ``<edit>/eval-<task>-<split>``               ``--output_dir DIR``
+ensemble            ``runs/<large>/<task>-<split>/ensemble``     ``--output_dir DIR``
+backpack export     (required)                                   ``--output_dir DIR``
+report              ``runs/report``                              ``--output_dir DIR``
+sweep, sweep-status ``runs/sweeps/<study>/``                     ``--root ROOT`` (a folder of sweeps)
+select, test-runs   ``runs/sweeps/<study>/``                     ``--root ROOT``; ``report --root`` reads them
+data download       ``~/.cache/canonical-editing/data``          ``--root ROOT`` (what ``--data.data_root`` reads)
+==================  ===========================================  ===============================================
 
 ``--trainer.default_root_dir`` is Lightning's root: with the default logger (a CSVLogger under ``runs``) the
 logger's folder moves under it; with ``--trainer.logger false`` it is the run folder itself (the sweep's trials
 use this). A logger configured with another ``save_dir``, or a ``--report.root`` that differs from it, is refused
-with a message rather than silently ignored. Nothing is ever overwritten without ``overwrite``.
+with a message rather than silently ignored. validate and test keep no CSV log (their results are the report
+folder's files). Nothing is ever overwritten without ``overwrite``.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -67,16 +70,10 @@ def _python_only(func: Callable) -> set[str]:
         return set()
     skip = set()
     for name, hint in hints.items():
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _union_type()) else (hint,)
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         if any(typing.get_origin(o) is Callable or o is Callable for o in options):
             skip.add(name)
     return skip
-
-
-def _union_type():
-    import types
-
-    return types.UnionType
 
 
 def function_parser(name: str, func: Callable, summary: str):

@@ -11,11 +11,13 @@ from lightning.pytorch.loggers import CSVLogger
 
 from editing.commands import DEFAULT_ROOT, parses_own_arguments
 from editing.commands.lightning import (
+    HELP_ALL,
     EditingArgumentParser,
     FitConfigSaver,
     ProjectCLI,
     SaveLastOnStop,
     SaveOnInterrupt,
+    field_docstrings,
     model_help_parser,
     wants_help,
 )
@@ -51,19 +53,18 @@ def distill(args: list[str]) -> None:
     from editing.data.corpus import CorpusDataModule
     from editing.models.backpack.distill import BackpackDistillation
 
-    help_kind = wants_help(args)
-    if help_kind == "all":
-        args = ["--help" if a == "--help-all" else a for a in args]
     # an interrupted run (Ctrl-C, a crash) still leaves its latest state: `editing backpack export` turns it into
     # a model folder, `--ckpt_path` resumes it
-    DistillCLI(BackpackDistillation, CorpusDataModule, args=["fit", *args], save_config_callback=FitConfigSaver,
-               parser_class=EditingArgumentParser, parser_kwargs={"prog": "editing backpack distill"},
-               short_help=help_kind == "short",
-               trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
-                                 # the corpus sampler shards by rank itself and restores its place in the epoch
-                                 "use_distributed_sampler": False,
-                                 "callbacks": [SaveOnInterrupt(), SaveLastOnStop()],
-                                 "logger": lazy_instance(CSVLogger, save_dir=DEFAULT_ROOT, name="distill")})
+    with field_docstrings(args):
+        DistillCLI(BackpackDistillation, CorpusDataModule,
+                   args=["fit", *["--help" if a == HELP_ALL else a for a in args]],
+                   save_config_callback=FitConfigSaver, parser_class=EditingArgumentParser,
+                   parser_kwargs={"prog": "editing backpack distill"}, short_help=wants_help(args) == "short",
+                   trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
+                                     # the corpus sampler shards by rank itself and restores its place in the epoch
+                                     "use_distributed_sampler": False,
+                                     "callbacks": [SaveOnInterrupt(), SaveLastOnStop()],
+                                     "logger": lazy_instance(CSVLogger, save_dir=DEFAULT_ROOT, name="distill")})
 
 
 def export(checkpoint: str, output_dir: str, overwrite: bool = False) -> Path:

@@ -11,6 +11,8 @@ import re
 import sys
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import is_dataclass
 from pathlib import Path
 
@@ -452,14 +454,24 @@ def _read_checkpoint(path: Path) -> dict:
 
 
 def wants_help(args: list[str]) -> str | None:
-    """``short`` for ``-h``/``--help``, ``all`` for ``--help-all``, None otherwise. When help is wanted, the help
-    of settings dataclasses' fields is read from their attribute docstrings (slower, so only then)."""
-    kind = "all" if HELP_ALL in args else "short" if any(a in HELP_FLAGS for a in args) else None
-    if kind is not None or any(a.endswith(".help") for a in args):
-        from jsonargparse import set_parsing_settings
+    """``short`` for ``-h``/``--help``, ``all`` for ``--help-all``, None otherwise."""
+    return "all" if HELP_ALL in args else "short" if any(a in HELP_FLAGS for a in args) else None
 
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    return kind
+
+@contextmanager
+def field_docstrings(args: list[str]) -> Iterator[None]:
+    """While a help is printed, read the help of settings dataclasses' fields from their attribute docstrings
+    (slower, so only then; any ``--help``, ``--help-all`` or ``--KEY.help``)."""
+    if wants_help(args) is None and not any(a.endswith(".help") for a in args):
+        yield
+        return
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    try:
+        yield
+    finally:
+        set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
 
 def run_lightning_cli(subcommand: str, args: list[str]) -> None:
@@ -471,19 +483,18 @@ def run_lightning_cli(subcommand: str, args: list[str]) -> None:
         for value in _option_values(args, "--model"):
             check_model_class(value)
     help_kind = wants_help(args)
-    if help_kind == "all":
-        args = ["--help" if a == HELP_ALL else a for a in args]
-    EditingCLI(
-        EditingModule,
-        TaskDataModule,
-        subclass_mode_model=True,
-        args=[subcommand, *args],
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_callback=FitConfigSaver,
-        parser_class=EditingArgumentParser,
-        parser_kwargs={"prog": "editing"},
-        short_help=help_kind == "short",
-    )
+    with field_docstrings(args):
+        EditingCLI(
+            EditingModule,
+            TaskDataModule,
+            subclass_mode_model=True,
+            args=[subcommand, *["--help" if a == HELP_ALL else a for a in args]],
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=FitConfigSaver,
+            parser_class=EditingArgumentParser,
+            parser_kwargs={"prog": "editing"},
+            short_help=help_kind == "short",
+        )
 
 
 @parses_own_arguments
