@@ -899,6 +899,7 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
         raise ConfigError(f"{path} does not exist: run `editing select --study_name {study_name}` first")
     selection = json.loads(path.read_text())
     definition = SweepDefinition(**selection["sweep"])
+    _require_test_files(definition.task)
     base = sweep_dir / "base.yaml"
     if not base.is_file():
         base.write_text(definition.base_config)
@@ -930,3 +931,15 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
             print(f"trial {trial} seed {seed}: finished in {time.time() - start:.0f}s", flush=True)
             done.append(results)
     return done
+
+
+def _require_test_files(task: str) -> None:
+    """Refuse test runs of a task whose files do not depend on the split (a task YAML without ``{split}``): they would
+    train and evaluate on the validation files and report them as the test pair."""
+    from editing.tasks import get_task
+
+    same = get_task(task).files_without_split()
+    if same:
+        raise ConfigError(f"task {task}: the {', '.join(same)} path(s) have no {{split}}, so the test runs would reuse "
+                          "the validation files; write the task's paths with {split} (e.g. evaluation: "
+                          "data/eval-{split}.jsonl) and give a -val and a -test file for each")
