@@ -76,8 +76,8 @@ def runs_from_results(results: dict, sweep: dict, ball: str, trial: int) -> Test
     """One ball of a test run's ``results.json`` (written by the DegradationBudget callback)."""
     epochs = results["epochs"]
     b = results["balls"][ball]
-    return TestRun(model=sweep["model"], task=sweep["task"], method=sweep["method"], ball=ball, trial=trial,
-                   seed=int(results.get("seed") or 0), epoch=int(b["epoch"]),
+    return TestRun(model=sweep["model"], task=task_label(sweep["task"], results), method=sweep["method"], ball=ball,
+                   trial=trial, seed=int(results.get("seed") or 0), epoch=int(b["epoch"]),
                    success_change_pp=float(b["success_change_pp"]),
                    initial_success_rate=float(epochs[0]["success_rate"]),
                    degradation=float(b["metrics"]["degradation"]),
@@ -101,9 +101,27 @@ def load_study(sweep_dir: Path) -> tuple[dict, list[TestRun], list[dict]]:
             runs.append(runs_from_results(json.loads(path.read_text()), sweep, ball, chosen["trial"]))
     trials_file = sweep_dir / "trials.jsonl"
     trials = [json.loads(line) for line in trials_file.read_text().splitlines()] if trials_file.is_file() else []
+    label = runs[0].task if runs else task_label(sweep["task"])
     for t in trials:
-        t.update(model=sweep["model"], task=sweep["task"], method=sweep["method"])
+        t.update(model=sweep["model"], task=label, method=sweep["method"])
     return selection, runs, trials
+
+
+def task_label(task: str, results: dict | None = None) -> str:
+    """How tables and plots name a sweep's task: its ``name`` (as a run's results recorded it, else as its task
+    YAML gives it), never the path of a user's task YAML."""
+    from editing.errors import EditingError
+    from editing.tasks import BUILTIN_TASKS, get_task
+
+    recorded = ((results or {}).get("task") or {}).get("name")
+    if recorded:
+        return str(recorded)
+    if task in BUILTIN_TASKS:
+        return task
+    try:
+        return get_task(task).name
+    except EditingError:  # the YAML moved since the sweep: its file name is the best label left
+        return Path(task).stem
 
 
 def collect(roots: Iterable[str | Path]) -> tuple[list[TestRun], list[dict]]:

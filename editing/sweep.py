@@ -246,9 +246,12 @@ def make_definition(task: str, method: str, model: str = "smollm2-135m", base_co
                     args: Sequence[str] | None = None, seed: int = 0) -> SweepDefinition:
     """Build a sweep definition from command-line settings (see ``run_sweep``)."""
     if base_config is None:
-        path = FIT_DIR / Path(task).stem / f"{method}.yaml"
+        # one fit config per method, for any task (the task comes from --data.task, see SweepDefinition.fit_args)
+        path = FIT_DIR / f"{method}.yaml"
         if not path.is_file():
-            raise ConfigError(f"no base fit config {path}; pass --base_config")
+            known = sorted(p.stem for p in FIT_DIR.glob("*.yaml"))
+            raise ConfigError(f"no base fit config {path} for method {method!r} (there are: {', '.join(known)}); "
+                              "pass --base_config FILE")
     else:
         path = Path(base_config)
         if not path.is_file():
@@ -636,7 +639,8 @@ def run_sweep(task: str = "country_capital", method: str = "lora", model: str = 
         method: method name; its search space is ``lightning_configs/sweeps/<method>.yaml``.
         model: model name (``--model.init_args.base.name`` of the trials).
         n_trials: trials of the whole study (all workers together).
-        base_config: the fit config the trials start from (default ``lightning_configs/fit/<task>/<method>.yaml``).
+        base_config: the fit config the trials start from (default ``lightning_configs/fit/<method>.yaml``, for any
+            task: built-in or a task YAML of your own).
         space: search-space YAML(s) replacing the default one: one path, or a list whose later files override
             earlier ones key by key.
         params: extra search-space entries, e.g. ``{"model.init_args.lora.rank": {"int_uniform": [1, 16]}}``.
@@ -895,6 +899,7 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
         raise ConfigError(f"{path} does not exist: run `editing select --study_name {study_name}` first")
     selection = json.loads(path.read_text())
     definition = SweepDefinition(**selection["sweep"])
+    _require_test_files(definition.task)
     base = sweep_dir / "base.yaml"
     if not base.is_file():
         base.write_text(definition.base_config)
@@ -926,3 +931,15 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
             print(f"trial {trial} seed {seed}: finished in {time.time() - start:.0f}s", flush=True)
             done.append(results)
     return done
+
+
+def _require_test_files(task: str) -> None:
+    """Refuse test runs of a task whose files do not depend on the split (a task YAML without ``{split}``): they would
+    train and evaluate on the validation files and report them as the test pair."""
+    from editing.tasks import get_task
+
+    same = get_task(task).files_without_split()
+    if same:
+        raise ConfigError(f"task {task}: the {', '.join(same)} path(s) have no {{split}}, so the test runs would reuse "
+                          "the validation files; write the task's paths with {split} (e.g. evaluation: "
+                          "data/eval-{split}.jsonl) and give a -val and a -test file for each")

@@ -58,6 +58,12 @@ class TaskSpec:
         """Whether examples carry two suffixes."""
         return self.loss.pair
 
+    def files_without_split(self) -> list[str]:
+        """The roles whose file is the same for ``val`` and ``test``: a user task's path without ``{split}``."""
+        if self.builtin:
+            return []
+        return [role for role in ROLES if getattr(self, role) is not None and "{split}" not in getattr(self, role)]
+
     def file(self, role: str, split: str, data_root: str | Path | None = None) -> Path | None:
         """Resolve the file for ``role`` and ``split``.
 

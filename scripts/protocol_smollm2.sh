@@ -17,4 +17,4 @@ python -m editing.cli sweep --task country_capital --method lora --model smollm2
 python -m editing.cli sweep-status --study_name "$STUDY" --root "$OUT/sweeps"
 python -m editing.cli select --study_name "$STUDY" --root "$OUT/sweeps"
 python -m editing.cli test-runs --study_name "$STUDY" --root "$OUT/sweeps" --seeds 2
-python -m editing.cli report --root "$OUT/sweeps" --output "$OUT/report"
+python -m editing.cli report --root "$OUT/sweeps" --output_dir "$OUT/report"

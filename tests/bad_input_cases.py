@@ -416,12 +416,12 @@ def _cases() -> list[Case]:
 
     # --- checkpoints: fit --ckpt_path and backpack export ------------------------------------------------------------
     cases += _ckpt_cases("fit", lambda p: [*TINY_FIT, "--ckpt_path", p], ["--ckpt_path"])
-    cases += _ckpt_cases("export", lambda p: ["backpack", "export", "--checkpoint", p, "--output", "model"],
+    cases += _ckpt_cases("export", lambda p: ["backpack", "export", "--checkpoint", p, "--output_dir", "model"],
                          ["editing backpack distill"])
     add(_c("export_of_an_editing_checkpoint",
-           lambda d, a: ["backpack", "export", "--checkpoint", str(_copy(a.checkpoint, d / "last.ckpt")), "--output",
-                         "model"], ["last.ckpt", "not a Backpack distillation checkpoint"], ["distillation run"],
-           absent=("model",)))
+           lambda d, a: ["backpack", "export", "--checkpoint", str(_copy(a.checkpoint, d / "last.ckpt")),
+                         "--output_dir", "model"],
+           ["last.ckpt", "not a Backpack distillation checkpoint"], ["distillation run"], absent=("model",)))
 
     def corrupt_last(d: Path, a: Artifacts) -> list[str]:
         (d / "ckpt").mkdir()

@@ -372,11 +372,12 @@ def test_senses_fit_through_the_cli_on_every_task(tmp_path, data_root, monkeypat
     from editing.cli import main
 
     monkeypatch.chdir(tmp_path)
-    config = Path(__file__).resolve().parents[1] / "lightning_configs" / "tiny" / f"senses_{task}.yaml"
-    main(["fit", "--config", str(config), "--budget.output_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1",
-          "--trainer.limit_train_batches", "3"])
+    configs = Path(__file__).resolve().parents[1] / "lightning_configs"
+    main(["fit", "--config", str(configs / "tiny" / "fit_senses_tiny_backpack.yaml"), "--config",
+          str(configs / "tasks" / f"{task}.yaml"), "--budget.output_dir", str(tmp_path / "run"),
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["status"] == "finished" and results["method"] == "senses"
+    assert results["status"] == "finished" and results["method"] == "senses" and results["task"]["name"] == task
     assert [e["epoch"] for e in results["epochs"]] == [0, 1]
     edit = load_file(str(tmp_path / "run" / "edits" / "ball_1e-03" / "senses.safetensors"))
     if results["balls"]["1e-03"]["epoch"] == 1:

@@ -1,9 +1,11 @@
-"""The ``editing`` command end to end: validate/test through LightningCLI, ``evaluate``, errors and --print_config."""
+"""The ``editing`` command end to end: the command table and its help, validate/test through LightningCLI,
+``evaluate``, errors, --print_config and the output folders."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,152 @@ def test_cli_unknown_model_offline(tmp_path, monkeypatch, capsys, offline_hub):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "no-such-org/no-such-model-xyz" in err and "cannot be reached" in err
+
+
+# --- the command table: help, unknown commands, output folders ------------------------------------------------------
+
+# every command of the issue, with words its one line of help must hold
+COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "evaluate": "several tasks",
+                 "apply": "saved edit", "data download": "download", "senses inspect": "senses",
+                 "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
+                 "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
+                 "report": "tables"}
+
+
+def test_help_lists_every_command_without_importing_torch():
+    """``editing --help``: every command on one line; neither torch nor Lightning is imported for it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from editing.cli import main; main(['--help']); "
+            "print('IMPORTED', sorted(m for m in ('torch', 'lightning', 'transformers', 'editing.commands') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.strip().endswith("IMPORTED []")
+    for name, words in COMMAND_LINES.items():
+        lines = [line for line in out.splitlines() if line.startswith(f"  {name} ")]
+        assert len(lines) == 1 and words in lines[0], (name, lines)
+
+
+def test_no_command_prints_the_list_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert "  sweep-status " in captured.out and "give a command" in captured.err
+
+
+@pytest.mark.parametrize("args, closest", [
+    (["evalute"], "evaluate"), (["fitt"], "fit"), (["sweep_status"], "sweep-status"), (["testruns"], "test-runs"),
+    (["backpack", "distil"], "backpack distill"), (["data", "downlod"], "data download"),
+    (["backpak"], "backpack"), (["generate"], None),
+])
+def test_unknown_command_names_the_closest(args, closest, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--task", "x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: unknown command {' '.join(args)!r}")
+    if closest is None:
+        assert "did you mean" not in err and "sweep-status" in err  # the list of commands instead
+    else:
+        assert f"(did you mean {closest!r}?)" in err
+
+
+def test_a_group_word_alone_names_its_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["backpack"])
+    assert info.value.code == 2
+    assert "choose one of: distill, export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(COMMAND_LINES))
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*name.split(), "--help"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: editing {name} ")
+    assert "--config" in out
+
+
+def test_fit_help_puts_the_main_options_on_the_first_screen(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    first_screen = "\n".join(capsys.readouterr().out.splitlines()[:40])
+    for key in ("model.optimizer.lr", "model.lora.rank", "model.regularization.weight", "budget.balls",
+                "trainer.max_epochs", "data.task", "data.split", "data.eval_limit", "data.general_limit",
+                "model.base.name", "model.base.precision"):
+        assert f"--{key}" in first_screen, key
+    for method in ("LoRAEditor", "MEMITEditor", "FullFinetune", "SenseFinetune"):
+        assert method in first_screen
+    assert "editing fit --help-all" in first_screen
+    # the defaults shown are the code's
+    assert re.search(r"--model\.lora\.rank 8 .*rank", first_screen)
+    assert re.search(r"--trainer\.max_epochs 10 ", first_screen)
+
+
+def test_fit_help_of_one_method_explains_its_options(capsys):
+    from editing.methods.memit.config import MEMITConfig
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "MEMITEditor", "--help"])
+    out = capsys.readouterr().out
+    for field in ("layers", "clamp_norm_factor", "covariance_weight", "kl_factor", "supervision", "oracle_field"):
+        assert f"--model.memit.{field}" in out, field
+    assert f"--model.memit.kl_factor {MEMITConfig().kl_factor} " in out and "--model.lora.rank" not in out
+    # the method named by a config file's class_path
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "lightning_configs" / "fit" / "lora.yaml"),
+              "--help"])
+    assert "--model LoRAEditor:" in capsys.readouterr().out
+
+
+def test_fit_help_all_is_lightnings_full_list(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--help-all"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "--trainer.gradient_clip_val" in out and "--checkpoint.every_n_train_steps" in out
+
+
+TINY_FIT = ["fit", "--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--model.lora.rank", "2",
+            "--data.task", "stereoset", "--data.eval_limit", "2", "--data.general_limit", "2",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.enable_progress_bar",
+            "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu"]
+
+
+def test_default_root_dir_holds_the_fit_run_folder(tmp_path, monkeypatch, data_root):
+    """``--trainer.default_root_dir ROOT``: the run folder is ROOT/fit/version_N (it was silently ignored)."""
+    monkeypatch.chdir(tmp_path)
+    main([*TINY_FIT, "--trainer.default_root_dir", "elsewhere"])
+    run = tmp_path / "elsewhere" / "fit" / "version_0"
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_default_root_dir_against_another_logger_folder_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*TINY_FIT, "--trainer.logger.init_args.save_dir", "logs", "--trainer.default_root_dir", "elsewhere"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--trainer.default_root_dir elsewhere" in err and "logs" in err and "give only one" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_root_dir_holds_validate_results(tmp_path, monkeypatch, capsys, data_root):
+    monkeypatch.chdir(tmp_path)
+    main([*VALIDATE, "--trainer.default_root_dir", "elsewhere"])
+    record = json.loads((tmp_path / "elsewhere" / "tiny-gpt2" / "stereoset-val" / "validate"
+                         / "evaluation.json").read_text())
+    assert record["counts"]["evaluation"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]  # no CSV log of an evaluation either
+    with pytest.raises(SystemExit) as info:
+        main([*VALIDATE, "--trainer.default_root_dir", "a", "--report.root", "b"])
+    assert info.value.code == 2
+    assert "--report.root b" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from editing.cli import SaveLastOnStop
+from editing.commands.lightning import SaveLastOnStop
 from editing.data.corpus import CorpusDataModule
 from editing.data.datamodule import TaskDataModule
 from editing.errors import DataFormatError
@@ -187,7 +187,7 @@ def test_an_interrupted_run_exports_from_its_checkpoint(tmp_path, corpus) -> Non
     module = distiller(tmp_path)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     trainer(tmp_path, epochs=1, callbacks=[checkpoint]).fit(module, data(corpus))
-    main(["backpack", "export", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--output",
+    main(["backpack", "export", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--output_dir",
           str(tmp_path / "model")])
     loaded = load_model(ModelConfig(name=str(tmp_path / "model"))).model
     x = torch.randint(0, 1000, (1, 8))

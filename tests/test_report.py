@@ -88,7 +88,7 @@ def test_mean_and_standard_error() -> None:
 
 def test_report_tables_and_plots(sweeps, tmp_path, capsys) -> None:
     out = tmp_path / "report"
-    main(["report", "--root", f"[{sweeps}]", "--output", str(out)])
+    main(["report", "--root", f"[{sweeps}]", "--output_dir", str(out)])
     data = json.loads((out / "report.json").read_text())
     cells = {(c["table"], c["task"], c["method"], c["ball"]): c for c in data["cells"]}
     for (task, method, ball), gains in TEST.items():
@@ -118,7 +118,7 @@ def test_report_tables_and_plots(sweeps, tmp_path, capsys) -> None:
     assert not (out / "sizes.png").exists()  # one model size only
 
     with pytest.raises(SystemExit) as info:  # a report is not replaced silently
-        main(["report", "--root", f"[{sweeps}]", "--output", str(out)])
+        main(["report", "--root", f"[{sweeps}]", "--output_dir", str(out)])
     assert info.value.code == 2 and "already exists" in capsys.readouterr().err
 
 

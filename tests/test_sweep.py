@@ -85,7 +85,7 @@ def test_search_space_keys_are_fit_keys(path: Path, capsys, monkeypatch) -> None
     reaches the parsed config (a typo fails here, not hours into a sweep)."""
     method = path.stem
     space = load_space(method)
-    base = REPO_DIR / "lightning_configs" / "fit" / "country_capital" / f"{method}.yaml"
+    base = REPO_DIR / "lightning_configs" / "fit" / f"{method}.yaml"
     if not base.is_file():
         pytest.skip(f"no base fit config for method {method}")
     # a value inside each distribution, distinct from the base config's

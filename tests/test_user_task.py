@@ -123,3 +123,76 @@ def test_evaluate_rebinds_a_different_task_with_the_same_name(tmp_path, tiny_mod
         results[sub] = evaluate(module, dm, roles=["evaluation"])
     assert results["a"]["success_rate"] == 1.0  # every NLL sum is below 1000
     assert results["b"]["success_rate"] == 0.0  # every NLL sum is above -1000
+
+
+# --- the protocol on a user's task: test runs need per-split files; reports name the task by its `name:` ----------
+
+def _study(root, task_path: str, with_runs: bool):
+    """A sweep folder as `editing select` leaves it (and, with ``with_runs``, with one test run per ball)."""
+    from test_sweep import fake_results
+
+    from editing.sweep import select_best
+
+    study = root / "mystudy"
+    balls = {"1e-03": (1, 20.0), "1e-05": (1, 5.0)}
+    records = [{"trial": 0, "params": {"model.init_args.optimizer.lr": 1e-3},
+                "balls": {k: {"epoch": e, "success_change_pp": g, "degradation": 1e-6} for k, (e, g) in balls.items()},
+                "history": fake_results(balls)["epochs"]}]
+    selection = {"study": study.name, "trials": 1, "balls": select_best(records),
+                 "sweep": {"task": task_path, "model": "tiny", "method": "lora", "base_config": "", "space": {},
+                           "args": [], "seed": 0}}
+    study.mkdir(parents=True)
+    (study / "selection.json").write_text(json.dumps(selection))
+    (study / "trials.jsonl").write_text(json.dumps(records[0]) + "\n")
+    if with_runs:
+        for seed in range(2):
+            out = study / "test" / "trial_0" / f"seed_{seed}"
+            out.mkdir(parents=True)
+            results = fake_results(balls, seed)
+            results["task"] = {"name": "capitals_user", "loss": "good", "threshold": 12.5}
+            (out / "results.json").write_text(json.dumps(results))
+    return study
+
+
+@pytest.mark.parametrize("templated", [True, False])
+def test_test_runs_refuse_a_task_whose_files_do_not_depend_on_the_split(tmp_path, user_task, templated):
+    """Without ``{split}`` the test pair would silently be the validation files: test-runs refuses to start."""
+    from editing.errors import ConfigError
+    from editing.sweep import test_runs
+
+    if not templated:
+        user_task.write_text(user_task.read_text().replace("{split}", "val"))
+    study = _study(tmp_path / "sweeps", str(user_task), with_runs=False)
+    calls = []
+
+    def runner(args, log):
+        calls.append(args)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        (log.parent / "results.json").write_text("{}")
+        return 0
+
+    if templated:
+        assert len(test_runs(study.name, str(tmp_path / "sweeps"), seeds=1, runner=runner)) == 1
+        assert len(calls) == 1
+    else:
+        with pytest.raises(ConfigError, match=r"canonical, evaluation path\(s\) have no \{split\}"):
+            test_runs(study.name, str(tmp_path / "sweeps"), seeds=1, runner=runner)
+        assert calls == [] and not (study / "test").exists() and not (study / "base.yaml").exists()
+
+
+def test_report_names_a_user_task_by_its_name(tmp_path, user_task):
+    """The report's tables and cells say ``capitals_user`` (the YAML's ``name:``), not the YAML's path."""
+    from editing.report import make_report, task_label
+
+    sweeps = tmp_path / "sweeps"
+    _study(sweeps, str(user_task), with_runs=True)
+    out = tmp_path / "report"
+    make_report(root=[str(sweeps)], output=str(out))
+    markdown = (out / "report.md").read_text()
+    assert "| capitals_user |" in markdown and str(user_task) not in markdown
+    cells = json.loads((out / "report.json").read_text())["cells"]
+    assert {c["task"] for c in cells} - {"average"} == {"capitals_user"}
+    # the label without results: read from the YAML; a YAML gone since: its file name
+    assert task_label(str(user_task)) == "capitals_user"
+    assert task_label(str(tmp_path / "moved" / "old_task.yaml")) == "old_task"
+    assert task_label("stereoset") == "stereoset"

@@ -1,0 +1,45 @@
+"""``editing apply``: a saved edit applied to its base model and evaluated on a task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from editing.commands.evaluate import results_table
+
+
+def apply_edit(edit: str, task: str = "country_capital", split: str = "val", data_root: str | None = None,
+               eval_limit: int | None = None, general_limit: int | None = None, output_dir: str | None = None,
+               overwrite: bool = False, allow_unverified: bool = False) -> dict:
+    """Load a base model plus a saved edit and evaluate it on a task.
+
+    Args:
+        edit: an edit folder (``<run>/edits/ball_<eps>``).
+        task: task name or task YAML.
+        split: ``val`` or ``test``.
+        data_root: data folder (default: searched).
+        eval_limit: first N examples of the task sets.
+        general_limit: first N texts of the general set.
+        output_dir: where to write ``evaluation.json`` (default: ``<edit>/eval-<task>-<split>``).
+        overwrite: replace an earlier evaluation.
+        allow_unverified: apply an edit saved without ``edit_manifest.json`` (by an older version), whose tensors
+            cannot be checked against the hashes recorded at saving.
+
+    Returns:
+        The evaluation summary.
+    """
+    from editing.data.datamodule import TaskDataModule
+    from editing.edits import load_edited
+    from editing.methods.base import evaluate
+    from editing.report_files import write_evaluation
+
+    module = load_edited(edit, allow_unverified=allow_unverified)
+    dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
+                        general_limit=general_limit)
+    summary = evaluate(module, dm, progress=True)
+    out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
+    path = write_evaluation(out, summary, stage="apply", task=dm.task, split=split, identity=module.identity,
+                            data_files=dm.describe(), overwrite=overwrite)
+    print(results_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+                   **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}]))
+    print(f"results: {path}")
+    return summary

@@ -1,0 +1,85 @@
+"""``editing backpack distill`` (a Lightning fit of a Backpack on a corpus, through LightningCLI) and ``editing
+backpack export`` (a distillation checkpoint written as a model folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from editing.commands import DEFAULT_ROOT, parses_own_arguments
+from editing.commands.lightning import (
+    HELP_ALL,
+    EditingArgumentParser,
+    FitConfigSaver,
+    ProjectCLI,
+    SaveLastOnStop,
+    SaveOnInterrupt,
+    field_docstrings,
+    model_help_parser,
+    wants_help,
+)
+
+
+class DistillCLI(ProjectCLI):
+    """LightningCLI of ``editing backpack distill``: ``BackpackDistillation`` on a ``CorpusDataModule``, with a
+    checkpoint every 25 steps and on interruption."""
+
+    command = "backpack distill"
+    main_options = {"fit": ("model.teacher.name", "model.shape.num_senses", "model.lr", "model.output",
+                            "model.overwrite", "data.corpus", "data.max_tokens", "data.block_size", "data.batch_size",
+                            "trainer.max_time", "trainer.max_epochs", "trainer.precision",
+                            "trainer.default_root_dir", "ckpt_path")}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.every_n_train_steps": 25})
+
+    def help_parts(self, parser, subcommand: str, args: list[str]) -> tuple[str, object]:
+        intro = ("Distil a Backpack from a causal LM on a text corpus: the LM is the frozen contextualizer; the sense\n"
+                 "network and the alpha head train (KL to the LM). The model folder is written to --model.output.\n"
+                 "  editing backpack distill --config lightning_configs/distill/smollm2_backpack.yaml")
+        from editing.models.backpack.distill import BackpackDistillation
+
+        return intro, model_help_parser(parser, BackpackDistillation)
+
+
+@parses_own_arguments
+def distill(args: list[str]) -> None:
+    """``editing backpack distill``: a Lightning fit of ``BackpackDistillation`` on a ``CorpusDataModule``."""
+    from editing.data.corpus import CorpusDataModule
+    from editing.models.backpack.distill import BackpackDistillation
+
+    # an interrupted run (Ctrl-C, a crash) still leaves its latest state: `editing backpack export` turns it into
+    # a model folder, `--ckpt_path` resumes it
+    with field_docstrings(args):
+        DistillCLI(BackpackDistillation, CorpusDataModule,
+                   args=["fit", *["--help" if a == HELP_ALL else a for a in args]],
+                   save_config_callback=FitConfigSaver, parser_class=EditingArgumentParser,
+                   parser_kwargs={"prog": "editing backpack distill"}, short_help=wants_help(args) == "short",
+                   trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0,
+                                     # the corpus sampler shards by rank itself and restores its place in the epoch
+                                     "use_distributed_sampler": False,
+                                     "callbacks": [SaveOnInterrupt(), SaveLastOnStop()],
+                                     "logger": lazy_instance(CSVLogger, save_dir=DEFAULT_ROOT, name="distill")})
+
+
+def export(checkpoint: str, output_dir: str, overwrite: bool = False) -> Path:
+    """Write the Backpack of a distillation checkpoint (e.g. an interrupted run's ``last.ckpt``) as a model folder.
+
+    Args:
+        checkpoint: a checkpoint written by ``editing backpack distill``.
+        output_dir: the model folder to write.
+        overwrite: replace an existing folder.
+
+    Returns:
+        The model folder.
+    """
+    from editing.models.backpack.distill import export_checkpoint
+
+    folder = export_checkpoint(checkpoint, output_dir, overwrite)
+    print(folder)
+    return folder

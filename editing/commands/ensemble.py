@@ -1,0 +1,79 @@
+"""``editing ensemble``: a Backpack's edit carried to a larger model with the same tokenizer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital", split: str = "val",
+                 large_tokenizer: str | None = None, data_root: str | None = None, eval_limit: int | None = None,
+                 general_limit: int | None = None, balls: list[float] | None = None,
+                 output_dir: str | None = None, overwrite: bool = False, max_tokens: int = 1024,
+                 allow_unverified: bool = False) -> dict:
+    """Carry a Backpack's edit to a larger model with the same tokenizer: per ball, beta from 1.0 down in steps of
+    0.1 until the ensemble's general NLL is inside the ball, then its evaluation (SPEC section 9).
+
+    Args:
+        large: the large model (see ``ModelConfig.name``).
+        backpack_edits: a senses fit run folder (its ``edits/ball_<eps>``) or one Backpack edit folder.
+        task: task name or task YAML.
+        split: ``val`` or ``test``.
+        large_tokenizer: override the large model's tokenizer (``gpt2`` for GPT-J offline).
+        data_root: data folder (default: searched).
+        eval_limit: first N examples of each task set.
+        general_limit: first N texts of the general set.
+        balls: eps values, each finite with 0 < eps < 1 and listed once (default 1e-3, 1e-4, 1e-5).
+        output_dir: results go to ``<output_dir>/results.json`` (default: ``runs/<large>/<task>-<split>/ensemble``,
+            the layout of ``editing validate``).
+        overwrite: replace an earlier result there.
+        max_tokens: padded-token budget per batch.
+        allow_unverified: use Backpack edits saved without ``edit_manifest.json`` (by an older version).
+
+    Returns:
+        The results written.
+    """
+    from callbacks.evaluation_report import default_output_dir
+    from editing.budget import ball_key, parse_balls
+    from editing.commands import DEFAULT_ROOT
+    from editing.data.datamodule import TaskDataModule
+    from editing.edits import load_edited
+    from editing.ensemble_search import edit_folders, search
+    from editing.models.loading import ModelConfig, load_model
+    from editing.results import ensure_writable, write_json
+    from editing.tasks import get_task
+
+    balls = parse_balls(balls, "--balls")
+    out = Path(output_dir) if output_dir else default_output_dir(DEFAULT_ROOT, large, get_task(task).name, split,
+                                                                  "ensemble")
+    target = out / "results.json"
+    ensure_writable(target, overwrite)
+    folders = edit_folders(backpack_edits, balls)
+    large_model = load_model(ModelConfig(name=large, tokenizer=large_tokenizer))
+    backpacks = {key: load_edited(folder, allow_unverified=allow_unverified) for key, folder in folders.items()}
+    dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
+                        general_limit=general_limit, max_tokens=max_tokens)
+    started = time.time()
+    found = search(large_model, backpacks, dm, balls)
+    initial = found["initial"]
+    summary = {"method": "ensemble", "task": dm.task.name, "split": split, "large": large_model.identity,
+               "backpack_edits": {k: str(v) for k, v in folders.items()}, "vocab": found["vocab"],
+               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": {},
+               "seconds": round(time.time() - started, 1)}
+    print("| ball | beta | success before | success after | change (pp) | general NLL x |")
+    print("|---|---|---|---|---|---|")
+    for eps in balls:
+        key = ball_key(eps)
+        entry = found["balls"][key]
+        m = entry["metrics"]
+        ratio = m["general_nll"] / initial["general_nll"]
+        summary["balls"][key] = {"beta": entry["beta"], "general_nll_by_beta": entry["general_nll_by_beta"],
+                                 "success_before": initial["success_rate"], "success_after": m["success_rate"],
+                                 "success_change": m["success_rate"] - initial["success_rate"],
+                                 "general_nll": m["general_nll"], "degradation": ratio - 1,
+                                 "metrics": {k: v for k, v in m.items() if k != "per_example"}}
+        print(f"| {key} | {entry['beta']:.1f} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
+              f"{100 * (m['success_rate'] - initial['success_rate']):+.1f} | {ratio:.6f} |")
+    write_json(target, summary)
+    print(f"results: {target}")
+    return summary
