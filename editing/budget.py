@@ -39,6 +39,22 @@ def key_label(key: str) -> str:
     return key.replace("e-0", "e-")
 
 
+def degradation(general_nll: float, initial: float) -> float:
+    """How much the general NLL grew relative to the unedited model's: ``general_nll / initial - 1`` (a ball of eps
+    holds the NLLs whose degradation is below eps)."""
+    return general_nll / initial - 1.0
+
+
+def success_change_pp(initial: float, after: float) -> float:
+    """The change in success rate, in percentage points (the gain a ball reports, SPEC section 6)."""
+    return 100.0 * (after - initial)
+
+
+def edit_folder_name(key: str) -> str:
+    """The folder of a ball's edit inside a run folder's ``edits/``: ``ball_<key>``."""
+    return f"ball_{key}"
+
+
 def inside(nll: float | None, initial: float | None, eps: float | Ball) -> bool:
     """Whether a general NLL is inside the ball of ``eps`` around ``initial`` (the unedited model's general NLL).
 
@@ -196,5 +212,5 @@ def choose_beta(nll_by_beta: Mapping[float, float], eps: float | Ball) -> float:
     return 0.0
 
 
-__all__ = ["DEFAULT_BALLS", "Ball", "ball_key", "choose_beta", "choose_epochs", "inside", "key_eps", "key_label",
-           "parse_balls", "parse_max_epoch"]
+__all__ = ["DEFAULT_BALLS", "Ball", "ball_key", "choose_beta", "choose_epochs", "degradation", "edit_folder_name",
+           "inside", "key_eps", "key_label", "parse_balls", "parse_max_epoch", "success_change_pp"]

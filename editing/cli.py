@@ -71,9 +71,9 @@ class EditingCLI(SafeCheckpointsMixin, LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         from callbacks.degradation_budget import DegradationBudget
-        from callbacks.evaluation_report import EvaluationReport
+        from callbacks.evaluation_writer import EvaluationWriter
 
-        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(EvaluationWriter, "report")
         parser.add_lightning_class_args(DegradationBudget, "budget")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
@@ -81,12 +81,12 @@ class EditingCLI(SafeCheckpointsMixin, LightningCLI):
 
     def _attach_config(self) -> None:
         from callbacks.degradation_budget import DegradationBudget
-        from callbacks.evaluation_report import EvaluationReport
+        from callbacks.evaluation_writer import EvaluationWriter
 
         resolved = json.loads(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False,
                                                                   format="json"))
         for callback in self.trainer.callbacks:
-            if isinstance(callback, (EvaluationReport, DegradationBudget)):
+            if isinstance(callback, (EvaluationWriter, DegradationBudget)):
                 callback.resolved_config = resolved
 
     def _parse_ckpt_path(self) -> None:
@@ -193,21 +193,6 @@ def run_lightning_cli(args: list[str] | None) -> None:
     )
 
 
-def _table(rows: list[dict]) -> str:
-    headers = ["task", "success rate", "general NLL", "targeted NLL", "hard-neg NLL", "examples"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {fmt(r['success_rate'], '.3f')} | {fmt(r['general_nll'], '.5f')} | "
-            f"{fmt(r['targeted_nll'], '.4f')} | {fmt(r['hard_negative_nll'], '.4f')} | {r['examples']} |"
-        )
-    return "\n".join(lines)
-
-
 def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
                    precision: str = "fp32", data_root: str | None = None, eval_limit: int | None = None,
                    general_limit: int | None = None, output_dir: str = "runs/evaluate", overwrite: bool = False,
@@ -232,11 +217,13 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         One row of metrics per task.
     """
     from editing.data.datamodule import TaskDataModule
+    from editing.files import ensure_writable, write_text
     from editing.methods.base import EditingModule, evaluate
     from editing.models.loading import ModelConfig
-    from editing.report_files import write_evaluation
-    from editing.results import ensure_writable
+    from editing.records import EVALUATION_FILE, write_evaluation
+    from editing.tables import metrics_table
     from editing.tasks import BUILTIN_TASKS
+    from editing.types import EVALUATED_METRICS, Metric, Stage
 
     tasks = list(tasks or BUILTIN_TASKS)
     start = time.time()
@@ -248,7 +235,7 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                             general_limit=general_limit, max_tokens=max_tokens)
         out = Path(output_dir) / f"{dm.task.name}-{split}"
-        ensure_writable(out / "evaluation.json", overwrite)
+        ensure_writable(out / EVALUATION_FILE, overwrite)
         modules[task] = (dm, out)
     general: dict | None = None
     rows = []
@@ -257,22 +244,21 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         roles = [r for r in dm.eval_roles() if r != "general" or general is None]
         summary = evaluate(module, dm, roles=roles, progress=True)
         if general is None:
-            general = {"general_nll": summary["general_nll"], "general_tokens": summary["counts"]["general_tokens"],
-                       "file": dm.describe().get("general")}
+            general = {Metric.GENERAL_NLL: summary[Metric.GENERAL_NLL],
+                       "general_tokens": summary["counts"]["general_tokens"], "file": dm.describe().get("general")}
         else:
-            summary["general_nll"] = general["general_nll"]
+            summary[Metric.GENERAL_NLL] = general[Metric.GENERAL_NLL]
             summary["counts"]["general_tokens"] = general["general_tokens"]
         files = dm.describe()
         files.setdefault("general", general["file"])
-        write_evaluation(out, summary, stage="validate" if split == "val" else "test", task=dm.task, split=split,
-                         identity=module.identity, data_files=files, overwrite=overwrite)
+        write_evaluation(out, summary, stage=Stage.VALIDATE if split == "val" else Stage.TEST, task=dm.task,
+                         split=split, identity=module.identity, data_files=files, overwrite=overwrite)
         row = {"task": dm.task.name, "examples": summary["counts"]["evaluation"],
-               **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}
+               **{k.value: summary[k] for k in EVALUATED_METRICS}}
         rows.append(row)
-        print(f"{dm.task.name}: success {row['success_rate']:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    table = _table(rows)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / f"table-{split}.md").write_text(table + "\n")
+        print(f"{dm.task.name}: success {row[Metric.SUCCESS_RATE]:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    table = metrics_table(rows)
+    write_text(Path(output_dir) / f"table-{split}.md", table + "\n", overwrite=True)
     print(f"\n{model}, split {split}, precision {precision} ({time.time() - start:.0f}s in all)\n")
     print(table)
     return rows
@@ -314,17 +300,19 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
     from editing.methods.base import evaluate
-    from editing.report_files import write_evaluation
+    from editing.records import write_evaluation
+    from editing.tables import metrics_table
+    from editing.types import EVALUATED_METRICS, Stage
 
     module = load_edited(edit, allow_unverified=allow_unverified)
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit)
     summary = evaluate(module, dm, progress=True)
     out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
-    path = write_evaluation(out, summary, stage="apply", task=dm.task, split=split, identity=module.identity,
+    path = write_evaluation(out, summary, stage=Stage.APPLY, task=dm.task, split=split, identity=module.identity,
                             data_files=dm.describe(), overwrite=overwrite)
-    print(_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
-                   **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}]))
+    print(metrics_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+                          **{k.value: summary[k] for k in EVALUATED_METRICS}}]))
     print(f"results: {path}")
     return summary
 
@@ -375,12 +363,12 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     Returns:
         The results written.
     """
-    from editing.budget import ball_key, parse_balls
+    from editing.budget import parse_balls
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
-    from editing.ensemble_search import edit_folders, search
+    from editing.ensemble_search import ball_results, edit_folders, results_table, search
+    from editing.files import ensure_writable, write_json
     from editing.models.loading import ModelConfig, load_model
-    from editing.results import ensure_writable, write_json
 
     balls = parse_balls(balls, "--balls")
     target = Path(output_dir) / "results.json"
@@ -395,22 +383,9 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     initial = found["initial"]
     summary = {"method": "ensemble", "task": dm.task.name, "split": split, "large": large_model.identity,
                "backpack_edits": {k: str(v) for k, v in folders.items()}, "vocab": found["vocab"],
-               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": {},
+               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": ball_results(found, balls),
                "seconds": round(time.time() - started, 1)}
-    print("| ball | beta | success before | success after | change (pp) | general NLL x |")
-    print("|---|---|---|---|---|---|")
-    for eps in balls:
-        key = ball_key(eps)
-        entry = found["balls"][key]
-        m = entry["metrics"]
-        ratio = m["general_nll"] / initial["general_nll"]
-        summary["balls"][key] = {"beta": entry["beta"], "general_nll_by_beta": entry["general_nll_by_beta"],
-                                 "success_before": initial["success_rate"], "success_after": m["success_rate"],
-                                 "success_change": m["success_rate"] - initial["success_rate"],
-                                 "general_nll": m["general_nll"], "degradation": ratio - 1,
-                                 "metrics": {k: v for k, v in m.items() if k != "per_example"}}
-        print(f"| {key} | {entry['beta']:.1f} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
-              f"{100 * (m['success_rate'] - initial['success_rate']):+.1f} | {ratio:.6f} |")
+    print(results_table(found, balls))
     write_json(target, summary)
     print(f"results: {target}")
     return summary

@@ -32,11 +32,11 @@ from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
-from editing.types import MethodName
+from editing.types import EVALUATED_METRICS, MethodName
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
+METRIC_NAMES = EVALUATED_METRICS  # the summary's metrics, spelled once in editing.types
 
 
 @dataclass
