@@ -1,4 +1,6 @@
-"""Degradation balls (SPEC sections 1, 6 and 9): what a ball is, its results-file key, and the in-ball rule.
+"""Degradation balls (SPEC sections 1, 6 and 9): what a ball is, its results-file key (and edit folder), the
+degradation and success change a ball reports, the in-ball rule, and the choice of epoch (fits) and beta (the
+ensemble).
 
 Every place that decides whether a general NLL is inside a ball (the fit's epoch choice, the ensemble's beta,
 sweeps and reports) goes through ``inside``, so the rule is written once: strictly below ``(1 + eps)`` times the
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from editing.errors import ConfigError
+from editing.types import Metric
 
 BALLS_SETTING = "--budget.balls"
 MAX_EPOCH_SETTING = "--budget.max_epoch"
@@ -188,7 +191,7 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
     """
     balls = parse_balls(balls)
     caps = parse_max_epoch(max_epoch, balls) or {}
-    initial = history[0]["general_nll"]
+    initial = history[0][Metric.GENERAL_NLL]
     chosen = {}
     for ball in balls:
         limit = caps.get(ball.key)
@@ -196,7 +199,7 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
         for record in history:
             if limit is not None and record["epoch"] > limit:
                 continue
-            if ball.inside(record.get("general_nll"), initial):
+            if ball.inside(record.get(Metric.GENERAL_NLL), initial):
                 best = max(best, int(record["epoch"]))
         chosen[ball.key] = best
     return chosen

@@ -366,3 +366,22 @@ def test_metric_names_are_typed() -> None:
                                          "degradation"]
     with pytest.raises(ConfigError, match="unknown metric 'succes_rate'"):
         Metric("succes_rate")
+
+
+def test_tables_print_what_the_commands_printed_before() -> None:
+    """The tables of the fixtures' own runs, as ``editing fit`` and ``editing apply`` printed them on 8f52fd8."""
+    from editing.tables import balls_table, markdown_table, metrics_table
+
+    assert balls_table(RunRecord.read(RESULTS_V1)) == (
+        "| ball | epoch | success before | success after | change (pp) | general NLL x |\n"
+        "|---|---|---|---|---|---|\n"
+        "| 5e-01 | 2 | 0.000 | 0.000 | +0.0 | 0.999965 |\n"
+        "| 1e-03 | 2 | 0.000 | 0.000 | +0.0 | 0.999965 |")
+    applied = EvaluationRecord.read(APPLY_V1)
+    row = {"task": applied.task.name, "examples": applied.counts["evaluation"], **applied.metrics.to_dict()}
+    assert metrics_table([row]) == (
+        "| task | success rate | general NLL | targeted NLL | hard-neg NLL | examples |\n"
+        "|---|---|---|---|---|---|\n"
+        "| country_capital | 0.000 | 10.81738 | 10.8353 | 35.1730 | 4 |")
+    with pytest.raises(ValueError, match="a row of 1 cells in a table of 2 columns"):
+        markdown_table(["a", "b"], [["only one"]])

@@ -328,6 +328,26 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     assert len(sweep.test_runs(root=str(root), seeds=3, runner=runner)) == 3 and len(calls) == 3
 
 
+def test_fit_settings_spell_the_trial_and_test_run_command_lines(tmp_path) -> None:
+    """The typed settings give the command lines the protocol has always run (later options override earlier
+    ones, so the order matters: the sweep's --args, then the sampled values, then what the protocol fixes)."""
+    definition = make_definition("country_capital", "lora", "tiny-gpt2", args=["--trainer.max_epochs", "3"])
+    base, out = tmp_path / "base.yaml", tmp_path / "trial_0"
+    params = {"model.init_args.optimizer.lr": 0.001, "model.init_args.lora.rank": 4}
+    trial = definition.fit_settings(base, out, params=params, save_edits=False).args()
+    shared = ["--config", str(base), "--data.task", "country_capital", "--model.init_args.base.name", "tiny-gpt2",
+              "--trainer.max_epochs", "3", "--model.init_args.optimizer.lr", "0.001",
+              "--model.init_args.lora.rank", "4"]
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+             "false", "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false"]
+    folders = ["--trainer.default_root_dir", str(out), "--budget.output_dir", str(out)]
+    assert trial == [*shared, *quiet, *folders, "--budget.save_edits", "false"]
+    test = definition.fit_settings(base, out, params=params, split="test", seed=7, max_epoch={"1e-03": 2},
+                                   extra=("--data.eval_limit", "5")).args()
+    assert test == [*shared, "--data.split", "test", "--seed_everything", "7", "--data.seed", "7",
+                    "--budget.max_epoch", '{"1e-03": 2}', *quiet, *folders, "--data.eval_limit", "5"]
+
+
 def main_select(root: Path) -> dict:
     main(["select", "--study_name", "st", "--root", str(root)])
     return json.loads((root / "st" / "selection.json").read_text())

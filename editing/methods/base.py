@@ -28,6 +28,7 @@ from editing.errors import ConfigError
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
 from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.files import write_text
 from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
@@ -159,7 +160,7 @@ class EditingModule(L.LightningModule):
         """
         from editing.integrity import write_edit_manifest
 
-        (Path(folder) / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
+        write_text(Path(folder) / "base_model.json", json.dumps(self.identity, indent=2) + "\n", overwrite=True)
         write_edit_manifest(folder)
 
     @property
