@@ -1,5 +1,5 @@
 """Lightning callbacks of canonical-editing."""
 
-from callbacks.evaluation_report import EvaluationReport
+from callbacks.evaluation_writer import EvaluationWriter
 
-__all__ = ["EvaluationReport"]
+__all__ = ["EvaluationWriter"]

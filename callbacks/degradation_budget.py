@@ -4,7 +4,6 @@ stopping early is an option (``patience``)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -12,18 +11,22 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from editing import __version__
-from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, parse_balls, parse_max_epoch
+from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
 from editing.errors import ConfigError
-from editing.methods.base import METRIC_NAMES, evaluate
-from editing.results import write_json
+from editing.files import save_atomically, write_json
+from editing.methods.base import evaluate
+from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
 from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
-from editing.types import LossType, MethodName
+from editing.tables import balls_table
+from editing.types import MethodName, Metric, RunStatus
 
 OVERWRITE_FLAG = "--budget.overwrite true"
 
 # re-exported: the ball rule lives in editing.budget
-__all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs", "format_balls"]
+__all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs"]
+
+GENERAL_NLL = Metric.GENERAL_NLL
+LOGGED = tuple(Metric)  # logged as val/<metric>, epoch 0 included
 
 
 class DegradationBudget(L.Callback):
@@ -91,10 +94,8 @@ class DegradationBudget(L.Callback):
     def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         summary = evaluate(module, trainer.datamodule, progress=show)
-        record = {"epoch": epoch, **{k: summary[k] for k in METRIC_NAMES}, "counts": summary["counts"]}
-        initial = self.history[0]["general_nll"] if self.history else record["general_nll"]
-        record["degradation"] = record["general_nll"] / initial - 1.0
-        return record
+        # the history holds plain dicts (the layout of results.json's epochs): checkpoints store it
+        return EpochRecord.of(epoch, summary, self.history[0][GENERAL_NLL] if self.history else None).to_dict()
 
     def _log(self, module, record: dict) -> None:
         # The epoch's row goes to the loggers at once rather than through module.log, which writes it only after
@@ -102,8 +103,7 @@ class DegradationBudget(L.Callback):
         # evaluate again) then comes after its row, and an epoch evaluated late (_catch_up) gets the row its end
         # would have had.
         trainer = module.trainer
-        metrics = {f"val/{k}": float(v) for k, v in record.items()
-                   if k in (*METRIC_NAMES, "degradation") and v is not None}
+        metrics = {f"val/{k}": float(v) for k, v in record.items() if k in LOGGED and v is not None}
         # Lightning's step for an epoch's end row; a late evaluation runs before the restored count is advanced
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - (0 if self._catching_up else 1)
         if trainer.is_global_zero:
@@ -115,10 +115,10 @@ class DegradationBudget(L.Callback):
                 module.log(name, value, rank_zero_only=True, logger=False)
 
     def _update_balls(self, module, record: dict) -> None:
-        initial = self.history[0]["general_nll"]
+        initial = self.history[0][GENERAL_NLL]
         state = None
         for ball in self.balls:
-            if ball.inside(record["general_nll"], initial):
+            if ball.inside(record[GENERAL_NLL], initial):
                 state = state if state is not None else module.delta_state()
                 self.ball_states[ball.key] = state
 
@@ -165,8 +165,7 @@ class DegradationBudget(L.Callback):
         self._catch_up(trainer, pl_module)
         if len(self.history) == 1 and not self._restored and trainer.logger is not None:
             # epoch 0 is logged once a logger is ready
-            metrics = {f"val/{k}": float(v) for k, v in self.history[0].items()
-                       if k in (*METRIC_NAMES, "degradation") and v is not None}
+            metrics = {f"val/{k}": float(v) for k, v in self.history[0].items() if k in LOGGED and v is not None}
             trainer.logger.log_metrics(metrics, step=0)
 
     def _catch_up(self, trainer: L.Trainer, pl_module) -> None:
@@ -201,7 +200,7 @@ class DegradationBudget(L.Callback):
         self._log(pl_module, record)
         self._update_balls(pl_module, record)
         largest = max(self.balls, key=lambda b: b.eps)
-        if largest.inside(record["general_nll"], self.history[0]["general_nll"]):
+        if largest.inside(record[GENERAL_NLL], self.history[0][GENERAL_NLL]):
             self.outside = 0
             return
         self.outside += 1
@@ -220,45 +219,29 @@ class DegradationBudget(L.Callback):
             if trainer.is_global_zero:
                 print(f"stopped early after epoch {epoch}: {self.stopped_early['reason']}", flush=True)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, BallRecord]:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""
-        chosen = choose_epochs(self.history, self.balls, self.max_epoch)
-        by_epoch = {r["epoch"]: r for r in self.history}
-        initial = self.history[0]
-        balls = {}
-        for key, epoch in chosen.items():
-            record = by_epoch[epoch]
-            balls[key] = {
-                "epoch": epoch,
-                "metrics": {k: record[k] for k in (*METRIC_NAMES, "degradation")},
-                "success_change_pp": 100.0 * (record["success_rate"] - initial["success_rate"]),
-            }
-        return balls
+        return ball_records([EpochRecord.from_dict(e) for e in self.history], self.balls, self.max_epoch)
+
+    def record(self, trainer: L.Trainer, pl_module) -> RunRecord:
+        """The run's record as it stands (``results.json`` without its edits)."""
+        dm = trainer.datamodule
+        stopped = None if self.stopped_early is None else StoppedEarly(**self.stopped_early)
+        return RunRecord(
+            method=MethodName(pl_module.method).value, task=TaskRef.of(dm.task), split=dm.split,
+            model=pl_module.identity, seed=dm.seed, config=self.resolved_config,
+            hyperparameters=dict(pl_module.hparams),
+            status=RunStatus.DIVERGED if self.diverged_epoch is not None else RunStatus.FINISHED,
+            diverged_at_epoch=self.diverged_epoch, stopped_early=stopped,
+            epochs=[EpochRecord.from_dict(e) for e in self.history], balls=self.summary(), edits={},
+            data_files=dm.describe(),
+        )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.history:
             return
         run_dir = self.run_dir(trainer)
-        balls = self.summary()
-        dm = trainer.datamodule
-        record = {
-            "method": MethodName(pl_module.method).value,
-            "task": {"name": dm.task.name, "loss": LossType(dm.task.loss).value, "threshold": dm.task.threshold},
-            "split": dm.split,
-            "model": pl_module.identity,
-            "seed": dm.seed,
-            "config": self.resolved_config,
-            "hyperparameters": dict(pl_module.hparams),
-            "status": "diverged" if self.diverged_epoch is not None else "finished",
-            "diverged_at_epoch": self.diverged_epoch,
-            "stopped_early": self.stopped_early,
-            "epochs": self.history,
-            "balls": balls,
-            "edits": {},
-            "data_files": dm.describe(),
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "editing_version": __version__,
-        }
+        record = self.record(trainer, pl_module)
         try:
             self.results_path = self._write_results(run_dir, record, pl_module)
         except OSError as err:
@@ -271,27 +254,31 @@ class DegradationBudget(L.Callback):
                 "folder, then copy them there (or resume with --ckpt_path last, which writes them again)"
             ) from None
         self.release_run_folder()
-        print(format_balls(self.history, balls))
+        print(balls_table(record))
         if self.stopped_early is not None:
             print(f"stopped early after epoch {self.stopped_early['epoch']}: {self.stopped_early['reason']}")
         print(f"results: {self.results_path}")
 
-    def _write_results(self, run_dir: Path, record: dict, pl_module) -> Path:
+    def _write_results(self, run_dir: Path, record: RunRecord, pl_module) -> Path:
         edits = {}
         if self.save_edits:
             current = pl_module.delta_state()
             try:
-                for key, info in record["balls"].items():
+                for key, ball in record.balls.items():
                     state = self.ball_states.get(key)
-                    if state is None or info["epoch"] != self._state_epoch(key):
+                    if state is None or ball.epoch != self._state_epoch(key):
                         continue
-                    edits[key] = str(pl_module.export_edit(run_dir / "edits" / f"ball_{key}", state))
+                    # the edit's folder appears complete or not at all (a resumed run writes it again)
+                    folder = save_atomically(run_dir / "edits" / edit_folder_name(key),
+                                             lambda tmp, state=state: pl_module.export_edit(tmp, state),
+                                             folder=True, overwrite=True)
+                    edits[key] = str(folder)
             finally:
                 pl_module.load_delta_state(current)
-        record["edits"] = edits
-        return write_json(run_dir / "results.json", record, overwrite=True)
+        record.edits = edits
+        return write_json(run_dir / RESULTS_FILE, record.to_dict(), overwrite=True)
 
-    def _rescue(self, record: dict, pl_module) -> Path | None:
+    def _rescue(self, record: RunRecord, pl_module) -> Path | None:
         for root in (os.environ.get("EDITING_RESCUE_DIR"), tempfile.gettempdir(), Path.home()):
             if not root:
                 continue
@@ -308,14 +295,3 @@ class DegradationBudget(L.Callback):
         # unless max_epoch cuts it earlier (then no edit is exported for that ball).
         return choose_epochs(self.history, self.balls, None)[key]
 
-
-def format_balls(history: list[dict], balls: dict) -> str:
-    """A small table: per ball, the epoch chosen, success before/after, change (pp) and degradation."""
-    initial = history[0]
-    lines = ["| ball | epoch | success before | success after | change (pp) | general NLL x |",
-             "|---|---|---|---|---|---|"]
-    for key, info in balls.items():
-        m = info["metrics"]
-        lines.append(f"| {key} | {info['epoch']} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
-                     f"{info['success_change_pp']:+.1f} | {1 + m['degradation']:.6f} |")
-    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""Degradation balls (SPEC sections 1, 6 and 9): what a ball is, its results-file key, and the in-ball rule.
+"""Degradation balls (SPEC sections 1, 6 and 9): what a ball is, its results-file key (and edit folder), the
+degradation and success change a ball reports, the in-ball rule, and the choice of epoch (fits) and beta (the
+ensemble).
 
 Every place that decides whether a general NLL is inside a ball (the fit's epoch choice, the ensemble's beta,
 sweeps and reports) goes through ``inside``, so the rule is written once: strictly below ``(1 + eps)`` times the
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from editing.errors import ConfigError
+from editing.types import Metric
 
 BALLS_SETTING = "--budget.balls"
 MAX_EPOCH_SETTING = "--budget.max_epoch"
@@ -37,6 +40,22 @@ def key_eps(key: str) -> float:
 def key_label(key: str) -> str:
     """A compact label for tables and plots: ``1e-3`` for ``1e-03``, the key itself otherwise."""
     return key.replace("e-0", "e-")
+
+
+def degradation(general_nll: float, initial: float) -> float:
+    """How much the general NLL grew relative to the unedited model's: ``general_nll / initial - 1`` (a ball of eps
+    holds the NLLs whose degradation is below eps)."""
+    return general_nll / initial - 1.0
+
+
+def success_change_pp(initial: float, after: float) -> float:
+    """The change in success rate, in percentage points (the gain a ball reports, SPEC section 6)."""
+    return 100.0 * (after - initial)
+
+
+def edit_folder_name(key: str) -> str:
+    """The folder of a ball's edit inside a run folder's ``edits/``: ``ball_<key>``."""
+    return f"ball_{key}"
 
 
 def inside(nll: float | None, initial: float | None, eps: float | Ball) -> bool:
@@ -172,7 +191,7 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
     """
     balls = parse_balls(balls)
     caps = parse_max_epoch(max_epoch, balls) or {}
-    initial = history[0]["general_nll"]
+    initial = history[0][Metric.GENERAL_NLL]
     chosen = {}
     for ball in balls:
         limit = caps.get(ball.key)
@@ -180,7 +199,7 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
         for record in history:
             if limit is not None and record["epoch"] > limit:
                 continue
-            if ball.inside(record.get("general_nll"), initial):
+            if ball.inside(record.get(Metric.GENERAL_NLL), initial):
                 best = max(best, int(record["epoch"]))
         chosen[ball.key] = best
     return chosen
@@ -196,5 +215,5 @@ def choose_beta(nll_by_beta: Mapping[float, float], eps: float | Ball) -> float:
     return 0.0
 
 
-__all__ = ["DEFAULT_BALLS", "Ball", "ball_key", "choose_beta", "choose_epochs", "inside", "key_eps", "key_label",
-           "parse_balls", "parse_max_epoch"]
+__all__ = ["DEFAULT_BALLS", "Ball", "ball_key", "choose_beta", "choose_epochs", "degradation", "edit_folder_name",
+           "inside", "key_eps", "key_label", "parse_balls", "parse_max_epoch", "success_change_pp"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from editing.budget import ball_key, choose_beta
+from editing.budget import Ball, ball_key, choose_beta, degradation, edit_folder_name
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
 from editing.evaluation.precision import full_precision
@@ -24,6 +24,9 @@ from editing.methods.base import EditingModule, evaluate
 from editing.methods.senses.selection import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
 from editing.models.loading import LoadedModel
+from editing.records import Metrics
+from editing.tables import ensemble_table
+from editing.types import Metric
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,39 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
     return out
 
 
+def ball_results(found: dict, balls: tuple[float | Ball, ...]) -> dict[str, dict]:
+    """Per ball, the ensemble's results-file entry: beta, the general NLL at every beta, success before and after
+    (and their difference, a fraction), the general NLL, the degradation relative to the large model alone, and
+    the metrics at the chosen beta.
+
+    Args:
+        found: ``search``'s output.
+        balls: the balls, in the order to report them.
+    """
+    initial = found["initial"]
+    out = {}
+    for eps in balls:
+        key = ball_key(eps)
+        entry = found["balls"][key]
+        m = entry["metrics"]
+        out[key] = {"beta": entry["beta"], "general_nll_by_beta": entry["general_nll_by_beta"],
+                    "success_before": initial[Metric.SUCCESS_RATE], "success_after": m[Metric.SUCCESS_RATE],
+                    "success_change": m[Metric.SUCCESS_RATE] - initial[Metric.SUCCESS_RATE],
+                    Metric.GENERAL_NLL.value: m[Metric.GENERAL_NLL],
+                    Metric.DEGRADATION.value: degradation(m[Metric.GENERAL_NLL], initial[Metric.GENERAL_NLL]),
+                    "metrics": {k: v for k, v in m.items() if k != "per_example"}}
+    return out
+
+
+def results_table(found: dict, balls: tuple[float | Ball, ...]) -> str:
+    """``search``'s outcome as a Markdown table (see ``editing.tables.ensemble_table``)."""
+    initial = found["initial"]
+    rows = {}
+    for key, entry in ball_results(found, balls).items():
+        rows[key] = (entry["beta"], Metrics.of(entry["metrics"], entry[Metric.DEGRADATION]))
+    return ensemble_table(Metrics.of(initial), rows)
+
+
 def _edit_digest(module: EditingModule) -> str:
     """A hash of everything the ensemble reads from a Backpack module: the edited model (every parameter and buffer,
     an installed sense edit, adapter settings) and the reference model its ``reference()`` yields.
@@ -160,7 +196,7 @@ def edit_folders(edits: str | Path, balls: tuple[float, ...]) -> dict[str, Path]
     if (edits / "base_model.json").is_file():
         return {ball_key(eps): edits for eps in balls}
     root = edits / "edits" if (edits / "edits").is_dir() else edits
-    found = {ball_key(eps): root / f"ball_{ball_key(eps)}" for eps in balls}
+    found = {ball_key(eps): root / edit_folder_name(ball_key(eps)) for eps in balls}
     missing = [str(p) for p in found.values() if not (p / "base_model.json").is_file()]
     if missing:
         raise ConfigError(f"{edits} is neither an edit folder nor a run folder with edits for every ball "

@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from editing.errors import ConfigError
+from editing.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +90,7 @@ def write_edit_manifest(folder: str | Path) -> Path:
         files[path.name] = {"sha256": tensor_digest(tensors), "tensors": len(tensors)}
     configs = {name: _file_sha256(folder / name) for name in CONFIG_FILES if (folder / name).is_file()}
     manifest = {"format": MANIFEST_FORMAT, "files": files, "config_files": configs}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    return write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n", overwrite=True)
 
 
 def _read_manifest(path: Path) -> dict:

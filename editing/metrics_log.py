@@ -9,13 +9,13 @@ dropped: the log ends up as an uninterrupted run's.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import tempfile
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from editing.files import atomic_open
 
 
 def row_kind(row: dict) -> frozenset[str]:
@@ -35,17 +35,10 @@ def drop_replaced_rows(path: str | os.PathLike, first_steps: dict[frozenset[str]
             if row_kind(row) not in first_steps or int(float(row["step"])) < first_steps[row_kind(row)]]
     if len(kept) == len(rows):
         return
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.csv.")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
-            writer = csv.DictWriter(out, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", overwrite=True, newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
 
 
 class _ContinuingWriter(ExperimentWriter):

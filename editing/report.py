@@ -9,7 +9,6 @@ hard-negative table per model), ``report.json`` (every cell), and PNG plots.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -17,9 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from editing.budget import DEFAULT_BALLS, key_eps, key_label
+from editing.budget import DEFAULT_BALLS, key_eps, key_label, success_change_pp
 from editing.errors import ConfigError
-from editing.results import ensure_writable, write_json
+from editing.files import ensure_writable, write_json, write_text
+from editing.records import RESULTS_FILE, SELECTION_FILE, TRIALS_FILE, RunRecord, Selection, TrialRecord, read_trials
+from editing.tables import markdown_table
+from editing.types import Metric
 
 AVERAGE = "average"
 
@@ -72,50 +74,49 @@ def average_cells(cells: Sequence[Cell]) -> Cell:
 # ----------------------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------------------
-def runs_from_results(results: dict, sweep: dict, ball: str, trial: int) -> TestRun:
+@dataclass(frozen=True)
+class ValidationTrial:
+    """A validation trial of a study, with the study's model, task and method (for the scatter plots)."""
+
+    model: str
+    task: str
+    method: str
+    record: TrialRecord
+
+
+def runs_from_results(results: RunRecord, sweep: dict, ball: str, trial: int) -> TestRun:
     """One ball of a test run's ``results.json`` (written by the DegradationBudget callback)."""
-    epochs = results["epochs"]
-    b = results["balls"][ball]
+    initial = results.initial.metrics
+    b = results.balls[ball]
     return TestRun(model=sweep["model"], task=task_label(sweep["task"], results), method=sweep["method"], ball=ball,
-                   trial=trial, seed=int(results.get("seed") or 0), epoch=int(b["epoch"]),
-                   success_change_pp=float(b["success_change_pp"]),
-                   initial_success_rate=float(epochs[0]["success_rate"]),
-                   degradation=float(b["metrics"]["degradation"]),
-                   hard_negative_nll=_float(b["metrics"].get("hard_negative_nll")),
-                   initial_hard_negative_nll=_float(epochs[0].get("hard_negative_nll")),
-                   num_parameters=(results.get("model") or {}).get("num_parameters"))
+                   trial=trial, seed=int(results.seed or 0), epoch=b.epoch, success_change_pp=b.success_change_pp,
+                   initial_success_rate=initial.success_rate, degradation=b.metrics.degradation,
+                   hard_negative_nll=b.metrics.hard_negative_nll,
+                   initial_hard_negative_nll=initial.hard_negative_nll, num_parameters=results.num_parameters)
 
 
-def _float(v) -> float | None:
-    return None if v is None else float(v)
-
-
-def load_study(sweep_dir: Path) -> tuple[dict, list[TestRun], list[dict]]:
+def load_study(sweep_dir: Path) -> tuple[Selection, list[TestRun], list[ValidationTrial]]:
     """A sweep folder's selection, its test runs (one per ball and seed) and its validation trials."""
-    selection = json.loads((sweep_dir / "selection.json").read_text())
-    sweep = selection["sweep"]
+    selection = Selection.read(sweep_dir / SELECTION_FILE)
+    sweep = selection.sweep
     runs = []
-    for ball, chosen in selection["balls"].items():
-        folder = sweep_dir / "test" / f"trial_{chosen['trial']}"
-        for path in sorted(folder.glob("seed_*/results.json")):
-            runs.append(runs_from_results(json.loads(path.read_text()), sweep, ball, chosen["trial"]))
-    trials_file = sweep_dir / "trials.jsonl"
-    trials = [json.loads(line) for line in trials_file.read_text().splitlines()] if trials_file.is_file() else []
+    for ball, chosen in selection.balls.items():
+        folder = sweep_dir / "test" / f"trial_{chosen.trial}"
+        for path in sorted(folder.glob(f"seed_*/{RESULTS_FILE}")):
+            runs.append(runs_from_results(RunRecord.read(path), sweep, ball, chosen.trial))
     label = runs[0].task if runs else task_label(sweep["task"])
-    for t in trials:
-        t.update(model=sweep["model"], task=label, method=sweep["method"])
+    trials = [ValidationTrial(sweep["model"], label, sweep["method"], t) for t in read_trials(sweep_dir / TRIALS_FILE)]
     return selection, runs, trials
 
 
-def task_label(task: str, results: dict | None = None) -> str:
+def task_label(task: str, results: RunRecord | None = None) -> str:
     """How tables and plots name a sweep's task: its ``name`` (as a run's results recorded it, else as its task
     YAML gives it), never the path of a user's task YAML."""
     from editing.errors import EditingError
     from editing.tasks import BUILTIN_TASKS, get_task
 
-    recorded = ((results or {}).get("task") or {}).get("name")
-    if recorded:
-        return str(recorded)
+    if results is not None and results.task is not None and results.task.name:
+        return str(results.task.name)
     if task in BUILTIN_TASKS:
         return task
     try:
@@ -124,16 +125,16 @@ def task_label(task: str, results: dict | None = None) -> str:
         return Path(task).stem
 
 
-def collect(roots: Iterable[str | Path]) -> tuple[list[TestRun], list[dict]]:
+def collect(roots: Iterable[str | Path]) -> tuple[list[TestRun], list[ValidationTrial]]:
     """Every test run and validation trial under the sweep roots (folders holding ``<study>/selection.json``, or a
     study folder itself)."""
     runs: list[TestRun] = []
-    trials: list[dict] = []
+    trials: list[ValidationTrial] = []
     seen: set[Path] = set()
     for root in roots:
         root = Path(root)
-        single = (root / "selection.json").is_file()
-        for d in [root] if single else sorted(p.parent for p in root.glob("*/selection.json")):
+        single = (root / SELECTION_FILE).is_file()
+        for d in [root] if single else sorted(p.parent for p in root.glob(f"*/{SELECTION_FILE}")):
             if d.resolve() in seen:  # a study named twice (its root and itself) counts once
                 continue
             seen.add(d.resolve())
@@ -231,14 +232,13 @@ def table_markdown(table: Table, digits: int = 1) -> str:
     """A table in Markdown."""
     percent = table.initial_label == "initial success"
     header = ["task", table.initial_label] + [f"{m} {b}" for m, b in table.columns]
-    lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    rows = []
     for task in [*table.tasks, AVERAGE]:
         if task == AVERAGE and not any((AVERAGE, m, b) in table.cells for m, b in table.columns):
             continue
         initial = "" if task == AVERAGE else _initial_text(table.initial.get(task), 3, percent)
-        row = [task, initial] + [format_cell(table.cells.get((task, m, b)), digits) for m, b in table.columns]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append([task, initial] + [format_cell(table.cells.get((task, m, b)), digits) for m, b in table.columns])
+    return f"**{table.title}**\n\n" + markdown_table(header, rows)
 
 
 def _tex(text: str) -> str:
@@ -280,14 +280,12 @@ def _pyplot():
     return plt
 
 
-def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, path: Path) -> Path:
+def plot_scatter(runs: Sequence[TestRun], trials: Sequence[ValidationTrial], model: str, path: Path) -> Path:
     """Success change vs degradation for every run of a model: every epoch of every validation trial (small
     points) and every test run at its reported epoch (large points), one panel per task, one colour per method."""
     plt = _pyplot()
-    tasks = _task_order([r.task for r in runs if r.model == model] + [t["task"] for t in trials
-                                                                       if t["model"] == model])
-    methods = sorted({r.method for r in runs if r.model == model} | {t["method"] for t in trials
-                                                                      if t["model"] == model})
+    tasks = _task_order([r.task for r in runs if r.model == model] + [t.task for t in trials if t.model == model])
+    methods = sorted({r.method for r in runs if r.model == model} | {t.method for t in trials if t.model == model})
     colours = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
     balls = _ball_order([r.ball for r in runs if r.model == model] or [b.key for b in DEFAULT_BALLS])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -296,13 +294,14 @@ def plot_scatter(runs: Sequence[TestRun], trials: Sequence[dict], model: str, pa
         for method in methods:
             xs, ys = [], []
             for t in trials:
-                if (t["model"], t["task"], t["method"]) != (model, task, method) or not t.get("history"):
+                history = t.record.history
+                if (t.model, t.task, t.method) != (model, task, method) or not history:
                     continue
-                initial = t["history"][0]["success_rate"]
-                for e in t["history"][1:]:
-                    if e.get("degradation") is not None and e.get("success_rate") is not None:
-                        xs.append(e["degradation"])
-                        ys.append(100 * (e["success_rate"] - initial))
+                initial = history[0][Metric.SUCCESS_RATE]
+                for e in history[1:]:
+                    if e.get(Metric.DEGRADATION) is not None and e.get(Metric.SUCCESS_RATE) is not None:
+                        xs.append(e[Metric.DEGRADATION])
+                        ys.append(success_change_pp(initial, e[Metric.SUCCESS_RATE]))
             ax.scatter(xs, ys, s=10, alpha=0.45, color=colours[method], label=f"{method} (validation epochs)")
             test = [r for r in runs if (r.model, r.task, r.method) == (model, task, method)]
             seen_x += xs + [r.degradation for r in test]
@@ -345,7 +344,7 @@ def plot_bars(table: Table, path: Path) -> Path:
                    yerr=[c.se if c and c.se is not None else 0.0 for c in cells], capsize=3, label=method)
         ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(f"ball ε = {ball}")
+        ax.set_title(f"ball ε = {key_label(ball)}")
         ax.set_ylabel("success change (pp)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{table.model}: success change on the test pair per task")
@@ -375,7 +374,7 @@ def plot_sizes(runs: Sequence[TestRun], path: Path) -> Path | None:
                             yerr=[p[1].se or 0.0 for p in points], marker="o", capsize=3, label=method)
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_title(f"ball ε = {ball}")
+        ax.set_title(f"ball ε = {key_label(ball)}")
         ax.set_ylabel("success change (pp), average over tasks")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -423,8 +422,8 @@ def make_report(root: list[str] | str | None = None, output: str = "runs/report"
         markdown.append(table_markdown(t, digits + 1))
         latex.append(table_latex(t, digits + 1))
     files = {"markdown": out / "report.md", "latex": out / "tables.tex", "json": out / "report.json"}
-    files["markdown"].write_text("\n\n".join(markdown) + "\n")
-    files["latex"].write_text("\n\n".join(latex) + "\n")
+    write_text(files["markdown"], "\n\n".join(markdown) + "\n", overwrite=True)
+    write_text(files["latex"], "\n\n".join(latex) + "\n", overwrite=True)
     cells = [{"table": "success" if t in success else "hard_negative", "model": t.model, "task": k[0],
               "method": k[1], "ball": k[2], **asdict(c)} for t in [*success, *hard] for k, c in t.cells.items()]
     write_json(files["json"], {"cells": cells, "runs": [asdict(r) for r in runs]}, overwrite=True)

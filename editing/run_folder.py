@@ -15,12 +15,11 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from editing.errors import EditingError
-from editing.results import ResultsExistError
+from editing.files import ResultsExistError, create_exclusive
 
 CLAIM_NAME = "run.lock"
 # Files a fit leaves in its folder before its results exist: a folder holding any of them belongs to a run that
@@ -187,26 +186,17 @@ def claim_folder(folder: str | Path, resuming: bool, overwrite: bool, flag: str 
             f"cannot write into the run folder {folder}: cannot create it ({err.strerror or err}). Training was not "
             "started; choose a writable folder (--budget.output_dir, --trainer.logger.init_args.save_dir)"
         ) from None
+    def move_stale_claim_aside() -> None:
+        if read_claim(folder) is not None:  # check_folder allowed taking it over: move it aside, then claim as usual
+            aside = folder / f".{CLAIM_NAME}.stale-{info['token']}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, aside)
+                with contextlib.suppress(OSError):
+                    aside.unlink()
+
     try:
-        handle, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CLAIM_NAME}.")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(json.dumps(info, indent=2) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            stale = read_claim(folder)
-            if stale is not None:  # check_folder allowed taking it over: move it aside, then claim as usual
-                aside = folder / f".{CLAIM_NAME}.stale-{info['token']}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(path, aside)
-                    with contextlib.suppress(OSError):
-                        aside.unlink()
-            # link() fails if the name exists: of two fits claiming at once exactly one succeeds, and the claim
-            # appears with its content complete
-            os.link(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        # of two fits claiming at once exactly one succeeds, and the claim appears with its content complete
+        create_exclusive(path, json.dumps(info, indent=2) + "\n", before=move_stale_claim_aside)
     except FileExistsError:
         held = read_claim(folder) or {}
         raise RunFolderError(f"{folder} was claimed by another fit a moment ago ({_describe(held)}); choose another "

@@ -30,15 +30,27 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editing.budget import key_eps
+from editing.budget import MAX_EPOCH_SETTING, key_eps
 from editing.errors import ConfigError
+from editing.files import ensure_writable, write_json, write_jsonl, write_text
 from editing.paths import REPO_DIR
-from editing.results import ensure_writable, write_json, write_jsonl
+from editing.records import (
+    RESULTS_FILE,
+    SELECTION_FILE,
+    TRIALS_FILE,
+    RecordError,
+    RunRecord,
+    SelectedBall,
+    Selection,
+    TrialRecord,
+    now,
+)
+from editing.tables import best_table, selection_table, value_text
 from editing.textfiles import load_yaml, read_text
 
 SPACE_DIR = REPO_DIR / "lightning_configs" / "sweeps"
@@ -46,8 +58,8 @@ FIT_DIR = REPO_DIR / "lightning_configs" / "fit"
 DISTRIBUTIONS = ("log10_uniform", "uniform", "int_uniform", "categorical")
 DEFAULT_ROOT = "runs/sweeps"
 
-# Arguments every trial and test run gets: results go to its own folder, no CSV logs or checkpoints (a sweep runs
-# thousands of fits; the results file is the outcome), no progress bars in the logs.
+# Arguments every trial and test run gets: no CSV logs or checkpoints (a sweep runs thousands of fits; the results
+# file is the outcome), no progress bars in the logs.
 HOUSEKEEPING = ("--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--checkpoint.save_top_k", "0",
                 "--checkpoint.save_last", "false")
@@ -171,17 +183,6 @@ def make_sampler(seed: int):
     return _Sampler()
 
 
-def format_value(value: Any) -> str:
-    """A sampled value as a command-line argument."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return str(value)
-
-
 def split_args(args: str | Sequence[str] | None) -> list[str]:
     """Command-line arguments given as one string (split like a shell does) or already as a list."""
     if args is None:
@@ -189,12 +190,64 @@ def split_args(args: str | Sequence[str] | None) -> list[str]:
     return shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
 
 
-def overrides(params: dict[str, Any]) -> list[str]:
+def overrides(params: Mapping[str, Any]) -> list[str]:
     """``editing fit`` arguments setting the sampled values."""
     args: list[str] = []
     for key, value in params.items():
-        args += [f"--{key}", format_value(value)]
+        args += [f"--{key}", value_text(value)]
     return args
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings of one ``editing fit`` the protocol runs (a trial or a test run); ``args`` spells them as the
+    command's options, the one place the sweep writes them.
+
+    Args:
+        config: the base fit config (the sweep's ``base.yaml``).
+        task: task name or task YAML.
+        model: the base model's name.
+        output_dir: the run folder (results, and the trainer's root folder).
+        fixed: the sweep's own ``editing fit`` arguments (``editing sweep --args``), shared by its trials and test
+            runs.
+        params: the sampled values, dotted ``editing fit`` key -> value.
+        split: the data split (None: the config's, i.e. validation).
+        seed: the seed of the run and of its data order (None: the config's).
+        max_epoch: per ball key, the epoch not to go past (test runs: the epoch chosen at validation).
+        save_edits: whether the run writes its edits (None: the callback's default).
+        extra: more arguments, last so that they win (``editing test-runs --args``).
+        housekeeping: no loggers, checkpoints, progress bars or model summary (``HOUSEKEEPING``).
+    """
+
+    config: Path
+    task: str
+    model: str
+    output_dir: Path
+    fixed: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    split: str | None = None
+    seed: int | None = None
+    max_epoch: Mapping[str, int] | None = None
+    save_edits: bool | None = None
+    extra: tuple[str, ...] = ()
+    housekeeping: bool = True
+
+    def args(self) -> list[str]:
+        """The ``editing fit`` command line (without ``fit``); later arguments override earlier ones."""
+        args = ["--config", str(self.config), "--data.task", self.task, "--model.init_args.base.name", self.model,
+                *self.fixed, *overrides(self.params)]
+        if self.split is not None:
+            args += ["--data.split", self.split]
+        if self.seed is not None:
+            args += ["--seed_everything", str(self.seed), "--data.seed", str(self.seed)]
+        if self.max_epoch is not None:
+            args += [MAX_EPOCH_SETTING, json.dumps(dict(self.max_epoch))]
+        if self.housekeeping:
+            args += HOUSEKEEPING
+        args += ["--trainer.default_root_dir", str(self.output_dir), "--budget.output_dir", str(self.output_dir)]
+        if self.save_edits is not None:
+            args += ["--budget.save_edits", value_text(self.save_edits)]
+        return [*args, *self.extra]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,10 +279,11 @@ class SweepDefinition:
         """The parsed search space."""
         return parse_space(self.space)
 
-    def fit_args(self, base_path: Path) -> list[str]:
-        """The ``editing fit`` arguments shared by all trials (before the sampled ones)."""
-        return ["--config", str(base_path), "--data.task", self.task, "--model.init_args.base.name", self.model,
-                *self.args]
+    def fit_settings(self, base_path: Path, output_dir: Path, **settings: Any) -> FitSettings:
+        """The settings of one of the sweep's fits: its base config, task, model and fixed arguments, plus
+        ``settings`` (see ``FitSettings``)."""
+        return FitSettings(config=base_path, task=self.task, model=self.model, output_dir=output_dir,
+                           fixed=tuple(self.args), **settings)
 
     def to_dict(self) -> dict:
         """JSON form."""
@@ -494,18 +548,6 @@ def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None) -> int
                 proc.wait()
 
 
-def summarize_results(results: dict) -> dict:
-    """The compact outcome of a fit stored in the study: per ball the epoch and gain, and the per-epoch history."""
-    history = [{k: e.get(k) for k in ("epoch", "success_rate", "general_nll", "degradation", "targeted_nll",
-                                     "hard_negative_nll")} for e in results["epochs"]]
-    balls = {key: {"epoch": b["epoch"], "success_change_pp": b["success_change_pp"],
-                   "degradation": b["metrics"]["degradation"], "success_rate": b["metrics"]["success_rate"],
-                   "hard_negative_nll": b["metrics"].get("hard_negative_nll")}
-             for key, b in results["balls"].items()}
-    return {"status": results["status"], "balls": balls, "history": history,
-            "num_parameters": (results.get("model") or {}).get("num_parameters")}
-
-
 def _consumes_budget(trial) -> bool:
     """Whether a trial counts toward ``n_trials``: done, running or queued; a trial that failed because its worker
     died does not (its retry, a new WAITING trial, takes its place); a surplus trial (pruned unrun) does not."""
@@ -547,23 +589,21 @@ def make_objective(definition: SweepDefinition, sweep_dir: Path, n_trials: int,
         retry_of = trials[trial.number].system_attrs.get("failed_trial")
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
-        args = [*definition.fit_args(base_path), *overrides(params), *HOUSEKEEPING,
-                "--trainer.default_root_dir", str(out), "--budget.output_dir", str(out),
-                "--budget.save_edits", "false"]
+        settings = definition.fit_settings(base_path, out, params=params, save_edits=False)
         start = time.time()
         ran.append(trial.number)
-        code = runner(args, out / "fit.log")
+        code = runner(settings.args(), out / "fit.log")
         trial.set_user_attr("seconds", round(time.time() - start, 1))
-        results_path = out / "results.json"
+        results_path = out / RESULTS_FILE
         if code != 0 or not results_path.is_file():
             trial.set_user_attr("error", f"editing fit exited with {code}; see {out / 'fit.log'}")
             raise TrialError(trial.user_attrs.get("error", f"exit {code}"))
-        outcome = summarize_results(json.loads(results_path.read_text()))
+        outcome = TrialRecord.of_run(RunRecord.read(results_path), trial.number, params)
         trial.set_user_attr("results", str(results_path))
-        for key, value in outcome.items():
+        for key, value in outcome.outcome().items():
             trial.set_user_attr(key, value)
-        strictest = min(outcome["balls"], key=key_eps)
-        return float(outcome["balls"][strictest]["success_change_pp"])
+        strictest = min(outcome.balls, key=key_eps)
+        return float(outcome.balls[strictest].success_change_pp)
 
     objective.ran = ran  # the trials this worker ran a fit for
     return objective
@@ -586,7 +626,7 @@ def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: in
     sweep_dir.mkdir(parents=True, exist_ok=True)
     base = sweep_dir / "base.yaml"
     if not base.is_file() or base.read_text() != definition.base_config:
-        base.write_text(definition.base_config)
+        write_text(base, definition.base_config, overwrite=True)
     objective = make_objective(definition, sweep_dir, n_trials, runner)
     while True:
         with warnings.catch_warnings():  # experimental since optuna 2.9, the public way to reap dead trials
@@ -689,17 +729,11 @@ def study_status(study) -> dict:
         elif state == "FAIL":
             counts["retried" if t.number in retried else "failed"] += 1
     records = [_trial_record(t) for t in trials if t.state.name == "COMPLETE" and "balls" in t.user_attrs]
-    now = dt.datetime.now()
+    clock = dt.datetime.now()
     running = [{"trial": t.number, "host": t.user_attrs.get("host"),
-                "seconds": round((now - t.datetime_start).total_seconds()) if t.datetime_start else None}
+                "seconds": round((clock - t.datetime_start).total_seconds()) if t.datetime_start else None}
                for t in trials if t.state.name == "RUNNING"]
     return {"study": study.study_name, "counts": counts, "running": running, "best": select_best(records)}
-
-
-def short_config(params: dict[str, Any]) -> str:
-    """``rank=8, lr=0.003``: the last part of each key, floats to 3 significant digits."""
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}=" + (f"{v:.3g}" if isinstance(v, float) else format_value(v))
-                     for k, v in params.items())
 
 
 def format_status(status: dict) -> str:
@@ -711,11 +745,7 @@ def format_status(status: dict) -> str:
     for r in status.get("running", []):
         lines.append(f"  running: trial {r['trial']} on {r['host']}, for {r['seconds']}s")
     if status["best"]:
-        lines += ["| ball | best trial | success change (pp) | epoch | degradation | configuration |",
-                  "|---|---|---|---|---|---|"]
-        for key, b in status["best"].items():
-            lines.append(f"| {key} | {b['trial']} | {b['success_change_pp']:+.1f} | {b['epoch']} | "
-                         f"{b['degradation']:.2e} | {short_config(b['params'])} |")
+        lines.append(best_table(status["best"]))
     return "\n".join(lines)
 
 
@@ -753,36 +783,35 @@ def sweep_status(study_name: str, root: str = DEFAULT_ROOT, storage: str | None 
 # ----------------------------------------------------------------------------------------------------------------
 # selection
 # ----------------------------------------------------------------------------------------------------------------
-def _trial_record(trial) -> dict:
-    a = trial.user_attrs
-    return {"trial": trial.number, "params": dict(trial.params), "balls": a.get("balls", {}),
-            "history": a.get("history", []), "status": a.get("status"), "results": a.get("results"),
-            "num_parameters": a.get("num_parameters"), "host": a.get("host")}
+def _trial_record(trial) -> TrialRecord:
+    """A complete trial's record, from its study attributes."""
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in (*TrialRecord.OUTCOME, "results", "host")}
+    return TrialRecord.from_dict({"trial": trial.number, "params": dict(trial.params), **attrs},
+                                 f"trial {trial.number}")
 
 
-def select_best(records: Sequence[dict]) -> dict[str, dict]:
+def select_best(records: Iterable[TrialRecord]) -> dict[str, SelectedBall]:
     """Per ball, the trial with the largest success-rate gain inside the ball (SPEC section 6).
 
     The gain of a trial in a ball is ``success_change_pp`` at the ball's chosen epoch (the last epoch inside it;
     epoch 0 gives zero). Ties go to the smaller degradation, then to the earlier trial.
 
     Args:
-        records: per trial ``{"trial", "params", "balls": {key: {"epoch", "success_change_pp", "degradation"}}}``.
+        records: the complete trials.
 
     Returns:
-        Ball key -> ``{"trial", "params", "epoch", "success_change_pp", "degradation"}`` (balls sorted largest
-        first).
+        Ball key -> the chosen trial's configuration, epoch, gain and degradation (balls sorted largest first).
     """
-    best: dict[str, dict] = {}
-    for r in sorted(records, key=lambda r: r["trial"]):
-        for key, b in r["balls"].items():
-            gain, degradation = float(b["success_change_pp"]), float(b["degradation"])
+    best: dict[str, SelectedBall] = {}
+    for r in sorted(records, key=lambda r: r.trial):
+        for key, b in r.balls.items():
+            gain, degradation = float(b.success_change_pp), float(b.degradation)
             if not math.isfinite(gain):
                 continue
             current = best.get(key)
-            if current is None or (gain, -degradation) > (current["success_change_pp"], -current["degradation"]):
-                best[key] = {"trial": r["trial"], "params": r["params"], "epoch": int(b["epoch"]),
-                             "success_change_pp": gain, "degradation": degradation}
+            if current is None or (gain, -degradation) > (current.success_change_pp, -current.degradation):
+                best[key] = SelectedBall(trial=r.trial, params=r.params, epoch=int(b.epoch), success_change_pp=gain,
+                                         degradation=degradation)
     return dict(sorted(best.items(), key=lambda kv: -key_eps(kv[0])))
 
 
@@ -799,7 +828,7 @@ def study_names(root: str = DEFAULT_ROOT, storage: str | None = None) -> list[st
 
 
 def select(study_name: str | None = None, root: str = DEFAULT_ROOT, storage: str | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False) -> Selection | dict[str, Selection]:
     """For each ball, the validation configuration with the largest success gain inside the ball, and its epoch.
 
     Writes ``<root>/<study_name>/selection.json`` (and ``trials.jsonl``: every complete trial's per-epoch record,
@@ -827,42 +856,38 @@ def select(study_name: str | None = None, root: str = DEFAULT_ROOT, storage: str
                if t.state.name == "COMPLETE" and "balls" in t.user_attrs]
     if not records:
         raise ConfigError(f"study {study_name!r} has no complete trial yet")
-    selection = {"study": study_name, "sweep": sweep, "trials": len(records), "balls": select_best(records)}
+    selection = Selection(study=study_name, sweep=sweep, trials=len(records), balls=select_best(records),
+                          created=now())
     out = Path(root) / study_name
-    path = out / "selection.json"
+    path = out / SELECTION_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("balls") != json.loads(json.dumps(selection["balls"])):
+        try:  # a selection made again from the same trials is the same one: no need to ask for --overwrite
+            same = Selection.read(path).balls == selection.balls
+        except RecordError:
+            same = False
+        if not same:
             ensure_writable(path, overwrite, "--overwrite true")
-    write_json(path, {**selection, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")},
-               overwrite=True)
-    write_jsonl(out / "trials.jsonl", records, overwrite=True)
-    print(format_selection(selection))
+    write_json(path, selection.to_dict(), overwrite=True)
+    write_jsonl(out / TRIALS_FILE, [r.to_dict() for r in records], overwrite=True)
+    print(selection_table(selection))
     print(f"selection: {path}")
     return selection
-
-
-def format_selection(selection: dict) -> str:
-    """The selection as a Markdown table."""
-    lines = [f"{selection['study']}: best of {selection['trials']} complete trials per ball (validation pair)",
-             "| ball | trial | epoch | success change (pp) | degradation | configuration |",
-             "|---|---|---|---|---|---|"]
-    for key, b in selection["balls"].items():
-        lines.append(f"| {key} | {b['trial']} | {b['epoch']} | {b['success_change_pp']:+.1f} | "
-                     f"{b['degradation']:.2e} | {short_config(b['params'])} |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # test runs
 # ----------------------------------------------------------------------------------------------------------------
-def test_run_plan(selection: dict) -> dict[int, dict]:
+def test_run_plan(selection: Selection) -> dict[int, dict]:
     """Group the selected balls by trial: one test run per (trial, seed) serves every ball that chose the trial,
-    each with its own epoch cap (``budget.max_epoch``)."""
+    each with its own epoch cap (``budget.max_epoch``).
+
+    Returns:
+        Trial -> ``{"params": its sampled values, "max_epoch": {ball key: epoch}}``.
+    """
     plan: dict[int, dict] = {}
-    for key, b in selection["balls"].items():
-        entry = plan.setdefault(b["trial"], {"params": b["params"], "max_epoch": {}})
-        entry["max_epoch"][key] = b["epoch"]
+    for key, b in selection.balls.items():
+        entry = plan.setdefault(b.trial, {"params": b.params, "max_epoch": {}})
+        entry["max_epoch"][key] = b.epoch
     return plan
 
 
@@ -889,27 +914,27 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
         The results files of all selected (trial, seed) runs.
     """
     if study_name is None:
-        names = sorted(p.parent.name for p in Path(root).glob("*/selection.json"))
+        names = sorted(p.parent.name for p in Path(root).glob(f"*/{SELECTION_FILE}"))
         if not names:
             raise ConfigError(f"no selection.json under {root}: run `editing select` first")
         return [p for name in names for p in test_runs(name, root, seeds, seed_list, args, runner)]
     sweep_dir = Path(root) / study_name
-    path = sweep_dir / "selection.json"
+    path = sweep_dir / SELECTION_FILE
     if not path.is_file():
         raise ConfigError(f"{path} does not exist: run `editing select --study_name {study_name}` first")
-    selection = json.loads(path.read_text())
-    definition = SweepDefinition(**selection["sweep"])
+    selection = Selection.read(path)
+    definition = SweepDefinition(**selection.sweep)
     _require_test_files(definition.task)
     base = sweep_dir / "base.yaml"
     if not base.is_file():
-        base.write_text(definition.base_config)
+        write_text(base, definition.base_config)
     runner = runner or run_fit
     done: list[Path] = []
     plan = test_run_plan(selection)
     for trial, entry in sorted(plan.items()):
         for seed in (seed_list if seed_list is not None else range(seeds)):
             out = (sweep_dir / "test" / f"trial_{trial}" / f"seed_{seed}").resolve()
-            results = out / "results.json"
+            results = out / RESULTS_FILE
             if results.is_file():
                 print(f"trial {trial} seed {seed}: done already ({results})", flush=True)
                 done.append(results)
@@ -919,13 +944,11 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
                 aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
                 out.rename(aside)
                 print(f"trial {trial} seed {seed}: an interrupted run was moved to {aside}", flush=True)
-            fit_args = [*definition.fit_args(base.resolve()), *overrides(entry["params"]), "--data.split", "test",
-                        "--seed_everything", str(seed), "--data.seed", str(seed), "--budget.max_epoch",
-                        json.dumps(entry["max_epoch"]), *HOUSEKEEPING, "--trainer.default_root_dir", str(out),
-                        "--budget.output_dir", str(out), *split_args(args)]
+            settings = definition.fit_settings(base.resolve(), out, params=entry["params"], split="test", seed=seed,
+                                               max_epoch=entry["max_epoch"], extra=tuple(split_args(args)))
             print(f"trial {trial} seed {seed}: balls {', '.join(entry['max_epoch'])} -> {out}", flush=True)
             start = time.time()
-            code = runner(fit_args, out / "fit.log")
+            code = runner(settings.args(), out / "fit.log")
             if code != 0 or not results.is_file():
                 raise RuntimeError(f"test run trial {trial} seed {seed} failed (exit {code}); see {out / 'fit.log'}")
             print(f"trial {trial} seed {seed}: finished in {time.time() - start:.0f}s", flush=True)

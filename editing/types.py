@@ -1,4 +1,5 @@
-"""Typed names: the loss types of SPEC sections 4-5 and the editing methods.
+"""Typed names: the loss types of SPEC sections 4-5, the editing methods, the metrics results files report, how a
+run ended and which command evaluated.
 
 A leaf module (it imports only ``editing.errors``) so that every other module can use it. Both enums are ``StrEnum``
 (``str`` subclasses): a member compares equal to its plain string, prints as it and serialises to it in JSON, while
@@ -65,4 +66,53 @@ class MethodName(_Name):
         return "method"
 
 
-__all__ = ["LossType", "MethodName"]
+class Metric(_Name):
+    """The metrics of results files: the four an evaluation measures (SPEC section 5) and the degradation.
+
+    Results files, logs (``val/<metric>``) and tables spell them only through this enum.
+    """
+
+    SUCCESS_RATE = "success_rate"
+    GENERAL_NLL = "general_nll"
+    TARGETED_NLL = "targeted_nll"
+    HARD_NEGATIVE_NLL = "hard_negative_nll"
+    DEGRADATION = "degradation"
+
+    @classmethod
+    def _label(cls) -> str:
+        return "metric"
+
+    @classmethod
+    def evaluated(cls) -> tuple[Metric, ...]:
+        """The four an evaluation measures, in the order of results files (the degradation is derived from the
+        general NLL and epoch 0's)."""
+        return EVALUATED_METRICS
+
+
+EVALUATED_METRICS: tuple[Metric, ...] = (Metric.SUCCESS_RATE, Metric.GENERAL_NLL, Metric.TARGETED_NLL,
+                                         Metric.HARD_NEGATIVE_NLL)
+
+
+class RunStatus(_Name):
+    """How a fit ended: it trained every epoch asked for (or stopped early by its patience), or its loss diverged."""
+
+    FINISHED = "finished"
+    DIVERGED = "diverged"
+
+    @classmethod
+    def _label(cls) -> str:
+        return "run status"
+
+
+class Stage(_Name):
+    """Which command wrote an evaluation record: ``editing validate``, ``editing test`` or ``editing apply``."""
+
+    VALIDATE = "validate"
+    TEST = "test"
+    APPLY = "apply"
+
+    @classmethod
+    def _label(cls) -> str:
+        return "evaluation stage"
+
+__all__ = ["EVALUATED_METRICS", "LossType", "MethodName", "Metric", "RunStatus", "Stage"]

@@ -12,6 +12,7 @@ import pytest
 from test_sweep import fake_results
 
 from editing.cli import main
+from editing.records import Selection, TrialRecord
 from editing.report import Cell, average_cells, mean_se
 from editing.sweep import select_best
 
@@ -53,9 +54,10 @@ def sweeps(tmp_path_factory) -> Path:
                               for k, (e, g) in balls.items()},
                     "history": fake_results(balls, initial=0.3)["epochs"]}
                    for n, balls in trials.items()]
-        selection = {"study": d.name, "trials": len(records), "balls": select_best(records),
-                     "sweep": {"task": task, "model": "tiny", "method": method, "base_config": "", "space": {},
-                               "args": [], "seed": 0}}
+        selection = Selection(study=d.name, trials=len(records),
+                              balls=select_best([TrialRecord.from_dict(r) for r in records]),
+                              sweep={"task": task, "model": "tiny", "method": method, "base_config": "", "space": {},
+                                     "args": [], "seed": 0}).to_dict()
         d.mkdir()
         (d / "selection.json").write_text(json.dumps(selection))
         (d / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

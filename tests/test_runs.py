@@ -299,7 +299,7 @@ def test_second_fit_into_a_busy_output_folder_fails_at_once(tmp_path, data_root)
 
 
 def test_claims(tmp_path) -> None:
-    from editing.results import ResultsExistError
+    from editing.files import ResultsExistError
     from editing.run_folder import RunFolderError, claim_folder, read_claim
 
     folder = tmp_path / "run"

@@ -20,6 +20,7 @@ from conftest import REPO_DIR
 from editing import sweep
 from editing.cli import main
 from editing.errors import ConfigError
+from editing.records import BallRecord, EpochRecord, Metrics, RunRecord, Selection, TaskRef, TrialRecord
 from editing.sweep import (
     SPACE_DIR,
     load_space,
@@ -164,22 +165,22 @@ def test_sampler_depends_on_seed_and_trial_number_only() -> None:
 # the trial budget with in-process fake fits (fast)
 # ---------------------------------------------------------------------------------------------------------------
 def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, initial: float = 0.5) -> dict:
-    """A results.json as DegradationBudget writes it: per ball (epoch, success change in pp)."""
-    epochs = [{"epoch": 0, "success_rate": initial, "general_nll": 3.0, "degradation": 0.0, "targeted_nll": 2.0,
-               "hard_negative_nll": 10.0}]
+    """A results.json as DegradationBudget writes it, with made-up numbers: per ball (epoch, success change in pp)."""
     last = max(e for e, _ in gain_by_ball.values())
-    for e in range(1, last + 1):
-        epochs.append({"epoch": e, "success_rate": initial, "general_nll": 3.0, "degradation": 1e-6 * e,
-                       "targeted_nll": 2.0, "hard_negative_nll": 10.0 + 0.1 * e})
-    balls = {}
-    for key, (epoch, gain) in gain_by_ball.items():
-        epochs[epoch]["success_rate"] = initial + gain / 100
-        balls[key] = {"epoch": epoch, "success_change_pp": gain,
-                      "metrics": {"success_rate": initial + gain / 100, "general_nll": 3.0,
-                                  "degradation": epochs[epoch]["degradation"], "targeted_nll": 2.0,
-                                  "hard_negative_nll": epochs[epoch]["hard_negative_nll"]}}
-    return {"status": "finished", "seed": seed, "epochs": epochs, "balls": balls,
-            "model": {"num_parameters": 1000}}
+    success = {e: initial for e in range(last + 1)}
+    for epoch, gain in gain_by_ball.values():
+        success[epoch] = initial + gain / 100
+
+    def metrics(e: int) -> Metrics:
+        return Metrics(success_rate=success[e], general_nll=3.0, targeted_nll=2.0, hard_negative_nll=10.0 + 0.1 * e,
+                       degradation=1e-6 * e)
+
+    epochs = [EpochRecord(e, metrics(e), {"evaluation": 10}) for e in range(last + 1)]
+    balls = {key: BallRecord(epoch, metrics(epoch), gain) for key, (epoch, gain) in gain_by_ball.items()}
+    return RunRecord(method="lora", task=TaskRef("country_capital", "good", 1.6), split="test",
+                     model={"name": "tiny", "num_parameters": 1000}, seed=seed, config=None, hyperparameters={},
+                     status="finished", diverged_at_epoch=None, stopped_early=None, epochs=epochs,
+                     balls=balls).to_dict()
 
 
 class FakeFit:
@@ -234,7 +235,7 @@ def test_workers_share_the_trial_budget(tmp_path) -> None:
     status = study_status(study)
     assert status["counts"]["complete"] == 5 and status["counts"]["running"] == 0
     best = max(complete, key=lambda t: t.user_attrs["balls"]["1e-03"]["success_change_pp"])
-    assert status["best"]["1e-03"]["trial"] == best.number
+    assert status["best"]["1e-03"].trial == best.number
 
 
 def test_joining_with_other_settings_is_refused(tmp_path) -> None:
@@ -270,11 +271,11 @@ def test_selection_rule() -> None:
         {"trial": 4, "params": {"lr": 5}, "balls": {"1e-03": {"epoch": 1, "success_change_pp": float("nan"),
                                                               "degradation": 0.0}}},
     ]
-    best = select_best(records)
+    best = select_best([TrialRecord.from_dict(r) for r in records])
     assert list(best) == ["1e-03", "1e-05"]
-    assert best["1e-03"] == {"trial": 1, "params": {"lr": 2}, "epoch": 2, "success_change_pp": 12.5,
-                             "degradation": 9e-4}
-    assert best["1e-05"]["trial"] == 2 and best["1e-05"]["epoch"] == 1
+    assert best["1e-03"].to_dict() == {"trial": 1, "params": {"lr": 2}, "epoch": 2, "success_change_pp": 12.5,
+                                       "degradation": 9e-4}
+    assert best["1e-05"].trial == 2 and best["1e-05"].epoch == 1
 
 
 def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
@@ -291,8 +292,8 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     winner = min(lrs, key=lrs.get)
     assert {b["trial"] for b in selection["balls"].values()} == {winner}
     assert {k: b["epoch"] for k, b in selection["balls"].items()} == {"1e-03": 2, "1e-05": 1}
-    assert sweep.test_run_plan(selection) == {winner: {"params": selection["balls"]["1e-03"]["params"],
-                                                 "max_epoch": {"1e-03": 2, "1e-05": 1}}}
+    assert sweep.test_run_plan(Selection.from_dict(selection)) == {
+        winner: {"params": selection["balls"]["1e-03"]["params"], "max_epoch": {"1e-03": 2, "1e-05": 1}}}
 
     calls = []
 
@@ -323,8 +324,28 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     assert [p.name.split(".")[1].split("-")[0] for p in partial.parent.glob("seed_2.*")] == ["interrupted"]
     # without a study name: every sweep under the root, or in the storage
     assert sweep.study_names(str(root)) == ["st"] == sweep.study_names(storage=url)
-    assert sweep.select(root=str(root))["st"]["balls"] == selection["balls"]
+    assert sweep.select(root=str(root))["st"].to_dict()["balls"] == selection["balls"]
     assert len(sweep.test_runs(root=str(root), seeds=3, runner=runner)) == 3 and len(calls) == 3
+
+
+def test_fit_settings_spell_the_trial_and_test_run_command_lines(tmp_path) -> None:
+    """The typed settings give the command lines the protocol has always run (later options override earlier
+    ones, so the order matters: the sweep's --args, then the sampled values, then what the protocol fixes)."""
+    definition = make_definition("country_capital", "lora", "tiny-gpt2", args=["--trainer.max_epochs", "3"])
+    base, out = tmp_path / "base.yaml", tmp_path / "trial_0"
+    params = {"model.init_args.optimizer.lr": 0.001, "model.init_args.lora.rank": 4}
+    trial = definition.fit_settings(base, out, params=params, save_edits=False).args()
+    shared = ["--config", str(base), "--data.task", "country_capital", "--model.init_args.base.name", "tiny-gpt2",
+              "--trainer.max_epochs", "3", "--model.init_args.optimizer.lr", "0.001",
+              "--model.init_args.lora.rank", "4"]
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+             "false", "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false"]
+    folders = ["--trainer.default_root_dir", str(out), "--budget.output_dir", str(out)]
+    assert trial == [*shared, *quiet, *folders, "--budget.save_edits", "false"]
+    test = definition.fit_settings(base, out, params=params, split="test", seed=7, max_epoch={"1e-03": 2},
+                                   extra=("--data.eval_limit", "5")).args()
+    assert test == [*shared, "--data.split", "test", "--seed_everything", "7", "--data.seed", "7",
+                    "--budget.max_epoch", '{"1e-03": 2}', *quiet, *folders, "--data.eval_limit", "5"]
 
 
 def main_select(root: Path) -> dict:

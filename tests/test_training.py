@@ -126,7 +126,7 @@ def test_diverged_run_keeps_earlier_valid_epochs(tmp_path, data_root) -> None:
 
 
 def test_results_are_never_overwritten_silently(tmp_path, data_root) -> None:
-    from editing.results import ResultsExistError
+    from editing.files import ResultsExistError
 
     module = make("lora")
     run = tmp_path / "run"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from editing.commands.evaluate import results_table
-
 
 def apply_edit(edit: str, task: str = "country_capital", split: str = "val", data_root: str | None = None,
                eval_limit: int | None = None, general_limit: int | None = None, output_dir: str | None = None,
@@ -30,16 +28,18 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
     from editing.methods.base import evaluate
-    from editing.report_files import write_evaluation
+    from editing.records import write_evaluation
+    from editing.tables import metrics_table
+    from editing.types import EVALUATED_METRICS, Stage
 
     module = load_edited(edit, allow_unverified=allow_unverified)
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit)
     summary = evaluate(module, dm, progress=True)
     out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
-    path = write_evaluation(out, summary, stage="apply", task=dm.task, split=split, identity=module.identity,
+    path = write_evaluation(out, summary, stage=Stage.APPLY, task=dm.task, split=split, identity=module.identity,
                             data_files=dm.describe(), overwrite=overwrite)
-    print(results_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
-                   **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}]))
+    print(metrics_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+                          **{k.value: summary[k] for k in EVALUATED_METRICS}}]))
     print(f"results: {path}")
     return summary

@@ -33,14 +33,14 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     Returns:
         The results written.
     """
-    from callbacks.evaluation_report import default_output_dir
-    from editing.budget import ball_key, parse_balls
+    from callbacks.evaluation_writer import default_output_dir
+    from editing.budget import parse_balls
     from editing.commands import DEFAULT_ROOT
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
-    from editing.ensemble_search import edit_folders, search
+    from editing.ensemble_search import ball_results, edit_folders, results_table, search
+    from editing.files import ensure_writable, write_json
     from editing.models.loading import ModelConfig, load_model
-    from editing.results import ensure_writable, write_json
     from editing.tasks import get_task
 
     balls = parse_balls(balls, "--balls")
@@ -58,22 +58,9 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     initial = found["initial"]
     summary = {"method": "ensemble", "task": dm.task.name, "split": split, "large": large_model.identity,
                "backpack_edits": {k: str(v) for k, v in folders.items()}, "vocab": found["vocab"],
-               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": {},
+               "initial": {k: v for k, v in initial.items() if k != "per_example"}, "balls": ball_results(found, balls),
                "seconds": round(time.time() - started, 1)}
-    print("| ball | beta | success before | success after | change (pp) | general NLL x |")
-    print("|---|---|---|---|---|---|")
-    for eps in balls:
-        key = ball_key(eps)
-        entry = found["balls"][key]
-        m = entry["metrics"]
-        ratio = m["general_nll"] / initial["general_nll"]
-        summary["balls"][key] = {"beta": entry["beta"], "general_nll_by_beta": entry["general_nll_by_beta"],
-                                 "success_before": initial["success_rate"], "success_after": m["success_rate"],
-                                 "success_change": m["success_rate"] - initial["success_rate"],
-                                 "general_nll": m["general_nll"], "degradation": ratio - 1,
-                                 "metrics": {k: v for k, v in m.items() if k != "per_example"}}
-        print(f"| {key} | {entry['beta']:.1f} | {initial['success_rate']:.3f} | {m['success_rate']:.3f} | "
-              f"{100 * (m['success_rate'] - initial['success_rate']):+.1f} | {ratio:.6f} |")
+    print(results_table(found, balls))
     write_json(target, summary)
     print(f"results: {target}")
     return summary

@@ -6,21 +6,6 @@ import time
 from pathlib import Path
 
 
-def results_table(rows: list[dict]) -> str:
-    headers = ["task", "success rate", "general NLL", "targeted NLL", "hard-neg NLL", "examples"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
-    for r in rows:
-        lines.append(
-            f"| {r['task']} | {fmt(r['success_rate'], '.3f')} | {fmt(r['general_nll'], '.5f')} | "
-            f"{fmt(r['targeted_nll'], '.4f')} | {fmt(r['hard_negative_nll'], '.4f')} | {r['examples']} |"
-        )
-    return "\n".join(lines)
-
-
 def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
                    precision: str = "fp32", data_root: str | None = None, eval_limit: int | None = None,
                    general_limit: int | None = None, output_dir: str = "runs/evaluate", overwrite: bool = False,
@@ -45,11 +30,13 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         One row of metrics per task.
     """
     from editing.data.datamodule import TaskDataModule
+    from editing.files import ensure_writable, write_text
     from editing.methods.base import EditingModule, evaluate
     from editing.models.loading import ModelConfig
-    from editing.report_files import write_evaluation
-    from editing.results import ensure_writable
+    from editing.records import EVALUATION_FILE, write_evaluation
+    from editing.tables import metrics_table
     from editing.tasks import BUILTIN_TASKS
+    from editing.types import EVALUATED_METRICS, Metric, Stage
 
     tasks = list(tasks or BUILTIN_TASKS)
     start = time.time()
@@ -61,7 +48,7 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                             general_limit=general_limit, max_tokens=max_tokens)
         out = Path(output_dir) / f"{dm.task.name}-{split}"
-        ensure_writable(out / "evaluation.json", overwrite)
+        ensure_writable(out / EVALUATION_FILE, overwrite)
         modules[task] = (dm, out)
     general: dict | None = None
     rows = []
@@ -70,22 +57,21 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         roles = [r for r in dm.eval_roles() if r != "general" or general is None]
         summary = evaluate(module, dm, roles=roles, progress=True)
         if general is None:
-            general = {"general_nll": summary["general_nll"], "general_tokens": summary["counts"]["general_tokens"],
-                       "file": dm.describe().get("general")}
+            general = {Metric.GENERAL_NLL: summary[Metric.GENERAL_NLL],
+                       "general_tokens": summary["counts"]["general_tokens"], "file": dm.describe().get("general")}
         else:
-            summary["general_nll"] = general["general_nll"]
+            summary[Metric.GENERAL_NLL] = general[Metric.GENERAL_NLL]
             summary["counts"]["general_tokens"] = general["general_tokens"]
         files = dm.describe()
         files.setdefault("general", general["file"])
-        write_evaluation(out, summary, stage="validate" if split == "val" else "test", task=dm.task, split=split,
-                         identity=module.identity, data_files=files, overwrite=overwrite)
+        write_evaluation(out, summary, stage=Stage.VALIDATE if split == "val" else Stage.TEST, task=dm.task,
+                         split=split, identity=module.identity, data_files=files, overwrite=overwrite)
         row = {"task": dm.task.name, "examples": summary["counts"]["evaluation"],
-               **{k: summary[k] for k in ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")}}
+               **{k.value: summary[k] for k in EVALUATED_METRICS}}
         rows.append(row)
-        print(f"{dm.task.name}: success {row['success_rate']:.3f} ({time.time() - t0:.0f}s)", flush=True)
-    table = results_table(rows)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / f"table-{split}.md").write_text(table + "\n")
+        print(f"{dm.task.name}: success {row[Metric.SUCCESS_RATE]:.3f} ({time.time() - t0:.0f}s)", flush=True)
+    table = metrics_table(rows)
+    write_text(Path(output_dir) / f"table-{split}.md", table + "\n", overwrite=True)
     print(f"\n{model}, split {split}, precision {precision} ({time.time() - start:.0f}s in all)\n")
     print(table)
     return rows

@@ -181,9 +181,9 @@ class EditingCLI(ProjectCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         from callbacks.degradation_budget import DegradationBudget
-        from callbacks.evaluation_report import EvaluationReport
+        from callbacks.evaluation_writer import EvaluationWriter
 
-        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(EvaluationWriter, "report")
         parser.add_lightning_class_args(DegradationBudget, "budget")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
@@ -207,12 +207,12 @@ class EditingCLI(ProjectCLI):
 
     def _attach_config(self) -> None:
         from callbacks.degradation_budget import DegradationBudget
-        from callbacks.evaluation_report import EvaluationReport
+        from callbacks.evaluation_writer import EvaluationWriter
 
         resolved = json.loads(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False,
                                                                   format="json"))
         for callback in self.trainer.callbacks:
-            if isinstance(callback, (EvaluationReport, DegradationBudget)):
+            if isinstance(callback, (EvaluationWriter, DegradationBudget)):
                 callback.resolved_config = resolved
 
     def _parse_ckpt_path(self) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from editing.errors import ConfigError, DataFormatError
+from editing.files import save_atomically
 from editing.paths import REPO_DIR, cache_dir
 from editing.textfiles import decode_line
 
@@ -194,11 +193,7 @@ class CorpusDataModule(L.LightningDataModule):
                 ids.extend(piece)
                 ids.append(eos)
         stream = torch.tensor(ids, dtype=torch.int32)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(handle)
-        torch.save(stream, tmp)
-        os.replace(tmp, path)
+        save_atomically(path, lambda tmp: torch.save(stream, tmp), overwrite=True)
         return stream
 
     def setup(self, stage: str | None = None) -> None:

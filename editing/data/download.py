@@ -6,13 +6,12 @@ exactly as in ``../shared/data`` (see its README).
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from editing.errors import EditingError
+from editing.files import write_bytes
 from editing.paths import cache_dir
 from editing.tasks import BUILTIN_TASKS, ROLES, SPLITS
 
@@ -40,14 +39,6 @@ def _fetch(url: str) -> bytes:
                            "set data_root (or $EDITING_DATA_ROOT)") from err
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def download(root: str | Path | None = None, base_url: str = DEFAULT_BASE_URL, overwrite: bool = False) -> Path:
     """Download every task file and build the general sets.
 
@@ -67,13 +58,13 @@ def download(root: str | Path | None = None, base_url: str = DEFAULT_BASE_URL, o
         if target.exists() and not overwrite:
             continue
         print(f"[{i}/{len(files)}] {rel}", file=sys.stderr, flush=True)
-        _write_atomic(target, _fetch(f"{base_url}/{rel}"))
+        write_bytes(target, _fetch(f"{base_url}/{rel}"), overwrite=True)
     general = root / "general"
     if overwrite or not (general / "degradation.jsonl").exists():
         # split on "\n" only: str.splitlines would also break at U+2028 and friends inside JSON strings
         lines = _fetch(f"{base_url}/{GENERAL_SOURCE}").split(b"\n")
         lines = [line + b"\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-        _write_atomic(general / "regularization.jsonl", b"".join(lines[:REGULARIZATION_LINES]))
-        _write_atomic(general / "degradation.jsonl", b"".join(lines[REGULARIZATION_LINES:]))
+        write_bytes(general / "regularization.jsonl", b"".join(lines[:REGULARIZATION_LINES]), overwrite=True)
+        write_bytes(general / "degradation.jsonl", b"".join(lines[REGULARIZATION_LINES:]), overwrite=True)
     print(f"data ready in {root}", file=sys.stderr)
     return root

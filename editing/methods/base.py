@@ -28,15 +28,16 @@ from editing.errors import ConfigError
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
 from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.files import write_text
 from editing.losses import example_score, training_loss
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
-from editing.types import MethodName
+from editing.types import EVALUATED_METRICS, MethodName
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
+METRIC_NAMES = EVALUATED_METRICS  # the summary's metrics, spelled once in editing.types
 
 
 @dataclass
@@ -159,7 +160,7 @@ class EditingModule(L.LightningModule):
         """
         from editing.integrity import write_edit_manifest
 
-        (Path(folder) / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
+        write_text(Path(folder) / "base_model.json", json.dumps(self.identity, indent=2) + "\n", overwrite=True)
         write_edit_manifest(folder)
 
     @property

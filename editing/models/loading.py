@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +13,7 @@ from typing import Any, Literal
 import torch
 
 from editing.errors import ConfigError, ModelNotAvailableError
+from editing.files import save_atomically
 from editing.models import tokenizers as offline
 from editing.models.backpack import BackpackConfig, BackpackLMHeadModel, is_backpack_config
 from editing.models.tiny import TINY_MODELS, TINY_TOKENIZERS, build_tiny
@@ -69,21 +68,6 @@ def _offline_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def _atomic_save(target: Path, save) -> None:
-    """Write a folder through a temporary sibling and a rename, so an interrupted save leaves nothing half-done."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        save(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _smollm2_tokenizer():
     from transformers import AutoTokenizer
 
@@ -91,7 +75,7 @@ def _smollm2_tokenizer():
     if not (folder / "tokenizer.json").is_file():
         gguf = offline.smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_save(folder, tok.save_pretrained)
+        save_atomically(folder, tok.save_pretrained, folder=True, keep_existing=True)
     return AutoTokenizer.from_pretrained(str(folder))
 
 
@@ -133,7 +117,7 @@ def _load_embedded():
     folder = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
     if not (folder / "config.json").is_file():
         model, _ = _load_gguf(offline.smollm2_gguf_path())
-        _atomic_save(folder, model.save_pretrained)
+        save_atomically(folder, model.save_pretrained, folder=True, keep_existing=True)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return model, _smollm2_tokenizer()
 

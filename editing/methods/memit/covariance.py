@@ -10,9 +10,7 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 from editing.data.batching import collate
 from editing.data.tokenize import TokenizedExample
 from editing.errors import ConfigError
+from editing.files import save_atomically
 from editing.methods.memit.layers import forward_until
 from editing.paths import cache_dir
 
@@ -56,16 +55,8 @@ def _partial_path(path: Path) -> Path:
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=True)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

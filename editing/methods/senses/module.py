@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from editing.errors import ConfigError
+from editing.files import write_text
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.senses.config import SensesConfig
 from editing.methods.senses.deltas import SenseDeltas
@@ -205,5 +206,6 @@ class SenseFinetune(EditingModule):
             if current is not None:
                 self.load_delta_state(current)
         self.write_base_identity(folder)
-        (folder / "selection.json").write_text(json.dumps(self.hparams.get("selection", {}), indent=2) + "\n")
+        write_text(folder / "selection.json", json.dumps(self.hparams.get("selection", {}), indent=2) + "\n",
+                   overwrite=True)
         return folder

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 from editing.data.batching import IGNORE, collate
 from editing.data.tokenize import TokenizedExample
 from editing.errors import ConfigError
+from editing.files import save_atomically
 from editing.paths import cache_dir
 from editing.types import LossType
 
@@ -98,11 +97,7 @@ def cached_background(model, fingerprint: str, texts: list[TokenizedExample], vo
         log.info("sense background: reusing %s", path)
         return torch.load(path, weights_only=True)
     usage = background_usage(model, texts, vocab_size, num_senses, pad_id, batch_texts, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    torch.save(usage, tmp)
-    os.replace(tmp, path)
+    save_atomically(path, lambda tmp: torch.save(usage, tmp), overwrite=True)
     return usage
 
 

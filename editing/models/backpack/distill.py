@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from editing.errors import ConfigError
+from editing.files import ensure_writable, save_atomically
 from editing.models.backpack.configuration import BackpackConfig
 from editing.models.backpack.modeling import BackpackLMHeadModel
 from editing.models.loading import ModelConfig, load_model
-from editing.results import ensure_writable
 
 log = logging.getLogger(__name__)
 
@@ -238,21 +238,16 @@ class BackpackDistillation(L.LightningModule):
 
 def save_distilled(student: BackpackLMHeadModel, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
     """Write the Backpack and its tokenizer as a model folder, atomically."""
-    from editing.models.loading import _atomic_save
-
     target = Path(output).expanduser()
     if target.exists():
         if not overwrite:
             ensure_writable(target / "config.json", overwrite, "--model.overwrite true")
-        import shutil
-
-        shutil.rmtree(target)
 
     def save(folder: Path) -> None:
         student.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
 
-    _atomic_save(target, save)
+    save_atomically(target, save, folder=True, overwrite=True)
     return target
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import lightning as L
 
-from editing.report_files import write_evaluation
-from editing.results import ensure_writable
+from editing.files import ensure_writable
+from editing.records import EVALUATION_FILE, write_evaluation
+from editing.types import Stage
 
 
 def default_output_dir(root: str | Path, model_name: str, task: str, split: str, stage: str) -> Path:
@@ -17,7 +18,7 @@ def default_output_dir(root: str | Path, model_name: str, task: str, split: str,
     return Path(root) / safe / f"{task}-{split}" / stage
 
 
-class EvaluationReport(L.Callback):
+class EvaluationWriter(L.Callback):
     """After a validate or test run, write ``evaluation.json`` and ``evaluation_scores.jsonl``.
 
     Args:
@@ -33,38 +34,37 @@ class EvaluationReport(L.Callback):
         self.written: Path | None = None
         self.resolved_config: dict | None = None
 
-    def _out(self, trainer: L.Trainer, module, stage: str) -> Path:
+    def _out(self, trainer: L.Trainer, module, stage: Stage) -> Path:
         dm = trainer.datamodule
         return Path(self.output_dir or default_output_dir(self.root, module.identity["name"], dm.task.name,
                                                           dm.split, stage))
 
-    def _refuse_existing(self, trainer: L.Trainer, module, stage: str) -> None:
+    def _refuse_existing(self, trainer: L.Trainer, module, stage: Stage) -> None:
         # Fail before the evaluation runs, not after it, when the results would be refused anyway.
-        ensure_writable(self._out(trainer, module, stage) / "evaluation.json", self.overwrite,
+        ensure_writable(self._out(trainer, module, stage) / EVALUATION_FILE, self.overwrite,
                         "--report.overwrite true")
 
     def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
-            self._refuse_existing(trainer, pl_module, "validate")
+            self._refuse_existing(trainer, pl_module, Stage.VALIDATE)
 
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
-        self._refuse_existing(trainer, pl_module, "test")
+        self._refuse_existing(trainer, pl_module, Stage.TEST)
 
-    def _write(self, trainer: L.Trainer, module, stage: str) -> None:
+    def _write(self, trainer: L.Trainer, module, stage: Stage) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         dm = trainer.datamodule
         out = self._out(trainer, module, stage)
         self.written = write_evaluation(
             out, module.last_evaluation, stage=stage, task=dm.task, split=dm.split, identity=module.identity,
-            data_files=dm.describe(), overwrite=self.overwrite,
-            extra={"config": self.resolved_config} if self.resolved_config else None,
+            data_files=dm.describe(), overwrite=self.overwrite, config=self.resolved_config or None,
         )
         print(f"results: {self.written}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
-            self._write(trainer, pl_module, "validate")
+            self._write(trainer, pl_module, Stage.VALIDATE)
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
-        self._write(trainer, pl_module, "test")
+        self._write(trainer, pl_module, Stage.TEST)
