@@ -21,7 +21,7 @@ from editing.data.batching import IGNORE
 from editing.errors import ConfigError
 from editing.evaluation.precision import full_precision
 from editing.methods.base import EditingModule, evaluate
-from editing.methods.senses.selection import backpack_of
+from editing.models.architecture import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
 from editing.models.loading import LoadedModel
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
-from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules, num_layers
+from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules
+from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
 from editing.types import MethodName
 

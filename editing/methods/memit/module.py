@@ -20,12 +20,12 @@ from torch import nn
 from editing.data.jsonl import read_jsonl
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
-from editing.methods.lora.config import num_layers
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
 from editing.methods.memit.covariance import CovarianceStats, layer_covariances
 from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
+from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
 from editing.types import MethodName
 

@@ -9,7 +9,7 @@ import torch
 
 from editing.errors import ConfigError
 from editing.methods.senses.module import SENSE_EDIT_FILE
-from editing.methods.senses.selection import backpack_of
+from editing.models.architecture import backpack_of
 
 
 def top_words(model, tokenizer, vectors: torch.Tensor, top: int) -> list[list[str]]:

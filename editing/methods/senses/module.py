@@ -16,13 +16,8 @@ from editing.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.senses.config import SensesConfig
 from editing.methods.senses.deltas import SenseDeltas
-from editing.methods.senses.selection import (
-    Selection,
-    backpack_of,
-    cached_background,
-    example_importance,
-    select_senses,
-)
+from editing.methods.senses.selection import Selection, cached_background, example_importance, select_senses
+from editing.models.architecture import backpack_of
 from editing.models.loading import ModelConfig
 from editing.types import MethodName
 
