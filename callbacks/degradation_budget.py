@@ -15,7 +15,7 @@ import torch
 from editing import __version__
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, parse_balls, parse_max_epoch
 from editing.errors import ConfigError
-from editing.methods.base import METRIC_NAMES, evaluate
+from editing.evaluation import METRIC_NAMES, evaluate
 from editing.results import write_json
 from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
 from editing.types import LossType, MethodName

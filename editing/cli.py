@@ -232,7 +232,8 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         One row of metrics per task.
     """
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import EditingModule, evaluate
+    from editing.evaluation import evaluate
+    from editing.methods.base import EditingModule
     from editing.models.loading import ModelConfig
     from editing.report_files import write_evaluation
     from editing.results import ensure_writable
@@ -313,7 +314,7 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     """
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
     from editing.report_files import write_evaluation
 
     module = load_edited(edit, allow_unverified=allow_unverified)

@@ -15,10 +15,10 @@ from editing.data.datamodule import TaskDataModule
 from editing.data.jsonl import read_jsonl
 from editing.data.tokenize import ExampleTokenizer
 from editing.errors import ConfigError
+from editing.evaluation import evaluate
 from editing.evaluation.scorer import example_nll
 from editing.losses import training_loss
 from editing.methods import EditingModule, LoRAConfig, LoRAEditor, OptimizerConfig, SenseFinetune, SensesConfig
-from editing.methods.base import evaluate
 from editing.methods.senses.selection import example_importance, select_senses
 from editing.models.backpack import BackpackConfig, BackpackLMHeadModel
 from editing.models.loading import ModelConfig, load_model

@@ -118,7 +118,7 @@ def test_test_subcommand_uses_the_test_split(tmp_path, monkeypatch, tiny_module)
 
 
 def test_evaluate_command(tmp_path, monkeypatch, capsys, tiny_module, data_root):
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "ev"

@@ -17,8 +17,8 @@ import torch
 from editing.data.datamodule import TaskDataModule
 from editing.edits import load_edited
 from editing.ensemble_search import BETAS, ball_key, ensemble_module, general_nll_by_beta, search
+from editing.evaluation import evaluate
 from editing.methods import FullFinetune, LoRAConfig, LoRAEditor, SenseFinetune, SensesConfig
-from editing.methods.base import evaluate
 from editing.models.ensemble import beta_set_to
 from editing.models.loading import ModelConfig, load_model
 

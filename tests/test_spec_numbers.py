@@ -30,6 +30,7 @@ from conftest import SHARED_DATA, reference_sequence_nll
 
 from callbacks.degradation_budget import DegradationBudget
 from editing.data.datamodule import TaskDataModule
+from editing.evaluation import evaluate
 from editing.methods import (
     FullFinetune,
     LoRAConfig,
@@ -40,7 +41,6 @@ from editing.methods import (
     SenseFinetune,
     SensesConfig,
 )
-from editing.methods.base import evaluate
 from editing.models.loading import ModelConfig
 
 SEPARATOR = "<|endoftext|>"

@@ -14,8 +14,8 @@ import torch
 
 from callbacks.degradation_budget import DegradationBudget
 from editing.data.datamodule import TaskDataModule
+from editing.evaluation import evaluate
 from editing.methods import FullFinetune, LoRAConfig, LoRAEditor, OptimizerConfig, RegularizationConfig
-from editing.methods.base import evaluate
 from editing.models.loading import ModelConfig
 from editing.regularizers import kl_to_reference
 from editing.tasks import BUILTIN_TASKS

@@ -9,7 +9,7 @@ import torch
 from conftest import reference_scores
 
 from editing.data.datamodule import TaskDataModule
-from editing.methods.base import evaluate
+from editing.evaluation import evaluate
 from editing.tasks import load_task_yaml
 
 VAL = [
