@@ -26,6 +26,7 @@ from editing.errors import ConfigError
 from editing.evaluation.evaluator import METRIC_NAMES, Evaluator
 from editing.evaluation.scorer import example_nll, sequence_nll
 from editing.losses import training_loss
+from editing.methods.registry import spec_of
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
@@ -81,6 +82,8 @@ class EditingModule(L.LightningModule):
     """
 
     method: MethodName = MethodName.NONE
+    """The method's name in results and checkpoints; set by ``editing.methods.registry.register`` (``none``: the
+    unedited model)."""
 
     def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
                  regularization: RegularizationConfig | None = None) -> None:
@@ -132,17 +135,34 @@ class EditingModule(L.LightningModule):
                 p.copy_(state[name].to(p.device, p.dtype))
 
     def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere."""
-        raise NotImplementedError(f"{type(self).__name__} has no edit to export")
+        """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere: the tensor
+        files by the method's registered ``write_edit``, then the base model's identity and the manifest recording
+        the edit's kind (``editing.edits.load_edited`` reads all three).
 
-    def write_base_identity(self, folder: str | Path) -> None:
-        """Record beside an edit which base model it applies to, and the hashes of its tensors
-        (``editing.edits.load_edited`` checks both); every ``export_edit`` calls it once its tensor files are written.
+        Args:
+            folder: the edit folder (made if missing).
+            state: the deltas to write (``delta_state`` output; default: the current ones).
+
+        Returns:
+            The folder.
+        """
+        spec = spec_of(self)
+        if spec is None:
+            raise NotImplementedError(f"{type(self).__name__} has no edit to export")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        spec.write_edit(self, folder, state)
+        self.write_base_identity(folder, spec.edit_kind)
+        return folder
+
+    def write_base_identity(self, folder: str | Path, kind: str) -> None:
+        """Record beside an edit which base model it applies to, and the edit's kind and the hashes of its tensors
+        (``editing.edits.load_edited`` checks them); ``export_edit`` calls it once the tensor files are written.
         """
         from editing.integrity import write_edit_manifest
 
         (Path(folder) / "base_model.json").write_text(json.dumps(self.identity, indent=2) + "\n")
-        write_edit_manifest(folder)
+        write_edit_manifest(folder, kind=kind, method=self.method.value)
 
     @property
     def tokenizer(self):

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -23,11 +22,10 @@ from editing.methods.base import EditingModule, OptimizerConfig, RegularizationC
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
 from editing.methods.memit.covariance import CovarianceStats, layer_covariances
-from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
+from editing.methods.memit.layers import down_projection, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
 from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
-from editing.types import MethodName
 
 
 class MEMITEditor(EditingModule):
@@ -44,8 +42,6 @@ class MEMITEditor(EditingModule):
             and results have the same shape as the other methods'.
         regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
     """
-
-    method = MethodName.MEMIT
 
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -127,25 +123,6 @@ class MEMITEditor(EditingModule):
         state = state if state is not None else self.delta_state()
         return {layer: state[f"memit_u.{layer}"].float() @ state[f"memit_v.{layer}"].float()
                 for layer in self.memit_layers}
-
-    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Save the edited down-projection weights (W + Delta W) as ``edit.safetensors`` by the base model's
-        parameter names, as full finetuning does (``editing.edits.load_edited`` applies either), plus the base
-        model's identity."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for layer, delta in self.weight_deltas(state).items():
-            module = down_projection(self.model, layer)
-            weight = module.weight.detach().float().cpu()
-            tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
-                weight + (delta.T if is_transposed(module) else delta)).contiguous()
-        save_file(tensors, str(folder / "edit.safetensors"),
-                  metadata={"method": self.method.value, "base_fingerprint": self.identity["fingerprint"]})
-        self.write_base_identity(folder)
-        return folder
 
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
         # the factors' rank is the number of requests, so only their names must match

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from editing.errors import ConfigError
-from editing.methods.senses.module import SENSE_EDIT_FILE
+from editing.methods.senses.edit import SENSE_EDIT_FILE
 from editing.models.architecture import backpack_of
 
 
