@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from editing.data.jsonl import read_jsonl
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
@@ -157,25 +156,24 @@ class MEMITEditor(EditingModule):
         self.trainer.should_stop = True  # one edit: the callback evaluates after this epoch, then the run ends
 
     def canonical_requests(self, datamodule) -> list[Request]:
-        """The requests of the DataModule's canonical examples under the configured supervision."""
-        path = datamodule.path("canonical")
-        records = read_jsonl(path, "pair" if datamodule.task.pair else "single")
-        return build_requests(records, self.memit_config, datamodule.task.name, str(path))
+        """The requests of the DataModule's canonical examples (its records, with all their fields) under the
+        configured supervision."""
+        records = datamodule.records("canonical")
+        return build_requests(records, self.memit_config, datamodule.task.name, str(datamodule.path("canonical")))
 
     def statistics(self, datamodule, progress: bool = True) -> CovarianceStats:
         """E[k k^T] of every edited layer over R (cached on disk)."""
-        path = datamodule.path("regularization")
-        from editing.data.datamodule import file_sha256
-        from editing.data.jsonl import read_jsonl as read
         from editing.data.tokenize import ExampleTokenizer
 
-        # R is read here in full (not through the DataModule's general_limit), so the cached statistics depend
-        # only on the file and the sample count
-        texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(read(path, "text"), str(path))
+        # every text of R (not the DataModule's general_limit), so the cached statistics depend only on the file and
+        # the sample count
+        path = datamodule.path("regularization")
+        texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(
+            datamodule.records("regularization", all_lines=True), str(path))
         with self.deltas_off():
             return layer_covariances(
                 self.model, self.memit_layers, texts, fingerprint=self.identity["fingerprint"],
-                corpus_sha=file_sha256(path), samples=self.memit_config.covariance_samples,
+                corpus_sha=datamodule.sha256("regularization"), samples=self.memit_config.covariance_samples,
                 precision=self.base_config.precision, batch_size=self.memit_config.covariance_batch_size,
                 pad_id=self._pad_id, progress=progress)
 
@@ -187,7 +185,7 @@ class MEMITEditor(EditingModule):
         """Compute MEMIT's edit for the canonical examples (or ``requests``) and switch it on.
 
         Args:
-            datamodule: the task's DataModule (canonical file, task loss, general set R).
+            datamodule: the task's DataModule (canonical records, task loss, general set R).
             requests: the requests (default: from the DataModule's canonical examples).
             progress: show progress bars and log timings.
         """
