@@ -212,7 +212,7 @@ def make_task(folder: Path, task: str, loss: str, hard_format: str, threshold: f
 
 def make_module(method: str, model: str, lr: float):
     base = ModelConfig(name=model, precision="fp32")
-    optimizer = OptimizerConfig(lr=lr)
+    optimizer = OptimizerConfig(lr=lr) if method != "memit" else None  # MEMIT has no optimizer (its lr is 0 here)
     if method == "lora":
         return LoRAEditor(base, lora=LoRAConfig(rank=4, layer_fraction=0.5), optimizer=optimizer)
     if method == "full":
