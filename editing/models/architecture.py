@@ -1,5 +1,6 @@
 """What the package knows about model architectures, in one place: per model family the transformer blocks and the
-MLP projections inside them, how many layers a config declares, and where a Backpack sits inside a (wrapped) model.
+MLP projections inside them, how many layers a config declares, where a Backpack sits inside a (wrapped) model, and
+how the LM head's input is captured and the head applied in fp32.
 
 Methods read it rather than keep tables of their own: LoRA adapts a family's MLP projections, MEMIT edits the last of
 them (the down projection) and hooks the blocks, sense finetuning and the ensemble find the Backpack, and distillation
@@ -8,8 +9,11 @@ counts the layers it copies. A new family is supported by one entry in ``ARCHITE
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from editing.errors import ConfigError
@@ -112,3 +116,33 @@ def backpack_of(model: nn.Module):
         if isinstance(module, BackpackModel):
             return module
     return None
+
+
+# --- the LM head: where the scorer, the regularizer, MEMIT and the ensemble read the final hidden states ------------
+@contextmanager
+def capture_final_hidden(model):
+    """Within the context, a forward pass stores the LM head's input in ``store['hidden']`` and the head itself
+    computes nothing (it receives an empty slice)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no output embedding (LM head) to score with")
+    store: dict = {}
+
+    def pre_hook(module, args):
+        store["hidden"] = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the model's LM head to ``hidden`` (n, d) in fp32."""
+    head = model.get_output_embeddings()
+    if hasattr(head, "logits_from_hidden"):  # a composite head (the ensemble) computes its own fp32 logits
+        return head.logits_from_hidden(hidden)
+    bias = getattr(head, "bias", None)
+    return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())

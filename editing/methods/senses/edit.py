@@ -92,7 +92,16 @@ def write_senses_edit(module: SensesEditor, folder: Path, state: dict[str, torch
 
 
 class AppliedSenses(AppliedEdit):
-    """Sense deltas installed into a Backpack; p0 is the Backpack with them uninstalled."""
+    """Sense deltas installed into a Backpack; p0 is the Backpack with them uninstalled.
+
+    Args:
+        model: the Backpack carrying the deltas.
+        tensors: the edit file's tensors (vocab ids, sense ids, vectors, importance).
+    """
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(model)
+        self.tensors = tensors
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
@@ -111,4 +120,4 @@ def apply_sense_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str
     if SENSE_EDIT_FILE not in tensors:
         raise ConfigError(f"{folder}: the edit's tensor file ({SENSE_EDIT_FILE}) is missing; re-export the edit")
     load_sense_edit(folder / SENSE_EDIT_FILE, model, tensors=tensors[SENSE_EDIT_FILE])
-    return AppliedSenses(model)
+    return AppliedSenses(model, tensors[SENSE_EDIT_FILE])
