@@ -94,7 +94,7 @@ def edits(tmp_path_factory):
     torch.manual_seed(0)
     lora = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=2))
     with torch.no_grad():
-        for name, p in lora.trainable_parameters().items():
+        for p in lora.trainable_parameters().values():
             p.normal_(std=0.5)
     full = FullEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), gradient_checkpointing=False)
     with torch.no_grad():
