@@ -15,7 +15,8 @@ import time
 
 def nll_on_g(name: str, limit: int | None) -> dict:
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import EditingModule, evaluate
+    from editing.evaluation import evaluate
+    from editing.methods.base import EditingModule
     from editing.models.loading import ModelConfig
 
     module = EditingModule(ModelConfig(name=name))

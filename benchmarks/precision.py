@@ -16,7 +16,8 @@ import time
 import torch
 
 from editing.data.datamodule import TaskDataModule
-from editing.methods.base import EditingModule, evaluate
+from editing.evaluation import evaluate
+from editing.methods.base import EditingModule
 from editing.models.loading import ModelConfig
 
 

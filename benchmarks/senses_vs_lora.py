@@ -25,26 +25,26 @@ def run(method: str, model: str, steps: int, accumulate: int) -> dict:
 
     from editing.data.datamodule import TaskDataModule
     from editing.methods import (
-        FullFinetune,
+        FullEditor,
         LoRAConfig,
         LoRAEditor,
         OptimizerConfig,
         RegularizationConfig,
-        SenseFinetune,
         SensesConfig,
+        SensesEditor,
     )
     from editing.models.loading import ModelConfig
 
     L.seed_everything(0)
     base, reg = ModelConfig(name=model), RegularizationConfig(kind="kl", weight=0.5)
     if method == "senses":
-        module = SenseFinetune(base, senses=SensesConfig(senses_per_example=8), optimizer=OptimizerConfig(lr=1e-2),
+        module = SensesEditor(base, senses=SensesConfig(senses_per_example=8), optimizer=OptimizerConfig(lr=1e-2),
                                regularization=reg)
     elif method == "lora":
         module = LoRAEditor(base, lora=LoRAConfig(rank=8, layer_fraction=0.5), optimizer=OptimizerConfig(lr=3e-3),
                             regularization=reg)
     else:
-        module = FullFinetune(base, optimizer=OptimizerConfig(lr=1e-5), regularization=reg)
+        module = FullEditor(base, optimizer=OptimizerConfig(lr=1e-5), regularization=reg)
     dm = TaskDataModule(task="country_capital", regularization_batch_size=2)
     marks: list[float] = []
 

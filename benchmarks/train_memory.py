@@ -25,7 +25,8 @@ def run_eval(model: str, texts: int) -> dict:
     import torch
 
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import EditingModule, evaluate
+    from editing.evaluation import evaluate
+    from editing.methods.base import EditingModule
     from editing.models.loading import ModelConfig
 
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ import torch
 
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
 from editing.errors import ConfigError
+from editing.evaluation import evaluate
 from editing.files import save_atomically, write_json
-from editing.methods.base import evaluate
 from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
 from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
 from editing.tables import balls_table

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from editing.budget import Ball, ball_key, choose_beta, degradation, edit_folder_name
 from editing.data.batching import IGNORE
 from editing.errors import ConfigError
+from editing.evaluation import evaluate
 from editing.evaluation.precision import full_precision
-from editing.methods.base import EditingModule, evaluate
-from editing.methods.senses.selection import backpack_of
+from editing.methods.base import EditingModule
+from editing.models.architecture import backpack_of
 from editing.models.ensemble import EnsembleLM, beta_set_to, shared_vocabulary
 from editing.models.loading import LoadedModel
 from editing.records import Metrics
@@ -62,15 +63,15 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
     return {b: sums[b] / max(1, tokens) for b in betas}
 
 
-def ensemble_module(large: LoadedModel, backpack: EditingModule, vocab: int) -> tuple[EditingModule, EnsembleLM]:
-    """An evaluation module around the ensemble of ``large`` and an edited Backpack module."""
+def ensemble_module(large: LoadedModel, backpack: EditingModule, vocab: int) -> tuple[LoadedModel, EnsembleLM]:
+    """The ensemble of ``large`` and an edited Backpack module, as a model ``evaluate`` can score."""
     ensemble = EnsembleLM(large.model, backpack.model, backpack.reference, vocab)
     identity = {"name": f"ensemble({large.identity['name']} + {backpack.identity['name']})",
                 "large": large.identity, "backpack": backpack.identity}
     loaded = LoadedModel(model=ensemble, tokenizer=large.tokenizer, max_length=min(large.max_length,
                                                                                    backpack.max_length),
                          identity=identity)
-    return EditingModule.from_loaded(loaded), ensemble
+    return loaded, ensemble
 
 
 def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, balls: tuple[float, ...],

@@ -1,6 +1,7 @@
 """Integrity of saved edits: a manifest of content hashes written beside an edit's tensors, checked when it is loaded.
 
-Every method's export ends in ``EditingModule.write_base_identity``, which writes ``edit_manifest.json``: for each
+Every method's export ends in ``EditingModule.write_base_identity``, which writes ``edit_manifest.json``: the edit's
+``kind`` (which registered loader applies it, see ``editing.methods.registry``) and ``method``; for each
 ``*.safetensors`` file of the folder a SHA-256 of its tensors (names, dtypes, shapes and bytes, in name order), and
 for the adapter's ``adapter_config.json`` (its rank and alpha scale the update) a SHA-256 of the file. Loading an edit
 (``editing.edits.load_edited``) recomputes them and refuses an edit whose numbers changed after it was saved, and any
@@ -74,22 +75,29 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
                           "edit of another ball or epoch, or rerun the fit (e.g. with a lower learning rate)")
 
 
-def write_edit_manifest(folder: str | Path) -> Path:
+def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str | None = None) -> Path:
     """Write ``edit_manifest.json`` for the tensor files (and adapter config) in ``folder``, atomically.
 
     Args:
         folder: an edit folder whose files are complete.
+        kind: the edit's kind, which says how it is loaded (``editing.methods.registry``); None keeps the kind of
+            the folder's present manifest (rewriting the hashes of an edit does not change what it is).
+        method: the method that made it (kept from the present manifest likewise).
 
     Returns:
         The manifest's path.
     """
     folder = Path(folder)
+    if kind is None and (folder / MANIFEST).is_file():
+        kind, method = recorded_kind(folder)
     files = {}
     for path in sorted(folder.glob("*.safetensors")):
         tensors = read_safetensors(path)
         files[path.name] = {"sha256": tensor_digest(tensors), "tensors": len(tensors)}
     configs = {name: _file_sha256(folder / name) for name in CONFIG_FILES if (folder / name).is_file()}
     manifest = {"format": MANIFEST_FORMAT, "files": files, "config_files": configs}
+    if kind is not None:
+        manifest = {"format": MANIFEST_FORMAT, "kind": kind, "method": method, **manifest}
     return write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n", overwrite=True)
 
 
@@ -102,6 +110,23 @@ def _read_manifest(path: Path) -> dict:
             or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("config_files", {}), dict)):
         raise ConfigError(f"{path}: not an edit manifest written by canonical-editing; {REEXPORT}")
     return manifest
+
+
+def recorded_kind(folder: str | Path) -> tuple[str | None, str | None]:
+    """The edit kind and method recorded in ``folder``'s manifest: ``(None, None)`` without a manifest, and a None
+    kind for a manifest written before kinds were recorded.
+
+    Raises:
+        ConfigError: the manifest is unreadable, or its kind is not a name.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None, None
+    manifest = _read_manifest(path)
+    kind, method = manifest.get("kind"), manifest.get("method")
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        raise ConfigError(f"{path}: 'kind' must name the edit's kind (e.g. \"lora\"), not {kind!r}; {REEXPORT}")
+    return kind, method if isinstance(method, str) else None
 
 
 def verify_edit(folder: str | Path, allow_unverified: bool = False) -> dict[str, dict[str, torch.Tensor]]:

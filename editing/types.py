@@ -9,6 +9,7 @@ a plain ``str`` is needed (YAML, hyperparameters).
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from editing.errors import ConfigError
@@ -52,8 +53,17 @@ class LossType(_Name):
         return self in (LossType.BALANCE, LossType.GOOD_V_BAD)
 
 
+# Method names declared beyond the built-in members (by ``MethodName.declare``), value -> pseudo-member.
+_DECLARED_METHODS: dict[str, MethodName] = {}
+
+
 class MethodName(_Name):
-    """The editing methods (``none`` is the unedited model)."""
+    """The editing methods (``none`` is the unedited model).
+
+    The members are the built-in methods. A method added outside this package declares its name once, when its
+    sub-package registers (``editing.methods.registry.register`` calls ``declare``); from then on ``MethodName(name)``
+    returns that name as a ``MethodName`` like any member, and an undeclared name still raises ``ConfigError``.
+    """
 
     NONE = "none"
     FULL = "full"
@@ -64,6 +74,44 @@ class MethodName(_Name):
     @classmethod
     def _label(cls) -> str:
         return "method"
+
+    @classmethod
+    def _missing_(cls, value: object) -> MethodName:
+        if isinstance(value, str) and value in _DECLARED_METHODS:
+            return _DECLARED_METHODS[value]
+        return super()._missing_(value)
+
+    @classmethod
+    def choices(cls) -> str:
+        """The valid values, built-in and declared, comma-separated (for messages)."""
+        return ", ".join([m.value for m in cls] + list(_DECLARED_METHODS))
+
+    @classmethod
+    def declare(cls, value: str) -> MethodName:
+        """The ``MethodName`` of ``value``: a built-in member, or a new name declared by a method added outside the
+        package (lowercase letters, digits, ``-`` and ``_``, starting with a letter).
+
+        Raises:
+            ConfigError: the name is not of that form.
+        """
+        if isinstance(value, cls):
+            return value
+        if value in cls._value2member_map_ or value in _DECLARED_METHODS:
+            return cls(value)
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z][a-z0-9_-]*", value):
+            raise ConfigError(f"method name {value!r}: use lowercase letters, digits, '-' and '_', starting with a "
+                              "letter (it names the method in results and folders)")
+        # a pseudo-member, made the way the enum module makes its members (as Flag does for combined values)
+        member = str.__new__(cls, value)
+        member._name_ = value.upper().replace("-", "_")
+        member._value_ = value
+        _DECLARED_METHODS[value] = member
+        return member
+
+    @classmethod
+    def forget(cls, value: str) -> None:
+        """Undo ``declare`` of a name beyond the members (for tests that register a temporary method)."""
+        _DECLARED_METHODS.pop(value, None)
 
 
 class Metric(_Name):

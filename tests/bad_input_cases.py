@@ -126,7 +126,7 @@ def build_artifacts(root: Path) -> Artifacts:
     """Run one tiny fit (a subprocess, as a user would) and export a few edits; seconds."""
     import torch
 
-    from editing.methods import FullFinetune, LoRAConfig, LoRAEditor
+    from editing.methods import FullEditor, LoRAConfig, LoRAEditor
     from editing.models.loading import ModelConfig
 
     root.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def build_artifacts(root: Path) -> Artifacts:
                     p.fill_(0.01)
         return module.export_edit(root / name)
 
-    full = FullFinetune(ModelConfig(name="tiny-gpt2"), gradient_checkpointing=False)
+    full = FullEditor(ModelConfig(name="tiny-gpt2"), gradient_checkpointing=False)
     state = full.delta_state()
     key = next(n for n in state if n.endswith("mlp.c_proj.weight"))
     state[key] = state[key] + 0.01

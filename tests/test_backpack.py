@@ -15,10 +15,10 @@ from editing.data.datamodule import TaskDataModule
 from editing.data.jsonl import read_jsonl
 from editing.data.tokenize import ExampleTokenizer
 from editing.errors import ConfigError
+from editing.evaluation import evaluate
 from editing.evaluation.scorer import example_nll
 from editing.losses import training_loss
-from editing.methods import EditingModule, LoRAConfig, LoRAEditor, OptimizerConfig, SenseFinetune, SensesConfig
-from editing.methods.base import evaluate
+from editing.methods import EditingModule, LoRAConfig, LoRAEditor, OptimizerConfig, SensesConfig, SensesEditor
 from editing.methods.senses.selection import example_importance, select_senses
 from editing.models.backpack import BackpackConfig, BackpackLMHeadModel
 from editing.models.loading import ModelConfig, load_model
@@ -143,13 +143,13 @@ def test_loading_never_trusts_remote_code(tmp_path, monkeypatch) -> None:
     assert seen and not any(seen)
 
 
-def make_senses(k: int = 5, lam: float = 100.0, lr: float = 1e-2, seed: int = 0) -> SenseFinetune:
-    return SenseFinetune(ModelConfig(name="tiny-backpack", seed=seed),
+def make_senses(k: int = 5, lam: float = 100.0, lr: float = 1e-2, seed: int = 0) -> SensesEditor:
+    return SensesEditor(ModelConfig(name="tiny-backpack", seed=seed),
                          senses=SensesConfig(senses_per_example=k, selection_lambda=lam),
                          optimizer=OptimizerConfig(lr=lr))
 
 
-def selected_module(data_root, task: str = "country_capital", **kw) -> tuple[SenseFinetune, TaskDataModule]:
+def selected_module(data_root, task: str = "country_capital", **kw) -> tuple[SensesEditor, TaskDataModule]:
     module = make_senses(**kw)
     dm = TaskDataModule(task=task, **LIMITS)
     dm.attach(module.tokenizer, module.max_length)
@@ -214,7 +214,7 @@ def test_k_larger_than_the_candidates_is_capped_and_reported(data_root) -> None:
 
 def test_sense_finetuning_needs_a_backpack() -> None:
     with pytest.raises(ConfigError, match="needs a Backpack"):
-        SenseFinetune(ModelConfig(name="tiny-gpt2"))
+        SensesEditor(ModelConfig(name="tiny-gpt2"))
 
 
 def canonical_loss(module: EditingModule, dm: TaskDataModule) -> float:
@@ -286,12 +286,12 @@ def test_senses_inspect_lists_each_sense(tmp_path, data_root, capsys) -> None:
 
 
 def test_lora_and_full_run_on_a_backpack(tmp_path, data_root) -> None:
-    from editing.methods import FullFinetune
+    from editing.methods import FullEditor
 
     lora = LoRAEditor(ModelConfig(name="tiny-backpack"), lora=LoRAConfig(rank=2, layer_fraction=1.0))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.model.named_parameters() if ".lora_A" in n}
     assert adapted and all(".gpt2_model.h." in n for n in adapted)  # the contextualizer's MLPs, not the senses
-    for module in (lora, FullFinetune(ModelConfig(name="tiny-backpack"), optimizer=OptimizerConfig(lr=1e-3))):
+    for module in (lora, FullEditor(ModelConfig(name="tiny-backpack"), optimizer=OptimizerConfig(lr=1e-3))):
         budget = DegradationBudget(output_dir=str(tmp_path / module.method))
         L.Trainer(max_epochs=1, limit_train_batches=3, logger=False, enable_progress_bar=False,
                   use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[budget],

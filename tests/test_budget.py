@@ -178,8 +178,8 @@ def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **bud
     import callbacks.degradation_budget as budget_module
     from callbacks.degradation_budget import DegradationBudget
     from editing.data.datamodule import TaskDataModule
+    from editing.evaluation import evaluate as real
     from editing.methods import LoRAConfig, LoRAEditor
-    from editing.methods.base import evaluate as real
     from editing.models.loading import ModelConfig
 
     seen: list[float] = []

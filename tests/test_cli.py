@@ -120,7 +120,7 @@ def test_test_subcommand_uses_the_test_split(tmp_path, monkeypatch, tiny_module)
 
 
 def test_evaluate_command(tmp_path, monkeypatch, capsys, tiny_module, data_root):
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "ev"
@@ -269,7 +269,7 @@ def test_fit_help_puts_the_main_options_on_the_first_screen(capsys):
                 "trainer.max_epochs", "data.task", "data.split", "data.eval_limit", "data.general_limit",
                 "model.base.name", "model.base.precision"):
         assert f"--{key}" in first_screen, key
-    for method in ("LoRAEditor", "MEMITEditor", "FullFinetune", "SenseFinetune"):
+    for method in ("LoRAEditor", "MEMITEditor", "FullEditor", "SensesEditor"):
         assert method in first_screen
     assert "editing fit --help-all" in first_screen
     # the defaults shown are the code's

@@ -58,7 +58,7 @@ def test_ddp_matches_single_process(tmp_path, data_root):
 
 def test_ddp_with_fewer_batches_than_processes(tmp_path, data_root, tiny_module):
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     extra = ["--data.task", "stereoset", "--data.eval_limit", "3", "--data.general_limit", "3"]
     out, _ = _validate(tmp_path, "ddp", data_root, extra, ddp=True)

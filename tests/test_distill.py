@@ -15,7 +15,7 @@ from editing.commands.lightning import SaveLastOnStop
 from editing.data.corpus import CorpusDataModule
 from editing.data.datamodule import TaskDataModule
 from editing.errors import DataFormatError
-from editing.methods.base import EditingModule, evaluate
+from editing.evaluation import evaluate
 from editing.models.backpack import BackpackLMHeadModel
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape, build_backpack_from
 from editing.models.loading import LoadedModel, ModelConfig, load_model
@@ -87,9 +87,8 @@ def test_the_distilled_model_reloads_and_scores_identically(tmp_path, corpus, da
     assert isinstance(loaded.model, BackpackLMHeadModel)
     assert loaded.model.config.contextualizer["model_type"] == "llama"
     tasks = TaskDataModule(task="country_capital", eval_limit=5, general_limit=5)
-    trained = EditingModule.from_loaded(LoadedModel(module.student.eval(), module.tokenizer, loaded.max_length,
-                                                    {"name": "student"}))
-    assert evaluate(EditingModule.from_loaded(loaded), tasks) == evaluate(trained, tasks)
+    trained = LoadedModel(module.student.eval(), module.tokenizer, loaded.max_length, {"name": "student"})
+    assert evaluate(loaded, tasks) == evaluate(trained, tasks)
     with pytest.raises(Exception, match="already exists"):  # a finished model is never overwritten silently
         distiller(tmp_path, output=str(tmp_path / "model"))
 

@@ -17,8 +17,8 @@ import torch
 from editing.data.datamodule import TaskDataModule
 from editing.edits import load_edited
 from editing.ensemble_search import BETAS, ball_key, ensemble_module, general_nll_by_beta, search
-from editing.methods import FullFinetune, LoRAConfig, LoRAEditor, SenseFinetune, SensesConfig
-from editing.methods.base import evaluate
+from editing.evaluation import evaluate
+from editing.methods import FullEditor, LoRAConfig, LoRAEditor, SensesConfig, SensesEditor
 from editing.models.ensemble import beta_set_to
 from editing.models.loading import ModelConfig, load_model
 
@@ -126,7 +126,7 @@ def make_edit(method: str, seed: int, base: ModelConfig):
     if method == "lora":
         return perturbed(LoRAEditor(base, lora=LoRAConfig(rank=2, layer_fraction=1.0)), seed, 0.3, "lora_")
     if method == "full":
-        module = FullFinetune(base, gradient_checkpointing=False)
+        module = FullEditor(base, gradient_checkpointing=False)
         module.model.requires_grad_(False)
         for name, p in module.model.named_parameters():  # a few tensors, as a full or MEMIT edit saves them
             p.requires_grad_(".mlp.c_proj." in name or ".wte." in name)
@@ -134,7 +134,7 @@ def make_edit(method: str, seed: int, base: ModelConfig):
         module.model.requires_grad_(True)
         return module
     if method == "senses":
-        module = SenseFinetune(base, senses=SensesConfig(senses_per_example=5, selection_lambda=100.0))
+        module = SensesEditor(base, senses=SensesConfig(senses_per_example=5, selection_lambda=100.0))
         dm = TaskDataModule(task="country_capital", **LIMITS)
         dm.attach(module.tokenizer, module.max_length)
         module.select(dm)
@@ -168,7 +168,7 @@ def base_backpack(backpack):
 
 @pytest.fixture(scope="module")
 def full_edit(backpack):
-    module = FullFinetune(backpack, gradient_checkpointing=False)
+    module = FullEditor(backpack, gradient_checkpointing=False)
     perturbed(module, seed=0, scale=0.05)
     return module
 

@@ -98,7 +98,7 @@ def test_suffix_or_text_lines(tmp_path):
 
 
 def test_bad_data_reaches_the_user_through_the_datamodule(tmp_path, tiny_module):
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     _file(tmp_path, [GOOD, '{"prefix": "broken"'], name="ev-val.jsonl")
     (tmp_path / "broken_task.yaml").write_text(

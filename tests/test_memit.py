@@ -222,3 +222,45 @@ def test_checkpoint_round_trip_restores_the_edit(data_root) -> None:
     fresh.load_state_dict(checkpoint["state_dict"], strict=False)
     assert fresh.edited
     assert torch.equal(canonical_nll(fresh, dm, 4), canonical_nll(module, dm, 4))
+
+
+class InMemoryCanonical(TaskDataModule):
+    """A DataModule serving canonical records of its own (here: three lines of the file, one subject changed)
+    instead of parsing its task's canonical file."""
+
+    def __init__(self, records, **kw) -> None:
+        super().__init__(**kw)
+        self.canonical = records
+
+    def records(self, role: str, all_lines: bool = False):
+        return self.canonical if role == "canonical" else super().records(role, all_lines)
+
+
+def test_memit_takes_its_requests_from_the_datamodule(tmp_path, data_root) -> None:
+    import dataclasses
+    import shutil
+
+    root = tmp_path / "data"
+    for folder in ("country_capital", "general"):
+        shutil.copytree(data_root / folder, root / folder)
+    plain = TaskDataModule(task="country_capital", data_root=str(root), **LIMITS)
+    records = plain.records("canonical")[:3]
+    assert records[1].fields["country"] in records[1].prefix
+    # the oracle subject comes from a record field: change it in memory, so a request built from the file differs
+    fields = {**records[1].fields, "country": "capital"}
+    records = [records[0], dataclasses.replace(records[1], fields=fields), records[2]]
+    canonical = plain.path("canonical")
+    canonical.write_text("not JSON\n")  # MEMIT must not read the task's canonical file itself
+    L.seed_everything(0)
+    module = make(layers=[1, 2], supervision="oracle", oracle_field="country")
+    dm = InMemoryCanonical(records, task="country_capital", data_root=str(root), **LIMITS)
+    budget = DegradationBudget(balls=[0.5], output_dir=str(tmp_path / "run"), save_edits=False)
+    L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+              callbacks=[budget], enable_checkpointing=False).fit(module, dm)
+    assert module.edited
+    requests = module.canonical_requests(dm)
+    assert [r.prefix for r in requests] == [r.prefix for r in records]
+    # line 3 puts its country in the suffix ("The capital of" + " Algeria is Alger"): the whole prefix is its subject
+    assert [r.subject for r in requests] == ["Afghanistan", "capital", "The capital of"]
+    assert module.memit_u["1"].shape[1] == 3  # one key per request: rank 3

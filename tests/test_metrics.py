@@ -71,7 +71,7 @@ def test_example_scores_single_example():
     m = ExampleScores()
     m.update(torch.tensor([0]), torch.tensor([0.5]))
     index, score = m.compute()
-    # torchmetrics squeezes one-element results; callers reshape (see EditingModule.evaluation_summary)
+    # torchmetrics squeezes one-element results; callers reshape (see editing.evaluation.Evaluator.summary)
     assert index.reshape(-1).tolist() == [0]
     assert score.reshape(-1).tolist() == [0.5]
 

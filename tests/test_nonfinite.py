@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from editing.data.datamodule import TaskDataModule
+from editing.evaluation import evaluate
 from editing.evaluation.metrics import ExampleMeanNLL, SuccessRate, TokenMeanNLL
-from editing.methods.base import evaluate
 
 NAN, INF = float("nan"), float("inf")
 

@@ -15,8 +15,9 @@ import torch
 
 from callbacks.degradation_budget import DegradationBudget
 from editing.data.datamodule import TaskDataModule
+from editing.evaluation import evaluate
 from editing.methods import EditingModule, LoRAConfig, LoRAEditor
-from editing.methods.base import RegularizationConfig, evaluate
+from editing.methods.base import RegularizationConfig
 from editing.models.loading import ModelConfig
 
 TIMEOUT_S = 300

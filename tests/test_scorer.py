@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_FAMILIES, reference_scores, reference_text_stats
 
 from editing.data.datamodule import TaskDataModule
-from editing.methods.base import evaluate
+from editing.evaluation import evaluate
 
 # One task per loss mode (good, bad, balance, good-v-bad).
 LOSS_TASKS = {

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from editing.data.datamodule import TaskDataModule
-from editing.methods import SenseFinetune, SensesConfig
+from editing.methods import SensesConfig, SensesEditor
 from editing.methods.senses.selection import example_importance
 from editing.models.loading import ModelConfig
 
@@ -117,7 +117,7 @@ def user_task(tmp_path: Path, data_root: Path, task: str, loss: str) -> tuple[Pa
 def test_selection_matches_a_plain_loop_reference(tmp_path, monkeypatch, data_root, task: str, loss: str) -> None:
     monkeypatch.setenv("EDITING_CACHE", str(tmp_path / "cache"))  # a fresh background, not one cached elsewhere
     yaml_path, records = user_task(tmp_path, data_root, task, loss)
-    module = SenseFinetune(ModelConfig(name="tiny-backpack", precision="fp32"),
+    module = SensesEditor(ModelConfig(name="tiny-backpack", precision="fp32"),
                            senses=SensesConfig(senses_per_example=K, selection_lambda=LAMBDA))
     dm = TaskDataModule(task=str(yaml_path), general_limit=N_BACKGROUND)
     assert dm.task.loss == loss

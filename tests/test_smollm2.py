@@ -30,7 +30,7 @@ def smollm2():
 @pytest.mark.parametrize("task", list(BUILTIN_TASKS))
 def test_smollm2_matches_reference_loop(task, smollm2, data_root):
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     assert smollm2.identity["model_type"] == "llama" and smollm2.identity["precision"] == "fp32"
     dm = TaskDataModule(task=task, data_root=str(data_root), eval_limit=N, general_limit=2)
@@ -47,7 +47,7 @@ def test_smollm2_matches_reference_loop(task, smollm2, data_root):
 def test_smollm2_is_a_trained_model(smollm2, data_root):
     """The embedded weights are dequantized correctly: general text is far likelier than uniform (10.8 nats)."""
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     dm = TaskDataModule(task="stereoset", data_root=str(data_root), eval_limit=2, general_limit=4)
     summary = evaluate(smollm2, dm, roles=["general"])

@@ -30,17 +30,17 @@ from conftest import SHARED_DATA, reference_sequence_nll
 
 from callbacks.degradation_budget import DegradationBudget
 from editing.data.datamodule import TaskDataModule
+from editing.evaluation import evaluate
 from editing.methods import (
-    FullFinetune,
+    FullEditor,
     LoRAConfig,
     LoRAEditor,
     MEMITConfig,
     MEMITEditor,
     OptimizerConfig,
-    SenseFinetune,
     SensesConfig,
+    SensesEditor,
 )
-from editing.methods.base import evaluate
 from editing.models.loading import ModelConfig
 
 SEPARATOR = "<|endoftext|>"
@@ -212,13 +212,13 @@ def make_task(folder: Path, task: str, loss: str, hard_format: str, threshold: f
 
 def make_module(method: str, model: str, lr: float):
     base = ModelConfig(name=model, precision="fp32")
-    optimizer = OptimizerConfig(lr=lr)
+    optimizer = OptimizerConfig(lr=lr) if method != "memit" else None  # MEMIT has no optimizer (its lr is 0 here)
     if method == "lora":
         return LoRAEditor(base, lora=LoRAConfig(rank=4, layer_fraction=0.5), optimizer=optimizer)
     if method == "full":
-        return FullFinetune(base, optimizer=optimizer)
+        return FullEditor(base, optimizer=optimizer)
     if method == "senses":
-        return SenseFinetune(base, senses=SensesConfig(senses_per_example=6, selection_lambda=100.0),
+        return SensesEditor(base, senses=SensesConfig(senses_per_example=6, selection_lambda=100.0),
                              optimizer=optimizer)
     return MEMITEditor(base, memit=MEMITConfig(layers=[1, 2], steps=5, covariance_samples=300, context_templates=1,
                                                context_template_length=4))

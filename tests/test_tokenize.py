@@ -299,7 +299,7 @@ def test_truncation_is_reported_by_the_datamodule(tiny_module, tmp_path):
     from conftest import reference_scores
 
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
 
     module = tiny_module("tiny-gpt2")
     long_prefix = " ".join(["word"] * 600)

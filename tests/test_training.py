@@ -14,8 +14,8 @@ import torch
 
 from callbacks.degradation_budget import DegradationBudget
 from editing.data.datamodule import TaskDataModule
-from editing.methods import FullFinetune, LoRAConfig, LoRAEditor, OptimizerConfig, RegularizationConfig
-from editing.methods.base import evaluate
+from editing.evaluation import evaluate
+from editing.methods import FullEditor, LoRAConfig, LoRAEditor, OptimizerConfig, RegularizationConfig
 from editing.models.loading import ModelConfig
 from editing.regularizers import kl_to_reference
 from editing.tasks import BUILTIN_TASKS
@@ -29,7 +29,7 @@ def make(method: str, model: str = "tiny-gpt2", lr: float = 1e-3, **kw):
     optimizer = OptimizerConfig(lr=lr)
     if method == "lora":
         return LoRAEditor(base, lora=LoRAConfig(rank=4, layer_fraction=0.5), optimizer=optimizer, **kw)
-    return FullFinetune(base, optimizer=optimizer, **kw)
+    return FullEditor(base, optimizer=optimizer, **kw)
 
 
 def trainer(tmp_path: Path, epochs: int = 2, batches: int = 4, callbacks=(), **kw) -> L.Trainer:
@@ -247,7 +247,7 @@ def test_ddp_two_processes_match_one(tmp_path, data_root) -> None:
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 def test_full_finetuning_with_gradient_checkpointing(tmp_path, data_root, model: str) -> None:
     L.seed_everything(0)
-    module = FullFinetune(ModelConfig(name=model, precision="fp32"), gradient_checkpointing=True,
+    module = FullEditor(ModelConfig(name=model, precision="fp32"), gradient_checkpointing=True,
                           optimizer=OptimizerConfig(lr=1e-3))
     assert module.model.is_gradient_checkpointing
     dm = TaskDataModule(task="country_capital", regularization_batch_size=2, **LIMITS)

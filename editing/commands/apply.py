@@ -27,7 +27,7 @@ def apply_edit(edit: str, task: str = "country_capital", split: str = "val", dat
     """
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
-    from editing.methods.base import evaluate
+    from editing.evaluation import evaluate
     from editing.records import write_evaluation
     from editing.tables import metrics_table
     from editing.types import EVALUATED_METRICS, Stage

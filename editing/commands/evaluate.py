@@ -30,8 +30,9 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         One row of metrics per task.
     """
     from editing.data.datamodule import TaskDataModule
+    from editing.evaluation import evaluate
     from editing.files import ensure_writable, write_text
-    from editing.methods.base import EditingModule, evaluate
+    from editing.methods.base import EditingModule
     from editing.models.loading import ModelConfig
     from editing.records import EVALUATION_FILE, write_evaluation
     from editing.tables import metrics_table

@@ -271,18 +271,11 @@ def _editing_module() -> type:
 
 
 def known_methods() -> dict[str, type]:
-    """The editing methods ``--model`` accepts by short name: name -> class (one name per class)."""
-    from editing import methods
+    """The editing methods ``--model`` accepts by short name: class name -> class, from the method registry."""
+    import editing.methods  # noqa: F401 - importing the package registers every method in it
+    from editing.methods.registry import METHODS
 
-    found: dict[str, type] = {}
-    base = _editing_module()
-    for name in methods.__all__:
-        cls = getattr(methods, name)
-        if inspect.isclass(cls) and issubclass(cls, base) and cls is not base:
-            if cls not in found.values() or name == cls.__name__:
-                found = {n: c for n, c in found.items() if c is not cls}
-                found[name] = cls
-    return found
+    return {spec.module.__name__: spec.module for spec in METHODS.values()}
 
 
 def _config_groups(cls: type) -> dict[str, type]:
@@ -573,9 +566,10 @@ def check_model_class(value: str) -> None:
     from editing import methods
 
     base = _editing_module()
-    known = sorted(n for n in methods.__all__
-                   if inspect.isclass(getattr(methods, n)) and issubclass(getattr(methods, n), base))
-    if value in known:
+    known = sorted(known_methods())
+    aliases = [n for n in methods.__all__ if inspect.isclass(getattr(methods, n))
+               and issubclass(getattr(methods, n), base)]  # old names (FullFinetune, ...) and EditingModule
+    if value in known or value in aliases:
         return
     if "." in value:
         cls = _import(value)

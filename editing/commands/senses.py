@@ -16,8 +16,9 @@ def inspect_senses(edit: str, top: int = 5, limit: int | None = 30, allow_unveri
     Returns:
         The rows of the table.
     """
+    from editing.edits import load_edited
     from editing.methods.senses.inspect import format_inspection, inspect_edit
 
-    rows = inspect_edit(edit, top=top, limit=limit, allow_unverified=allow_unverified)
+    rows = inspect_edit(load_edited(edit, allow_unverified=allow_unverified), top=top, limit=limit)
     print(format_inspection(rows))
     return rows

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from editing.data.batching import TokenBudgetBatchSampler, collate
-from editing.data.jsonl import read_jsonl
+from editing.data.jsonl import Record, read_jsonl
 from editing.data.tokenize import ExampleTokenizer, TokenizationStats, TokenizedExample
 from editing.errors import ConfigError
 from editing.paths import resolve_data_root
@@ -135,6 +135,7 @@ class TaskDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.max_length: int | None = None
         self.sets: dict[str, LoadedSet] = {}
+        self._records: dict[str, list[Record]] = {}
         self._train_loader: ResumableBatchLoader | None = None
         self._resume: dict[str, int] | None = None
 
@@ -157,6 +158,34 @@ class TaskDataModule(L.LightningDataModule):
             return "suffix_or_text"
         return "text"
 
+    def _limit(self, role: str) -> int | None:
+        return self.general_limit if role in GENERAL_FILES else None if role == "canonical" else self.eval_limit
+
+    def records(self, role: str, all_lines: bool = False) -> list[Record]:
+        """The parsed lines of ``role``'s file with all their fields (e.g. the subject field MEMIT's oracle
+        supervision reads), as this DataModule serves them: under its limit for the role (cached).
+
+        Args:
+            role: a task role (``canonical``, ``evaluation``, ...) or ``general``/``regularization``.
+            all_lines: every line of the file, ignoring the limit (not cached).
+
+        Raises:
+            ConfigError: the task has no file for ``role``.
+        """
+        if not all_lines and role in self._records:
+            return self._records[role]
+        path = self.path(role)
+        if path is None:
+            raise ConfigError(f"task {self.task.name!r} has no {role} set")
+        records = read_jsonl(path, self._kind(role), limit=None if all_lines else self._limit(role))
+        if not all_lines:
+            self._records[role] = records
+        return records
+
+    def sha256(self, role: str) -> str:
+        """Hex SHA-256 of ``role``'s file (of the whole file, whatever the limit)."""
+        return self.sets[role].sha256 if role in self.sets else file_sha256(self.path(role))
+
     def load(self, role: str) -> LoadedSet | None:
         """Read and tokenize one role's file (cached)."""
         if role in self.sets:
@@ -166,8 +195,7 @@ class TaskDataModule(L.LightningDataModule):
         path = self.path(role)
         if path is None:
             return None
-        limit = self.general_limit if role in GENERAL_FILES else None if role == "canonical" else self.eval_limit
-        records = read_jsonl(path, self._kind(role), limit=limit)
+        records = self.records(role)
         examples, stats = ExampleTokenizer(self.tokenizer, self.max_length).examples(records, str(path))
         for note in stats.notes:
             log.warning(note)

@@ -1,51 +1,23 @@
 """Batched scoring: NLL of the scored tokens, with logits computed only at the scored positions.
 
-The model runs once per padded batch; a pre-hook on the output embedding captures the final hidden states, so
-the LM head is applied only at positions that predict a scored token (for a long prefix and a short suffix that is
-a few rows instead of the whole sequence). The head matmul, log-softmax and NLL run in fp32. Autocast would override
-that (a bf16-mixed training step scores its loss in bf16, as it may); evaluation calls these functions inside
-``editing.evaluation.precision.full_precision``, where autocast is off.
+The model runs once per padded batch; a pre-hook on the output embedding captures the final hidden states
+(``editing.models.architecture.capture_final_hidden``), so the LM head is applied only at positions that predict a
+scored token (for a long prefix and a short suffix that is a few rows instead of the whole sequence). The head matmul,
+log-softmax and NLL run in fp32. Autocast would override that (a bf16-mixed training step scores its loss in bf16, as
+it may); evaluation calls these functions inside ``editing.evaluation.precision.full_precision``, where autocast is
+off.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
-import torch.nn.functional as F
 
 from editing.data.batching import IGNORE
+from editing.models.architecture import capture_final_hidden, head_logits
+
+__all__ = ["HEAD_CHUNK", "capture_final_hidden", "example_nll", "head_logits", "sequence_nll", "token_nll"]
 
 HEAD_CHUNK = 2048  # positions per fp32 head matmul, bounding memory at HEAD_CHUNK x vocab floats
-
-
-@contextmanager
-def capture_final_hidden(model):
-    """Within the context, a forward pass stores the LM head's input in ``store['hidden']`` and the head itself
-    computes nothing (it receives an empty slice)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise TypeError(f"{type(model).__name__} has no output embedding (LM head) to score with")
-    store: dict = {}
-
-    def pre_hook(module, args):
-        store["hidden"] = args[0]
-        return (args[0][..., :0, :],) + tuple(args[1:])
-
-    handle = head.register_forward_pre_hook(pre_hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the model's LM head to ``hidden`` (n, d) in fp32."""
-    head = model.get_output_embeddings()
-    if hasattr(head, "logits_from_hidden"):  # a composite head (the ensemble) computes its own fp32 logits
-        return head.logits_from_hidden(hidden)
-    bias = getattr(head, "bias", None)
-    return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[

@@ -1,9 +1,9 @@
-"""The editing base LightningModule: a frozen base model plus trainable deltas, its training step (SPEC section 4)
-and its evaluation (SPEC section 5).
+"""The editing base LightningModule: a frozen base model plus trainable deltas and its training step (SPEC section 4).
 
-Methods subclass it: they say which parameters are trainable (``_prepare_deltas``), how p0 is obtained
-(``reference``) and how an edit is saved (``export_edit``). The training step, the regularizers, the optimizer and
-the evaluation are shared, so every method is trained and measured the same way. ``evaluate``,
+Methods subclass it: they say which parameters are trainable (``_prepare_deltas``) and how p0 is obtained
+(``reference``); their sub-package registers how their edit is written and loaded (``editing.methods.registry``). The
+training step, the regularizers and the optimizer are shared, and every method is measured by the same
+``editing.evaluation.Evaluator``, so every method is trained and measured the same way. ``reference``,
 ``delta_state``/``load_delta_state`` and ``export_edit`` are the small interface the callbacks use.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -22,22 +21,19 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from editing.errors import ConfigError
-from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
-from editing.evaluation.precision import full_precision
+from editing.evaluation.evaluator import METRIC_NAMES, Evaluator
 from editing.evaluation.scorer import example_nll, sequence_nll
 from editing.files import write_text
-from editing.losses import example_score, training_loss
+from editing.losses import training_loss
+from editing.methods.registry import spec_of
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.tasks import TaskSpec
-from editing.types import EVALUATED_METRICS, MethodName
+from editing.types import MethodName
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = EVALUATED_METRICS  # the summary's metrics, spelled once in editing.types
 
 
 @dataclass
@@ -87,6 +83,8 @@ class EditingModule(L.LightningModule):
     """
 
     method: MethodName = MethodName.NONE
+    """The method's name in results and checkpoints; set by ``editing.methods.registry.register`` (``none``: the
+    unedited model)."""
 
     def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
                  regularization: RegularizationConfig | None = None) -> None:
@@ -102,26 +100,13 @@ class EditingModule(L.LightningModule):
         self.loaded: LoadedModel = load_model(self.base_config)
         self.model = self.loaded.model
         self.task: TaskSpec | None = None
-        self.eval_metrics = nn.ModuleDict()
+        self.evaluator: Evaluator | None = None
         self.diverged = False
         # checkpoints hold only the trainable deltas, so loading them into the full module is never strict
         self.strict_loading = False
         self._prepare_deltas()
         self._initial: dict[str, torch.Tensor] = {}
         self._fisher: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def from_loaded(cls, loaded: LoadedModel) -> EditingModule:
-        """An evaluation-only module around an already built model (e.g. an ensemble), without loading anything."""
-        module = cls.__new__(cls)
-        L.LightningModule.__init__(module)
-        module.base_config = ModelConfig(name=str(loaded.identity.get("name", "custom")))
-        module.optim_config, module.reg_config = OptimizerConfig(), RegularizationConfig(kind="none")
-        module.loaded, module.model = loaded, loaded.model
-        module.task, module.eval_metrics, module.diverged = None, nn.ModuleDict(), False
-        module.strict_loading = False
-        module._initial, module._fisher = {}, {}
-        return module
 
     # what a method defines ----------------------------------------------------------------------------------
     def _prepare_deltas(self) -> None:
@@ -151,17 +136,34 @@ class EditingModule(L.LightningModule):
                 p.copy_(state[name].to(p.device, p.dtype))
 
     def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere."""
-        raise NotImplementedError(f"{type(self).__name__} has no edit to export")
+        """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere: the tensor
+        files by the method's registered ``write_edit``, then the base model's identity and the manifest recording
+        the edit's kind (``editing.edits.load_edited`` reads all three).
 
-    def write_base_identity(self, folder: str | Path) -> None:
-        """Record beside an edit which base model it applies to, and the hashes of its tensors
-        (``editing.edits.load_edited`` checks both); every ``export_edit`` calls it once its tensor files are written.
+        Args:
+            folder: the edit folder (made if missing).
+            state: the deltas to write (``delta_state`` output; default: the current ones).
+
+        Returns:
+            The folder.
+        """
+        spec = spec_of(self)
+        if spec is None:
+            raise NotImplementedError(f"{type(self).__name__} has no edit to export")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        spec.write_edit(self, folder, state)
+        self.write_base_identity(folder, spec.edit_kind)
+        return folder
+
+    def write_base_identity(self, folder: str | Path, kind: str) -> None:
+        """Record beside an edit which base model it applies to, and the edit's kind and the hashes of its tensors
+        (``editing.edits.load_edited`` checks them); ``export_edit`` calls it once the tensor files are written.
         """
         from editing.integrity import write_edit_manifest
 
         write_text(Path(folder) / "base_model.json", json.dumps(self.identity, indent=2) + "\n", overwrite=True)
-        write_edit_manifest(folder)
+        write_edit_manifest(folder, kind=kind, method=self.method.value)
 
     @property
     def tokenizer(self):
@@ -179,16 +181,9 @@ class EditingModule(L.LightningModule):
         return self.loaded.identity
 
     def bind_task(self, task: TaskSpec) -> None:
-        """Set the task whose loss and threshold scoring uses, and fresh metrics for it."""
+        """Set the task the training loss uses, and a fresh ``Evaluator`` for Lightning's validation/test steps."""
         self.task = task
-        device = next(self.model.parameters()).device
-        self.eval_metrics = nn.ModuleDict({
-            "success_rate": SuccessRate(task.threshold),
-            "general_nll": TokenMeanNLL(),
-            "targeted_nll": TokenMeanNLL(),
-            "hard_negative_nll": ExampleMeanNLL(),
-            "scores": ExampleScores(),
-        }).to(device)
+        self.evaluator = Evaluator(task).to(next(self.model.parameters()).device)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -357,92 +352,15 @@ class EditingModule(L.LightningModule):
         raise ConfigError(f"{where} holds deltas made with other settings ({'; '.join(differ)}); resume with the "
                           "settings it was made with, or start a new run without --ckpt_path")
 
-    # evaluation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_batch(self, batch: dict) -> None:
-        """Score one evaluation batch (in full fp32, see ``full_precision``) and update the metric of its role."""
-        if batch["input_ids"].numel() == 0:  # an empty shard under DDP (fewer examples than processes)
-            return
-        # under --trainer.precision bf16-mixed, Lightning runs validation/test steps in autocast
-        with full_precision():
-            self._evaluate_batch(batch)
-
-    def _evaluate_batch(self, batch: dict) -> None:
-        role = batch["role"]
-        m = self.eval_metrics
-        if role == "evaluation":
-            sums, _ = example_nll(self.model, batch)
-            scores = example_score(sums, self.task.loss)
-            m["success_rate"].update(scores)
-            m["scores"].update(batch["example_index"], scores)
-        elif role in ("general", "targeted"):
-            sums, counts = sequence_nll(self.model, batch)
-            m[f"{role}_nll"].update(sums, counts)
-        elif role == "hard_negatives":
-            sums, counts = example_nll(self.model, batch)
-            # suffix lines: the suffix NLL sum; text lines: the text's token-mean NLL (SPEC section 5)
-            values = torch.where(batch["is_text"], sums[:, 0] / counts[:, 0].clamp(min=1), sums[:, 0])
-            m["hard_negative_nll"].update(values)
-        else:
-            raise ValueError(f"unknown evaluation role {role!r}")
-
-    def evaluation_summary(self, reset: bool = True) -> dict:
-        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics.
-
-        Every process computes every metric in the same order (each compute is a collective under DDP), also a
-        process whose shard of a set was empty; a metric is None when no process saw any example of its set.
-        """
-        m = self.eval_metrics
-        empty = torch.zeros(0, device=self.eval_metrics["general_nll"].nll.device)
-        if m["success_rate"].update_count == 0:
-            m["success_rate"].update(empty)
-            m["scores"].update(empty.long(), empty)
-        for name in ("general_nll", "targeted_nll"):
-            if m[name].update_count == 0:
-                m[name].update(empty, empty.long())
-        if m["hard_negative_nll"].update_count == 0:
-            m["hard_negative_nll"].update(empty)
-        # sizes, then the non-finite values each metric saw (scores; general, targeted, hard-negative NLLs)
-        sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
-                             m["hard_negative_nll"].count, *(m[name].nonfinite for name in METRIC_NAMES)]).clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sizes)
-        summary: dict = {}
-        for name, size in zip(METRIC_NAMES, sizes.tolist()[:4], strict=True):
-            value = float(m[name].compute())
-            summary[name] = value if size > 0 else None
-        index, score = (t.reshape(-1) for t in m["scores"].compute())
-        nonfinite = dict(zip(("scores", *METRIC_NAMES[1:]), (int(n) for n in sizes.tolist()[4:]), strict=True))
-        summary["counts"] = {
-            "evaluation": int(sizes[0]),
-            "evaluation_failed": int(failed(score, self.task.threshold).sum()),
-            "general_tokens": int(sizes[1]),
-            "targeted_tokens": int(sizes[2]),
-            "hard_negatives": int(sizes[3]),
-            **{f"nonfinite_{name}": n for name, n in nonfinite.items()},
-        }
-        summary["per_example"] = [
-            {"index": int(i), "score": s, "failed": bool(f)}
-            for i, s, f in zip(index.tolist(), score.tolist(), failed(score, self.task.threshold).tolist(),
-                               strict=True)
-        ]
-        if any(nonfinite.values()) and _rank() == 0:
-            seen = ", ".join(f"{n} {name}" for name, n in nonfinite.items() if n)
-            log.warning("evaluation on %s saw NaN or infinite values (%s): non-finite scores count as failures, and a "
-                        "non-finite general NLL is never inside a ball", self.task.name, seen)
-        if reset:
-            for metric in m.values():
-                metric.reset()
-        return summary
-
+    # evaluation (the loop and its metrics: editing.evaluation.evaluator) -----------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluate_batch(batch)
+        self.evaluator.update(self.model, batch)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluate_batch(batch)
+        self.evaluator.update(self.model, batch)
 
     def _log_summary(self, stage: str) -> None:
-        self.last_evaluation = self.evaluation_summary()
+        self.last_evaluation = self.evaluator.summary()
         for name in METRIC_NAMES:
             value = self.last_evaluation[name]
             if value is not None:
@@ -455,12 +373,6 @@ class EditingModule(L.LightningModule):
         self._log_summary("test")
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """``{"lora": {"rank": 4}}`` -> ``{"lora.rank": 4}``."""
     flat = {}
@@ -470,34 +382,3 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def evaluate(module: EditingModule, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
-    """Evaluate ``module`` on ``datamodule``'s evaluation sets without a Trainer (one process).
-
-    Args:
-        module: the model under evaluation.
-        datamodule: a ``TaskDataModule`` (attached to the module's tokenizer if it is not yet).
-        roles: which evaluation roles to run (default: all the task has).
-        progress: show a progress bar per role.
-
-    Returns:
-        The evaluation summary (see ``EditingModule.evaluation_summary``).
-    """
-    if datamodule.tokenizer is None:
-        datamodule.attach(module.tokenizer, module.max_length)
-    if module.task != datamodule.task:
-        module.bind_task(datamodule.task)
-    device = next(module.model.parameters()).device
-    was_training = module.model.training
-    module.model.eval()
-    with full_precision():
-        for role in roles or datamodule.eval_roles():
-            loader = datamodule.eval_dataloader(role)
-            if progress:
-                loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
-            for batch in loader:
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                module.evaluate_batch(batch)
-    module.model.train(was_training)
-    return module.evaluation_summary()

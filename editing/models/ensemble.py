@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editing.errors import ConfigError
-from editing.evaluation.scorer import capture_final_hidden, head_logits
+from editing.models.architecture import capture_final_hidden, head_logits
 
 
 def shared_vocabulary(large_tokenizer, backpack_tokenizer) -> int:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.models.loading import ModelConfig
-from editing.types import MethodName
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -25,7 +23,7 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(module, attr, 0.0)
 
 
-class FullFinetune(EditingModule):
+class FullEditor(EditingModule):
     """Edit by finetuning every weight of the model.
 
     Args:
@@ -35,8 +33,6 @@ class FullFinetune(EditingModule):
         optimizer: optimizer settings.
         regularization: regularization toward p0.
     """
-
-    method = MethodName.FULL
 
     def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = True,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -79,14 +75,3 @@ class FullFinetune(EditingModule):
             if not torch.equal(value, reference[key].detach().to(value.device, value.dtype)):
                 out[key] = value.contiguous()
         return out
-
-    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Save the changed tensors as ``edit.safetensors`` plus the base model's identity."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.changed_tensors(state), str(folder / "edit.safetensors"),
-                  metadata={"method": self.method.value, "base_fingerprint": self.identity["fingerprint"]})
-        self.write_base_identity(folder)
-        return folder

@@ -1,21 +1,12 @@
-"""LoRA settings and how they resolve to layers and module names per architecture."""
+"""LoRA settings and how they resolve to layers and module names (the MLP projections of
+``editing.models.architecture``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from editing.errors import ConfigError
-
-# MLP up and down projections per architecture (SPEC section 6 / peft target_modules suffixes).
-MLP_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    "mistral": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    "qwen2": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    "gpt2": ("mlp.c_fc", "mlp.c_proj"),
-    "backpack-gpt2": ("mlp.c_fc", "mlp.c_proj"),
-    "gpt_neox": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    "gptj": ("mlp.fc_in", "mlp.fc_out"),
-}
+from editing.models.architecture import ARCHITECTURES, mlp_modules
 
 
 @dataclass
@@ -46,15 +37,6 @@ class LoRAConfig:
             raise ConfigError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
 
 
-def num_layers(config) -> int:
-    """Number of transformer layers of a Hugging Face config."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise ConfigError(f"cannot tell the number of layers of a {type(config).__name__}")
-
-
 def lora_layers(cfg: LoRAConfig, total: int) -> list[int]:
     """The layers to adapt: ``layer_start..layer_end``, or a centred block covering ``layer_fraction``."""
     if cfg.layer_start is not None or cfg.layer_end is not None:
@@ -73,7 +55,8 @@ def lora_layers(cfg: LoRAConfig, total: int) -> list[int]:
 
 def mlp_target_modules(model_type: str) -> list[str]:
     """The MLP projection names LoRA adapts for ``model_type``."""
-    if model_type not in MLP_MODULES:
+    modules = mlp_modules(model_type)
+    if modules is None:
         raise ConfigError(f"no default LoRA targets for model type {model_type!r}; set lora.target_modules "
-                          f"(known: {', '.join(MLP_MODULES)})")
-    return list(MLP_MODULES[model_type])
+                          f"(known: {', '.join(ARCHITECTURES)})")
+    return list(modules)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
-from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules, num_layers
+from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules
+from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
-from editing.types import MethodName
 
 
 class LoRAEditor(EditingModule):
@@ -24,8 +22,6 @@ class LoRAEditor(EditingModule):
         optimizer: optimizer settings.
         regularization: regularization toward p0.
     """
-
-    method = MethodName.LORA
 
     def __init__(self, base: ModelConfig | None = None, lora: LoRAConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -54,18 +50,3 @@ class LoRAEditor(EditingModule):
 
     def train_mode_modules(self) -> list[nn.Module]:
         return [m for n, m in self.model.named_modules() if n.endswith("lora_dropout")]
-
-    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Save the adapter as a peft folder (``PeftModel.from_pretrained(base, folder)`` loads it)."""
-        folder = Path(folder)
-        current = None
-        if state is not None:
-            current = self.delta_state()
-            self.load_delta_state(state)
-        try:
-            self.model.save_pretrained(str(folder))
-        finally:
-            if current is not None:
-                self.load_delta_state(current)
-        self.write_base_identity(folder)
-        return folder

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editing.evaluation.scorer import capture_final_hidden, head_logits
 from editing.losses import training_loss
 from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.layers import add_to_block_output, forward_until, hooks
 from editing.methods.memit.requests import Row, pad_rows
+from editing.models.architecture import capture_final_hidden, head_logits
 from editing.types import LossType
 
 

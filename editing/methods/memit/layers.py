@@ -1,5 +1,5 @@
-"""Where MEMIT reads and writes in each architecture: the transformer blocks and their MLP down projections, and
-forward passes that capture (or stop at) a block."""
+"""Where MEMIT reads and writes: the transformer blocks and their MLP down projections (located by
+``editing.models.architecture``), and forward passes that capture (or stop at) a block."""
 
 from __future__ import annotations
 
@@ -10,47 +10,21 @@ import torch
 from torch import nn
 
 from editing.errors import ConfigError
+from editing.models.architecture import blocks, down_projection, down_projection_name, located_types
+from editing.models.architecture import model_type as architecture_model_type
 
-# model type -> (path of the block list, path of the MLP down/out projection inside a block)
-ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "gpt2": ("transformer.h", "mlp.c_proj"),
-    "gptj": ("transformer.h", "mlp.fc_out"),
-    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h"),
-    "llama": ("model.layers", "mlp.down_proj"),
-    "mistral": ("model.layers", "mlp.down_proj"),
-    "qwen2": ("model.layers", "mlp.down_proj"),
-}
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    # a peft wrapper or similar keeps the Hugging Face model one level down
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+__all__ = ["add_to_block_output", "blocks", "down_projection", "down_projection_name", "forward_until", "hooks",
+           "is_transposed", "model_type", "projection_shape"]
 
 
 def model_type(model: nn.Module) -> str:
-    """The Hugging Face model type, checked against the architectures MEMIT knows."""
-    kind = getattr(_base_model(model).config, "model_type", None)
-    if kind not in ARCHITECTURES:
+    """The Hugging Face model type, checked against the families whose blocks and down projections are located
+    (``editing.models.architecture``)."""
+    kind = architecture_model_type(model)
+    if kind not in located_types():
         raise ConfigError(f"MEMIT does not know where the MLP down projection of model type {kind!r} is; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
+                          f"supported: {', '.join(located_types())}")
     return kind
-
-
-def blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks, in order."""
-    return _base_model(model).get_submodule(ARCHITECTURES[model_type(model)][0])
-
-
-def down_projection_name(model: nn.Module, layer: int) -> str:
-    """Name (relative to ``model``) of layer ``layer``'s MLP down projection."""
-    block_path, proj = ARCHITECTURES[model_type(model)]
-    return f"{block_path}.{layer}.{proj}"
-
-
-def down_projection(model: nn.Module, layer: int) -> nn.Module:
-    """Layer ``layer``'s MLP down projection (a Linear, or a transposed Conv1D for GPT-2)."""
-    return _base_model(model).get_submodule(down_projection_name(model, layer))
 
 
 def is_transposed(module: nn.Module) -> bool:

@@ -11,23 +11,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from editing.data.jsonl import read_jsonl
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
-from editing.methods.lora.config import num_layers
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
 from editing.methods.memit.covariance import CovarianceStats, layer_covariances
-from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
+from editing.methods.memit.layers import down_projection, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
+from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
-from editing.types import MethodName
 
 
 class MEMITEditor(EditingModule):
@@ -44,8 +41,6 @@ class MEMITEditor(EditingModule):
             and results have the same shape as the other methods'.
         regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
     """
-
-    method = MethodName.MEMIT
 
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -128,25 +123,6 @@ class MEMITEditor(EditingModule):
         return {layer: state[f"memit_u.{layer}"].float() @ state[f"memit_v.{layer}"].float()
                 for layer in self.memit_layers}
 
-    def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Save the edited down-projection weights (W + Delta W) as ``edit.safetensors`` by the base model's
-        parameter names, as full finetuning does (``editing.edits.load_edited`` applies either), plus the base
-        model's identity."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for layer, delta in self.weight_deltas(state).items():
-            module = down_projection(self.model, layer)
-            weight = module.weight.detach().float().cpu()
-            tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
-                weight + (delta.T if is_transposed(module) else delta)).contiguous()
-        save_file(tensors, str(folder / "edit.safetensors"),
-                  metadata={"method": self.method.value, "base_fingerprint": self.identity["fingerprint"]})
-        self.write_base_identity(folder)
-        return folder
-
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
         # the factors' rank is the number of requests, so only their names must match
         state = checkpoint.get("state_dict") or {}
@@ -180,25 +156,24 @@ class MEMITEditor(EditingModule):
         self.trainer.should_stop = True  # one edit: the callback evaluates after this epoch, then the run ends
 
     def canonical_requests(self, datamodule) -> list[Request]:
-        """The requests of the DataModule's canonical examples under the configured supervision."""
-        path = datamodule.path("canonical")
-        records = read_jsonl(path, "pair" if datamodule.task.pair else "single")
-        return build_requests(records, self.memit_config, datamodule.task.name, str(path))
+        """The requests of the DataModule's canonical examples (its records, with all their fields) under the
+        configured supervision."""
+        records = datamodule.records("canonical")
+        return build_requests(records, self.memit_config, datamodule.task.name, str(datamodule.path("canonical")))
 
     def statistics(self, datamodule, progress: bool = True) -> CovarianceStats:
         """E[k k^T] of every edited layer over R (cached on disk)."""
-        path = datamodule.path("regularization")
-        from editing.data.datamodule import file_sha256
-        from editing.data.jsonl import read_jsonl as read
         from editing.data.tokenize import ExampleTokenizer
 
-        # R is read here in full (not through the DataModule's general_limit), so the cached statistics depend
-        # only on the file and the sample count
-        texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(read(path, "text"), str(path))
+        # every text of R (not the DataModule's general_limit), so the cached statistics depend only on the file and
+        # the sample count
+        path = datamodule.path("regularization")
+        texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(
+            datamodule.records("regularization", all_lines=True), str(path))
         with self.deltas_off():
             return layer_covariances(
                 self.model, self.memit_layers, texts, fingerprint=self.identity["fingerprint"],
-                corpus_sha=file_sha256(path), samples=self.memit_config.covariance_samples,
+                corpus_sha=datamodule.sha256("regularization"), samples=self.memit_config.covariance_samples,
                 precision=self.base_config.precision, batch_size=self.memit_config.covariance_batch_size,
                 pad_id=self._pad_id, progress=progress)
 
@@ -210,7 +185,7 @@ class MEMITEditor(EditingModule):
         """Compute MEMIT's edit for the canonical examples (or ``requests``) and switch it on.
 
         Args:
-            datamodule: the task's DataModule (canonical file, task loss, general set R).
+            datamodule: the task's DataModule (canonical records, task loss, general set R).
             requests: the requests (default: from the DataModule's canonical examples).
             progress: show progress bars and log timings.
         """

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from editing.errors import ConfigError
+from editing.models.architecture import backpack_of
+
 
 class SenseDeltas(nn.Module):
     """C'(x)_l = C(x)_l + delta_(x, l) for the selected pairs; other senses pass through unchanged.
@@ -44,3 +47,12 @@ class SenseDeltas(nn.Module):
         hit = slots >= 0
         delta = self.vectors[slots.clamp(min=0)] * hit[..., None].to(self.vectors.dtype)
         return senses + delta.to(senses.dtype)
+
+
+def install_sense_deltas(model, deltas: SenseDeltas | None) -> None:
+    """Make ``model``'s Backpack add ``deltas`` to its senses (None removes them)."""
+    backpack = backpack_of(model)
+    if backpack is None:
+        raise ConfigError(f"{type(model).__name__} is not a Backpack: sense edits need a Backpack model "
+                          "(model_type backpack-gpt2, e.g. stanfordnlp/backpack-gpt2 or tiny-backpack)")
+    object.__setattr__(backpack, "sense_edit", deltas)

@@ -3,13 +3,11 @@ through the LM head before and after the edit (the paper's figure 4 view)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from editing.errors import ConfigError
-from editing.methods.senses.module import SENSE_EDIT_FILE
-from editing.methods.senses.selection import backpack_of
+from editing.methods.senses.edit import SENSES_KIND
+from editing.models.architecture import backpack_of
 
 
 def top_words(model, tokenizer, vectors: torch.Tensor, top: int) -> list[list[str]]:
@@ -21,37 +19,31 @@ def top_words(model, tokenizer, vectors: torch.Tensor, top: int) -> list[list[st
 
 
 @torch.no_grad()
-def inspect_edit(edit: str | Path, top: int = 5, limit: int | None = None,
-                 allow_unverified: bool = False) -> list[dict]:
-    """Rows describing each selected sense of a sense edit, largest change first.
+def inspect_edit(module, top: int = 5, limit: int | None = None) -> list[dict]:
+    """Rows describing each selected sense of a loaded sense edit, largest change first.
 
     Args:
-        edit: an edit folder holding ``senses.safetensors`` and ``base_model.json``.
+        module: the edit applied to its base model (``editing.edits.load_edited``, which checked its hashes and
+            values).
         top: words listed per sense, before and after.
         limit: list only the N senses whose vectors changed most.
-        allow_unverified: accept an edit saved without a manifest (see ``editing.integrity``).
 
     Returns:
         One dict per sense: token, vocab id, sense index, importance, change norm, top words before/after.
-    """
-    from editing.edits import load_edited
-    from editing.integrity import read_safetensors
 
-    folder = Path(edit)
-    if not (folder / SENSE_EDIT_FILE).is_file():
-        raise ConfigError(f"{folder} is not a sense edit (no {SENSE_EDIT_FILE}); `editing senses inspect` reads the "
-                          "edits/ball_<eps> folders of a senses fit run")
-    module = load_edited(folder, allow_unverified=allow_unverified)  # checks the file's hash and values first
-    tensors = read_safetensors(folder / SENSE_EDIT_FILE)
+    Raises:
+        ConfigError: the edit is not a sense edit.
+    """
+    kind = getattr(module, "edit_kind", None)
+    if kind != SENSES_KIND:
+        raise ConfigError(f"{module.identity.get('edit', 'the edit')} is not a sense edit (its kind is {kind!r}); "
+                          "`editing senses inspect` reads the edits/ball_<eps> folders of a senses fit run")
+    tensors = module.applied.tensors
     model = module.model
     backpack = backpack_of(model)
-    deltas = backpack.sense_edit
     ids, senses = tensors["vocab_ids"], tensors["sense_ids"]
-    object.__setattr__(backpack, "sense_edit", None)
-    try:
+    with module.reference():  # the senses without the edit
         base = backpack.sense_network(backpack.get_input_embeddings()(ids)[None])[0]  # (k, n, d)
-    finally:
-        object.__setattr__(backpack, "sense_edit", deltas)
     before = base[senses, torch.arange(ids.numel())]
     after = before + tensors["vectors"].to(before.dtype)
     tok = module.tokenizer

@@ -42,16 +42,6 @@ class Selection:
         return int(self.vocab_ids.numel())
 
 
-def backpack_of(model):
-    """The ``BackpackModel`` inside ``model`` (a Backpack LM, possibly wrapped), or None."""
-    from editing.models.backpack import BackpackModel
-
-    for module in model.modules():
-        if isinstance(module, BackpackModel):
-            return module
-    return None
-
-
 def _alpha_mass(model, batch: dict, targets: torch.Tensor) -> torch.Tensor:
     """(sequences, senses, length) alpha summed over the target positions ``targets`` (sequences, length)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_alpha=True)

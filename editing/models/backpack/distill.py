@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from editing.errors import ConfigError
 from editing.files import ensure_writable, save_atomically
+from editing.models.architecture import LAYER_KEYS, num_layers
 from editing.models.backpack.configuration import BackpackConfig
 from editing.models.backpack.modeling import BackpackLMHeadModel
 from editing.models.loading import ModelConfig, load_model
@@ -44,13 +45,6 @@ class BackpackShape:
     """Width of alpha's query/key projection (default: the embedding width)."""
 
 
-def _layer_count(config) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    raise ConfigError(f"cannot tell how many layers a {type(config).__name__} has")
-
-
 def build_backpack_from(lm, shape: BackpackShape, seed: int = 0) -> BackpackLMHeadModel:
     """A Backpack whose contextualizer and embeddings are copies of ``lm``'s (sense network freshly initialised).
 
@@ -63,11 +57,11 @@ def build_backpack_from(lm, shape: BackpackShape, seed: int = 0) -> BackpackLMHe
         The Backpack, in fp32, in eval mode.
     """
     inner = lm.config.to_dict()
-    total = _layer_count(lm.config)
+    total = num_layers(lm.config)
     layers = shape.layers or total
     if not 1 <= layers <= total:
         raise ConfigError(f"backpack layers={layers} must be between 1 and the LM's {total} layers")
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+    for key in LAYER_KEYS:
         if key in inner:
             inner[key] = layers
     for key in ("architectures", "auto_map", "transformers_version", "quantization_config", "_name_or_path"):
@@ -134,7 +128,7 @@ class BackpackDistillation(L.LightningModule):
         self.student.requires_grad_(False)
         for module in (self.student.backpack.sense_network, self.student.backpack.sense_weight_net):
             module.requires_grad_(True)
-        self.shares_teacher_pass = (self.shape.layers or _layer_count(self.teacher.config)) == _layer_count(
+        self.shares_teacher_pass = (self.shape.layers or num_layers(self.teacher.config)) == num_layers(
             self.teacher.config)
         self.strict_loading = False
 

@@ -1,0 +1,185 @@
+"""The evaluation loop (SPEC section 5): an ``Evaluator`` holds the torchmetrics metrics of one task, scores batches
+of its evaluation roles with a model, and sums them up (synchronised across processes) with per-example scores.
+
+Everything that measures a model goes through it: Lightning's validation and test steps (``EditingModule``), the
+DegradationBudget callback's evaluation of each epoch, ``editing evaluate``/``editing apply`` and the ensemble search
+(through ``evaluate``). It needs only the model: a method's deltas act inside the model's forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
+from editing.evaluation.precision import full_precision
+from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.losses import example_score
+from editing.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
+
+
+class Evaluable(Protocol):
+    """What ``evaluate`` needs: a model with its tokenizer and context length (an ``EditingModule``, a
+    ``LoadedModel``, an edited model from ``editing.edits.load_edited``)."""
+
+    model: nn.Module
+    tokenizer: object
+    max_length: int
+
+
+class Evaluator(nn.Module):
+    """The metrics of one task's evaluation and the loop that fills them.
+
+    A ``nn.Module`` so that the metrics follow the model across devices when it is a submodule of a LightningModule.
+
+    Args:
+        task: the task whose loss and threshold score its examples.
+    """
+
+    def __init__(self, task: TaskSpec) -> None:
+        super().__init__()
+        self.task = task
+        self.metrics = nn.ModuleDict({
+            "success_rate": SuccessRate(task.threshold),
+            "general_nll": TokenMeanNLL(),
+            "targeted_nll": TokenMeanNLL(),
+            "hard_negative_nll": ExampleMeanNLL(),
+            "scores": ExampleScores(),
+        })
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, batch: dict) -> None:
+        """Score one evaluation batch with ``model`` (in full fp32, see ``full_precision``) and update the metric of
+        its role."""
+        if batch["input_ids"].numel() == 0:  # an empty shard under DDP (fewer examples than processes)
+            return
+        # under --trainer.precision bf16-mixed, Lightning runs validation/test steps in autocast
+        with full_precision():
+            self._update(model, batch)
+
+    def _update(self, model: nn.Module, batch: dict) -> None:
+        role = batch["role"]
+        m = self.metrics
+        if role == "evaluation":
+            sums, _ = example_nll(model, batch)
+            scores = example_score(sums, self.task.loss)
+            m["success_rate"].update(scores)
+            m["scores"].update(batch["example_index"], scores)
+        elif role in ("general", "targeted"):
+            sums, counts = sequence_nll(model, batch)
+            m[f"{role}_nll"].update(sums, counts)
+        elif role == "hard_negatives":
+            sums, counts = example_nll(model, batch)
+            # suffix lines: the suffix NLL sum; text lines: the text's token-mean NLL (SPEC section 5)
+            values = torch.where(batch["is_text"], sums[:, 0] / counts[:, 0].clamp(min=1), sums[:, 0])
+            m["hard_negative_nll"].update(values)
+        else:
+            raise ValueError(f"unknown evaluation role {role!r}")
+
+    def summary(self, reset: bool = True) -> dict:
+        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics.
+
+        Every process computes every metric in the same order (each compute is a collective under DDP), also a
+        process whose shard of a set was empty; a metric is None when no process saw any example of its set.
+        """
+        m = self.metrics
+        empty = torch.zeros(0, device=m["general_nll"].nll.device)
+        if m["success_rate"].update_count == 0:
+            m["success_rate"].update(empty)
+            m["scores"].update(empty.long(), empty)
+        for name in ("general_nll", "targeted_nll"):
+            if m[name].update_count == 0:
+                m[name].update(empty, empty.long())
+        if m["hard_negative_nll"].update_count == 0:
+            m["hard_negative_nll"].update(empty)
+        # sizes, then the non-finite values each metric saw (scores; general, targeted, hard-negative NLLs)
+        sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
+                             m["hard_negative_nll"].count, *(m[name].nonfinite for name in METRIC_NAMES)]).clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sizes)
+        summary: dict = {}
+        for name, size in zip(METRIC_NAMES, sizes.tolist()[:4], strict=True):
+            value = float(m[name].compute())
+            summary[name] = value if size > 0 else None
+        index, score = (t.reshape(-1) for t in m["scores"].compute())
+        nonfinite = dict(zip(("scores", *METRIC_NAMES[1:]), (int(n) for n in sizes.tolist()[4:]), strict=True))
+        summary["counts"] = {
+            "evaluation": int(sizes[0]),
+            "evaluation_failed": int(failed(score, self.task.threshold).sum()),
+            "general_tokens": int(sizes[1]),
+            "targeted_tokens": int(sizes[2]),
+            "hard_negatives": int(sizes[3]),
+            **{f"nonfinite_{name}": n for name, n in nonfinite.items()},
+        }
+        summary["per_example"] = [
+            {"index": int(i), "score": s, "failed": bool(f)}
+            for i, s, f in zip(index.tolist(), score.tolist(), failed(score, self.task.threshold).tolist(),
+                               strict=True)
+        ]
+        if any(nonfinite.values()) and _rank() == 0:
+            seen = ", ".join(f"{n} {name}" for name, n in nonfinite.items() if n)
+            log.warning("evaluation on %s saw NaN or infinite values (%s): non-finite scores count as failures, and a "
+                        "non-finite general NLL is never inside a ball", self.task.name, seen)
+        if reset:
+            for metric in m.values():
+                metric.reset()
+        return summary
+
+    def run(self, model: nn.Module, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
+        """Score ``model`` on ``datamodule``'s evaluation sets in one process (no Trainer) and sum up.
+
+        Args:
+            model: the model under evaluation (put in eval mode for the run, then back).
+            datamodule: a ``TaskDataModule`` of this evaluator's task, attached to the model's tokenizer.
+            roles: which evaluation roles to run (default: all the task has).
+            progress: show a progress bar per role.
+
+        Returns:
+            The evaluation summary (see ``summary``).
+        """
+        device = next(model.parameters()).device
+        self.to(device)
+        was_training = model.training
+        model.eval()
+        with full_precision():
+            for role in roles or datamodule.eval_roles():
+                loader = datamodule.eval_dataloader(role)
+                if progress:
+                    loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
+                for batch in loader:
+                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    self.update(model, batch)
+        model.train(was_training)
+        return self.summary()
+
+
+def evaluate(subject: Evaluable, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
+    """Evaluate ``subject``'s model on ``datamodule``'s evaluation sets without a Trainer (one process).
+
+    Args:
+        subject: the model under evaluation with its tokenizer (an ``EditingModule``, a ``LoadedModel``, ...).
+        datamodule: a ``TaskDataModule`` (attached to the subject's tokenizer if it is not yet).
+        roles: which evaluation roles to run (default: all the task has).
+        progress: show a progress bar per role.
+
+    Returns:
+        The evaluation summary (see ``Evaluator.summary``).
+    """
+    if datamodule.tokenizer is None:
+        datamodule.attach(subject.tokenizer, subject.max_length)
+    return Evaluator(datamodule.task).run(subject.model, datamodule, roles, progress)
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
