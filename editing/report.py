@@ -390,16 +390,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def make_report(root: list[str] | str | None = None, output: str = "runs/report", digits: int = 1,
+def make_report(root: list[str] | str | None = None, output_dir: str = "runs/report", digits: int = 1,
                 overwrite: bool = False) -> dict:
     """The paper's tables (Markdown and LaTeX) and plots (PNG) from the test runs of one or more sweep roots.
 
     Args:
         root: a sweep root or a list of them (folders of ``<study>/selection.json``; default ``runs/sweeps``), or
             study folders.
-        output: where ``report.md``, ``tables.tex``, ``report.json`` and the PNG files go.
+        output_dir: where ``report.md``, ``tables.tex``, ``report.json`` and the PNG files go.
         digits: decimals of the table cells.
-        overwrite: replace an earlier report in ``output``.
+        overwrite: replace an earlier report in ``output_dir``.
 
     Returns:
         Paths of the files written.
@@ -409,7 +409,7 @@ def make_report(root: list[str] | str | None = None, output: str = "runs/report"
     if not runs:
         raise ConfigError(f"no test runs found under {', '.join(map(str, roots))} (run `editing select` and "
                           "`editing test-runs` first)")
-    out = Path(output)
+    out = Path(output_dir)
     ensure_writable(out / "report.md", overwrite, "--overwrite true")
     out.mkdir(parents=True, exist_ok=True)
     success = build_tables(runs, "success")

@@ -187,7 +187,7 @@ def test_report_names_a_user_task_by_its_name(tmp_path, user_task):
     sweeps = tmp_path / "sweeps"
     _study(sweeps, str(user_task), with_runs=True)
     out = tmp_path / "report"
-    make_report(root=[str(sweeps)], output=str(out))
+    make_report(root=[str(sweeps)], output_dir=str(out))
     markdown = (out / "report.md").read_text()
     assert "| capitals_user |" in markdown and str(user_task) not in markdown
     cells = json.loads((out / "report.json").read_text())["cells"]

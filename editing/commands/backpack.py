@@ -76,7 +76,7 @@ def export(checkpoint: str, output_dir: str, overwrite: bool = False) -> Path:
         overwrite: replace an existing folder.
 
     Returns:
-        The model folder.
+        The model folder (also printed).
     """
     from editing.models.backpack.distill import export_checkpoint
 

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from editing.data.resume import ResumableLoader, TrainPositionState
 from editing.errors import ConfigError, DataFormatError
 from editing.files import save_atomically
 from editing.paths import REPO_DIR, cache_dir
@@ -98,40 +99,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size // world
 
 
-class ResumableLoader(DataLoader):
-    """A training DataLoader that knows its place in the epoch and can be told to start from a saved place.
-
-    Its place is (epoch, batches yielded so far in it). ``resume_at`` makes the next iteration of that epoch skip the
-    batches already trained on, so a run resumed from a mid-epoch checkpoint (``every_n_train_steps``, a time limit,
-    Ctrl-C) sees exactly the batches an uninterrupted run would, instead of starting the epoch over. Lightning does
-    not prefetch sized loaders, so the count is the number of batches the run has consumed.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = 0
-        self._resume: dict[str, int] | None = None
-
-    def __iter__(self):
-        # a generator: its body runs at the first batch, after Lightning has called set_epoch for the epoch
-        resume, self._resume = self._resume, None
-        skip = resume["batches"] if resume is not None and resume["epoch"] == self.sampler.epoch else 0
-        self.sampler.skip = skip * self.batch_size
-        self.batches_done = skip
-        for batch in super().__iter__():
-            self.batches_done += 1
-            yield batch
-
-    def position(self) -> dict[str, int]:
-        """Where the run is: the epoch and the batches of it consumed."""
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
-
-    def resume_at(self, position: dict[str, int]) -> None:
-        """Start the next iteration at ``position`` (if it is in that iteration's epoch)."""
-        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
-
-
-class CorpusDataModule(L.LightningDataModule):
+class CorpusDataModule(TrainPositionState, L.LightningDataModule):
     """Token blocks of a text corpus; the held-out tail serves as validation.
 
     Args:
@@ -156,8 +124,6 @@ class CorpusDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
-        self._train_loader: ResumableLoader | None = None
-        self._resume: dict[str, int] | None = None
 
     def attach(self, tokenizer) -> None:
         """Give the DataModule the model's tokenizer (done by ``setup`` from the LightningModule)."""
@@ -216,26 +182,7 @@ class CorpusDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)
         loader = ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
-        if self._resume is not None:
-            loader.resume_at(self._resume)
-            self._resume = None
-        self._train_loader = loader
-        return loader
-
-    # The place in the epoch travels in checkpoints through the DataModule, whose state Lightning restores before it
-    # builds any loader (a loader's own state is not restored when configure_optimizers asks for
-    # estimated_stepping_batches, which loads the data early).
-    def state_dict(self) -> dict:
-        return {"train_position": self._train_loader.position()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        position = state.get("train_position")
-        if position is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.resume_at(position)
-        else:
-            self._resume = position
+        return self.track_train_loader(loader)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

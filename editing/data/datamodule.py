@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from editing.data.batching import TokenBudgetBatchSampler, collate
 from editing.data.jsonl import Record, read_jsonl
+from editing.data.resume import ResumableLoader, TrainPositionState
 from editing.data.tokenize import ExampleTokenizer, TokenizationStats, TokenizedExample
 from editing.errors import ConfigError
 from editing.paths import resolve_data_root
@@ -39,40 +40,6 @@ class ExampleDataset(Dataset):
         return self.examples[i]
 
 
-class ResumableBatchLoader(DataLoader):
-    """The training DataLoader: it knows its place in the epoch and can be told to start from a saved place.
-
-    Its place is (epoch, batches yielded so far in it). ``resume_at`` makes the next iteration of that epoch skip the
-    batches already trained on, so a run resumed from a mid-epoch checkpoint sees exactly the batches an
-    uninterrupted run would; without it Lightning starts the epoch's data over while counting the batches as done.
-    Lightning does not prefetch sized loaders, so the count is the number of batches the run has consumed.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = 0
-        self._resume: dict[str, int] | None = None
-
-    def __iter__(self):
-        # a generator: its body runs at the first batch, after Lightning has called set_epoch for the epoch
-        resume, self._resume = self._resume, None
-        sampler = self.batch_sampler
-        skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
-        sampler.skip = skip
-        self.batches_done = skip
-        for batch in super().__iter__():
-            self.batches_done += 1
-            yield batch
-
-    def position(self) -> dict[str, int]:
-        """Where the run is: the epoch and the batches of it consumed."""
-        return {"epoch": int(self.batch_sampler.epoch), "batches": int(self.batches_done)}
-
-    def resume_at(self, position: dict[str, int]) -> None:
-        """Start the next iteration at ``position`` (if it is in that iteration's epoch)."""
-        self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
-
-
 @dataclass
 class LoadedSet:
     """One role's data: file, examples and tokenization counts."""
@@ -93,7 +60,7 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class TaskDataModule(L.LightningDataModule):
+class TaskDataModule(TrainPositionState, L.LightningDataModule):
     """Data for one task and split.
 
     Args:
@@ -136,8 +103,6 @@ class TaskDataModule(L.LightningDataModule):
         self.max_length: int | None = None
         self.sets: dict[str, LoadedSet] = {}
         self._records: dict[str, list[Record]] = {}
-        self._train_loader: ResumableBatchLoader | None = None
-        self._resume: dict[str, int] | None = None
 
     def attach(self, tokenizer, max_length: int) -> None:
         """Give the DataModule the model's tokenizer and context length (done by the CLI or ``setup``)."""
@@ -222,29 +187,10 @@ class TaskDataModule(L.LightningDataModule):
         data = self.load("canonical")
         sampler = TokenBudgetBatchSampler([e.length for e in data.examples], max_tokens=1 << 30,
                                           max_examples=self.batch_size, shuffle=True, seed=self.seed)
-        loader = ResumableBatchLoader(ExampleDataset(data.examples), batch_sampler=sampler,
+        loader = ResumableLoader(ExampleDataset(data.examples), batch_sampler=sampler,
                                       num_workers=self.num_workers,
                                       collate_fn=partial(collate, role="canonical", pad_id=self.pad_id))
-        if self._resume is not None:
-            loader.resume_at(self._resume)
-            self._resume = None
-        self._train_loader = loader
-        return loader
-
-    # The place in the epoch travels in checkpoints through the DataModule, whose state Lightning restores before it
-    # builds the training loader (a loader's own state is not restored when configure_optimizers asks for
-    # estimated_stepping_batches, which builds the loader early).
-    def state_dict(self) -> dict:
-        return {"train_position": self._train_loader.position()} if self._train_loader is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        position = state.get("train_position")
-        if position is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.resume_at(position)
-        else:
-            self._resume = position
+        return self.track_train_loader(loader)
 
     def regularization_batch(self, step: int) -> dict:
         """The batch of R used at optimizer step ``step``: random texts, chosen by (seed, step) so a resumed run

@@ -125,12 +125,17 @@ class EditingModule(L.LightningModule):
         """A CPU copy of the current deltas (what a checkpoint and a ball's saved edit hold)."""
         return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable_parameters().items()}
 
-    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the deltas from ``delta_state`` output."""
+    def _deltas_for(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trainable deltas, after checking that ``state`` holds a value for each."""
         params = self.trainable_parameters()
         missing = set(params) - set(state)
         if missing:
             raise ConfigError(f"edit state lacks {len(missing)} delta(s), e.g. {sorted(missing)[:3]}")
+        return params
+
+    def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the deltas from ``delta_state`` output."""
+        params = self._deltas_for(state)
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name].to(p.device, p.dtype))

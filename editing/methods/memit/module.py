@@ -103,10 +103,7 @@ class MEMITEditor(EditingModule):
 
     def load_delta_state(self, state: dict[str, torch.Tensor]) -> None:
         """Set the factors from ``delta_state`` output (their rank may differ from the current one)."""
-        params = self.trainable_parameters()
-        missing = set(params) - set(state)
-        if missing:
-            raise ConfigError(f"edit state lacks {len(missing)} delta(s), e.g. {sorted(missing)[:3]}")
+        params = self._deltas_for(state)
         with torch.no_grad():
             for name, p in params.items():
                 p.data = state[name].to(p.device, torch.float32).clone()

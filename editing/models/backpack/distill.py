@@ -245,12 +245,12 @@ def save_distilled(student: BackpackLMHeadModel, tokenizer, output: str | Path, 
     return target
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the Backpack of a distillation checkpoint (e.g. an interrupted run's ``last.ckpt``) as a model folder.
 
     Args:
         checkpoint: a checkpoint written by ``editing backpack distill``.
-        output: the model folder to write.
+        output_dir: the model folder to write.
         overwrite: replace an existing folder.
 
     Returns:
@@ -260,7 +260,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
 
     from editing.checkpoints import load_checkpoint_file
 
-    ensure_writable(Path(output).expanduser() / "config.json", overwrite, "--overwrite true")
+    ensure_writable(Path(output_dir).expanduser() / "config.json", overwrite, "--overwrite true")
     # never unpickled with code: a checkpoint is a file anyone may hand over
     state = load_checkpoint_file(checkpoint, fix="pass a checkpoint written by `editing backpack distill` (its "
                                                  "last.ckpt or interrupted.ckpt)")
@@ -292,4 +292,4 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, overwrite: boo
             raise ConfigError(f"{checkpoint}: tensor {name} holds NaN or infinite values (the run diverged); export "
                               "an earlier checkpoint")
     module.load_state_dict(state["state_dict"], strict=False)
-    return save_distilled(module.student, module.tokenizer, output, overwrite)
+    return save_distilled(module.student, module.tokenizer, output_dir, overwrite)
