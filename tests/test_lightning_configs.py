@@ -243,7 +243,8 @@ def test_sweep_uses_the_method_file_for_a_task_of_your_own(tmp_path, capsys, mon
     base = tmp_path / "base.yaml"
     base.write_text(definition.base_config)
     monkeypatch.chdir(REPO_DIR)
-    printed = _printed(capsys, ["fit", *definition.fit_args(base)])
+    settings = definition.fit_settings(base, tmp_path / "trial", housekeeping=False)
+    printed = _printed(capsys, ["fit", *settings.args()])
     assert printed["data"]["task"] == str(task)
     assert printed["model"]["base"]["name"] == "tiny-gpt2" and printed["trainer"]["max_epochs"] == 2
     for key, value in _normalize(yaml.safe_load(fit_file.read_text()))["model"]["lora"].items():

@@ -68,7 +68,7 @@ def sweeps(tmp_path_factory) -> Path:
                                                                       else 1000)) for ball in ("1e-03", "1e-05")}
                 out = d / "test" / f"trial_{n}" / f"seed_{seed}"
                 out.mkdir(parents=True)
-                (out / "results.json").write_text(json.dumps(fake_results(gains, seed, INITIAL[task])))
+                (out / "results.json").write_text(json.dumps(fake_results(gains, seed, INITIAL[task], task=task)))
     return root
 
 

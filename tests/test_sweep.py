@@ -164,7 +164,8 @@ def test_sampler_depends_on_seed_and_trial_number_only() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the trial budget with in-process fake fits (fast)
 # ---------------------------------------------------------------------------------------------------------------
-def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, initial: float = 0.5) -> dict:
+def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, initial: float = 0.5,
+                 task: str = "country_capital") -> dict:
     """A results.json as DegradationBudget writes it, with made-up numbers: per ball (epoch, success change in pp)."""
     last = max(e for e, _ in gain_by_ball.values())
     success = {e: initial for e in range(last + 1)}
@@ -177,7 +178,7 @@ def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, init
 
     epochs = [EpochRecord(e, metrics(e), {"evaluation": 10}) for e in range(last + 1)]
     balls = {key: BallRecord(epoch, metrics(epoch), gain) for key, (epoch, gain) in gain_by_ball.items()}
-    return RunRecord(method="lora", task=TaskRef("country_capital", "good", 1.6), split="test",
+    return RunRecord(method="lora", task=TaskRef(task, "good", 1.6), split="test",
                      model={"name": "tiny", "num_parameters": 1000}, seed=seed, config=None, hyperparameters={},
                      status="finished", diverged_at_epoch=None, stopped_early=None, epochs=epochs,
                      balls=balls).to_dict()

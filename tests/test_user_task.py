@@ -131,6 +131,7 @@ def _study(root, task_path: str, with_runs: bool):
     """A sweep folder as `editing select` leaves it (and, with ``with_runs``, with one test run per ball)."""
     from test_sweep import fake_results
 
+    from editing.records import Selection, TrialRecord
     from editing.sweep import select_best
 
     study = root / "mystudy"
@@ -138,9 +139,10 @@ def _study(root, task_path: str, with_runs: bool):
     records = [{"trial": 0, "params": {"model.init_args.optimizer.lr": 1e-3},
                 "balls": {k: {"epoch": e, "success_change_pp": g, "degradation": 1e-6} for k, (e, g) in balls.items()},
                 "history": fake_results(balls)["epochs"]}]
-    selection = {"study": study.name, "trials": 1, "balls": select_best(records),
-                 "sweep": {"task": task_path, "model": "tiny", "method": "lora", "base_config": "", "space": {},
-                           "args": [], "seed": 0}}
+    selection = Selection(study=study.name, trials=1,
+                          balls=select_best([TrialRecord.from_dict(r) for r in records]),
+                          sweep={"task": task_path, "model": "tiny", "method": "lora", "base_config": "",
+                                 "space": {}, "args": [], "seed": 0}).to_dict()
     study.mkdir(parents=True)
     (study / "selection.json").write_text(json.dumps(selection))
     (study / "trials.jsonl").write_text(json.dumps(records[0]) + "\n")
