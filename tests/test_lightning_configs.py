@@ -257,3 +257,24 @@ def test_sweep_names_the_methods_when_a_method_has_no_fit_file():
 
     with pytest.raises(ConfigError, match=r"no base fit config .*nosuch\.yaml.*full, lora, memit, senses"):
         make_definition("country_capital", "nosuch", "tiny-gpt2", space=[str(CONFIG_DIR / "sweeps" / "lora.yaml")])
+
+
+def _keys(node, found: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.append((key, value))
+            _keys(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _keys(value, found)
+    return found
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=_ids(ALL_CONFIGS))
+def test_shipped_configs_keep_the_papers_epoch_rule(path: Path) -> None:
+    """SPEC section 6: train every epoch and report the last one inside each ball. A shipped config that sets a
+    patience (or an early-stopping callback) would stop a run at its first epoch outside the largest ball."""
+    node = yaml.safe_load(path.read_text())
+    patience = [value for key, value in _keys(node, []) if key == "patience" and value is not None]
+    assert not patience, f"{path.relative_to(CONFIG_DIR)} sets patience {patience}"
+    assert "EarlyStopping" not in path.read_text(), f"{path.relative_to(CONFIG_DIR)} adds an early-stopping callback"
