@@ -14,6 +14,7 @@ import torch
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
 from editing.errors import ConfigError
 from editing.evaluation import evaluate
+from editing.evaluation.locality import hard_negative_values, preserved_rate
 from editing.files import save_atomically, write_json
 from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
 from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
@@ -27,16 +28,29 @@ __all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epo
 
 GENERAL_NLL = Metric.GENERAL_NLL
 LOGGED = tuple(Metric)  # logged as val/<metric>, epoch 0 included
+ALIASES = {Metric.GENERALIZATION: Metric.SUCCESS_RATE}  # logged under both names, stored once
+
+
+def logged_metrics(record: dict) -> dict[str, float]:
+    """The ``val/<metric>`` values of one epoch's record (those measured), aliases included."""
+    metrics = {f"val/{k}": float(v) for k, v in record.items() if k in LOGGED and v is not None}
+    for alias, name in ALIASES.items():
+        if record.get(name.value) is not None:
+            metrics[f"val/{alias.value}"] = float(record[name.value])
+    return metrics
 
 
 class DegradationBudget(L.Callback):
     """Keeps an edit inside the degradation balls.
 
     Evaluates p0 before training (epoch 0) and the edited model after every epoch on the DataModule's evaluation
-    sets; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``, ``val/targeted_nll`` and
-    ``val/hard_negative_nll``; keeps, per ball, the last epoch inside it and that epoch's deltas; at the end writes
-    ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a resumed run
-    continues it.
+    sets and its canonical examples; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``,
+    ``val/targeted_nll`` and ``val/hard_negative_nll``, and what a practitioner reads: ``val/reliability`` (success
+    on the canonical examples) and ``val/reliability_mean_score``, ``val/generalization`` (= success rate) and
+    ``val/generalization_mean_score``, ``val/locality`` (the hard negatives preserved relative to p0,
+    ``editing.evaluation.locality``); keeps, per ball, the last epoch inside it and that epoch's deltas; at the
+    end writes ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a
+    resumed run continues it.
 
     Args:
         balls: the eps values of the balls (each finite, 0 < eps < 1, listed once; default 1e-3, 1e-4, 1e-5).
@@ -67,6 +81,7 @@ class DegradationBudget(L.Callback):
         self.outside = 0
         self.diverged_epoch: int | None = None
         self.stopped_early: dict | None = None
+        self.p0_hard_negatives: dict[int, float] | None = None  # p0's value per hard negative, for locality
         self.resolved_config: dict | None = None
         self.results_path: Path | None = None
         self._catching_up = False
@@ -76,7 +91,8 @@ class DegradationBudget(L.Callback):
     # state in checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
-                "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early}
+                "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early,
+                "p0_hard_negatives": self.p0_hard_negatives}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = True  # a resumed run: epoch 0's row is in the log already
@@ -85,6 +101,7 @@ class DegradationBudget(L.Callback):
         self.outside = int(state["outside"])
         self.diverged_epoch = state.get("diverged_epoch")
         self.stopped_early = state.get("stopped_early")
+        self.p0_hard_negatives = state.get("p0_hard_negatives")  # None in checkpoints older than locality
 
     # helpers ---------------------------------------------------------------------------------------------
     def run_dir(self, trainer: L.Trainer) -> Path:
@@ -93,7 +110,13 @@ class DegradationBudget(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        summary = evaluate(module, trainer.datamodule, progress=show)
+        dm = trainer.datamodule
+        summary = evaluate(module, dm, roles=dm.eval_roles(canonical=True), progress=show)
+        values = hard_negative_values(summary["per_example_hard_negatives"])
+        if epoch == 0:
+            self.p0_hard_negatives = values
+        summary[Metric.LOCALITY.value] = (None if self.p0_hard_negatives is None
+                                          else preserved_rate(self.p0_hard_negatives, values))
         # the history holds plain dicts (the layout of results.json's epochs): checkpoints store it
         return EpochRecord.of(epoch, summary, self.history[0][GENERAL_NLL] if self.history else None).to_dict()
 
@@ -103,7 +126,7 @@ class DegradationBudget(L.Callback):
         # evaluate again) then comes after its row, and an epoch evaluated late (_catch_up) gets the row its end
         # would have had.
         trainer = module.trainer
-        metrics = {f"val/{k}": float(v) for k, v in record.items() if k in LOGGED and v is not None}
+        metrics = logged_metrics(record)
         # Lightning's step for an epoch's end row; a late evaluation runs before the restored count is advanced
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - (0 if self._catching_up else 1)
         if trainer.is_global_zero:
@@ -165,8 +188,7 @@ class DegradationBudget(L.Callback):
         self._catch_up(trainer, pl_module)
         if len(self.history) == 1 and not self._restored and trainer.logger is not None:
             # epoch 0 is logged once a logger is ready
-            metrics = {f"val/{k}": float(v) for k, v in self.history[0].items() if k in LOGGED and v is not None}
-            trainer.logger.log_metrics(metrics, step=0)
+            trainer.logger.log_metrics(logged_metrics(self.history[0]), step=0)
 
     def _catch_up(self, trainer: L.Trainer, pl_module) -> None:
         """Evaluate an epoch whose end a resumed run skipped.
