@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("editing.evaluation", "editing.regularizers")),
     ("methods", ("editing.methods",)),
     ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search")),
-    ("protocol", ("editing.sweep", "editing.report")),
+    ("protocol", ("editing.sweep", "editing.report", "editing.auto")),
     ("commands", ("editing.commands",)),
     ("entry", ("editing.cli",)),
 ]
