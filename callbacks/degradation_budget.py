@@ -5,6 +5,7 @@ stopping early is an option (``patience``)."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
+from editing.console import epoch_line, small_data_warning
 from editing.errors import ConfigError
 from editing.evaluation import evaluate
 from editing.evaluation.locality import hard_negative_values, preserved_rate
@@ -87,6 +89,7 @@ class DegradationBudget(L.Callback):
         self._catching_up = False
         self._restored = False
         self.claims: list[Claim] = []
+        self._losses: list[torch.Tensor] = []  # the task losses of this epoch's training steps, for its line
 
     # state in checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -137,6 +140,34 @@ class DegradationBudget(L.Callback):
             for name, value in metrics.items():  # for monitoring callbacks and the progress bar
                 module.log(name, value, rank_zero_only=True, logger=False)
 
+    # the console -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _say(trainer: L.Trainer, text: str) -> None:
+        if trainer.is_global_zero:
+            print(text, flush=True)
+
+    def _line(self, trainer: L.Trainer, record: dict, train_loss: float | None = None) -> str:
+        return epoch_line(record, self.history[0], self.balls, trainer.max_epochs, train_loss)
+
+    def _epoch_loss(self) -> float | None:
+        losses, self._losses = self._losses, []
+        return float(torch.stack(losses).float().mean()) if losses else None
+
+    def _warn_small_epochs(self, trainer: L.Trainer) -> None:
+        """Warn when an epoch holds fewer than a handful of optimizer steps, and say what to change (issue 14: 12
+        examples with gradient accumulation 5 gave 2 steps an epoch, and the edit did not move)."""
+        if not trainer.is_global_zero or not trainer.optimizers or self._restored:
+            return  # MEMIT takes no optimizer steps; a resumed run warned when it started
+        dm = trainer.datamodule
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or dm is None:
+            return  # an iterable without a length: nothing to count
+        examples = len(dm.load("canonical").examples) if hasattr(dm, "load") else batches
+        message = small_data_warning(examples, getattr(dm, "batch_size", 1), batches,
+                                     int(trainer.accumulate_grad_batches), trainer.max_epochs)
+        if message:
+            print(message, file=sys.stderr, flush=True)
+
     def _update_balls(self, module, record: dict) -> None:
         initial = self.history[0][GENERAL_NLL]
         state = None
@@ -183,8 +214,10 @@ class DegradationBudget(L.Callback):
         record = self._evaluate(trainer, pl_module, 0)
         self.history.append(record)
         self.ball_states = {ball.key: pl_module.delta_state() for ball in self.balls}
+        self._say(trainer, self._line(trainer, record))
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._warn_small_epochs(trainer)
         self._catch_up(trainer, pl_module)
         if len(self.history) == 1 and not self._restored and trainer.logger is not None:
             # epoch 0 is logged once a logger is ready
@@ -211,16 +244,27 @@ class DegradationBudget(L.Callback):
             progress.completed += 1
             self._catching_up = False
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._losses = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = getattr(pl_module, "last_task_loss", None)
+        if loss is not None:
+            self._losses.append(loss)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if pl_module.diverged:
             self.diverged_epoch = epoch
             trainer.should_stop = True
+            self._say(trainer, f"stopped in epoch {epoch}: the training loss became NaN or infinite; the results keep "
+                               f"epochs 0..{epoch - 1} (status: diverged). Lower --model.optimizer.lr and fit again")
             return
         record = self._evaluate(trainer, pl_module, epoch)
         self.history.append(record)
         self._log(pl_module, record)
         self._update_balls(pl_module, record)
+        self._say(trainer, self._line(trainer, record, self._epoch_loss()))
         largest = max(self.balls, key=lambda b: b.eps)
         if largest.inside(record[GENERAL_NLL], self.history[0][GENERAL_NLL]):
             self.outside = 0
@@ -238,8 +282,7 @@ class DegradationBudget(L.Callback):
                           f"(--budget.patience {self.patience}); {skipped}, so a later epoch that comes back inside "
                           "a ball is never seen (null patience trains every epoch, the paper's rule)",
             }
-            if trainer.is_global_zero:
-                print(f"stopped early after epoch {epoch}: {self.stopped_early['reason']}", flush=True)
+            self._say(trainer, f"stopped early after epoch {epoch}: {self.stopped_early['reason']}")
 
     def summary(self) -> dict[str, BallRecord]:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         name, rest = find_command(args)
+        from editing.console import quiet_dependencies
+
+        quiet_dependencies()
         check_config_files(rest)
         import importlib
 
