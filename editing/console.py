@@ -14,21 +14,12 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from editing.budget import Ball, key_label, success_change_pp
+from editing.budget import Ball, degradation, key_label, success_change_pp
 from editing.types import Metric
 
 MIN_STEPS_PER_EPOCH = 5
 """Below this many optimizer steps per epoch a fit warns at its start: with the paper's cosine schedule and a few
 epochs, so few steps barely move an edit (issue 14: 12 examples with accumulation 5 gave 2 steps per epoch)."""
-
-PRACTITIONER_METRICS: tuple[tuple[str, str], ...] = (
-    ("reliability", "reliability"),
-    ("generalization", "generalization"),
-    ("locality", "locality"),
-)
-"""Extra per-epoch values printed when an epoch's record holds them (key in the record, label on the line), before
-the paper's success rate. The practitioner's metrics (success on the canonical examples, on the evaluation set, the
-hard negatives' preserved rate) go here when the records carry them; a key that is absent is skipped."""
 
 # Messages of dependencies that say nothing about the user's run (matched at the start of the message)
 NOISY_WARNINGS: tuple[str, ...] = (
@@ -81,9 +72,17 @@ def _number(value: Any, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else str(value)
 
 
+def _rate(record: Mapping[str, Any], rate: str, score: str, change: str | None = None) -> str:
+    """``0.375 (+25.0 pp; score 3.4)``: a success rate, its change from p0 when given, the mean score when known."""
+    notes = [change] if change else []
+    if record.get(score) is not None:
+        notes.append(f"score {_number(record[score], '.4g')}")
+    return _number(record.get(rate), ".3f") + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def epoch_line(record: Mapping[str, Any], initial: Mapping[str, Any], balls: Iterable[Ball],
                max_epochs: int | None = None, train_loss: float | None = None) -> str:
-    """The console line of one evaluated epoch.
+    """The console line of one evaluated epoch: what a practitioner reads (README, "What the numbers mean").
 
     Args:
         record: the epoch's record (the layout of ``results.json``'s epochs: ``epoch``, the metrics, ``degradation``).
@@ -93,27 +92,30 @@ def epoch_line(record: Mapping[str, Any], initial: Mapping[str, Any], balls: Ite
         train_loss: the mean task loss of the epoch's training steps (None for epoch 0).
 
     Returns:
-        E.g. ``epoch 2/5  train loss 2.315  success 0.375 (+25.0 pp)  general NLL x1.000412  inside 1e-3; outside
-        1e-4, 1e-5``.
+        E.g. ``epoch 2/5  train loss 2.315  reliability 0.500 (score 1.2)  generalization 0.375 (+25.0 pp; score
+        3.4)  locality 0.875  degradation +4.12e-04  inside 1e-3; outside 1e-4, 1e-5`` (scores: the mean scores of
+        the canonical and the evaluation examples); epoch 0 shows p0's general NLL instead of the degradation and
+        the balls. A metric the record lacks is left out (reliability and locality in records of older runs;
+        locality without hard negatives).
     """
     epoch = int(record["epoch"])
     of = f"/{max_epochs}" if max_epochs is not None and max_epochs >= 0 else ""
     parts = ["epoch 0 (before the edit)" if epoch == 0 else f"epoch {epoch}{of}"]
     if train_loss is not None:
         parts.append(f"train loss {_number(train_loss, '.4g')}")
-    for key, label in PRACTITIONER_METRICS:
-        if record.get(key) is not None:
-            parts.append(f"{label} {_number(record[key], '.3f')}")
-    success = record.get(Metric.SUCCESS_RATE)
-    text = f"success {_number(success, '.3f')}"
-    if epoch > 0 and success is not None and initial.get(Metric.SUCCESS_RATE) is not None:
-        text += f" ({success_change_pp(initial[Metric.SUCCESS_RATE], success):+.1f} pp)"
-    parts.append(text)
+    if record.get(Metric.RELIABILITY) is not None:
+        parts.append("reliability " + _rate(record, Metric.RELIABILITY, Metric.RELIABILITY_MEAN_SCORE))
+    success, before = record.get(Metric.SUCCESS_RATE), initial.get(Metric.SUCCESS_RATE)
+    change = (f"{success_change_pp(before, success):+.1f} pp" if epoch > 0 and success is not None
+              and before is not None else None)
+    parts.append("generalization " + _rate(record, Metric.SUCCESS_RATE, Metric.GENERALIZATION_MEAN_SCORE, change))
+    if record.get(Metric.LOCALITY) is not None:
+        parts.append(f"locality {_number(record[Metric.LOCALITY], '.3f')}")
     nll, nll0 = record.get(Metric.GENERAL_NLL), initial.get(Metric.GENERAL_NLL)
     if epoch == 0 or nll is None or nll0 is None:
         parts.append(f"general NLL {_number(nll, '.5f')}")
     else:
-        parts.append(f"general NLL x{_number(float(nll) / float(nll0), '.6f')}")
+        parts.append(f"degradation {_number(degradation(float(nll), float(nll0)), '+.2e')}")
         inside = [key_label(b.key) for b in balls if b.inside(nll, nll0)]
         outside = [key_label(b.key) for b in balls if not b.inside(nll, nll0)]
         where = []
@@ -159,5 +161,5 @@ def small_data_warning(examples: int, batch_size: int, batches: int, accumulate:
             f"to move much. To fix: {'; '.join(fixes)}.")
 
 
-__all__ = ["MIN_STEPS_PER_EPOCH", "PRACTITIONER_METRICS", "epoch_line", "optimizer_steps_per_epoch",
+__all__ = ["MIN_STEPS_PER_EPOCH", "epoch_line", "optimizer_steps_per_epoch",
            "quiet_dependencies", "small_data_warning"]
