@@ -52,6 +52,8 @@ COMMANDS: dict[str, Command] = {
                          "rerun the selected configurations on the test pair with several seeds"),
     "report": Command("editing.commands.protocol", "report",
                       "tables (Markdown, LaTeX) and plots (PNG) from the test runs"),
+    "auto": Command("editing.commands.auto", "auto",
+                    "search hyperparameters for the best edit inside a ball, within a budget of trials or minutes"),
 }
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 """First words of the two-word commands (``data``, ``senses``, ``backpack``)."""
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         name, rest = find_command(args)
+        from editing.console import quiet_dependencies
+
+        quiet_dependencies()
         check_config_files(rest)
         import importlib
 

@@ -44,7 +44,9 @@ def test_validate_writes_results(validate_run, tiny_module, data_root):
     assert record["stage"] == "validate" and record["split"] == "val"
     assert record["task"] == {"name": "stereoset", "loss": "bad", "threshold": pytest.approx(-6.907755, abs=1e-5)}
     metrics = record["metrics"]
-    assert set(metrics) == {"success_rate", "general_nll", "targeted_nll", "hard_negative_nll"}
+    # the paper's four, and the evaluation set's mean score (issue 14; reliability and locality are a fit's)
+    assert set(metrics) == {"success_rate", "general_nll", "targeted_nll", "hard_negative_nll",
+                            "generalization_mean_score"}
     assert all(isinstance(v, float) for v in metrics.values())
     counts = record["counts"]
     assert counts["evaluation"] == 8 and counts["hard_negatives"] == 8

@@ -263,6 +263,7 @@ class EditingModule(L.LightningModule):
             self.diverged = True
             self.trainer.should_stop = True
             return None
+        self.last_task_loss = task_loss.detach()  # the console's per-epoch train loss (DegradationBudget)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["example_index"].numel()))
         self.log("train/task_loss", task_loss, batch_size=int(batch["example_index"].numel()))
         if reg is not None:

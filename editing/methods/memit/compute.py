@@ -51,7 +51,7 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
                      layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool | str = False) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
@@ -69,7 +69,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         loss: the task's loss type (a ``LossType`` or its name; an unknown name raises ``ConfigError``).
         cfg: MEMIT settings.
         pad_id: padding token id.
-        progress: show a progress bar over the steps.
+        progress: show a progress bar over the steps (a string: the bar's label, e.g. which requests of how many).
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -88,7 +88,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     init_logp = None
-    bar = tqdm(range(cfg.steps), desc=f"MEMIT targets ({n_requests} requests)", disable=not progress,
+    label = progress if isinstance(progress, str) else f"MEMIT targets ({n_requests} requests)"
+    bar = tqdm(range(cfg.steps), desc=label, disable=not progress,
                file=sys.stderr, leave=False)
     for _step in bar:
         optimizer.zero_grad(set_to_none=True)

@@ -221,9 +221,10 @@ class MEMITEditor(EditingModule):
         with self.deltas_off():
             for start in range(0, len(requests), cfg.request_batch_size):
                 chunk = requests[start: start + cfg.request_batch_size]
+                label = f"MEMIT targets, requests {start + 1}-{start + len(chunk)} of {len(requests)}"
                 targets.append(optimize_targets(
                     self.model, builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk),
-                    len(chunk), len(templates), last, self.task.loss, cfg, pad, progress=progress))
+                    len(chunk), len(templates), last, self.task.loss, cfg, pad, progress=progress and label))
         z = torch.cat(targets)
         # 2. spread the change over the layers in ascending order, each seeing the edits below it
         key_rows = builder.rows(requests, templates, with_suffixes=False)
