@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("editing.commands.evaluate", "evaluate_tasks",
                         "evaluate a model on several tasks, loaded once (one table)"),
     "apply": Command("editing.commands.apply", "apply_edit", "apply a saved edit to its base model and evaluate it"),
+    "generate": Command("editing.commands.generate", "generate",
+                        "continue prompts with the base model and with an edit of it, side by side"),
     "data download": Command("editing.commands.data", "download_data",
                              "download the task data from the paper's public repository"),
     "senses inspect": Command("editing.commands.senses", "inspect_senses",

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search")),
     ("protocol", ("editing.sweep", "editing.report")),
     ("commands", ("editing.commands",)),
-    ("entry", ("editing.cli",)),
+    ("entry", ("editing.cli", "editing.api")),
 ]
 
 

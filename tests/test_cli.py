@@ -230,7 +230,7 @@ def test_no_command_prints_the_list_and_exits_2(capsys):
 @pytest.mark.parametrize("args, closest", [
     (["evalute"], "evaluate"), (["fitt"], "fit"), (["sweep_status"], "sweep-status"), (["testruns"], "test-runs"),
     (["backpack", "distil"], "backpack distill"), (["data", "downlod"], "data download"),
-    (["backpak"], "backpack"), (["generate"], None),
+    (["backpak"], "backpack"), (["frobnicate"], None),
 ])
 def test_unknown_command_names_the_closest(args, closest, capsys):
     with pytest.raises(SystemExit) as info:

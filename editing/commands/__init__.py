@@ -62,6 +62,23 @@ def parses_own_arguments(func: Callable[[list[str]], Any]) -> Callable[[list[str
     return func
 
 
+def repeatable(*names: str) -> Callable[[Callable], Callable]:
+    """Mark list options given once per value (``--prompt A --prompt B``); jsonargparse alone keeps the last."""
+    def mark(func: Callable) -> Callable:
+        func.repeatable = names  # type: ignore[attr-defined]
+        return func
+    return mark
+
+
+def _appending(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--name VALUE`` as jsonargparse's ``--name+ VALUE`` (append to the list) for the repeatable ``names``."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{key}+{eq}{value}" if key[2:] in names and key.startswith("--") else arg)
+    return out
+
+
 def _python_only(func: Callable) -> set[str]:
     """Parameters a command line cannot give: callables (tests pass them to replace, e.g., the fit runner)."""
     try:
@@ -113,7 +130,7 @@ def run_function(name: str, func: Callable, args: list[str], summary: str) -> An
         What ``func`` returns.
     """
     parser = function_parser(name, func, summary)
-    cfg = parser.parse_args(args)
+    cfg = parser.parse_args(_appending(args, getattr(func, "repeatable", ())))
     return func(**{k: v for k, v in vars(cfg).items() if k != "config"})
 
 
