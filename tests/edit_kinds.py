@@ -15,7 +15,7 @@ BASES = {"lora": "tiny-gpt2", "full": "tiny-gpt2", "memit": "tiny-gpt2", "senses
 
 def make_module(kind: str, seed: int = 0, scale: float = 1.0,
                 tensors: tuple[str, ...] = ("transformer.h.1.mlp.c_fc.weight",),
-                layers: tuple[int, ...] = (1,), data_root: Path | None = None):
+                layers: tuple[int, ...] = (1,), data_root: Path | None = None, model: str | None = None):
     """A module of method ``kind`` whose deltas are random and large enough to change greedy continuations.
 
     Args:
@@ -25,9 +25,10 @@ def make_module(kind: str, seed: int = 0, scale: float = 1.0,
         tensors: full finetuning: the parameters to change (each gets a random addition).
         layers: MEMIT: the edited layers (each a random rank-2 update).
         data_root: senses: the task data the sense selection reads.
+        model: the base model (default: ``BASES[kind]``).
     """
     generator = torch.Generator().manual_seed(seed)
-    base = ModelConfig(name=BASES[kind], precision="fp32")
+    base = ModelConfig(name=model or BASES[kind], precision="fp32")
     if kind == "lora":
         from editing.methods.lora import LoRAConfig, LoRAEditor
 
