@@ -1,12 +1,12 @@
 """canonical-editing: edit language models from canonical examples (Hewitt et al., 2024).
 
-``from editing import edit`` is the Python API (``editing.api``); it is imported on first use, so that importing the
-package (and ``editing --help``) stays cheap.
+``from editing import edit, combine`` is the Python API (``editing.api``); it is imported on first use, so that
+importing the package (and ``editing --help``) stays cheap.
 """
 
 __version__ = "0.1.0"
 
-_LAZY = {"edit": "editing.api", "EditResult": "editing.api"}
+_LAZY = {name: "editing.api" for name in ("edit", "combine", "EditResult", "CombinedResult")}
 
 
 def __getattr__(name: str):

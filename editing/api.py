@@ -26,6 +26,7 @@ from editing.errors import ConfigError
 from editing.types import LossType, MethodName
 
 if TYPE_CHECKING:
+    from editing.combine import CombinedRecord, EditPart
     from editing.edits import EditedModule
     from editing.models.generation import Sampling
     from editing.records import BallRecord, RunRecord
@@ -197,6 +198,70 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
 
     run_lightning_cli("fit", args)
     return load_result(out, keys[0])
+
+
+@dataclass
+class CombinedResult:
+    """What ``combine`` returns: several edits applied to one base model, and how they did together.
+
+    Attributes:
+        module: the combined edits on a fresh copy of the base model (``reference()`` takes them all off).
+        parts: the edits, as read and verified.
+        record: each edit's task measured on the base model, the combined model and the edit alone, and the joint
+            degradation (None when ``combine`` was asked not to evaluate).
+    """
+
+    module: EditedModule
+    parts: list[EditPart]
+    record: CombinedRecord | None
+
+    @property
+    def model(self):
+        """The model carrying every edit (a peft model when LoRA adapters are among them)."""
+        return self.module.model
+
+    def generate(self, prompt: str, max_new_tokens: int = 20, sampling: Sampling | None = None,
+                 base: bool = False) -> str:
+        """The continuation of ``prompt`` by the combined model (``base``: by the base model)."""
+        from editing.models.generation import GREEDY, continue_module
+
+        return continue_module(self.module, prompt, max_new_tokens, sampling or GREEDY, base)
+
+
+def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | None = None, *, evaluate: bool = True,
+            split: str = "val", data_root: str | Path | None = None, eval_limit: int | None = None,
+            general_limit: int | None = None, alone: bool = True) -> CombinedResult:
+    """Apply several edits to one base model, by the rule of ``editing.combine`` (the README's "Combining edits":
+    edits of one method add, two methods changing one tensor are refused), as ``editing apply --edit A --edit B``.
+
+    Args:
+        edits: ``EditResult`` objects of ``edit`` or saved edit folders.
+        tasks: per edit, the task (name or YAML) to measure it on (default: the task each edit was fitted on).
+        evaluate: measure the combination (each task, and the joint degradation).
+        split: ``val`` or ``test``.
+        data_root: the folder of the task data (default: searched).
+        eval_limit: first N examples of the task sets.
+        general_limit: first N texts of the general set.
+        alone: also measure each edit by itself on its task.
+
+    Returns:
+        A ``CombinedResult``: ``.model``, ``.record``, ``.generate(prompt)``.
+    """
+    from editing.combine import combine_edits, edit_task, evaluate_combined
+
+    if isinstance(edits, (str, Path, EditResult)) or not isinstance(edits, Sequence) or not edits:
+        raise ConfigError("combine(edits=...): give a list of edits (EditResult objects or edit folders)")
+    folders = [e.edit_folder() if isinstance(e, EditResult) else Path(e) for e in edits]
+    module, parts = combine_edits(folders)
+    if not evaluate:
+        return CombinedResult(module, parts, None)
+    if tasks is None:
+        tasks = [edit_task(folder) for folder in folders]
+    elif isinstance(tasks, str) or len(tasks) != len(folders):
+        raise ConfigError(f"combine(tasks={tasks!r}): give one task per edit ({len(folders)}), in order")
+    record = evaluate_combined(module, parts, list(tasks), split, None if data_root is None else str(data_root),
+                               eval_limit, general_limit, alone=alone)
+    return CombinedResult(module, parts, record)
 
 
 def fit_args(method: MethodName, model: str, task: str, balls: Sequence[str], output_dir: Path, *,
@@ -371,4 +436,4 @@ def _examples_file(examples: Examples, path: Path, argument: str, kind: str) -> 
     return str(write_text(path, text, overwrite=True))
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "EditResult", "edit", "fit_args", "load_result"]
+__all__ = ["DEFAULT_THRESHOLDS", "CombinedResult", "EditResult", "combine", "edit", "fit_args", "load_result"]

@@ -149,3 +149,28 @@ def test_importing_editing_stays_cheap() -> None:
     code = "import sys, editing; assert 'torch' not in sys.modules and 'lightning' not in sys.modules; " \
            "assert callable(editing.edit) and 'editing.api' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_edits_made_through_the_api_combine_and_are_measured_on_their_own_tasks(tmp_path, data_root) -> None:
+    from editing import combine, edit
+
+    settings = {**SHARED, **CASES["lora"][1], "data.eval_limit": 4}
+    runs = [edit("tiny-gpt2", examples, method="lora", ball=0.5, threshold=9.0, name=name, epochs=1,
+                 settings=settings, output_dir=tmp_path / name, data_root=data_root)
+            for name, examples in (("zorbia", EXAMPLES[:2]), ("plimsk", EXAMPLES[2:]))]
+    both = combine(runs, data_root=data_root, general_limit=6, eval_limit=4)
+    record = both.record
+    assert [t.task for t in record.tasks] == ["zorbia", "plimsk"]  # each edit's own task, found from its run
+    for run, outcome in zip(runs, record.tasks, strict=True):
+        # an edit alone measures what its own fit measured for the ball
+        assert outcome.alone.success_rate == run.result.metrics.success_rate
+        assert outcome.alone.general_nll == pytest.approx(run.result.metrics.general_nll, rel=1e-9)
+        assert outcome.base.general_nll == pytest.approx(run.run.initial.metrics.general_nll, rel=1e-9)
+    assert record.joint_degradation == pytest.approx(record.combined_general_nll / record.base_general_nll - 1)
+    ids = torch.tensor([[464, 3139, 286, 4881]])
+    with torch.no_grad():
+        combined = both.model(input_ids=ids).logits
+        for run in runs:
+            assert not torch.allclose(combined, run.model(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(EditingError, match="one task per edit"):
+        combine(runs, tasks=["country_capital"])

@@ -28,7 +28,9 @@ validate, test      ``runs/<model>/<task>-<split>/<stage>``      ``--report.outp
 backpack distill    ``runs/distill/version_N`` (the logger's)    ``--trainer.default_root_dir ROOT``; the
                                                                  distilled model goes to ``--model.output``
 evaluate            ``runs/evaluate`` (``<task>-<split>/`` in)   ``--output_dir DIR``
-apply               ``<edit>/eval-<task>-<split>``               ``--output_dir DIR``
+apply               ``<edit>/eval-<task>-<split>``; several      ``--output_dir DIR``
+                    edits: ``runs/combined/version_N``
+generate            (prints only)
 ensemble            ``runs/<large>/<task>-<split>/ensemble``     ``--output_dir DIR``
 backpack export     (required)                                   ``--output_dir DIR``
 report              ``runs/report``                              ``--output_dir DIR``
