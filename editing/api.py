@@ -26,7 +26,7 @@ from editing.errors import ConfigError
 from editing.types import LossType, MethodName
 
 if TYPE_CHECKING:
-    from editing.combine import CombinedRecord, EditPart
+    from editing.combined import CombinedRecord, EditPart
     from editing.edits import EditedModule
     from editing.models.generation import Sampling
     from editing.records import BallRecord, RunRecord
@@ -97,7 +97,7 @@ class EditResult:
     def for_ball(self, ball: float | str) -> EditResult:
         """The same run's edit of another of its balls (loaded afresh)."""
         key = _ball_key(ball, "ball")
-        return EditResult(self.run, self.run_dir, key, _load(self.edit_folder(key), self.module.hparams))
+        return EditResult(self.run, self.run_dir, key, _load(self.edit_folder(key), self.run.hyperparameters))
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Copy the edit (its tensors, manifest and base identity) into ``folder``, which ``editing apply --edit``,
@@ -196,7 +196,14 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
                     overwrite=overwrite)
     from editing.commands.lightning import run_lightning_cli
 
-    run_lightning_cli("fit", args)
+    try:
+        run_lightning_cli("fit", args)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            raise
+        # the command's parser has printed which option it refused and why
+        raise ConfigError(f"edit(...): `editing fit` refused the settings (see its message above); it was given: "
+                          f"{' '.join(args)}") from None
     return load_result(out, keys[0])
 
 
@@ -231,7 +238,7 @@ class CombinedResult:
 def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | None = None, *, evaluate: bool = True,
             split: str = "val", data_root: str | Path | None = None, eval_limit: int | None = None,
             general_limit: int | None = None, alone: bool = True) -> CombinedResult:
-    """Apply several edits to one base model, by the rule of ``editing.combine`` (the README's "Combining edits":
+    """Apply several edits to one base model, by the rule of ``editing.combined`` (the README's "Combining edits":
     edits of one method add, two methods changing one tensor are refused), as ``editing apply --edit A --edit B``.
 
     Args:
@@ -247,7 +254,7 @@ def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | Non
     Returns:
         A ``CombinedResult``: ``.model``, ``.record``, ``.generate(prompt)``.
     """
-    from editing.combine import combine_edits, edit_task, evaluate_combined
+    from editing.combined import combine_edits, edit_task, evaluate_combined
 
     if isinstance(edits, (str, Path, EditResult)) or not isinstance(edits, Sequence) or not edits:
         raise ConfigError("combine(edits=...): give a list of edits (EditResult objects or edit folders)")

@@ -42,6 +42,23 @@ def _edit_tensors(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
 
 
+def _assert_carries(model, saved: dict[str, torch.Tensor], method: str) -> None:
+    """The model's weights are those of the saved edit ``saved`` (tensors of the command's run)."""
+    params = dict(model.named_parameters())
+    if method == "lora":
+        from peft import PeftModel
+
+        assert isinstance(model, PeftModel)
+        lora = {n: p for n, p in params.items() if "lora_" in n}
+        assert len(lora) == len(saved)
+        for name, value in saved.items():  # peft's saved names drop the adapter name
+            match = [p for n, p in lora.items() if n.replace(".default", "") == name]
+            assert len(match) == 1 and torch.equal(match[0], value), name
+    else:
+        for name, value in saved.items():
+            assert torch.equal(params[name], value), name
+
+
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_an_edit_through_the_api_equals_the_same_edit_through_editing_fit(method, tmp_path, data_root) -> None:
     from editing import edit
@@ -90,19 +107,10 @@ def test_an_edit_through_the_api_equals_the_same_edit_through_editing_fit(method
     # the typed results and the edited model handed back are that run's
     assert result.ball == "5e-01" and result.run.balls["5e-01"].epoch == ref["balls"]["5e-01"]["epoch"]
     assert result.result.metrics.success_rate == ref["balls"]["5e-01"]["metrics"]["success_rate"]
-    params = dict(result.model.named_parameters())
-    if method == "lora":
-        from peft import PeftModel
-
-        assert isinstance(result.model, PeftModel)
-        lora = {n: p for n, p in params.items() if "lora_" in n}
-        assert len(lora) == len(theirs)
-        for name, value in theirs.items():  # peft's saved names drop the adapter name
-            match = [p for n, p in lora.items() if n.replace(".default", "") == name]
-            assert len(match) == 1 and torch.equal(match[0], value), name
-    else:
-        for name, value in theirs.items():
-            assert torch.equal(params[name], value), name
+    _assert_carries(result.model, theirs, method)
+    other = result.for_ball(1e-3)
+    assert other.ball == "1e-03" and other.result.epoch == ref["balls"]["1e-03"]["epoch"]
+    _assert_carries(other.model, _edit_tensors(cli / "edits" / "ball_1e-03"), method)
     saved = result.save(tmp_path / "saved")
     assert {p.name for p in saved.iterdir()} >= {"edit_manifest.json", "base_model.json"}
     with pytest.raises(EditingError, match="exists"):
@@ -131,6 +139,14 @@ def test_bad_arguments_are_clear_errors_naming_the_argument(tmp_path) -> None:
         with pytest.raises(EditingError, match=message):
             edit("tiny-gpt2", output_dir=tmp_path / "run", **kwargs)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_setting_editing_fit_refuses_is_a_clear_error(tmp_path, capsys) -> None:
+    from editing import edit
+
+    with pytest.raises(EditingError, match="refused the settings"):
+        edit("tiny-gpt2", EXAMPLES, epochs=1, output_dir=tmp_path / "run", settings={"model.init_args.lora.rnk": 4})
+    assert "rnk" in capsys.readouterr().err  # the command's own message names the option
 
 
 def test_a_finished_run_is_not_overwritten_and_keeps_its_task_files(tmp_path) -> None:

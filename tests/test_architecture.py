@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("editing.models",)),
     ("evaluation", ("editing.evaluation", "editing.regularizers")),
     ("methods", ("editing.methods",)),
-    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search", "editing.combine")),
+    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search", "editing.combined")),
     ("protocol", ("editing.sweep", "editing.report")),
     ("commands", ("editing.commands",)),
     ("entry", ("editing.cli", "editing.api")),

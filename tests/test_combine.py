@@ -1,4 +1,4 @@
-"""Combining saved edits (``editing apply --edit A --edit B``, ``editing.combine``): tensor edits of one method add,
+"""Combining saved edits (``editing apply --edit A --edit B``, ``editing.combined``): tensor edits of one method add,
 LoRA adapters add through peft, sense edits merge, and two methods changing one tensor are refused. The references
 are written here: the base model's weights plus each edit's delta read from its files."""
 
@@ -12,7 +12,7 @@ from edit_kinds import make_edit
 from safetensors.torch import load_file
 
 from editing.cli import main
-from editing.combine import combine_edits
+from editing.combined import combine_edits
 from editing.errors import ConfigError
 from editing.models.loading import ModelConfig, load_model
 

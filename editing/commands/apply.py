@@ -1,7 +1,7 @@
 """``editing apply``: saved edits applied to their base model and evaluated on a task, beside the base model.
 
 One edit: its metrics next to the base model's, and the change. Several (``--edit A --edit B``): they are combined
-by the rule of ``editing.combine`` (different methods may not change one tensor; edits of one method add), and the
+by the rule of ``editing.combined`` (different methods may not change one tensor; edits of one method add), and the
 combined model is measured on each edit's task (beside the base model and that edit alone) and on the joint
 degradation.
 """
@@ -14,9 +14,10 @@ from editing.commands import DEFAULT_ROOT, repeatable
 
 
 @repeatable("edit", "task")
-def apply_edit(edit: list[str], task: list[str] | None = None, split: str = "val", data_root: str | None = None,
-               eval_limit: int | None = None, general_limit: int | None = None, output_dir: str | None = None,
-               overwrite: bool = False, allow_unverified: bool = False, alone: bool = True) -> dict:
+def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split: str = "val",
+               data_root: str | None = None, eval_limit: int | None = None, general_limit: int | None = None,
+               output_dir: str | None = None, overwrite: bool = False, allow_unverified: bool = False,
+               alone: bool = True) -> dict:
     """Load a base model plus saved edits and evaluate them on a task, beside the base model.
 
     Args:
@@ -38,7 +39,7 @@ def apply_edit(edit: list[str], task: list[str] | None = None, split: str = "val
     Returns:
         One edit: the evaluation summary. Several: the ``combined.json`` record as a dict.
     """
-    from editing.combine import edit_task
+    from editing.combined import edit_task
     from editing.errors import ConfigError
 
     edits = [edit] if isinstance(edit, str) else list(edit or [])
@@ -115,7 +116,7 @@ def _num(value: float | None) -> str:
 def _apply_several(edits: list[str], tasks: list[str], split: str, data_root: str | None, eval_limit: int | None,
                    general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool,
                    alone: bool) -> dict:
-    from editing.combine import combine_edits, evaluate_combined, write_combined
+    from editing.combined import combine_edits, evaluate_combined, write_combined
     from editing.files import ensure_writable
     from editing.tables import markdown_table
 

@@ -6,8 +6,9 @@ from editing.commands import repeatable
 
 
 @repeatable("prompt")
-def generate(edit: str, prompt: list[str], max_new_tokens: int = 20, sample: bool = False, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, allow_unverified: bool = False) -> list[dict]:
+def generate(edit: str, prompt: str | list[str], max_new_tokens: int = 20, sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             allow_unverified: bool = False) -> list[dict]:
     """Continue prompts with the base model and with the edited one, and print both continuations side by side.
 
     Args:
