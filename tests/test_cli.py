@@ -199,7 +199,7 @@ COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "
                  "apply": "saved edit", "data download": "download", "senses inspect": "senses",
                  "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
                  "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
-                 "report": "tables"}
+                 "report": "tables", "generate": "side by side"}
 
 
 def test_help_lists_every_command_without_importing_torch():
