@@ -9,7 +9,8 @@ Evaluator are the very objects ``editing fit`` builds; a run made here is a run 
 ``editing apply`` loads it (``editing.edits.load_edited``).
 
 Examples given as Python dicts (or a JSONL file) become a task YAML inside the run folder (``task/``), so the run
-can be repeated from the command line: ``editing fit --config <run>/fit/version_0/config.yaml``.
+can be repeated from the command line: ``editing fit --config <run>/fit/version_0/config.yaml --budget.output_dir
+<another folder>``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import math
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,6 @@ class EditResult:
     run_dir: Path
     ball: str
     module: EditedModule
-    _sampling_defaults: dict = field(default_factory=dict, repr=False)
 
     @property
     def model(self):
@@ -179,19 +179,21 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
     Raises:
         ConfigError: an argument that does not fit (the message names it and how to fix it).
     """
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"edit(model={model!r}): give a model name (e.g. 'smollm2-135m'), folder or hub id")
     method = _typed(MethodName, method, "method")
     keys = _balls(ball, balls)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ConfigError(f"edit(epochs={epochs!r}): give a number of epochs >= 1 (or None for the method's default)")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"edit(settings={settings!r}): give a dict of dotted `editing fit` keys to values, e.g. "
+                          "{'model.init_args.optimizer.lr': 0.001}")
     out = _run_folder(output_dir)
     from editing.run_folder import check_folder
 
     # refused before the task files are written into the folder, so a finished run there keeps its own
     check_folder(out, resuming=False, overwrite=overwrite, flag="edit(..., overwrite=True)")
     task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ConfigError(f"edit(epochs={epochs!r}): give a number of epochs >= 1 (or None for the method's default)")
-    if settings is not None and not isinstance(settings, Mapping):
-        raise ConfigError(f"edit(settings={settings!r}): give a dict of dotted `editing fit` keys to values, e.g. "
-                          "{'model.init_args.optimizer.lr': 0.001}")
     args = fit_args(method, model, task, keys, out, epochs=epochs, settings=settings, data_root=data_root, seed=seed,
                     overwrite=overwrite)
     from editing.commands.lightning import run_lightning_cli
@@ -392,21 +394,27 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
         raise ConfigError(f"edit(threshold={threshold!r}): give a finite number (a score at most this succeeds)")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"edit(name={name!r}): give the task a non-empty name")
-    folder = out / "task"
     kind = "pair" if loss.pair else "single"
-    files = {"canonical": _examples_file(examples, folder / "canonical.jsonl", "examples", kind),
-             "evaluation": _examples_file(evaluation if evaluation is not None else examples,
-                                          folder / "evaluation.jsonl", "evaluation" if evaluation is not None
-                                          else "examples", kind)}
+    # every role checked before any file is written
+    roles = {"canonical": _rows(examples, "examples", kind),
+             "evaluation": _rows(examples, "examples", kind) if evaluation is None else
+             _rows(evaluation, "evaluation", kind)}
     if hard_negatives is not None:
-        files["hard_negatives"] = _examples_file(hard_negatives, folder / "hard_negatives.jsonl", "hard_negatives",
-                                                 "suffix_or_text")
+        roles["hard_negatives"] = _rows(hard_negatives, "hard_negatives", "suffix_or_text")
     if targeted is not None:
-        files["targeted"] = _examples_file(targeted, folder / "targeted.jsonl", "targeted", "text")
+        roles["targeted"] = _rows(targeted, "targeted", "text")
     import yaml
 
     from editing.files import write_text
 
+    folder = out / "task"
+    files = {}
+    for role, rows in roles.items():
+        if isinstance(rows, Path):
+            files[role] = str(rows)
+        else:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            files[role] = str(write_text(folder / f"{role}.jsonl", text, overwrite=True))
     spec = {"name": name, "loss": loss.value, "threshold": float(threshold), **files}
     return str(write_text(folder / "task.yaml", yaml.safe_dump(spec, sort_keys=False), overwrite=True))
 
@@ -414,13 +422,13 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
 FIELDS = {"single": ("prefix", "suffix"), "pair": ("prefix", "suffix1", "suffix2"), "text": ("text",)}
 
 
-def _examples_file(examples: Examples, path: Path, argument: str, kind: str) -> str:
-    """A JSONL file of ``examples``: the given file itself, or the dicts written to ``path``."""
+def _rows(examples: Examples, argument: str, kind: str) -> Path | list[dict]:
+    """The given JSONL file (checked to exist), or the example dicts checked for the keys ``kind`` needs."""
     if isinstance(examples, (str, Path)):
         given = Path(examples).expanduser()
         if not given.is_file():
             raise ConfigError(f"edit({argument}={str(examples)!r}): no such JSONL file")
-        return str(given.resolve())
+        return given.resolve()
     if isinstance(examples, Mapping) or not isinstance(examples, Sequence) or not examples:
         raise ConfigError(f"edit({argument}=...): give a non-empty list of dicts such as "
                           f"{{{', '.join(repr(k) + ': ...' for k in FIELDS.get(kind, FIELDS['single']))}}}, or a "
@@ -437,10 +445,7 @@ def _examples_file(examples: Examples, path: Path, argument: str, kind: str) -> 
                 raise ConfigError(f"edit({argument}[{i}]): key {key!r} is missing or not a string; each example needs "
                                   f"{', '.join(needed)}")
         rows.append(dict(row))
-    from editing.files import write_text
-
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    return str(write_text(path, text, overwrite=True))
+    return rows
 
 
 __all__ = ["DEFAULT_THRESHOLDS", "CombinedResult", "EditResult", "combine", "edit", "fit_args", "load_result"]

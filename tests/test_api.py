@@ -133,12 +133,14 @@ def test_bad_arguments_are_clear_errors_naming_the_argument(tmp_path) -> None:
         ({"examples": str(tmp_path / "nope.jsonl")}, r"no such JSONL file"),
         ({"epochs": 0}, r"edit\(epochs=0\)"),
         ({"settings": "lr=1"}, r"edit\(settings="),
+        ({"model": None}, r"edit\(model=None\)"),
+        ({"evaluation": [{"prefix": "a", "suffix": 3}]}, r"edit\(evaluation\[0\]\): key 'suffix'"),
     ]
     for kwargs, message in cases:
-        kwargs = {"examples": EXAMPLES, **kwargs}
+        kwargs = {"model": "tiny-gpt2", "examples": EXAMPLES, **kwargs}
         with pytest.raises(EditingError, match=message):
-            edit("tiny-gpt2", output_dir=tmp_path / "run", **kwargs)
-    assert not (tmp_path / "run" / "results.json").exists()
+            edit(output_dir=tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()  # each refused before any file was written
 
 
 def test_a_setting_editing_fit_refuses_is_a_clear_error(tmp_path, capsys) -> None:
