@@ -24,10 +24,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("editing.models",)),
     ("evaluation", ("editing.evaluation", "editing.regularizers")),
     ("methods", ("editing.methods",)),
-    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search")),
+    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search", "editing.combined")),
     ("protocol", ("editing.sweep", "editing.report", "editing.auto")),
     ("commands", ("editing.commands",)),
-    ("entry", ("editing.cli",)),
+    ("entry", ("editing.cli", "editing.api")),
 ]
 
 

@@ -201,7 +201,7 @@ COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "
                  "apply": "saved edit", "data download": "download", "senses inspect": "senses",
                  "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
                  "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
-                 "report": "tables"}
+                 "report": "tables", "generate": "side by side", "auto": "inside a ball"}
 
 
 def test_help_lists_every_command_without_importing_torch():
@@ -232,7 +232,7 @@ def test_no_command_prints_the_list_and_exits_2(capsys):
 @pytest.mark.parametrize("args, closest", [
     (["evalute"], "evaluate"), (["fitt"], "fit"), (["sweep_status"], "sweep-status"), (["testruns"], "test-runs"),
     (["backpack", "distil"], "backpack distill"), (["data", "downlod"], "data download"),
-    (["backpak"], "backpack"), (["generate"], None),
+    (["backpak"], "backpack"), (["frobnicate"], None),
 ])
 def test_unknown_command_names_the_closest(args, closest, capsys):
     with pytest.raises(SystemExit) as info:
