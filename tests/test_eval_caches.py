@@ -162,6 +162,11 @@ def make(method: str, model: str):
         return LoRAEditor(base, lora=LoRAConfig(rank=4, layer_start=2, layer_end=3), optimizer=OptimizerConfig(lr=3e-2))
     if method == "full":  # a full finetune of one middle block
         return FullEditor(base, layers=[1], optimizer=OptimizerConfig(lr=1e-3))
+    if method == "senses":
+        from editing.methods import SensesConfig, SensesEditor
+
+        return SensesEditor(base, senses=SensesConfig(senses_per_example=5, selection_lambda=100.0),
+                            optimizer=OptimizerConfig(lr=3e-2))
     from editing.methods.memit.config import MEMITConfig
     from editing.methods.memit.module import MEMITEditor
 
@@ -256,3 +261,18 @@ def test_a_changed_frozen_weight_is_never_served_a_stale_prefix(data_root, count
     assert counters["prefix_reused"] == reused
     assert changed == evaluate(module, dm)
 
+
+def test_sense_edit_evaluation_equals_full_evaluation(tmp_path, data_root, counters, monkeypatch) -> None:
+    full = fit(tmp_path, "senses", "tiny-backpack", "full", False, monkeypatch)
+    assert not counters
+    cold = fit(tmp_path, "senses", "tiny-backpack", "cold", True, monkeypatch)
+    # each batch's p0 values are built once (in p0's pass, the deltas being selected by then), and each of the
+    # three edited epochs recomputes only the positions a selected sense reaches
+    assert counters["senses_built"] > 0 and counters["senses_reused"] == 3 * counters["senses_built"]
+    assert counters["full_passes"] == 0
+    assert_same_fit(full, cold)
+    assert full[0][-1]["general_nll"] != full[0][0]["general_nll"]
+    built = counters["senses_built"]
+    warm = fit(tmp_path, "senses", "tiny-backpack", "warm", True, monkeypatch)
+    assert counters["p0_reused"] == 1 and counters["senses_built"] == built  # all from memory
+    assert_same_fit(full, warm)
