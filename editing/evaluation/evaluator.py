@@ -198,6 +198,7 @@ class Evaluator(nn.Module):
             metric._update_count = 1
             metric._computed = None
 
+
 def evaluate(subject: Evaluable, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
     """Evaluate ``subject``'s model on ``datamodule``'s evaluation sets without a Trainer (one process).
 
