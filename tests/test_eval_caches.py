@@ -276,3 +276,22 @@ def test_sense_edit_evaluation_equals_full_evaluation(tmp_path, data_root, count
     warm = fit(tmp_path, "senses", "tiny-backpack", "warm", True, monkeypatch)
     assert counters["p0_reused"] == 1 and counters["senses_built"] == built  # all from memory
     assert_same_fit(full, warm)
+
+
+@pytest.mark.parametrize("layers", [[4], [-1], [1, 1], [], [True]])
+def test_a_full_finetune_of_blocks_outside_the_model_is_refused(layers: list) -> None:
+    from editing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--model.init_args.layers=.*0\.\.3"):
+        FullEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), layers=layers)
+
+
+def test_a_full_finetune_of_one_block_trains_only_that_block() -> None:
+    from editing.evaluation.incremental import FrozenPrefix
+    from editing.models.architecture import blocks
+
+    module = FullEditor(ModelConfig(name="tiny-llama", precision="fp32"), layers=[2])
+    expected = {id(p) for p in blocks(module.model)[2].parameters()}
+    assert {id(p) for p in module.trainable_parameters().values()} == expected
+    assert module.evaluation_shortcut() == FrozenPrefix(2)
+    assert FullEditor(ModelConfig(name="tiny-llama", precision="fp32")).evaluation_shortcut() is None

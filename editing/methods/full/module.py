@@ -62,8 +62,8 @@ class FullEditor(EditingModule):
             stack = blocks(self.model)
             bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(stack)]
             if bad or not self.layers or len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"--model.layers={self.layers!r}: give distinct block numbers in 0..{len(stack) - 1} "
-                                  "(or null to train every weight)")
+                raise ConfigError(f"--model.init_args.layers={self.layers!r}: give distinct block numbers in "
+                                  f"0..{len(stack) - 1} (or null to train every weight)")
             for i in self.layers:
                 stack[i].requires_grad_(True)
         self._checkpointing = bool(self.gradient_checkpointing
