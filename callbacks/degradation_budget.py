@@ -15,7 +15,7 @@ import torch
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
 from editing.console import epoch_line, small_data_warning
 from editing.errors import ConfigError
-from editing.evaluation import evaluate
+from editing.evaluation.caching import CacheSettings, evaluate_epoch
 from editing.evaluation.locality import hard_negative_values, preserved_rate
 from editing.files import save_atomically, write_json
 from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
@@ -65,10 +65,18 @@ class DegradationBudget(L.Callback):
         overwrite: replace the results of a finished run in ``output_dir``.
         save_edits: write each ball's edit (LoRA adapter, changed tensors, ...) at the end.
         max_epoch: per ball key, do not choose an epoch after this one (test runs use validation's choice).
+        p0_cache: read p0's evaluation (epoch 0) from the cache that fits on the same model and data share, and fill
+            it when absent (``editing.evaluation.caching``); the numbers are the same either way.
+        incremental: evaluate each epoch computing only what the edit can change (the frozen blocks below a LoRA
+            block or MEMIT's layers, the positions a sense edit reaches); equal to a full evaluation to fp32
+            rounding. ``$EDITING_EVAL_CACHES=off`` turns this and ``p0_cache`` off.
+        cache_memory_mb: memory (MiB) the incremental evaluation may keep per process; what does not fit goes to
+            disk (``$EDITING_EVAL_CACHE_DIR``, default ``<cache>/evaluation``), where later fits find it too.
     """
 
     def __init__(self, balls: list[float] | None = None, patience: int | None = None, output_dir: str | None = None,
-                 overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> None:
+                 overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None,
+                 p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0) -> None:
         self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
@@ -78,6 +86,10 @@ class DegradationBudget(L.Callback):
         self.overwrite = overwrite
         self.save_edits = save_edits
         self.max_epoch = parse_max_epoch(max_epoch, self.balls, "--budget.max_epoch")
+        if not cache_memory_mb >= 0:
+            raise ConfigError(f"--budget.cache_memory_mb={cache_memory_mb!r}: give a size in MiB >= 0 (0 keeps every "
+                              "incremental-evaluation entry on disk)")
+        self.caches = CacheSettings(p0=p0_cache, incremental=incremental, memory_mb=cache_memory_mb)
         self.history: list[dict] = []
         self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
         self.outside = 0
@@ -114,7 +126,8 @@ class DegradationBudget(L.Callback):
     def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         dm = trainer.datamodule
-        summary = evaluate(module, dm, roles=dm.eval_roles(canonical=True), progress=show)
+        summary = evaluate_epoch(module, dm, epoch, self.caches, roles=dm.eval_roles(canonical=True), progress=show,
+                                 announce=trainer.is_global_zero)
         values = hard_negative_values(summary["per_example_hard_negatives"])
         if epoch == 0:
             self.p0_hard_negatives = values

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
-from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.evaluation.scorer import TokenScorer, example_nll, sequence_nll
 from editing.losses import example_score
 from editing.tasks import TaskSpec
 
@@ -62,6 +62,9 @@ class Evaluator(nn.Module):
             "generalization_mean_score": ExampleMeanNLL(),
             "hard_negative_values": ExampleScores(),  # per-example values, for locality (preserved vs p0)
         })
+        self.scorer: TokenScorer | None = None
+        """Scores a batch's tokens in place of ``token_nll`` (an evaluation cache's, see ``run``); None: a forward
+        pass of the whole model."""
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict) -> None:
@@ -77,7 +80,7 @@ class Evaluator(nn.Module):
         role = batch["role"]
         m = self.metrics
         if role == "evaluation":
-            sums, _ = example_nll(model, batch)
+            sums, _ = example_nll(model, batch, self.scorer)
             scores = example_score(sums, self.task.loss)
             m["success_rate"].update(scores)
             m["scores"].update(batch["example_index"], scores)
@@ -88,10 +91,10 @@ class Evaluator(nn.Module):
             m["reliability"].update(scores)
             m["reliability_mean_score"].update(scores)
         elif role in ("general", "targeted"):
-            sums, counts = sequence_nll(model, batch)
+            sums, counts = sequence_nll(model, batch, self.scorer)
             m[f"{role}_nll"].update(sums, counts)
         elif role == "hard_negatives":
-            sums, counts = example_nll(model, batch)
+            sums, counts = example_nll(model, batch, self.scorer)
             # suffix lines: the suffix NLL sum; text lines: the text's token-mean NLL (SPEC section 5)
             values = torch.where(batch["is_text"], sums[:, 0] / counts[:, 0].clamp(min=1), sums[:, 0])
             m["hard_negative_nll"].update(values)
@@ -170,7 +173,8 @@ class Evaluator(nn.Module):
                 metric.reset()
         return summary
 
-    def run(self, model: nn.Module, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
+    def run(self, model: nn.Module, datamodule, roles: list[str] | None = None, progress: bool = False,
+            scorer: TokenScorer | None = None, summarize: bool = True) -> dict | None:
         """Score ``model`` on ``datamodule``'s evaluation sets in one process (no Trainer) and sum up.
 
         Args:
@@ -179,24 +183,57 @@ class Evaluator(nn.Module):
             roles: which evaluation roles to run (default: all the task has; ``canonical`` scores the canonical
                 examples themselves, for ``reliability``).
             progress: show a progress bar per role.
+            scorer: scores each batch's tokens in place of a forward pass of the whole model (an evaluation cache's
+                scorer); each batch then carries ``position``, ``"<role>/<batch number>"``, to key its cache entry.
+            summarize: return the summary (and reset the metrics); False leaves the metrics filled (``states``).
 
         Returns:
-            The evaluation summary (see ``summary``).
+            The evaluation summary (see ``summary``), or None when not ``summarize``.
         """
         device = next(model.parameters()).device
         self.to(device)
         was_training = model.training
         model.eval()
-        with full_precision():
-            for role in roles or datamodule.eval_roles():
-                loader = datamodule.eval_dataloader(role)
-                if progress:
-                    loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
-                for batch in loader:
-                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    self.update(model, batch)
-        model.train(was_training)
-        return self.summary()
+        self.scorer = scorer
+        try:
+            with full_precision():
+                for role in roles or datamodule.eval_roles():
+                    loader = datamodule.eval_dataloader(role)
+                    if progress:
+                        loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
+                    for number, batch in enumerate(loader):
+                        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        batch["position"] = f"{role}/{number}"
+                        self.update(model, batch)
+        finally:
+            self.scorer = None
+            model.train(was_training)
+        return self.summary() if summarize else None
+
+    def states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The metrics' states summed over processes (what ``summary`` computes from), as CPU tensors: per metric,
+        per state (list states concatenated). ``load_states`` puts them back."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for name, metric in self.metrics.items():
+            with metric.sync_context(should_sync=distributed, distributed_available=lambda: distributed):
+                out[name] = {k: (torch.cat(v) if v else torch.zeros(0)) if isinstance(v, list) else v
+                             for k, v in metric.metric_state.items()}
+                out[name] = {k: v.detach().to("cpu", copy=True) for k, v in out[name].items()}
+        return out
+
+    def load_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fill the metrics with ``states`` (from ``states``) as if this process had scored every batch; under DDP
+        call it on one process only (the others keep empty metrics, and ``summary`` sums over processes)."""
+        for name, metric in self.metrics.items():
+            device = metric.device
+            for key, default in metric._defaults.items():
+                value = states[name][key].to(device)
+                if isinstance(default, list):  # a list state was saved concatenated
+                    value = [value] if value.numel() else []
+                setattr(metric, key, value)
+            metric._update_count = 1
+            metric._computed = None
 
 
 def evaluate(subject: Evaluable, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from editing.errors import ConfigError
+from editing.evaluation.incremental import FrozenPrefix
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
@@ -41,6 +42,8 @@ class MEMITEditor(EditingModule):
             and results have the same shape as the other methods'.
         regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
     """
+
+    p0_is_base = True  # the factors start at rank 0: the model before the first step is the base model
 
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -96,6 +99,11 @@ class MEMITEditor(EditingModule):
     def reference(self) -> Iterator[nn.Module]:
         with self.deltas_off():
             yield self.model
+
+    def evaluation_shortcut(self) -> FrozenPrefix:
+        """The edit adds to the down projections of ``memit_layers`` only (hooks): the blocks below the lowest one
+        are frozen."""
+        return FrozenPrefix(min(self.memit_layers))
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """The edit's factors by name (closed-form, so they never need gradients)."""
