@@ -14,11 +14,12 @@ canonical examples are scored):
 
 The requests are a task's canonical examples (``--task``) or a JSONL file of ``{"prefix", "suffix"}`` lines
 (``--examples``; loss ``good``, threshold ``--threshold``). The covariance statistics are cached after the first
-computation (``--samples`` tokens of R).
+computation (``--samples`` tokens of R). Several lambdas and sample counts (comma-separated) are each spread from the
+same targets.
 
     OMP_NUM_THREADS=1 python benchmarks/memit_efficacy.py --examples benchmarks/data/invented_facts.jsonl \
         --evaluation benchmarks/data/invented_facts_eval.jsonl [--requests 16] [--layers 3-8] [--clamp 0.75] \
-        [--steps 20] [--lr 0.5] [--covariance-weight 15000] [--templates 5] [--samples 20000] [--json OUT]
+        [--steps 20] [--lr 0.5] [--covariance-weight 15000] [--templates 5] [--samples 20000[,5000]] [--json OUT]
     OMP_NUM_THREADS=1 python benchmarks/memit_efficacy.py --task country_capital --requests 32
 """
 
@@ -189,7 +190,9 @@ def main() -> None:
     parser.add_argument("--kl-factor", type=float, default=0.0625)
     parser.add_argument("--weight-decay", type=float, default=0.5)
     parser.add_argument("--templates", type=int, default=5, help="generated context templates (besides the bare one)")
-    parser.add_argument("--samples", type=int, default=20000, help="tokens of R for the covariance statistics")
+    parser.add_argument("--samples", default="20000",
+                        help="tokens of R for the covariance statistics, or several comma-separated (each with every "
+                             "lambda; the targets are computed once)")
     parser.add_argument("--supervision", default="standard", choices=["standard", "oracle"])
     parser.add_argument("--oracle-field", help="oracle supervision: the field naming the subject (e.g. subject)")
     parser.add_argument("--general", type=int, default=0,
@@ -204,9 +207,10 @@ def main() -> None:
     from editing.models.loading import ModelConfig
 
     weights = [float(w) for w in args.covariance_weight.split(",")]
+    sample_counts = [int(n) for n in args.samples.split(",")]
     cfg = MEMITConfig(layers=parse_layers(args.layers), clamp_norm_factor=args.clamp, covariance_weight=weights[0],
                       kl_factor=args.kl_factor, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                      supervision=args.supervision, oracle_field=args.oracle_field, covariance_samples=args.samples,
+                      supervision=args.supervision, oracle_field=args.oracle_field, covariance_samples=sample_counts[0],
                       context_templates=args.templates, request_batch_size=max(1, args.requests))
     module = MEMITEditor(ModelConfig(name=args.model), cfg)
     module.model.eval()
@@ -241,9 +245,12 @@ def main() -> None:
         split_before = first_and_rest(token_nlls(module, requests))
         split_injected = first_and_rest(token_nlls(module, requests, aim))
         results = []
-        for i, weight in enumerate(weights):
-            if i:  # the targets do not depend on lambda: only the layer updates are recomputed
+        for i, (samples, weight) in enumerate((n, w) for n in sample_counts for w in weights):
+            if i:  # the targets depend on neither C nor lambda: only the layer updates are recomputed
                 module.memit_config.covariance_weight = weight
+                if samples != module.memit_config.covariance_samples:
+                    module.memit_config.covariance_samples = samples
+                    module.covariance_stats = module.statistics(dm, progress=False)
                 with torch.no_grad():
                     module.spread_targets(requests, diag["templates"], z)
             sum_after, _ = suffix_nll(module.model, examples, dm.pad_id)
@@ -255,7 +262,7 @@ def main() -> None:
             realised = (reached * aim).sum(1) / aim.pow(2).sum(1).clamp(min=1e-30)
             missed = (z - edited_out).norm(dim=1) / aim.norm(dim=1).clamp(min=1e-30)
             degradation = general_nll(module.model, general, dm.pad_id) / general_before - 1 if general else None
-            results.append((weight, sum_after, score_after, eval_after, degradation, realised, missed,
+            results.append((samples, weight, sum_after, score_after, eval_after, degradation, realised, missed,
                             list(module.edit_diagnostics["layers"]), first_and_rest(token_nlls(module, requests,
                                                                                                edited=True))))
 
@@ -268,7 +275,7 @@ def main() -> None:
         "suffix_tokens_mean": count.mean().item(), "first_token": args.first_token,
         "layers": module.memit_layers, "clamp_norm_factor": args.clamp, "steps": args.steps, "lr": args.lr,
         "kl_factor": args.kl_factor, "weight_decay": args.weight_decay, "templates": len(diag["templates"]),
-        "supervision": args.supervision, "statistics_tokens": args.samples, "threads": torch.get_num_threads(),
+        "supervision": args.supervision, "statistics_tokens": sample_counts, "threads": torch.get_num_threads(),
         "edit_s": round(seconds, 1),
         "before": {"nll_sum": sum_before.mean().item(), "nll_per_token": (sum_before / count).mean().item(),
                    "success": rate(score_before), "score": score_before.mean().item(), **split_before},
@@ -286,8 +293,8 @@ def main() -> None:
         common["evaluation_before"] = {"examples": len(evaluation), "score": eval_before.mean().item(),
                                        "success": rate(eval_before)}
     common["edits"] = []
-    for weight, sum_after, score_after, eval_after, degradation, realised, missed, layers, split in results:
-        edit = {"covariance_weight": weight,
+    for samples, weight, sum_after, score_after, eval_after, degradation, realised, missed, layers, split in results:
+        edit = {"covariance_weight": weight, "statistics_tokens": samples,
                 "nll_sum": sum_after.mean().item(), "nll_per_token": (sum_after / count).mean().item(),
                 "success": rate(score_after), "score": score_after.mean().item(), **split,
                 "degradation": degradation,
@@ -315,7 +322,8 @@ def main() -> None:
           + (" - |" if general else ""))
     for edit in common["edits"]:
         e = edit.get("evaluation")
-        print(f"| MEMIT, lambda {edit['covariance_weight']:g} | {edit['nll_sum']:.3f} | {edit['nll_per_token']:.3f} | "
+        print(f"| MEMIT, lambda {edit['covariance_weight']:g}, C from {edit['statistics_tokens']} tokens | "
+              f"{edit['nll_sum']:.3f} | {edit['nll_per_token']:.3f} | "
               f"{edit['first_token']:.3f} | {edit['later_tokens_sum']:.3f} | "
               f"{edit['success']:.3f} | {edit['realised_at_last_layer']['mean']:.3f} |"
               + (f" {e['score']:.3f} | {e['success']:.3f} |" if e else "")
@@ -325,9 +333,10 @@ def main() -> None:
     print(f"|z - h| / |h|: mean {dh['mean']:.3f}, max {dh['max']:.3f} (clamp {args.clamp}; {dh['at_clamp']} of "
           f"{common['requests']} at the clamp)")
     for edit in common["edits"]:
-        print(f"lambda {edit['covariance_weight']:g}, per layer (residual norm, fraction realised at the requests' "
-              "keys): " + ", ".join(f"{d['layer']}: {d['residual_norm']:.2f} {d['realised_fraction']:.3f}"
-                                    for d in edit["per_layer"]))
+        per_layer = ", ".join(f"{d['layer']}: {d['residual_norm']:.2f} {d['realised_fraction']:.3f}"
+                              for d in edit["per_layer"])
+        print(f"lambda {edit['covariance_weight']:g}, C from {edit['statistics_tokens']} tokens, per layer "
+              f"(residual norm, fraction realised at the requests' keys): {per_layer}")
     if args.json:
         Path(args.json).write_text(json.dumps(common, indent=2) + "\n")
 

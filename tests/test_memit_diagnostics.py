@@ -204,8 +204,8 @@ def test_benchmark_reports_the_edit(tmp_path, data_root) -> None:
     out = tmp_path / "out.json"
     # one layer and the bare prompt only: a vanishing lambda realises z exactly, a huge one realises nothing
     command = [sys.executable, str(REPO / "benchmarks" / "memit_efficacy.py"), "--model", "tiny-llama",
-               "--examples", str(examples), "--layers", "3", "--templates", "0", "--samples", "1500",
-               "--steps", "5", "--covariance-weight", "1e-6,1e12", "--first-token", "--general", "3", "--json",
+               "--examples", str(examples), "--layers", "3", "--templates", "0", "--samples", "1500,1000",
+               "--steps", "5", "--covariance-weight", "1e-6,1e12,0.5", "--first-token", "--general", "3", "--json",
                str(out)]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
     record = json.loads(out.read_text())
@@ -223,7 +223,15 @@ def test_benchmark_reports_the_edit(tmp_path, data_root) -> None:
     assert record["before"]["nll_sum"] == pytest.approx(sum(sums) / 3, abs=1e-4)
     assert record["before"]["first_token"] == pytest.approx(sum(sums) / 3, abs=1e-4)
     assert record["before"]["later_tokens_sum"] == 0
-    exact, none = record["edits"]
+    assert [(e["statistics_tokens"], e["covariance_weight"]) for e in record["edits"]] == [
+        (1500, 1e-6), (1500, 1e12), (1500, 0.5), (1000, 1e-6), (1000, 1e12), (1000, 0.5)]
+    exact, none, middle, exact_1000, none_1000, middle_1000 = record["edits"]
+    # the same targets spread with C from fewer tokens: the extremes do not depend on C, a moderate lambda does
+    assert exact_1000["realised_at_last_layer"]["mean"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(none_1000["realised_at_last_layer"]["mean"]) < 1e-3
+    assert 0 < middle["realised_at_last_layer"]["mean"] < 1 and 0 < middle_1000["realised_at_last_layer"]["mean"] < 1
+    assert middle_1000["realised_at_last_layer"]["mean"] != pytest.approx(middle["realised_at_last_layer"]["mean"],
+                                                                         rel=1e-4)
     assert exact["realised_at_last_layer"]["mean"] == pytest.approx(1.0, abs=1e-3)
     assert abs(none["realised_at_last_layer"]["mean"]) < 1e-3
     assert none["nll_sum"] == pytest.approx(record["before"]["nll_sum"], abs=1e-3)
