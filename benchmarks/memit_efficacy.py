@@ -333,10 +333,11 @@ def main() -> None:
     print(f"|z - h| / |h|: mean {dh['mean']:.3f}, max {dh['max']:.3f} (clamp {args.clamp}; {dh['at_clamp']} of "
           f"{common['requests']} at the clamp)")
     for edit in common["edits"]:
-        per_layer = ", ".join(f"{d['layer']}: {d['residual_norm']:.2f} {d['realised_fraction']:.3f}"
-                              for d in edit["per_layer"])
+        per_layer = ", ".join(f"{d['layer']}: {d['residual_norm']:.2f} {d['realised_fraction']:.3f} "
+                              f"{d['key_mahalanobis']:.0f} {d['key_cosine_c']:.2f}" for d in edit["per_layer"])
         print(f"lambda {edit['covariance_weight']:g}, C from {edit['statistics_tokens']} tokens, per layer "
-              f"(residual norm, fraction realised at the requests' keys): {per_layer}")
+              f"(residual norm, fraction realised at the requests' keys, mean k^T C^-1 k, mean cosine of two "
+              f"requests' keys in C's metric): {per_layer}")
     if args.json:
         Path(args.json).write_text(json.dumps(common, indent=2) + "\n")
 

@@ -134,6 +134,13 @@ def test_diagnostics_match_a_plain_recomputation(data_root, model: str) -> None:
         assert got["residual_norm"] == pytest.approx(residual.norm(dim=1).mean().item(), rel=1e-4)
         assert got["realised_fraction"] == pytest.approx(sum(fractions) / len(fractions), rel=1e-3, abs=1e-5)
         assert 0 < got["realised_fraction"] < 1
+        # the keys in the metric of C: mean k^T C^-1 k, and the mean cosine k_i^T C^-1 k_j / (|k_i|_C |k_j|_C), i != j
+        c_inv = torch.linalg.inv(module.covariance_stats.moments[layer].double())
+        maha = [float(k @ c_inv @ k) for k in keys]
+        assert got["key_mahalanobis"] == pytest.approx(sum(maha) / len(maha), rel=1e-4)
+        cosines = [float(keys[a] @ c_inv @ keys[b]) / (maha[a] * maha[b]) ** 0.5
+                   for a in range(len(keys)) for b in range(len(keys)) if a != b]
+        assert got["key_cosine_c"] == pytest.approx(sum(cosines) / len(cosines), rel=1e-4, abs=1e-6)
 
 
 def test_spreading_again_with_another_lambda_equals_a_fresh_edit(data_root) -> None:

@@ -264,8 +264,24 @@ class MEMITEditor(EditingModule):
             r = residual.to(realised)
             self.edit_diagnostics["layers"].append({
                 "layer": layer, "residual_norm": r.norm(dim=1).mean().item(),
-                "realised_fraction": ((realised * r).sum(1) / r.pow(2).sum(1).clamp(min=1e-30)).mean().item()})
+                "realised_fraction": ((realised * r).sum(1) / r.pow(2).sum(1).clamp(min=1e-30)).mean().item(),
+                **_key_geometry(keys, moment)})
             with torch.no_grad():
                 self.memit_u[str(layer)].data = u.float().to(self.device)
                 self.memit_v[str(layer)].data = v.float().to(self.device)
         self.edited = True
+
+
+def _key_geometry(keys: torch.Tensor, moment: torch.Tensor) -> dict[str, float]:
+    """How the requests' keys look to the update, in the metric of C: the mean of k^T C^-1 k (a key drawn like R's
+    tokens averages the key width, trace(C^-1 C); against lambda it sets how much of a residual one key's update can
+    realise), and the mean cosine between two requests' keys in that metric (near 1: the keys are nearly one
+    direction, so the update cannot tell the requests apart)."""
+    k = keys.double()
+    whitened = torch.linalg.solve(moment.double().to(k.device), k.T).T  # rows C^-1 k_i
+    gram = k @ whitened.T  # k_i^T C^-1 k_j
+    norms = gram.diagonal().clamp(min=1e-30).sqrt()
+    cosine = gram / (norms[:, None] * norms[None, :])
+    n = len(k)
+    off = (cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    return {"key_mahalanobis": gram.diagonal().mean().item(), "key_cosine_c": off.item()}
