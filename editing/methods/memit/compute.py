@@ -51,7 +51,7 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
                      layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
-                     progress: bool | str = False) -> torch.Tensor:
+                     progress: bool | str = False, trace: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
@@ -70,6 +70,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         cfg: MEMIT settings.
         pad_id: padding token id.
         progress: show a progress bar over the steps (a string: the bar's label, e.g. which requests of how many).
+        trace: if given, the task loss per request (n_requests,) at each step is appended to it (for diagnostics).
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -127,6 +128,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         decay = cfg.weight_decay * delta.norm(dim=1) / h_norm
         total = (task + cfg.kl_factor * kl_term + decay).sum()
         total.backward()
+        if trace is not None:
+            trace.append(task.detach().cpu())
         bar.set_postfix(task=f"{task.mean().item():.3f}", kl=f"{kl_term.mean().item():.4f}")
         optimizer.step()
         with torch.no_grad():  # keep the change within clamp_norm_factor times the hidden state's norm
