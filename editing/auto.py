@@ -45,11 +45,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,9 +57,8 @@ from editing.budget import Ball, ball_key, edit_folder_name
 from editing.data.jsonl import read_jsonl
 from editing.errors import ConfigError
 from editing.files import ensure_writable, write_json, write_jsonl, write_text
-from editing.paths import REPO_DIR
 from editing.records import RESULTS_FILE, RecordError, RunRecord
-from editing.sweep import FIT_DIR, Parameter, _die_with_parent, load_space, split_args
+from editing.sweep import FIT_DIR, Parameter, load_space, run_fit, split_args
 from editing.tables import markdown_table, value_text
 from editing.tasks import TaskSpec, get_task
 from editing.textfiles import load_yaml
@@ -403,29 +399,7 @@ def run_fit_until(args: Sequence[str], log_path: Path, deadline: float | None,
                   clock: Callable[[], float] = time.monotonic) -> int:
     """``editing fit <args>`` in a subprocess (this checkout's code), output to ``log_path``; killed at ``deadline``
     (a ``clock`` time; None: never). Returns the exit code (-9 when killed)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), *filter(None, [env.get("PYTHONPATH")])])
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ editing fit {' '.join(args)}\n")
-        log.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "editing.cli", "fit", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        try:
-            while True:
-                try:
-                    return proc.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    if deadline is not None and clock() >= deadline:
-                        proc.kill()
-                        proc.wait()
-                        log.write("\n[editing auto: killed at the budget's deadline]\n")
-                        return -9
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    return run_fit(args, log_path, deadline=deadline, clock=clock)
 
 
 def _max_time(seconds: float) -> str:
