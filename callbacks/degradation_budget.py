@@ -5,6 +5,7 @@ stopping early is an option (``patience``)."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import lightning as L
 import torch
 
 from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
+from editing.console import epoch_line, small_data_warning
 from editing.errors import ConfigError
-from editing.evaluation import evaluate
+from editing.evaluation.caching import CacheSettings, evaluate_epoch
+from editing.evaluation.locality import hard_negative_values, preserved_rate
 from editing.files import save_atomically, write_json
 from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
 from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
@@ -27,16 +30,29 @@ __all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epo
 
 GENERAL_NLL = Metric.GENERAL_NLL
 LOGGED = tuple(Metric)  # logged as val/<metric>, epoch 0 included
+ALIASES = {Metric.GENERALIZATION: Metric.SUCCESS_RATE}  # logged under both names, stored once
+
+
+def logged_metrics(record: dict) -> dict[str, float]:
+    """The ``val/<metric>`` values of one epoch's record (those measured), aliases included."""
+    metrics = {f"val/{k}": float(v) for k, v in record.items() if k in LOGGED and v is not None}
+    for alias, name in ALIASES.items():
+        if record.get(name.value) is not None:
+            metrics[f"val/{alias.value}"] = float(record[name.value])
+    return metrics
 
 
 class DegradationBudget(L.Callback):
     """Keeps an edit inside the degradation balls.
 
     Evaluates p0 before training (epoch 0) and the edited model after every epoch on the DataModule's evaluation
-    sets; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``, ``val/targeted_nll`` and
-    ``val/hard_negative_nll``; keeps, per ball, the last epoch inside it and that epoch's deltas; at the end writes
-    ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a resumed run
-    continues it.
+    sets and its canonical examples; logs ``val/success_rate``, ``val/general_nll``, ``val/degradation``,
+    ``val/targeted_nll`` and ``val/hard_negative_nll``, and what a practitioner reads: ``val/reliability`` (success
+    on the canonical examples) and ``val/reliability_mean_score``, ``val/generalization`` (= success rate) and
+    ``val/generalization_mean_score``, ``val/locality`` (the hard negatives preserved relative to p0,
+    ``editing.evaluation.locality``); keeps, per ball, the last epoch inside it and that epoch's deltas; at the
+    end writes ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a
+    resumed run continues it.
 
     Args:
         balls: the eps values of the balls (each finite, 0 < eps < 1, listed once; default 1e-3, 1e-4, 1e-5).
@@ -49,10 +65,18 @@ class DegradationBudget(L.Callback):
         overwrite: replace the results of a finished run in ``output_dir``.
         save_edits: write each ball's edit (LoRA adapter, changed tensors, ...) at the end.
         max_epoch: per ball key, do not choose an epoch after this one (test runs use validation's choice).
+        p0_cache: read p0's evaluation (epoch 0) from the cache that fits on the same model and data share, and fill
+            it when absent (``editing.evaluation.caching``); the numbers are the same either way.
+        incremental: evaluate each epoch computing only what the edit can change (the frozen blocks below a LoRA
+            block or MEMIT's layers, the positions a sense edit reaches); equal to a full evaluation to fp32
+            rounding. ``$EDITING_EVAL_CACHES=off`` turns this and ``p0_cache`` off.
+        cache_memory_mb: memory (MiB) the incremental evaluation may keep per process; what does not fit goes to
+            disk (``$EDITING_EVAL_CACHE_DIR``, default ``<cache>/evaluation``), where later fits find it too.
     """
 
     def __init__(self, balls: list[float] | None = None, patience: int | None = None, output_dir: str | None = None,
-                 overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> None:
+                 overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None,
+                 p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0) -> None:
         self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
@@ -62,21 +86,28 @@ class DegradationBudget(L.Callback):
         self.overwrite = overwrite
         self.save_edits = save_edits
         self.max_epoch = parse_max_epoch(max_epoch, self.balls, "--budget.max_epoch")
+        if not cache_memory_mb >= 0:
+            raise ConfigError(f"--budget.cache_memory_mb={cache_memory_mb!r}: give a size in MiB >= 0 (0 keeps every "
+                              "incremental-evaluation entry on disk)")
+        self.caches = CacheSettings(p0=p0_cache, incremental=incremental, memory_mb=cache_memory_mb)
         self.history: list[dict] = []
         self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
         self.outside = 0
         self.diverged_epoch: int | None = None
         self.stopped_early: dict | None = None
+        self.p0_hard_negatives: dict[int, float] | None = None  # p0's value per hard negative, for locality
         self.resolved_config: dict | None = None
         self.results_path: Path | None = None
         self._catching_up = False
         self._restored = False
         self.claims: list[Claim] = []
+        self._losses: list[torch.Tensor] = []  # the task losses of this epoch's training steps, for its line
 
     # state in checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
-                "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early}
+                "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early,
+                "p0_hard_negatives": self.p0_hard_negatives}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = True  # a resumed run: epoch 0's row is in the log already
@@ -85,6 +116,7 @@ class DegradationBudget(L.Callback):
         self.outside = int(state["outside"])
         self.diverged_epoch = state.get("diverged_epoch")
         self.stopped_early = state.get("stopped_early")
+        self.p0_hard_negatives = state.get("p0_hard_negatives")  # None in checkpoints older than locality
 
     # helpers ---------------------------------------------------------------------------------------------
     def run_dir(self, trainer: L.Trainer) -> Path:
@@ -93,7 +125,14 @@ class DegradationBudget(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        summary = evaluate(module, trainer.datamodule, progress=show)
+        dm = trainer.datamodule
+        summary = evaluate_epoch(module, dm, epoch, self.caches, roles=dm.eval_roles(canonical=True), progress=show,
+                                 announce=trainer.is_global_zero)
+        values = hard_negative_values(summary["per_example_hard_negatives"])
+        if epoch == 0:
+            self.p0_hard_negatives = values
+        summary[Metric.LOCALITY.value] = (None if self.p0_hard_negatives is None
+                                          else preserved_rate(self.p0_hard_negatives, values))
         # the history holds plain dicts (the layout of results.json's epochs): checkpoints store it
         return EpochRecord.of(epoch, summary, self.history[0][GENERAL_NLL] if self.history else None).to_dict()
 
@@ -103,7 +142,7 @@ class DegradationBudget(L.Callback):
         # evaluate again) then comes after its row, and an epoch evaluated late (_catch_up) gets the row its end
         # would have had.
         trainer = module.trainer
-        metrics = {f"val/{k}": float(v) for k, v in record.items() if k in LOGGED and v is not None}
+        metrics = logged_metrics(record)
         # Lightning's step for an epoch's end row; a late evaluation runs before the restored count is advanced
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - (0 if self._catching_up else 1)
         if trainer.is_global_zero:
@@ -113,6 +152,34 @@ class DegradationBudget(L.Callback):
         if not self._catching_up:
             for name, value in metrics.items():  # for monitoring callbacks and the progress bar
                 module.log(name, value, rank_zero_only=True, logger=False)
+
+    # the console -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _say(trainer: L.Trainer, text: str) -> None:
+        if trainer.is_global_zero:
+            print(text, flush=True)
+
+    def _line(self, trainer: L.Trainer, record: dict, train_loss: float | None = None) -> str:
+        return epoch_line(record, self.history[0], self.balls, trainer.max_epochs, train_loss)
+
+    def _epoch_loss(self) -> float | None:
+        losses, self._losses = self._losses, []
+        return float(torch.stack(losses).float().mean()) if losses else None
+
+    def _warn_small_epochs(self, trainer: L.Trainer) -> None:
+        """Warn when an epoch holds fewer than a handful of optimizer steps, and say what to change (issue 14: 12
+        examples with gradient accumulation 5 gave 2 steps an epoch, and the edit did not move)."""
+        if not trainer.is_global_zero or not trainer.optimizers or self._restored:
+            return  # MEMIT takes no optimizer steps; a resumed run warned when it started
+        dm = trainer.datamodule
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or dm is None:
+            return  # an iterable without a length: nothing to count
+        examples = len(dm.load("canonical").examples) if hasattr(dm, "load") else batches
+        message = small_data_warning(examples, getattr(dm, "batch_size", 1), batches,
+                                     int(trainer.accumulate_grad_batches), trainer.max_epochs)
+        if message:
+            print(message, file=sys.stderr, flush=True)
 
     def _update_balls(self, module, record: dict) -> None:
         initial = self.history[0][GENERAL_NLL]
@@ -160,13 +227,14 @@ class DegradationBudget(L.Callback):
         record = self._evaluate(trainer, pl_module, 0)
         self.history.append(record)
         self.ball_states = {ball.key: pl_module.delta_state() for ball in self.balls}
+        self._say(trainer, self._line(trainer, record))
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._warn_small_epochs(trainer)
         self._catch_up(trainer, pl_module)
         if len(self.history) == 1 and not self._restored and trainer.logger is not None:
             # epoch 0 is logged once a logger is ready
-            metrics = {f"val/{k}": float(v) for k, v in self.history[0].items() if k in LOGGED and v is not None}
-            trainer.logger.log_metrics(metrics, step=0)
+            trainer.logger.log_metrics(logged_metrics(self.history[0]), step=0)
 
     def _catch_up(self, trainer: L.Trainer, pl_module) -> None:
         """Evaluate an epoch whose end a resumed run skipped.
@@ -189,16 +257,27 @@ class DegradationBudget(L.Callback):
             progress.completed += 1
             self._catching_up = False
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._losses = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = getattr(pl_module, "last_task_loss", None)
+        if loss is not None:
+            self._losses.append(loss)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if pl_module.diverged:
             self.diverged_epoch = epoch
             trainer.should_stop = True
+            self._say(trainer, f"stopped in epoch {epoch}: the training loss became NaN or infinite; the results keep "
+                               f"epochs 0..{epoch - 1} (status: diverged). Lower --model.optimizer.lr and fit again")
             return
         record = self._evaluate(trainer, pl_module, epoch)
         self.history.append(record)
         self._log(pl_module, record)
         self._update_balls(pl_module, record)
+        self._say(trainer, self._line(trainer, record, self._epoch_loss()))
         largest = max(self.balls, key=lambda b: b.eps)
         if largest.inside(record[GENERAL_NLL], self.history[0][GENERAL_NLL]):
             self.outside = 0
@@ -216,8 +295,7 @@ class DegradationBudget(L.Callback):
                           f"(--budget.patience {self.patience}); {skipped}, so a later epoch that comes back inside "
                           "a ball is never seen (null patience trains every epoch, the paper's rule)",
             }
-            if trainer.is_global_zero:
-                print(f"stopped early after epoch {epoch}: {self.stopped_early['reason']}", flush=True)
+            self._say(trainer, f"stopped early after epoch {epoch}: {self.stopped_early['reason']}")
 
     def summary(self) -> dict[str, BallRecord]:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""

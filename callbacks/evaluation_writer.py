@@ -9,7 +9,8 @@ import lightning as L
 
 from editing.files import ensure_writable
 from editing.records import EVALUATION_FILE, write_evaluation
-from editing.types import Stage
+from editing.tables import metrics_table
+from editing.types import EVALUATED_METRICS, Stage
 
 
 def default_output_dir(root: str | Path, model_name: str, task: str, split: str, stage: str) -> Path:
@@ -60,6 +61,9 @@ class EvaluationWriter(L.Callback):
             out, module.last_evaluation, stage=stage, task=dm.task, split=dm.split, identity=module.identity,
             data_files=dm.describe(), overwrite=self.overwrite, config=self.resolved_config or None,
         )
+        summary = module.last_evaluation
+        print(metrics_table([{"task": dm.task.name, "examples": summary["counts"]["evaluation"],
+                              **{k.value: summary[k] for k in EVALUATED_METRICS}}]))
         print(f"results: {self.written}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:

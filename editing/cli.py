@@ -31,7 +31,10 @@ COMMANDS: dict[str, Command] = {
     "test": Command("editing.commands.lightning", "test", "evaluate a model on a task's test pair (LightningCLI)"),
     "evaluate": Command("editing.commands.evaluate", "evaluate_tasks",
                         "evaluate a model on several tasks, loaded once (one table)"),
-    "apply": Command("editing.commands.apply", "apply_edit", "apply a saved edit to its base model and evaluate it"),
+    "apply": Command("editing.commands.apply", "apply_edit",
+                     "apply a saved edit (or several, combined) to its base model; evaluate it beside the base"),
+    "generate": Command("editing.commands.generate", "generate",
+                        "continue prompts with the base model and with an edit of it, side by side"),
     "data download": Command("editing.commands.data", "download_data",
                              "download the task data from the paper's public repository"),
     "senses inspect": Command("editing.commands.senses", "inspect_senses",
@@ -52,6 +55,8 @@ COMMANDS: dict[str, Command] = {
                          "rerun the selected configurations on the test pair with several seeds"),
     "report": Command("editing.commands.protocol", "report",
                       "tables (Markdown, LaTeX) and plots (PNG) from the test runs"),
+    "auto": Command("editing.commands.auto", "auto",
+                    "search hyperparameters for the best edit inside a ball, within a budget of trials or minutes"),
 }
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
 """First words of the two-word commands (``data``, ``senses``, ``backpack``)."""
@@ -116,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         name, rest = find_command(args)
+        from editing.console import quiet_dependencies
+
+        quiet_dependencies()
         check_config_files(rest)
         import importlib
 

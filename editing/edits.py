@@ -67,6 +67,34 @@ def _legacy_kind(folder: Path) -> str | None:
     return None
 
 
+def read_edit(folder: Path, allow_unverified: bool = False) -> tuple[dict, str, str | None, dict]:
+    """An edit folder's base identity, kind, method and verified tensor files (file name -> tensors).
+
+    Raises:
+        ConfigError: no edit in the folder, tensors that fail verification, or no recorded kind (unless
+            ``allow_unverified``, which guesses it from the file names).
+    """
+    from editing.integrity import MANIFEST, recorded_kind, verify_edit
+
+    identity = read_edit_identity(folder)
+    kind, method = recorded_kind(folder)
+    guessed = _legacy_kind(folder) if kind is None else None
+    if kind is None and guessed is None:
+        raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
+                          "nor senses.safetensors; pass an edit folder of a fit run (<run>/edits/ball_<eps>)")
+    files = verify_edit(folder, allow_unverified)
+    if kind is None:
+        if not allow_unverified:
+            raise ConfigError(
+                f"{folder / MANIFEST} does not record the edit's kind (it was saved by an older canonical-editing), so "
+                "which method's loader applies it is not known. Re-export the edit, or, if you trust it, pass "
+                "--allow_unverified true (load_edited(..., allow_unverified=True)) to guess it from the file names")
+        log.warning("edit %s records no kind: loading it as %r, guessed from its file names (allow_unverified is set)",
+                    folder, guessed)
+        kind = guessed
+    return identity, kind, method, files
+
+
 def load_edited(edit: str | Path, base: ModelConfig | None = None, allow_unverified: bool = False) -> EditedModule:
     """Load the base model an edit was made on and apply the edit.
 
@@ -85,25 +113,10 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None, allow_unverif
         ``reference()`` computes the base model (for an edit of changed tensors, their base values are kept).
         ``identity["edit_sha256"]`` is a hash of the edit's tensors.
     """
-    from editing.integrity import MANIFEST, edit_digest, recorded_kind, verify_edit
+    from editing.integrity import edit_digest
 
     folder = Path(edit)
-    identity = read_edit_identity(folder)
-    kind, method = recorded_kind(folder)
-    guessed = _legacy_kind(folder) if kind is None else None
-    if kind is None and guessed is None:
-        raise ConfigError(f"{folder} holds no edit: neither a LoRA adapter (adapter_config.json), edit.safetensors "
-                          "nor senses.safetensors; pass an edit folder of a fit run (<run>/edits/ball_<eps>)")
-    files = verify_edit(folder, allow_unverified)
-    if kind is None:
-        if not allow_unverified:
-            raise ConfigError(
-                f"{folder / MANIFEST} does not record the edit's kind (it was saved by an older canonical-editing), so "
-                "which method's loader applies it is not known. Re-export the edit, or, if you trust it, pass "
-                "--allow_unverified true (load_edited(..., allow_unverified=True)) to guess it from the file names")
-        log.warning("edit %s records no kind: loading it as %r, guessed from its file names (allow_unverified is set)",
-                    folder, guessed)
-        kind = guessed
+    identity, kind, method, files = read_edit(folder, allow_unverified)
     load = edit_loader(kind, method, str(folder))
     base = base or ModelConfig(name=identity["name"], precision="fp32")
     module = EditedModule(base)

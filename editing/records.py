@@ -23,7 +23,7 @@ from editing.budget import Ball, choose_epochs, degradation, key_eps, success_ch
 from editing.errors import ConfigError
 from editing.files import ensure_writable, write_json, write_jsonl
 from editing.textfiles import read_text
-from editing.types import EVALUATED_METRICS, LossType, Metric, RunStatus, Stage
+from editing.types import EVALUATED_METRICS, PRACTITIONER_METRICS, LossType, Metric, RunStatus, Stage
 
 SCHEMA_VERSION = 2
 """The layout written now. 1: files written before ``schema_version`` existed (the same fields, without it)."""
@@ -199,33 +199,55 @@ class TaskRef:
 @dataclass(frozen=True)
 class Metrics:
     """The four metrics an evaluation measures (each None when its set was empty) and, in a fit's records, the
-    degradation relative to epoch 0 (None elsewhere)."""
+    degradation relative to epoch 0 (None elsewhere).
+
+    The practitioner's metrics (``PRACTITIONER_METRICS``: reliability and its mean score, the evaluation set's mean
+    score, locality) are optional: None when not measured, written only when measured, and read as None from files
+    written before they existed (schemas 1 and 2 alike). ``generalization`` is ``success_rate``.
+    """
 
     success_rate: float | None
     general_nll: float | None
     targeted_nll: float | None
     hard_negative_nll: float | None
     degradation: float | None = None
+    reliability: float | None = None
+    reliability_mean_score: float | None = None
+    generalization_mean_score: float | None = None
+    locality: float | None = None
 
     @classmethod
     def of(cls, summary: Mapping[str, Any], degradation: float | None = None) -> Metrics:
         """From an evaluation summary (or any mapping with the metric names as keys)."""
-        return cls(*(summary.get(m) for m in EVALUATED_METRICS), degradation=degradation)
+        return cls(*(summary.get(m) for m in EVALUATED_METRICS), degradation=degradation,
+                   **{m.value: summary.get(m.value) for m in PRACTITIONER_METRICS})
+
+    @property
+    def generalization(self) -> float | None:
+        """The paper's success rate on the evaluation set, under the name a practitioner reads."""
+        return self.success_rate
 
     def __getitem__(self, metric: Metric | str) -> float | None:
         return getattr(self, Metric(metric).value)
 
     def to_dict(self) -> dict:
-        """``{metric: value}`` in the order of ``Metric``; the degradation only when there is one."""
+        """``{metric: value}`` in the order of ``Metric``; the degradation and the practitioner's metrics only when
+        there are some."""
         out = {m.value: self[m] for m in EVALUATED_METRICS}
         if self.degradation is not None:
             out[Metric.DEGRADATION.value] = self.degradation
+        out.update(self.practitioner())
         return out
+
+    def practitioner(self) -> dict:
+        """The practitioner's metrics that were measured, ``{name: value}``."""
+        return {m.value: self[m] for m in PRACTITIONER_METRICS if self[m] is not None}
 
     @classmethod
     def read(cls, r: _Reader, with_degradation: bool = False) -> Metrics:
         values = [r.number(m.value) for m in EVALUATED_METRICS]
-        return cls(*values, degradation=r.number(Metric.DEGRADATION.value) if with_degradation else None)
+        return cls(*values, degradation=r.number(Metric.DEGRADATION.value) if with_degradation else None,
+                   **{m.value: r.number(m.value, None) for m in PRACTITIONER_METRICS})
 
 
 @dataclass(frozen=True)
@@ -249,6 +271,7 @@ class EpochRecord:
         m = self.metrics.to_dict()
         out = {"epoch": self.epoch, **{k: m[k] for k in (x.value for x in EVALUATED_METRICS)}, "counts": self.counts}
         out[Metric.DEGRADATION.value] = self.metrics.degradation
+        out.update(self.metrics.practitioner())
         return out
 
     @classmethod

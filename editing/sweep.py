@@ -524,11 +524,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None) -> int:
+def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None, deadline: float | None = None,
+            clock: Callable[[], float] = time.monotonic) -> int:
     """Run ``editing fit <args>`` in a subprocess with the same code as this process; output goes to ``log_path``.
 
+    Args:
+        args: the fit's command line (after ``fit``).
+        log_path: the log file (appended to).
+        env: the environment (default: this process's).
+        deadline: a ``clock`` time at which the fit is killed (None: never); ``editing auto``'s time budget.
+        clock: the clock ``deadline`` is read on.
+
     Returns:
-        The exit code.
+        The exit code (-9 when killed at the deadline).
     """
     env = dict(os.environ if env is None else env)
     # the subprocess must import this checkout's package, not another installed copy
@@ -541,7 +549,15 @@ def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None) -> int
                                 stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=None if deadline is None else 1.0)
+                except subprocess.TimeoutExpired:
+                    if clock() >= deadline:
+                        proc.kill()
+                        proc.wait()
+                        log.write("\n[editing auto: killed at the budget's deadline]\n")
+                        return -9
         finally:
             if proc.poll() is None:  # interrupted: do not leave the fit running
                 proc.kill()

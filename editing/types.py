@@ -125,6 +125,19 @@ class Metric(_Name):
     TARGETED_NLL = "targeted_nll"
     HARD_NEGATIVE_NLL = "hard_negative_nll"
     DEGRADATION = "degradation"
+    # what a practitioner reads beside the paper's metrics (issue 14); optional in results files (None when not
+    # measured, absent from files written before they existed)
+    RELIABILITY = "reliability"
+    """The success rate on the canonical examples themselves (the task's threshold)."""
+    RELIABILITY_MEAN_SCORE = "reliability_mean_score"
+    """The mean score of the canonical examples."""
+    GENERALIZATION = "generalization"
+    """The paper's success rate on the evaluation set (the same number as ``success_rate``, under the name a
+    practitioner reads)."""
+    GENERALIZATION_MEAN_SCORE = "generalization_mean_score"
+    """The mean score of the evaluation examples."""
+    LOCALITY = "locality"
+    """The fraction of hard negatives preserved relative to p0 (``editing.evaluation.locality``)."""
 
     @classmethod
     def _label(cls) -> str:
@@ -139,6 +152,9 @@ class Metric(_Name):
 
 EVALUATED_METRICS: tuple[Metric, ...] = (Metric.SUCCESS_RATE, Metric.GENERAL_NLL, Metric.TARGETED_NLL,
                                          Metric.HARD_NEGATIVE_NLL)
+PRACTITIONER_METRICS: tuple[Metric, ...] = (Metric.RELIABILITY, Metric.RELIABILITY_MEAN_SCORE,
+                                            Metric.GENERALIZATION_MEAN_SCORE, Metric.LOCALITY)
+"""The optional metrics records store (``generalization`` is ``success_rate`` and is not stored twice)."""
 
 
 class RunStatus(_Name):
@@ -163,4 +179,4 @@ class Stage(_Name):
     def _label(cls) -> str:
         return "evaluation stage"
 
-__all__ = ["EVALUATED_METRICS", "LossType", "MethodName", "Metric", "RunStatus", "Stage"]
+__all__ = ["EVALUATED_METRICS", "PRACTITIONER_METRICS", "LossType", "MethodName", "Metric", "RunStatus", "Stage"]

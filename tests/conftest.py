@@ -13,6 +13,18 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_FAMILIES = ("tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-backpack")
 
 
+@pytest.fixture(autouse=True)
+def _own_evaluation_caches(tmp_path_factory, monkeypatch):
+    """Each test has its own evaluation caches (p0 and incremental, ``editing.evaluation.caching``), on disk and in
+    memory: what one test cached is never another test's result. Subprocesses inherit the folder."""
+    from editing.evaluation.incremental import clear_memory
+
+    monkeypatch.setenv("EDITING_EVAL_CACHE_DIR", str(tmp_path_factory.mktemp("eval-cache")))
+    clear_memory()
+    yield
+    clear_memory()
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The shared task data (read-only; never copied into the repository)."""

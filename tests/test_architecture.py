@@ -18,15 +18,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("editing.errors", "editing.types", "editing.paths", "editing.files", "editing.textfiles",
                 "editing.__init__")),
     ("rules", ("editing.budget", "editing.tasks", "editing.losses", "editing.records", "editing.tables",
-               "editing.run_folder", "editing.metrics_log", "editing.checkpoints", "editing.integrity")),
+               "editing.console", "editing.run_folder", "editing.metrics_log", "editing.checkpoints",
+               "editing.integrity")),
     ("data", ("editing.data",)),
     ("models", ("editing.models",)),
     ("evaluation", ("editing.evaluation", "editing.regularizers")),
     ("methods", ("editing.methods",)),
-    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search")),
-    ("protocol", ("editing.sweep", "editing.report")),
+    ("uses methods", ("callbacks", "editing.edits", "editing.ensemble_search", "editing.combined")),
+    ("protocol", ("editing.sweep", "editing.report", "editing.auto")),
     ("commands", ("editing.commands",)),
-    ("entry", ("editing.cli",)),
+    ("entry", ("editing.cli", "editing.api")),
 ]
 
 

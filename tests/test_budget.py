@@ -178,21 +178,21 @@ def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **bud
     import callbacks.degradation_budget as budget_module
     from callbacks.degradation_budget import DegradationBudget
     from editing.data.datamodule import TaskDataModule
-    from editing.evaluation import evaluate as real
+    from editing.evaluation.caching import evaluate_epoch as real
     from editing.methods import LoRAConfig, LoRAEditor
     from editing.models.loading import ModelConfig
 
     seen: list[float] = []
 
-    def scripted(module, datamodule, **kw):
-        summary = real(module, datamodule, **kw)
+    def scripted(module, datamodule, *args, **kw):
+        summary = real(module, datamodule, *args, **kw)
         if not seen:
             seen.append(summary["general_nll"])
         summary["general_nll"] = seen[0] * factors[len(seen) - 1]
         seen.append(summary["general_nll"])
         return summary
 
-    monkeypatch.setattr(budget_module, "evaluate", scripted)
+    monkeypatch.setattr(budget_module, "evaluate_epoch", scripted)
     L.seed_everything(0)
     module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=2))
     dm = TaskDataModule(task="stereoset", eval_limit=2, general_limit=2)

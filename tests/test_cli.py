@@ -44,7 +44,9 @@ def test_validate_writes_results(validate_run, tiny_module, data_root):
     assert record["stage"] == "validate" and record["split"] == "val"
     assert record["task"] == {"name": "stereoset", "loss": "bad", "threshold": pytest.approx(-6.907755, abs=1e-5)}
     metrics = record["metrics"]
-    assert set(metrics) == {"success_rate", "general_nll", "targeted_nll", "hard_negative_nll"}
+    # the paper's four, and the evaluation set's mean score (issue 14; reliability and locality are a fit's)
+    assert set(metrics) == {"success_rate", "general_nll", "targeted_nll", "hard_negative_nll",
+                            "generalization_mean_score"}
     assert all(isinstance(v, float) for v in metrics.values())
     counts = record["counts"]
     assert counts["evaluation"] == 8 and counts["hard_negatives"] == 8
@@ -199,7 +201,7 @@ COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "
                  "apply": "saved edit", "data download": "download", "senses inspect": "senses",
                  "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
                  "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
-                 "report": "tables"}
+                 "report": "tables", "generate": "side by side", "auto": "inside a ball"}
 
 
 def test_help_lists_every_command_without_importing_torch():
@@ -230,7 +232,7 @@ def test_no_command_prints_the_list_and_exits_2(capsys):
 @pytest.mark.parametrize("args, closest", [
     (["evalute"], "evaluate"), (["fitt"], "fit"), (["sweep_status"], "sweep-status"), (["testruns"], "test-runs"),
     (["backpack", "distil"], "backpack distill"), (["data", "downlod"], "data download"),
-    (["backpak"], "backpack"), (["generate"], None),
+    (["backpak"], "backpack"), (["frobnicate"], None),
 ])
 def test_unknown_command_names_the_closest(args, closest, capsys):
     with pytest.raises(SystemExit) as info:

@@ -363,7 +363,8 @@ def test_metric_names_are_typed() -> None:
     from editing.errors import ConfigError
 
     assert [m.value for m in Metric] == ["success_rate", "general_nll", "targeted_nll", "hard_negative_nll",
-                                         "degradation"]
+                                         "degradation", "reliability", "reliability_mean_score", "generalization",
+                                         "generalization_mean_score", "locality"]
     with pytest.raises(ConfigError, match="unknown metric 'succes_rate'"):
         Metric("succes_rate")
 

@@ -13,6 +13,8 @@ ball rule is used):
   measured on the weights the training step sees;
 - SPEC 6: the degradation, the reported epoch per ball (the last epoch strictly inside (1 + eps) x epoch 0's general
   NLL) and the success change in percentage points.
+- issue 14: reliability (the success rate and mean score on the canonical examples themselves), the evaluation set's
+  mean score, and locality (the fraction of hard negatives whose value rose by at most ln 2 nats from p0's).
 
 They are compared with what the package reports: ``evaluate()`` (per-example scores and failures), the logged
 ``train/task_loss`` and the run's ``results.json`` (per-epoch metrics and the per-ball summary).
@@ -128,16 +130,30 @@ def token_mean(model, texts: list[tuple[list[int], int]]) -> float:
 
 
 def ref_metrics(model, data: Data, loss: str, threshold: float) -> dict:
-    """SPEC 5 numbers of one model state."""
+    """SPEC 5 numbers of one model state, and the practitioner's (issue 14): reliability (success and mean score on
+    the canonical examples themselves), the evaluation set's mean score, and the per-example hard-negative values
+    that locality compares with p0's."""
     scores = ref_scores(model, data, loss)
     failed = [not (math.isfinite(s) and s <= threshold) for s in scores]
     hard = []
     for (ids, start), is_text in zip(data.hard, data.hard_is_text, strict=True):
         nll = reference_sequence_nll(model, ids, start)
         hard.append(sum(nll) / len(nll) if is_text else sum(nll))
+    canonical = [ref_score([sum(reference_sequence_nll(model, ids, start)) for ids, start in seqs], loss)
+                 for seqs in data.canonical]
+    canonical_failed = [not (math.isfinite(s) and s <= threshold) for s in canonical]
     return {"scores": scores, "failed": failed, "success_rate": 1.0 - sum(failed) / len(failed),
             "general_nll": token_mean(model, data.general), "targeted_nll": token_mean(model, data.targeted),
-            "hard_negative_nll": sum(hard) / len(hard)}
+            "hard_negative_nll": sum(hard) / len(hard), "hard": hard,
+            "reliability": 1.0 - sum(canonical_failed) / len(canonical_failed),
+            "reliability_mean_score": sum(canonical) / len(canonical),
+            "generalization_mean_score": sum(scores) / len(scores)}
+
+
+def ref_locality(p0_hard: list[float], hard: list[float]) -> float:
+    """The fraction of hard negatives whose value rose by at most ln 2 nats from p0's (finite values only)."""
+    kept = [math.isfinite(a) and math.isfinite(b) and b - a <= math.log(2) for a, b in zip(p0_hard, hard, strict=True)]
+    return sum(kept) / len(kept)
 
 
 def ref_chosen(general: list[float], eps: float) -> int:
@@ -261,6 +277,11 @@ def test_reported_numbers_match_the_spec_reference(tmp_path, monkeypatch, data_r
             assert record[name] == pytest.approx(ref[name], rel=2e-7), name
         degradation = ref["general_nll"] / measure.reference[0]["general_nll"] - 1
         assert record["degradation"] == pytest.approx(degradation, abs=2e-7)
+        # the practitioner's metrics (issue 14 item 3)
+        assert record["reliability"] == pytest.approx(ref["reliability"], abs=1e-12)
+        for name in ("reliability_mean_score", "generalization_mean_score"):
+            assert record[name] == pytest.approx(ref[name], rel=2e-6, abs=2e-5), name
+        assert record["locality"] == ref_locality(measure.reference[0]["hard"], ref["hard"])
 
     # the model changed, and the success rate before the edit is the one the threshold was placed for
     assert measure.reference[-1]["general_nll"] != measure.reference[0]["general_nll"]
@@ -283,3 +304,9 @@ def test_reported_numbers_match_the_spec_reference(tmp_path, monkeypatch, data_r
         assert info["epoch"] == chosen, key
         assert info["success_change_pp"] == pytest.approx(100 * (success[chosen] - success[0]), abs=1e-9), key
         assert info["metrics"]["general_nll"] == pytest.approx(general[chosen], rel=2e-7), key
+        # the practitioner's metrics of the ball's epoch, against the reference of that epoch
+        ref = measure.reference[chosen]
+        assert info["metrics"]["reliability"] == pytest.approx(ref["reliability"], abs=1e-12), key
+        for name in ("reliability_mean_score", "generalization_mean_score"):
+            assert info["metrics"][name] == pytest.approx(ref[name], rel=2e-6, abs=2e-5), (key, name)
+        assert info["metrics"]["locality"] == ref_locality(measure.reference[0]["hard"], ref["hard"]), key

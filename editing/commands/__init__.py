@@ -28,7 +28,9 @@ validate, test      ``runs/<model>/<task>-<split>/<stage>``      ``--report.outp
 backpack distill    ``runs/distill/version_N`` (the logger's)    ``--trainer.default_root_dir ROOT``; the
                                                                  distilled model goes to ``--model.output``
 evaluate            ``runs/evaluate`` (``<task>-<split>/`` in)   ``--output_dir DIR``
-apply               ``<edit>/eval-<task>-<split>``               ``--output_dir DIR``
+apply               ``<edit>/eval-<task>-<split>``; several      ``--output_dir DIR``
+                    edits: ``runs/combined/version_N``
+generate            (prints only)
 ensemble            ``runs/<large>/<task>-<split>/ensemble``     ``--output_dir DIR``
 backpack export     (required)                                   ``--output_dir DIR``
 report              ``runs/report``                              ``--output_dir DIR``
@@ -60,6 +62,23 @@ def parses_own_arguments(func: Callable[[list[str]], Any]) -> Callable[[list[str
     """Mark a command function that takes the raw command line (the LightningCLI commands)."""
     func.parses_own_arguments = True  # type: ignore[attr-defined]
     return func
+
+
+def repeatable(*names: str) -> Callable[[Callable], Callable]:
+    """Mark list options given once per value (``--prompt A --prompt B``); jsonargparse alone keeps the last."""
+    def mark(func: Callable) -> Callable:
+        func.repeatable = names  # type: ignore[attr-defined]
+        return func
+    return mark
+
+
+def _appending(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``--name VALUE`` as jsonargparse's ``--name+ VALUE`` (append to the list) for the repeatable ``names``."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        out.append(f"{key}+{eq}{value}" if key[2:] in names and key.startswith("--") else arg)
+    return out
 
 
 def _python_only(func: Callable) -> set[str]:
@@ -113,7 +132,7 @@ def run_function(name: str, func: Callable, args: list[str], summary: str) -> An
         What ``func`` returns.
     """
     parser = function_parser(name, func, summary)
-    cfg = parser.parse_args(args)
+    cfg = parser.parse_args(_appending(args, getattr(func, "repeatable", ())))
     return func(**{k: v for k, v in vars(cfg).items() if k != "config"})
 
 

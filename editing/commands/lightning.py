@@ -175,8 +175,9 @@ class EditingCLI(ProjectCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand != "fit":
-            # an evaluation's results go to report.output_dir; a CSV log of it would be a stray run folder
-            parser.set_defaults({"trainer.logger": False})
+            # an evaluation's results go to report.output_dir; a CSV log of it would be a stray run folder.
+            # Lightning's own tables (one per dataloader, metric names cut short) give way to the EvaluationWriter's
+            parser.set_defaults({"trainer.logger": False, "verbose": False})
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -224,6 +225,7 @@ class EditingCLI(ProjectCLI):
     def before_fit(self) -> None:
         self._attach_config()
         self._prepare_run_folders()
+        tidy_progress_bar(self.trainer)
 
     def _prepare_run_folders(self) -> None:
         """Before the fit touches any file: resolve and check the checkpoint to resume, claim the run folders
@@ -262,6 +264,29 @@ COMPOSE = ("Configs compose (later --config files override earlier ones key by k
            "  --config lightning_configs/{first}.yaml --config lightning_configs/tasks/stereoset.yaml")
 FIT_INTRO = ("Train a method on a task's canonical examples; after each epoch, keep per degradation ball the last\n"
              "epoch inside it (run folder: results.json, edits/ball_<eps>/).\n" + COMPOSE.format(first="fit/lora"))
+
+
+def tidy_progress_bar(trainer) -> None:
+    """Drop ``v_num`` (the logger's version) from the progress bar, since the run folder is printed at the end and
+    a bare number beside the loss reads as a metric; and count the rich bar's epochs from 1, as the per-epoch lines
+    and results.json do (Lightning's ``Epoch 0/2`` is the first of three)."""
+    bar = trainer.progress_bar_callback
+    if bar is None:
+        return
+    original = bar.get_metrics
+
+    def get_metrics(trainer, pl_module):
+        metrics = dict(original(trainer, pl_module))
+        metrics.pop("v_num", None)
+        return metrics
+
+    bar.get_metrics = get_metrics
+    if hasattr(bar, "_get_train_description"):  # RichProgressBar
+        def description(current_epoch: int) -> str:
+            total = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else "?"
+            return f"training epoch {current_epoch + 1}/{total}"
+
+        bar._get_train_description = description
 
 
 def _editing_module() -> type:

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Evaluation roles in the order their dataloaders are served.
 EVAL_ROLES: tuple[str, ...] = ("evaluation", "general", "targeted", "hard_negatives")
+CANONICAL_ROLE = "canonical"
+"""The canonical examples scored as an evaluation set (reliability): asked for with ``eval_roles(canonical=True)``."""
 GENERAL_FILES = {"regularization": "regularization.jsonl", "general": "degradation.jsonl"}
 
 
@@ -200,9 +202,15 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
         picks = torch.randperm(len(data.examples), generator=generator)[: self.regularization_batch_size]
         return collate([data.examples[i] for i in picks.tolist()], role="regularization", pad_id=self.pad_id)
 
-    def eval_roles(self) -> list[str]:
-        """Evaluation roles this task has, in dataloader order."""
-        return [r for r in EVAL_ROLES if r in GENERAL_FILES or getattr(self.task, r) is not None]
+    def eval_roles(self, canonical: bool = False) -> list[str]:
+        """Evaluation roles this task has, in dataloader order.
+
+        Args:
+            canonical: add the canonical examples (last), scored like an evaluation set for ``reliability`` (the
+                fit's per-epoch evaluation does; Lightning's validate and test do not).
+        """
+        roles = [r for r in EVAL_ROLES if r in GENERAL_FILES or getattr(self.task, r) is not None]
+        return [*roles, CANONICAL_ROLE] if canonical else roles
 
     def eval_dataloader(self, role: str) -> DataLoader:
         """A dataloader over one evaluation role, batched by token budget."""

@@ -18,13 +18,16 @@ from tqdm.auto import tqdm
 
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
-from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.evaluation.scorer import TokenScorer, example_nll, sequence_nll
 from editing.losses import example_score
 from editing.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll")
+# what a practitioner reads beside the paper's metrics: the success rate and mean score on the canonical examples
+# themselves (scored when the "canonical" role is evaluated), and the mean score on the evaluation set
+PRACTITIONER_NAMES = ("reliability", "reliability_mean_score", "generalization_mean_score")
 
 
 class Evaluable(Protocol):
@@ -54,7 +57,14 @@ class Evaluator(nn.Module):
             "targeted_nll": TokenMeanNLL(),
             "hard_negative_nll": ExampleMeanNLL(),
             "scores": ExampleScores(),
+            "reliability": SuccessRate(task.threshold),
+            "reliability_mean_score": ExampleMeanNLL(),  # a mean of per-example values: here scores
+            "generalization_mean_score": ExampleMeanNLL(),
+            "hard_negative_values": ExampleScores(),  # per-example values, for locality (preserved vs p0)
         })
+        self.scorer: TokenScorer | None = None
+        """Scores a batch's tokens in place of ``token_nll`` (an evaluation cache's, see ``run``); None: a forward
+        pass of the whole model."""
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict) -> None:
@@ -70,18 +80,25 @@ class Evaluator(nn.Module):
         role = batch["role"]
         m = self.metrics
         if role == "evaluation":
-            sums, _ = example_nll(model, batch)
+            sums, _ = example_nll(model, batch, self.scorer)
             scores = example_score(sums, self.task.loss)
             m["success_rate"].update(scores)
             m["scores"].update(batch["example_index"], scores)
+            m["generalization_mean_score"].update(scores)
+        elif role == "canonical":
+            sums, _ = example_nll(model, batch)
+            scores = example_score(sums, self.task.loss)
+            m["reliability"].update(scores)
+            m["reliability_mean_score"].update(scores)
         elif role in ("general", "targeted"):
-            sums, counts = sequence_nll(model, batch)
+            sums, counts = sequence_nll(model, batch, self.scorer)
             m[f"{role}_nll"].update(sums, counts)
         elif role == "hard_negatives":
-            sums, counts = example_nll(model, batch)
+            sums, counts = example_nll(model, batch, self.scorer)
             # suffix lines: the suffix NLL sum; text lines: the text's token-mean NLL (SPEC section 5)
             values = torch.where(batch["is_text"], sums[:, 0] / counts[:, 0].clamp(min=1), sums[:, 0])
             m["hard_negative_nll"].update(values)
+            m["hard_negative_values"].update(batch["example_index"], values)
         else:
             raise ValueError(f"unknown evaluation role {role!r}")
 
@@ -90,6 +107,11 @@ class Evaluator(nn.Module):
 
         Every process computes every metric in the same order (each compute is a collective under DDP), also a
         process whose shard of a set was empty; a metric is None when no process saw any example of its set.
+
+        Besides the paper's metrics (``METRIC_NAMES``) it holds ``reliability`` (the success rate on the canonical
+        examples, when the ``canonical`` role was evaluated) with ``reliability_mean_score``, the evaluation set's
+        ``generalization_mean_score``, and ``per_example_hard_negatives`` (``{"index", "value"}`` per hard negative,
+        the value of ``hard_negative_nll``), from which ``editing.evaluation.locality`` measures the preserved rate.
         """
         m = self.metrics
         empty = torch.zeros(0, device=m["general_nll"].nll.device)
@@ -101,6 +123,10 @@ class Evaluator(nn.Module):
                 m[name].update(empty, empty.long())
         if m["hard_negative_nll"].update_count == 0:
             m["hard_negative_nll"].update(empty)
+            m["hard_negative_values"].update(empty.long(), empty)
+        for name in PRACTITIONER_NAMES:
+            if m[name].update_count == 0:
+                m[name].update(empty)
         # sizes, then the non-finite values each metric saw (scores; general, targeted, hard-negative NLLs)
         sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
                              m["hard_negative_nll"].count, *(m[name].nonfinite for name in METRIC_NAMES)]).clone()
@@ -125,6 +151,19 @@ class Evaluator(nn.Module):
             for i, s, f in zip(index.tolist(), score.tolist(), failed(score, self.task.threshold).tolist(),
                                strict=True)
         ]
+        # the practitioner's metrics, after the paper's (the same order on every process)
+        extra = torch.stack([m["reliability"].total, m["reliability"].failed]).clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(extra)
+        for name, size in zip(PRACTITIONER_NAMES, (extra[0], extra[0], sizes[0]), strict=True):
+            value = float(m[name].compute())
+            summary[name] = value if int(size) > 0 else None
+        if int(extra[0]) > 0:
+            summary["counts"]["canonical"] = int(extra[0])
+            summary["counts"]["canonical_failed"] = int(extra[1])
+        index, value = (t.reshape(-1) for t in m["hard_negative_values"].compute())
+        summary["per_example_hard_negatives"] = [{"index": int(i), "value": v}
+                                                 for i, v in zip(index.tolist(), value.tolist(), strict=True)]
         if any(nonfinite.values()) and _rank() == 0:
             seen = ", ".join(f"{n} {name}" for name, n in nonfinite.items() if n)
             log.warning("evaluation on %s saw NaN or infinite values (%s): non-finite scores count as failures, and a "
@@ -134,32 +173,67 @@ class Evaluator(nn.Module):
                 metric.reset()
         return summary
 
-    def run(self, model: nn.Module, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:
+    def run(self, model: nn.Module, datamodule, roles: list[str] | None = None, progress: bool = False,
+            scorer: TokenScorer | None = None, summarize: bool = True) -> dict | None:
         """Score ``model`` on ``datamodule``'s evaluation sets in one process (no Trainer) and sum up.
 
         Args:
             model: the model under evaluation (put in eval mode for the run, then back).
             datamodule: a ``TaskDataModule`` of this evaluator's task, attached to the model's tokenizer.
-            roles: which evaluation roles to run (default: all the task has).
+            roles: which evaluation roles to run (default: all the task has; ``canonical`` scores the canonical
+                examples themselves, for ``reliability``).
             progress: show a progress bar per role.
+            scorer: scores each batch's tokens in place of a forward pass of the whole model (an evaluation cache's
+                scorer); each batch then carries ``position``, ``"<role>/<batch number>"``, to key its cache entry.
+            summarize: return the summary (and reset the metrics); False leaves the metrics filled (``states``).
 
         Returns:
-            The evaluation summary (see ``summary``).
+            The evaluation summary (see ``summary``), or None when not ``summarize``.
         """
         device = next(model.parameters()).device
         self.to(device)
         was_training = model.training
         model.eval()
-        with full_precision():
-            for role in roles or datamodule.eval_roles():
-                loader = datamodule.eval_dataloader(role)
-                if progress:
-                    loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
-                for batch in loader:
-                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    self.update(model, batch)
-        model.train(was_training)
-        return self.summary()
+        self.scorer = scorer
+        try:
+            with full_precision():
+                for role in roles or datamodule.eval_roles():
+                    loader = datamodule.eval_dataloader(role)
+                    if progress:
+                        loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
+                    for number, batch in enumerate(loader):
+                        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        batch["position"] = f"{role}/{number}"
+                        self.update(model, batch)
+        finally:
+            self.scorer = None
+            model.train(was_training)
+        return self.summary() if summarize else None
+
+    def states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The metrics' states summed over processes (what ``summary`` computes from), as CPU tensors: per metric,
+        per state (list states concatenated). ``load_states`` puts them back."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for name, metric in self.metrics.items():
+            with metric.sync_context(should_sync=distributed, distributed_available=lambda: distributed):
+                out[name] = {k: (torch.cat(v) if v else torch.zeros(0)) if isinstance(v, list) else v
+                             for k, v in metric.metric_state.items()}
+                out[name] = {k: v.detach().to("cpu", copy=True) for k, v in out[name].items()}
+        return out
+
+    def load_states(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fill the metrics with ``states`` (from ``states``) as if this process had scored every batch; under DDP
+        call it on one process only (the others keep empty metrics, and ``summary`` sums over processes)."""
+        for name, metric in self.metrics.items():
+            device = metric.device
+            for key, default in metric._defaults.items():
+                value = states[name][key].to(device)
+                if isinstance(default, list):  # a list state was saved concatenated
+                    value = [value] if value.numel() else []
+                setattr(metric, key, value)
+            metric._update_count = 1
+            metric._computed = None
 
 
 def evaluate(subject: Evaluable, datamodule, roles: list[str] | None = None, progress: bool = False) -> dict:

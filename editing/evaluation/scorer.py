@@ -10,14 +10,21 @@ off.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from editing.data.batching import IGNORE
 from editing.models.architecture import capture_final_hidden, head_logits
 
-__all__ = ["HEAD_CHUNK", "capture_final_hidden", "example_nll", "head_logits", "sequence_nll", "token_nll"]
+__all__ = ["HEAD_CHUNK", "TokenScorer", "capture_final_hidden", "example_nll", "head_logits", "head_nll", "scored_nll",
+           "sequence_nll", "token_nll"]
 
 HEAD_CHUNK = 2048  # positions per fp32 head matmul, bounding memory at HEAD_CHUNK x vocab floats
+
+TokenScorer = Callable[[object, dict], tuple[torch.Tensor, torch.Tensor]]
+"""``(model, batch) -> (nll, rows)`` as ``token_nll`` computes them for a batch: what ``sequence_nll`` and
+``example_nll`` sum up. The evaluation caches (``editing.evaluation.incremental``) supply their own."""
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[
@@ -35,32 +42,48 @@ def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labe
     """
     with capture_final_hidden(model) as store:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = store["hidden"]
+    return scored_nll(model, store["hidden"], labels)
+
+
+def scored_nll(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL of the scored tokens from the LM head's input ``hidden`` (b, s, d): the second half of ``token_nll``.
+
+    Returns:
+        ``nll`` (n,) in fp32 and ``rows`` (n,), scored positions in row-major order.
+    """
     mask = labels != IGNORE
     rows = mask.nonzero(as_tuple=True)[0]
-    selected = hidden[mask]
-    targets = labels[mask]
-    pieces = []
-    for start in range(0, selected.shape[0], HEAD_CHUNK):
-        logits = head_logits(model, selected[start: start + HEAD_CHUNK])
-        tgt = targets[start: start + HEAD_CHUNK]
-        pieces.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, tgt[:, None]).squeeze(1))
-    nll = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    nll = head_nll(model, hidden[mask], labels[mask])
     return nll, rows
 
 
-def sequence_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of scored-token NLL (float64) and scored-token count."""
-    nll, rows = token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+def head_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 NLL of ``targets`` (n,) under the LM head applied to ``hidden`` (n, d), ``HEAD_CHUNK`` rows at a time."""
+    pieces = []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = head_logits(model, hidden[start: start + HEAD_CHUNK])
+        tgt = targets[start: start + HEAD_CHUNK]
+        pieces.append(torch.logsumexp(logits, dim=-1) - logits.gather(1, tgt[:, None]).squeeze(1))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def _batch_token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def sequence_nll(model, batch: dict, scorer: TokenScorer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of scored-token NLL (float64) and scored-token count (the tokens' NLL from ``scorer``,
+    default ``token_nll``)."""
+    nll, rows = (scorer or _batch_token_nll)(model, batch)
     n = batch["input_ids"].shape[0]
     sums = torch.zeros(n, dtype=torch.float64, device=nll.device).index_add_(0, rows, nll.double())
     counts = torch.zeros(n, dtype=torch.long, device=nll.device).index_add_(0, rows, torch.ones_like(rows))
     return sums, counts
 
 
-def example_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def example_nll(model, batch: dict, scorer: TokenScorer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example, per-suffix NLL sums and token counts: shapes (examples, suffixes)."""
-    sums, counts = sequence_nll(model, batch)
+    sums, counts = sequence_nll(model, batch, scorer)
     n_examples = batch["example_index"].shape[0]
     out_sums = torch.zeros(n_examples, batch["n_slots"], dtype=torch.float64, device=sums.device)
     out_counts = torch.zeros(n_examples, batch["n_slots"], dtype=torch.long, device=sums.device)

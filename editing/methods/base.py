@@ -24,6 +24,7 @@ from torch import nn
 
 from editing.errors import ConfigError
 from editing.evaluation.evaluator import METRIC_NAMES, Evaluator
+from editing.evaluation.incremental import FrozenPrefix, Shortcut, first_changed_block
 from editing.evaluation.scorer import example_nll, sequence_nll
 from editing.files import write_text
 from editing.losses import training_loss
@@ -116,6 +117,21 @@ class EditingModule(L.LightningModule):
     def reference(self) -> Iterator[nn.Module]:
         """A context in which the yielded model computes p0 (the unedited model)."""
         yield self.model
+
+    p0_is_base: bool = False
+    """True when the model before the first step computes the base model as loaded bit for bit (deltas that start
+    at zero, a frozen copy): epoch 0's evaluation is then read from, and written to, the p0 cache that every method
+    shares (``editing.evaluation.caching``). False (the default, safe for any method) always computes epoch 0."""
+
+    def evaluation_shortcut(self) -> Shortcut | None:
+        """What the evaluation may skip because the edit cannot change it (``editing.evaluation.incremental``).
+
+        By default: when every trainable delta lies inside the transformer blocks, the blocks below the lowest of
+        them (and the embeddings) are frozen. A method whose deltas act otherwise (hooks, sense vectors) overrides
+        this; None means a full evaluation every epoch.
+        """
+        start = first_changed_block(self.model, self.trainable_parameters().values())
+        return None if start is None else FrozenPrefix(start)
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """The trainable deltas by name."""
@@ -263,6 +279,7 @@ class EditingModule(L.LightningModule):
             self.diverged = True
             self.trainer.should_stop = True
             return None
+        self.last_task_loss = task_loss.detach()  # the console's per-epoch train loss (DegradationBudget)
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["example_index"].numel()))
         self.log("train/task_loss", task_loss, batch_size=int(batch["example_index"].numel()))
         if reg is not None:

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from editing.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
+from editing.models.architecture import blocks
 from editing.models.loading import ModelConfig
 
 
@@ -30,15 +32,23 @@ class FullEditor(EditingModule):
         base: the base model.
         gradient_checkpointing: recompute activations in the backward pass when the model supports it (saves
             memory for a copy-heavy method; costs about one more forward pass).
+        layers: train only these transformer blocks (0-based); the embeddings, the other blocks, the final norm and
+            the LM head stay frozen. None (the default): every weight trains. Evaluation then runs only the blocks
+            from the lowest one up each epoch (``editing.evaluation.incremental``).
         optimizer: optimizer settings.
         regularization: regularization toward p0.
     """
 
+    p0_is_base = True  # the model before the first step is the base model (p0 is a frozen copy of it)
+
     def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = True,
-                 optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
+                 layers: list[int] | None = None, optimizer: OptimizerConfig | None = None,
+                 regularization: RegularizationConfig | None = None) -> None:
         self.gradient_checkpointing = gradient_checkpointing
+        self.layers = None if layers is None else list(layers)
         super().__init__(base=base, optimizer=optimizer, regularization=regularization)
         self.hparams["gradient_checkpointing"] = gradient_checkpointing
+        self.hparams["layers"] = self.layers
 
     def _prepare_deltas(self) -> None:
         # p0 lives in a plain list so it is neither a parameter of this module nor in its state dict.
@@ -46,7 +56,16 @@ class FullEditor(EditingModule):
         frozen.requires_grad_(False)
         frozen.eval()
         self._p0 = [frozen]
-        self.model.requires_grad_(True)
+        if self.layers is None:
+            self.model.requires_grad_(True)
+        else:
+            stack = blocks(self.model)
+            bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(stack)]
+            if bad or not self.layers or len(set(self.layers)) != len(self.layers):
+                raise ConfigError(f"--model.init_args.layers={self.layers!r}: give distinct block numbers in "
+                                  f"0..{len(stack) - 1} (or null to train every weight)")
+            for i in self.layers:
+                stack[i].requires_grad_(True)
         self._checkpointing = bool(self.gradient_checkpointing
                                    and getattr(self.model, "supports_gradient_checkpointing", False))
         if self._checkpointing:

@@ -23,6 +23,8 @@ class LoRAEditor(EditingModule):
         regularization: regularization toward p0.
     """
 
+    p0_is_base = True  # LoRA B starts at zero: the model before the first step is the base model
+
     def __init__(self, base: ModelConfig | None = None, lora: LoRAConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
         self.lora_config = lora or LoRAConfig()

@@ -51,7 +51,7 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
                      layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool | str = False, trace: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
@@ -69,7 +69,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         loss: the task's loss type (a ``LossType`` or its name; an unknown name raises ``ConfigError``).
         cfg: MEMIT settings.
         pad_id: padding token id.
-        progress: show a progress bar over the steps.
+        progress: show a progress bar over the steps (a string: the bar's label, e.g. which requests of how many).
+        trace: if given, the task loss per request (n_requests,) at each step is appended to it (for diagnostics).
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -88,7 +89,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
     init_logp = None
-    bar = tqdm(range(cfg.steps), desc=f"MEMIT targets ({n_requests} requests)", disable=not progress,
+    label = progress if isinstance(progress, str) else f"MEMIT targets ({n_requests} requests)"
+    bar = tqdm(range(cfg.steps), desc=label, disable=not progress,
                file=sys.stderr, leave=False)
     for _step in bar:
         optimizer.zero_grad(set_to_none=True)
@@ -126,6 +128,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         decay = cfg.weight_decay * delta.norm(dim=1) / h_norm
         total = (task + cfg.kl_factor * kl_term + decay).sum()
         total.backward()
+        if trace is not None:
+            trace.append(task.detach().cpu())
         bar.set_postfix(task=f"{task.mean().item():.3f}", kl=f"{kl_term.mean().item():.4f}")
         optimizer.step()
         with torch.no_grad():  # keep the change within clamp_norm_factor times the hidden state's norm

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from editing.errors import ConfigError
+from editing.evaluation.incremental import FrozenPrefix
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
@@ -42,6 +43,8 @@ class MEMITEditor(EditingModule):
         regularization: unused for the same reason (MEMIT's KL term is ``memit.kl_factor``).
     """
 
+    p0_is_base = True  # the factors start at rank 0: the model before the first step is the base model
+
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
         self.memit_config = memit or MEMITConfig()
@@ -52,6 +55,11 @@ class MEMITEditor(EditingModule):
         self.automatic_optimization = False
         self.edit_timings: dict[str, float] = {}
         self.covariance_stats: CovarianceStats | None = None
+        self.edit_diagnostics: dict = {}
+        """What the last ``compute_edit`` aimed at and reached (``benchmarks/memit_efficacy.py`` reports it):
+        ``targets`` z (n, d), ``target_loss`` the task loss per request at each optimization step (steps, n),
+        ``templates``, and per edited layer the mean norm of the residual it was given and the fraction of it
+        that its update realises at the requests' own keys (<Delta W k_i, r_i> / |r_i|^2)."""
 
     # deltas ------------------------------------------------------------------------------------------------
     def _prepare_deltas(self) -> None:
@@ -96,6 +104,11 @@ class MEMITEditor(EditingModule):
     def reference(self) -> Iterator[nn.Module]:
         with self.deltas_off():
             yield self.model
+
+    def evaluation_shortcut(self) -> FrozenPrefix:
+        """The edit adds to the down projections of ``memit_layers`` only (hooks): the blocks below the lowest one
+        are frozen."""
+        return FrozenPrefix(min(self.memit_layers))
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """The edit's factors by name (closed-form, so they never need gradients)."""
@@ -210,24 +223,45 @@ class MEMITEditor(EditingModule):
                            f"{self.edit_timings['statistics_s']:.1f}s, edit {self.edit_timings['edit_s']:.1f}s")
 
     def _compute_deltas(self, requests: list[Request], cfg: MEMITConfig, progress: bool) -> None:
-        builder = RowBuilder(self.tokenizer, self.max_length)
         with self.deltas_off():
             templates = context_templates(self.model, self.tokenizer, cfg.context_templates,
                                           cfg.context_template_length)
+        z = self.target_vectors(requests, templates, progress)
+        self.spread_targets(requests, templates, z)
+
+    def target_vectors(self, requests: list[Request], templates: list[str], progress: bool = False) -> torch.Tensor:
+        """Step 1 of the edit: the target hidden states z (n, d) at the last edited layer, a batch of requests at a
+        time, on p0; records them, the templates and the task loss per step in ``edit_diagnostics``."""
+        cfg = self.memit_config
+        builder = RowBuilder(self.tokenizer, self.max_length)
         last = self.memit_layers[-1]
-        pad = self._pad_id
-        # 1. target vectors z at the last edited layer, a batch of requests at a time, on p0
-        targets = []
+        targets, traces = [], []
         with self.deltas_off():
             for start in range(0, len(requests), cfg.request_batch_size):
                 chunk = requests[start: start + cfg.request_batch_size]
+                label = f"MEMIT targets, requests {start + 1}-{start + len(chunk)} of {len(requests)}"
+                trace: list[torch.Tensor] = []
                 targets.append(optimize_targets(
                     self.model, builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk),
-                    len(chunk), len(templates), last, self.task.loss, cfg, pad, progress=progress))
+                    len(chunk), len(templates), last, self.task.loss, cfg, self._pad_id, progress=progress and label,
+                    trace=trace))
+                traces.append(torch.stack(trace))
         z = torch.cat(targets)
-        # 2. spread the change over the layers in ascending order, each seeing the edits below it
+        self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1),
+                                 "templates": templates, "layers": []}
+        return z
+
+    def spread_targets(self, requests: list[Request], templates: list[str], z: torch.Tensor) -> None:
+        """Step 2: spread the change toward ``z`` over the edited layers in ascending order, each seeing the edits
+        below it (replaces any edit already there); records per layer what its update realises."""
+        cfg = self.memit_config
+        self.clear_edit()
+        builder = RowBuilder(self.tokenizer, self.max_length)
+        last = self.memit_layers[-1]
+        pad = self._pad_id
         key_rows = builder.rows(requests, templates, with_suffixes=False)
         bare_rows = [r for r in key_rows if r.template == 0]
+        self.edit_diagnostics.setdefault("layers", []).clear()
         for i, layer in enumerate(self.memit_layers):
             keys = mean_over_templates(subject_activations(self.model, key_rows, layer, "key", pad), key_rows,
                                        len(requests))
@@ -235,7 +269,28 @@ class MEMITEditor(EditingModule):
             residual = (z.to(current.device) - current) / (len(self.memit_layers) - i)
             moment = self.covariance_stats.moments[layer]
             u, v = layer_update(keys, residual, moment, cfg.covariance_weight)
+            realised = (v @ keys.to(v).T).T @ u.T  # row i: Delta W k_i
+            r = residual.to(realised)
+            self.edit_diagnostics["layers"].append({
+                "layer": layer, "residual_norm": r.norm(dim=1).mean().item(),
+                "realised_fraction": ((realised * r).sum(1) / r.pow(2).sum(1).clamp(min=1e-30)).mean().item(),
+                **_key_geometry(keys, moment)})
             with torch.no_grad():
                 self.memit_u[str(layer)].data = u.float().to(self.device)
                 self.memit_v[str(layer)].data = v.float().to(self.device)
         self.edited = True
+
+
+def _key_geometry(keys: torch.Tensor, moment: torch.Tensor) -> dict[str, float]:
+    """How the requests' keys look to the update, in the metric of C: the mean of k^T C^-1 k (a key drawn like R's
+    tokens averages the key width, trace(C^-1 C); against lambda it sets how much of a residual one key's update can
+    realise), and the mean cosine between two requests' keys in that metric (near 1: the keys are nearly one
+    direction, so the update cannot tell the requests apart)."""
+    k = keys.double()
+    whitened = torch.linalg.solve(moment.double().to(k.device), k.T).T  # rows C^-1 k_i
+    gram = k @ whitened.T  # k_i^T C^-1 k_j
+    norms = gram.diagonal().clamp(min=1e-30).sqrt()
+    cosine = gram / (norms[:, None] * norms[None, :])
+    n = len(k)
+    off = (cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1)) if n > 1 else torch.tensor(float("nan"))
+    return {"key_mahalanobis": gram.diagonal().mean().item(), "key_cosine_c": off.item()}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from editing.errors import ConfigError
+from editing.evaluation.incremental import SenseEdit
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.senses.config import SensesConfig
 from editing.methods.senses.deltas import SenseDeltas, install_sense_deltas
@@ -33,6 +34,8 @@ class SensesEditor(EditingModule):
         optimizer: optimizer settings.
         regularization: regularization toward p0.
     """
+
+    p0_is_base = True  # the sense deltas start at zero: the model before the first step is the base model
 
     def __init__(self, base: ModelConfig | None = None, senses: SensesConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -98,6 +101,14 @@ class SensesEditor(EditingModule):
             yield self.model
         finally:
             deltas.enabled = True
+
+    def evaluation_shortcut(self) -> SenseEdit | None:
+        """Only the selected sense vectors move and alpha is frozen: each evaluation recomputes only the positions
+        that attend to a selected word (``editing.evaluation.incremental``)."""
+        deltas = self.sense_deltas
+        if deltas is None:
+            return None
+        return SenseEdit(deltas.vocab_ids, deltas.sense_ids, deltas.vectors, self.reference)
 
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         return {} if self.sense_deltas is None else {"sense_deltas.vectors": self.sense_deltas.vectors}

@@ -1,0 +1,165 @@
+"""Fit time with the evaluation caches off and on (issue 13): the main job's LoRA fit and a MEMIT fit.
+
+Each method is fitted three times in this one process, on the same model and data: with the caches off (every
+evaluation a full pass over every set), then on and cold (a fresh cache: p0 is computed and stored, the frozen
+prefix captured), then on and warm (a second fit: p0 and the prefix come from the cache). Prints the wall time of
+each fit, the ratio to the fit without caches, and checks that every epoch's metrics are equal within 1e-6 relative
+and every ball decision (each epoch inside or outside each ball, and each ball's chosen epoch) is identical; the
+exit status is 1 when a check fails.
+
+By default every text of G is evaluated each epoch (the paper's protocol; the main job's config limits it to 300).
+Run it smaller with ``--general_limit``/``--eval_limit``/``--epochs``/``--train_batches``. Untimed before the fits:
+one load of the model (a GGUF's first load converts it) and MEMIT's covariance statistics (cached on disk, as after
+any first run).
+
+    OMP_NUM_THREADS=2 python benchmarks/fit_time.py [--general_limit N] [--eval_limit N] [--epochs N]
+        [--train_batches N] [--methods lora memit] [--covariance_samples N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"lora": REPO / "lightning_configs" / "main" / "lora_country_capital.yaml",
+           "memit": REPO / "lightning_configs" / "main" / "memit_country_capital.yaml"}
+METRICS = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll", "degradation")
+RTOL = 1e-6
+
+
+def _flag(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def fit(method: str, args: argparse.Namespace, folder: Path, caches: bool) -> tuple[float, dict]:
+    """One ``editing fit`` of ``method`` in this process; its wall time and ``results.json``."""
+    from editing.commands.lightning import run_lightning_cli
+
+    cli = ["--config", str(CONFIGS[method]), "--data.general_limit", _flag(args.general_limit),
+           "--budget.output_dir", str(folder), "--budget.save_edits", "false",
+           "--budget.p0_cache", _flag(caches), "--budget.incremental", _flag(caches),
+           "--trainer.logger", "false", "--trainer.default_root_dir", str(folder.with_name(folder.name + "-root")),
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if args.eval_limit is not None:
+        cli += ["--data.eval_limit", str(args.eval_limit)]
+    if args.epochs is not None and method != "memit":  # MEMIT is one closed-form edit: one epoch
+        cli += ["--trainer.max_epochs", str(args.epochs)]
+    if args.train_batches is not None and method != "memit":
+        cli += ["--trainer.limit_train_batches", str(args.train_batches)]
+    if method == "memit" and args.covariance_samples is not None:
+        cli += ["--model.init_args.memit.covariance_samples", str(args.covariance_samples)]
+    start = time.perf_counter()
+    run_lightning_cli("fit", cli)
+    seconds = time.perf_counter() - start
+    return seconds, json.loads((folder / "results.json").read_text())
+
+
+def decisions(record: dict) -> tuple[list[list[bool]], dict[str, int]]:
+    """Per epoch, per ball: inside or not (the rule of ``editing.budget``); and each ball's chosen epoch."""
+    from editing.budget import parse_balls
+
+    balls = parse_balls([float(k) for k in record["balls"]], "balls")
+    p0 = record["epochs"][0]["general_nll"]
+    inside = [[ball.inside(e["general_nll"], p0) for ball in balls] for e in record["epochs"]]
+    return inside, {key: ball["epoch"] for key, ball in record["balls"].items()}
+
+
+def differences(reference: dict, other: dict) -> list[str]:
+    """Where ``other``'s epochs or ball decisions differ from ``reference``'s (empty: the same)."""
+    problems = []
+    if len(reference["epochs"]) != len(other["epochs"]):
+        return [f"{len(other['epochs'])} epochs instead of {len(reference['epochs'])}"]
+    for a, b in zip(reference["epochs"], other["epochs"], strict=True):
+        if a["counts"] != b["counts"]:
+            problems.append(f"epoch {a['epoch']}: counts differ")
+        for key in METRICS:
+            x, y = a[key], b[key]
+            if (x is None) != (y is None) or (x is not None and not math.isclose(x, y, rel_tol=RTOL, abs_tol=0.0)):
+                problems.append(f"epoch {a['epoch']} {key}: {x!r} vs {y!r}")
+    if decisions(reference) != decisions(other):
+        problems.append(f"ball decisions differ: {decisions(reference)} vs {decisions(other)}")
+    return problems
+
+
+def warm_up(methods: list[str], args: argparse.Namespace) -> None:
+    """What any first run leaves cached and the comparison should not time: the model's load, MEMIT's statistics."""
+    import yaml
+
+    from editing.data.datamodule import TaskDataModule
+    from editing.methods import MEMITConfig, MEMITEditor
+    from editing.models.loading import ModelConfig, load_model
+
+    load_model(ModelConfig(name="smollm2-135m", precision="fp32"))
+    if "memit" in methods:
+        init = yaml.safe_load(CONFIGS["memit"].read_text())["model"]["init_args"]
+        memit = dict(init["memit"])
+        if args.covariance_samples is not None:
+            memit["covariance_samples"] = args.covariance_samples
+        module = MEMITEditor(ModelConfig(**init["base"]), MEMITConfig(**memit))
+        dm = TaskDataModule(task="country_capital")
+        dm.attach(module.tokenizer, module.max_length)
+        module.statistics(dm, progress=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--general_limit", type=int, default=None, help="texts of G per evaluation (default: all)")
+    parser.add_argument("--eval_limit", type=int, default=None,
+                        help="examples of the evaluation, targeted and hard-negative sets (default: the config's)")
+    parser.add_argument("--epochs", type=int, default=None, help="LoRA epochs (default: the config's)")
+    parser.add_argument("--train_batches", type=int, default=None,
+                        help="LoRA: canonical batches per epoch (default: all; fewer makes the run shorter, and "
+                             "evaluation a larger share of it)")
+    parser.add_argument("--methods", nargs="+", default=["lora", "memit"], choices=sorted(CONFIGS))
+    parser.add_argument("--covariance_samples", type=int, default=None,
+                        help="MEMIT's statistics tokens (default: the config's)")
+    args = parser.parse_args()
+
+    import torch
+
+    from editing.evaluation.incremental import COUNTERS
+
+    work = Path(tempfile.mkdtemp(prefix="fit-time-"))
+    os.environ["EDITING_EVAL_CACHE_DIR"] = str(work / "eval-cache")  # a fresh cache: the first fit on is cold
+    os.environ.pop("EDITING_EVAL_CACHES", None)
+    warm_up(args.methods, args)
+    print(f"threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; general_limit "
+          f"{_flag(args.general_limit)}, eval_limit {_flag(args.eval_limit)}, epochs {_flag(args.epochs)}, "
+          f"train_batches {_flag(args.train_batches)}",
+          flush=True)
+    rows, failed = [], False
+    for method in args.methods:
+        times, records = {}, {}
+        for mode in ("off", "cold", "warm"):
+            COUNTERS.clear()
+            times[mode], records[mode] = fit(method, args, work / f"{method}-{mode}", caches=mode != "off")
+            print(f"{method} caches {mode}: {times[mode]:.1f} s {dict(COUNTERS)}", flush=True)
+        for mode in ("cold", "warm"):
+            problems = differences(records["off"], records[mode])
+            failed |= bool(problems)
+            for problem in problems:
+                print(f"MISMATCH {method} {mode}: {problem}")
+        epochs = len(records["off"]["epochs"])
+        rows.append((method, epochs, times["off"], times["cold"], times["warm"],
+                     not differences(records["off"], records["cold"]) and not
+                     differences(records["off"], records["warm"])))
+    print()
+    print("| method | evaluations | caches off (s) | on, cold (s) | on, warm (s) | ratio cold | ratio warm | "
+          "metrics and balls identical |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, epochs, off, cold, warm, same in rows:
+        print(f"| {method} | {epochs} | {off:.1f} | {cold:.1f} | {warm:.1f} | {off / cold:.2f}x | {off / warm:.2f}x "
+              f"| {'yes' if same else 'NO'} |")
+    print(f"\ncommand: {' '.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

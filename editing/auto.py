@@ -1,0 +1,720 @@
+"""``editing auto``: find an edit inside a ball within a budget of trials or minutes (issue 14 item 5).
+
+Given a task (a built-in task, a task YAML, or a JSONL of canonical examples), one or several methods, a ball and a
+budget, it searches the hyperparameters with the sweep's machinery (``editing.sweep``: the search spaces of
+``lightning_configs/sweeps/<method>.yaml``, SPEC section 6; each trial one ``editing fit`` subprocess of
+``lightning_configs/fit/<method>.yaml``) and returns the best edit inside the ball, its numbers and the configuration
+that made it.
+
+How it searches:
+
+- **Validation.** A task with a validation pair (a built-in task, or a task YAML whose canonical and evaluation paths
+  contain ``{split}``) is searched on its ``val`` pair and the final edit is fitted on its ``test`` pair. Otherwise
+  (a task YAML without ``{split}``, or plain examples) a part of the canonical examples is held out (``holdout``, a
+  seeded random choice): the trials train on the rest and are scored on the held-out examples as their evaluation
+  set, and the final edit is fitted with the chosen configuration on all canonical examples and reported on the
+  task's evaluation set (which the search never saw).
+- **Small-data defaults** (``SmallData``): an epoch should hold at least ``STEPS_PER_EPOCH`` optimizer steps, so the
+  gradient accumulation is ``clamp(n // STEPS_PER_EPOCH, 1, 5)`` for ``n`` training examples (5 is the paper's);
+  the epochs are ``clamp(ceil(TOTAL_STEPS / steps per epoch), MIN_EPOCHS, MAX_EPOCHS)``, so fewer examples mean
+  more epochs. Methods that do not train by gradient (MEMIT: no ``trainer.accumulate_grad_batches`` in their fit
+  config) keep their config's settings.
+- **Objective.** A trial is scored at its ball's epoch (the last epoch inside the ball, SPEC section 6) by
+  ``reliability + generalization`` (success rates on its own canonical examples and on its evaluation set); ties go
+  to the lower mean canonical score (progress before any example succeeds), then to the smaller degradation, then
+  to the earlier trial. Hard negatives (locality) are reported, never used for selection (SPEC section 1).
+- **Narrowing.** The first ``explore`` trials of each method are spread over its whole search space (one stratum of
+  each range per trial, in a seeded order). After them, each trial uses the method of the best trial so far and
+  draws every setting from a window around the best trial's value that halves with each such trial (a log10 range
+  for ``log10_uniform``). When the best trial never left the ball (its ball epoch is its last epoch) and is not yet
+  fully reliable, the edit was too weak: the windows of the settings that make an edit stronger (``STRONGER``:
+  learning rate, LoRA rank, MEMIT's clamp up; KL weight, MEMIT's covariance weight down) lie on the stronger side.
+- **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command: a trial starts only when
+  the time left, less the final fit's estimated time, allows, and every fit is given Lightning's ``max_time`` so
+  that it stops (and writes its results) in time. A trial past the deadline is killed.
+
+Folder (``output_dir``, default ``runs/auto/<task>/version_N``)::
+
+    data/                     the held-out split (when used) and the task YAMLs the fits read
+    trial_<n>/                one fit per trial (results.json, fit.log; the best trial's edit)
+    final/                    the final fit (results.json, edits/ball_<eps>/: the edit)
+    auto.json                 every trial, the choice, the final edit's numbers and configuration
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from editing.budget import Ball, ball_key, edit_folder_name
+from editing.data.jsonl import read_jsonl
+from editing.errors import ConfigError
+from editing.files import ensure_writable, write_json, write_jsonl, write_text
+from editing.records import RESULTS_FILE, RecordError, RunRecord
+from editing.sweep import FIT_DIR, Parameter, load_space, run_fit, split_args
+from editing.tables import markdown_table, value_text
+from editing.tasks import TaskSpec, get_task
+from editing.textfiles import load_yaml
+from editing.types import LossType, MethodName
+
+AUTO_FILE = "auto.json"
+DEFAULT_ROOT = Path("runs") / "auto"
+
+STEPS_PER_EPOCH = 8
+"""The fewest optimizer steps an epoch should hold (issue 14: about 5-10)."""
+MAX_ACCUMULATE = 5
+"""The paper's gradient accumulation: more examples than ``5 * STEPS_PER_EPOCH`` keep it."""
+TOTAL_STEPS = 120
+"""Optimizer steps a search aims at in all (epochs = this over the steps per epoch, within the bounds below)."""
+MIN_EPOCHS, MAX_EPOCHS = 10, 20
+"""The paper trains 10 epochs; few examples get more, up to 20."""
+
+DEFAULT_THRESHOLD = -math.log(0.2)
+"""The threshold of a ``good`` task given as plain examples: the whole target has probability at least 0.2 (the
+country_capital convention)."""
+
+STRONGER: dict[str, int] = {
+    "model.init_args.optimizer.lr": +1,
+    "model.init_args.lora.rank": +1,
+    "model.init_args.regularization.weight": -1,
+    "model.init_args.memit.clamp_norm_factor": +1,
+    "model.init_args.memit.covariance_weight": -1,
+}
+"""The settings that make an edit stronger when raised (+1) or lowered (-1), for narrowing after a weak best."""
+
+DEFAULT_METHODS = ("lora", "full", "memit")
+FIT_TIME_SHARE = 0.75
+"""The share of the time left that a fit's Lightning ``max_time`` gets: the rest covers loading the model and the
+evaluations before and after training, which ``max_time`` does not count."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small-data defaults
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmallData:
+    """The accumulation and number of epochs for a number of training examples (see the module's docstring).
+
+    Attributes:
+        examples: the canonical examples a fit trains on.
+        accumulate: gradient accumulation (batch size 1): ``clamp(examples // STEPS_PER_EPOCH, 1, MAX_ACCUMULATE)``.
+        steps_per_epoch: ``ceil(examples / accumulate)``.
+        max_epochs: ``clamp(ceil(TOTAL_STEPS / steps_per_epoch), MIN_EPOCHS, MAX_EPOCHS)``, or the epochs asked for.
+    """
+
+    examples: int
+    accumulate: int
+    steps_per_epoch: int
+    max_epochs: int
+
+    @classmethod
+    def of(cls, examples: int, epochs: int | None = None) -> SmallData:
+        """The defaults for ``examples`` training examples (``epochs``: a number of epochs asked for instead)."""
+        if examples < 1:
+            raise ConfigError("a fit needs at least one canonical example to train on")
+        accumulate = min(MAX_ACCUMULATE, max(1, examples // STEPS_PER_EPOCH))
+        steps = math.ceil(examples / accumulate)
+        if epochs is None:
+            epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TOTAL_STEPS / steps)))
+        elif epochs < 1:
+            raise ConfigError(f"--epochs {epochs}: give a number of epochs >= 1 (or leave it out for the default)")
+        return cls(examples, accumulate, steps, epochs)
+
+    def args(self) -> list[str]:
+        """The ``editing fit`` arguments that set them."""
+        return ["--trainer.accumulate_grad_batches", str(self.accumulate), "--trainer.max_epochs", str(self.max_epochs)]
+
+
+def trains_by_gradient(method: str) -> bool:
+    """Whether a method's fit config trains by gradient (it sets ``trainer.accumulate_grad_batches``): MEMIT does
+    not, and keeps its one-epoch closed-form edit."""
+    config = load_yaml(FIT_DIR / f"{method}.yaml", "fit config") or {}
+    return "accumulate_grad_batches" in ((config.get("trainer") or {}) if isinstance(config, dict) else {})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the data: a task with a validation pair, or a held-out part of the canonical examples
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Which task and split the trials and the final fit read, and how many examples they train on.
+
+    Attributes:
+        name: the task's name.
+        search_task: the task (name or YAML) of the trials.
+        search_split: their split.
+        final_task: the task of the final fit.
+        final_split: its split.
+        train_examples: canonical examples a trial trains on.
+        final_examples: canonical examples the final fit trains on.
+        holdout: the held-out canonical examples' file indices (empty: a validation pair was used).
+        holdout_files: ``{"train": path, "heldout": path}`` when examples were held out.
+        generalization_measured: whether the final fit has an evaluation set of its own (plain examples have not).
+        retrain: whether the final fit differs from the trials' (another split, or all examples).
+    """
+
+    name: str
+    search_task: str
+    search_split: str
+    final_task: str
+    final_split: str
+    train_examples: int
+    final_examples: int
+    holdout: list[int] = field(default_factory=list)
+    holdout_files: dict[str, str] = field(default_factory=dict)
+    generalization_measured: bool = True
+    retrain: bool = True
+
+
+def _has_validation_pair(task: TaskSpec) -> bool:
+    return task.builtin or all("{split}" in getattr(task, role) for role in ("canonical", "evaluation"))
+
+
+def _task_yaml(path: Path, name: str, loss: LossType, threshold: float, files: dict[str, str | None]) -> Path:
+    lines = [f"name: {json.dumps(name)}", f"loss: {loss.value}", f"threshold: {threshold!r}"]
+    lines += [f"{role}: {json.dumps(str(p))}" for role, p in files.items() if p is not None]
+    return write_text(path, "# written by editing auto\n" + "\n".join(lines) + "\n", overwrite=True)
+
+
+def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, loss: str = "good",
+              threshold: float | None = None, evaluation: str | None = None,
+              hard_negatives: str | None = None) -> Plan:
+    """Decide (and write, under ``folder``) the data of the search and of the final fit.
+
+    Args:
+        task: a built-in task, a task YAML, or a JSONL of canonical examples.
+        folder: where the held-out split and the task YAMLs go.
+        holdout: the fraction of canonical examples held out when there is no validation pair (0: none; the
+            trials are then scored on the task's own evaluation set, which the final numbers reuse: optimistic).
+        seed: the seed of the held-out choice.
+        loss: the loss type of plain examples.
+        threshold: the threshold of plain examples (default: -ln 0.2 for ``good``; required otherwise).
+        evaluation: plain examples' evaluation set (JSONL), if any.
+        hard_negatives: plain examples' hard negatives (JSONL), if any.
+    """
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout {holdout}: give the fraction of canonical examples to hold out, in [0, 1)")
+    folder.mkdir(parents=True, exist_ok=True)
+    if task.endswith(".jsonl"):
+        spec = _examples_task(task, folder, loss, threshold, evaluation, hard_negatives)
+        measured = evaluation is not None
+    else:
+        if evaluation is not None or hard_negatives is not None:
+            raise ConfigError("--evaluation and --hard_negatives go with plain examples (--task FILE.jsonl); a task "
+                              "YAML names its own files")
+        spec = get_task(task)
+        measured = True
+    if _has_validation_pair(spec):
+        dm_examples = {split: len(read_jsonl(spec.file("canonical", split, _root(spec)), _kind(spec)))
+                       for split in ("val", "test")}
+        return Plan(spec.name, task if spec.builtin else _source(spec, task), "val", task if spec.builtin else
+                    _source(spec, task), "test", dm_examples["val"], dm_examples["test"])
+    source = _source(spec, task)
+    path = spec.file("canonical", "val", None)
+    records = read_jsonl(path, _kind(spec))
+    n = len(records)
+    if holdout == 0:
+        return Plan(spec.name, source, "val", source, "val", n, n, generalization_measured=measured, retrain=False)
+    if n < 2:
+        raise ConfigError(f"{path}: one canonical example cannot be split into training and held-out examples; give "
+                          "more examples, a task with a validation pair ({split} in its paths), or --holdout 0")
+    held = max(1, min(n - 1, round(holdout * n)))
+    chosen = sorted(random.Random(seed).sample(range(n), held))
+    heldout = set(chosen)
+    train_rows = [r.fields for r in records if r.index not in heldout]
+    held_rows = [r.fields for r in records if r.index in heldout]
+    train_file = write_jsonl(folder / "canonical-train.jsonl", train_rows, overwrite=True)
+    held_file = write_jsonl(folder / "canonical-heldout.jsonl", held_rows, overwrite=True)
+    files = {"canonical": str(train_file.resolve()), "evaluation": str(held_file.resolve()),
+             "targeted": _abs(spec, "targeted"), "hard_negatives": _abs(spec, "hard_negatives")}
+    search = _task_yaml(folder / "search_task.yaml", spec.name, spec.loss, spec.threshold, files)
+    return Plan(spec.name, str(search.resolve()), "val", source, "val", n - held, n, holdout=chosen,
+                holdout_files={"train": str(train_file), "heldout": str(held_file)},
+                generalization_measured=measured, retrain=True)
+
+
+def _root(spec: TaskSpec) -> str | None:
+    if not spec.builtin:
+        return None
+    from editing.paths import resolve_data_root
+
+    return str(resolve_data_root(None))
+
+
+def _kind(spec: TaskSpec) -> str:
+    return "pair" if spec.pair else "single"
+
+
+def _abs(spec: TaskSpec, role: str) -> str | None:
+    path = spec.file(role, "val", None)
+    return None if path is None else str(path.resolve())
+
+
+def _source(spec: TaskSpec, task: str) -> str:
+    return spec.name if spec.builtin else str(Path(task).resolve()) if task.endswith((".yaml", ".yml")) else task
+
+
+def _examples_task(path: str, folder: Path, loss: str, threshold: float | None, evaluation: str | None,
+                   hard_negatives: str | None) -> TaskSpec:
+    """A task YAML (written under ``folder``) for plain examples: the canonical file, and the evaluation set given
+    or, without one, the canonical file again (then generalization is not measured)."""
+    loss_type = LossType(loss)
+    if threshold is None:
+        if loss_type is not LossType.GOOD:
+            raise ConfigError(f"--threshold: plain examples of loss {loss_type.value!r} need a threshold (an example "
+                              "fails when its score is above it, SPEC section 5)")
+        threshold = DEFAULT_THRESHOLD
+    for given, what in ((path, "--task"), (evaluation, "--evaluation"), (hard_negatives, "--hard_negatives")):
+        if given is not None and not Path(given).is_file():
+            raise ConfigError(f"{what} {given}: no such file")
+    files = {"canonical": str(Path(path).resolve()), "evaluation": str(Path(evaluation or path).resolve()),
+             "hard_negatives": None if hard_negatives is None else str(Path(hard_negatives).resolve())}
+    written = _task_yaml(folder / "task.yaml", Path(path).stem, loss_type, float(threshold), files)
+    return get_task(str(written))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# drawing configurations
+# ----------------------------------------------------------------------------------------------------------------
+def _unit(param: Parameter, value: Any) -> float:
+    """A value's position in its range, in [0, 1] (log scale for ``log10_uniform``)."""
+    low, high = param.args
+    if high == low:
+        return 0.5
+    x = math.log10(value) if param.kind == "log10_uniform" else float(value)
+    return min(1.0, max(0.0, (x - low) / (high - low)))
+
+
+def _value(param: Parameter, unit: float) -> Any:
+    low, high = param.args
+    x = low + min(1.0, max(0.0, unit)) * (high - low)
+    if param.kind == "log10_uniform":
+        return float(10.0 ** x)
+    if param.kind == "int_uniform":
+        return int(min(high, max(low, round(x))))
+    return float(x)
+
+
+def explore_draw(space: dict[str, Parameter], index: int, count: int, rng: random.Random,
+                 order: dict[str, list[int]]) -> dict[str, Any]:
+    """The ``index``-th of ``count`` exploring draws: per setting, a uniform draw inside one of ``count`` equal
+    strata of its range, each stratum used once (``order``: a seeded permutation per setting)."""
+    params = {}
+    for key, param in space.items():
+        if param.kind == "categorical":
+            params[key] = param.args[order[key][index] % len(param.args)]
+            continue
+        stratum = order[key][index]
+        params[key] = _value(param, (stratum + rng.random()) / count)
+    return params
+
+
+def narrowed_draw(space: dict[str, Parameter], best: dict[str, Any], level: int, weak: bool,
+                  rng: random.Random) -> dict[str, Any]:
+    """A draw from windows around ``best`` whose width (as a fraction of each range) is ``0.5 ** level``; when
+    ``weak``, the windows of ``STRONGER`` settings lie on their stronger side of ``best``."""
+    width = 0.5 ** level
+    params = {}
+    for key, param in space.items():
+        if key not in best:
+            params[key] = _value(param, rng.random()) if param.kind != "categorical" else rng.choice(param.args)
+            continue
+        if param.kind == "categorical":
+            params[key] = best[key] if rng.random() < 0.75 else rng.choice(param.args)
+            continue
+        centre = _unit(param, best[key])
+        direction = STRONGER.get(key, 0) if weak else 0
+        low = centre - width / 2 if direction == 0 else centre if direction > 0 else centre - width
+        params[key] = _value(param, low + rng.random() * width)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trials
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    """One fit of the search (or the final fit) and its outcome in the ball."""
+
+    number: int
+    method: str
+    params: dict[str, Any]
+    phase: str
+    folder: str
+    status: str = "pending"
+    seconds: float | None = None
+    epoch: int | None = None
+    last_epoch: int | None = None
+    reliability: float | None = None
+    reliability_mean_score: float | None = None
+    generalization: float | None = None
+    generalization_mean_score: float | None = None
+    locality: float | None = None
+    degradation: float | None = None
+    objective: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the fit finished with results."""
+        return self.status in ("finished", "diverged")
+
+    @property
+    def weak(self) -> bool:
+        """The edit never left the ball (its ball epoch is its last) and is not fully reliable: too weak."""
+        return self.ok and self.epoch == self.last_epoch and (self.reliability or 0.0) < 1.0
+
+    def key(self) -> tuple:
+        """The ranking key: objective, then lower mean canonical score, smaller degradation, earlier trial."""
+        score = self.reliability_mean_score
+        return (self.objective if self.objective is not None else -math.inf,
+                -score if score is not None and math.isfinite(score) else -math.inf,
+                -(self.degradation if self.degradation is not None else math.inf), -self.number)
+
+    def read_results(self, key: str) -> None:
+        """Fill the outcome from the fit's ``results.json`` at ball ``key``."""
+        run = RunRecord.read(Path(self.folder) / RESULTS_FILE)
+        ball = run.balls[key]
+        m = ball.metrics
+        self.status = run.status.value
+        self.epoch, self.last_epoch = ball.epoch, run.epochs[-1].epoch
+        self.reliability, self.reliability_mean_score = m.reliability, m.reliability_mean_score
+        self.generalization, self.generalization_mean_score = m.success_rate, m.generalization_mean_score
+        self.locality, self.degradation = m.locality, m.degradation
+        self.objective = (self.reliability or 0.0) + (self.generalization or 0.0)
+
+    def to_dict(self) -> dict:
+        """JSON form."""
+        return asdict(self)
+
+
+def run_fit_until(args: Sequence[str], log_path: Path, deadline: float | None,
+                  clock: Callable[[], float] = time.monotonic) -> int:
+    """``editing fit <args>`` in a subprocess (this checkout's code), output to ``log_path``; killed at ``deadline``
+    (a ``clock`` time; None: never). Returns the exit code (-9 when killed)."""
+    return run_fit(args, log_path, deadline=deadline, clock=clock)
+
+
+def _max_time(seconds: float) -> str:
+    """Lightning's ``max_time`` (``DD:HH:MM:SS``) for a number of seconds (at least one)."""
+    s = max(1, int(seconds))
+    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the search
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class AutoResult:
+    """What ``editing auto`` found: the chosen configuration and the final edit with its numbers."""
+
+    folder: str
+    task: str
+    model: str
+    ball: str
+    methods: list[str]
+    budget: dict
+    plan: dict
+    small_data: dict
+    trials: list[Trial]
+    best: int | None
+    final: Trial | None
+    edit: str | None
+    config: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """The layout of ``auto.json``."""
+        out = asdict(self)
+        out["trials"] = [t.to_dict() for t in self.trials]
+        out["final"] = None if self.final is None else self.final.to_dict()
+        return out
+
+
+def _default_folder(name: str) -> Path:
+    root = DEFAULT_ROOT / name
+    n = 0
+    while (root / f"version_{n}").exists():
+        n += 1
+    return root / f"version_{n}"
+
+
+def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
+              trials: int | None = None, minutes: float | None = None, model: str = "smollm2-135m",
+              output_dir: str | None = None, holdout: float = 0.25, explore: int = 2, epochs: int | None = None,
+              patience: int | None = 1, args: str | None = None, loss: str = "good", threshold: float | None = None,
+              evaluation: str | None = None, hard_negatives: str | None = None, seed: int = 0,
+              overwrite: bool = False, clock: Callable[[], float] | None = None,
+              runner: Callable[[list[str], Path, float | None], int] | None = None) -> AutoResult:
+    """Search hyperparameters for the best edit inside a degradation ball, within a budget of trials or minutes.
+
+    Prints each trial as it ends, then the chosen configuration and the final edit's reliability, generalization,
+    locality and degradation; writes ``auto.json`` and the edit (``<output_dir>/final/edits/ball_<eps>``).
+
+    Args:
+        task: a built-in task, a task YAML, or a JSONL of canonical examples (``{"prefix", "suffix"}`` lines).
+        methods: the methods to choose among (each with a search space in ``lightning_configs/sweeps/``; default
+            lora, full and memit).
+        ball: the ball's eps: the edit's general NLL must stay below ``(1 + eps)`` times the unedited model's.
+        trials: the number of search trials (the final fit comes on top).
+        minutes: the time the whole command may take (search and final fit); give ``trials``, ``minutes`` or both.
+        model: the base model (``--model.init_args.base.name`` of every fit).
+        output_dir: the folder of the search (default ``runs/auto/<task>/version_N``).
+        holdout: the fraction of canonical examples held out for validation when the task has no validation pair
+            (0: select on the task's own evaluation set, whose numbers are then optimistic).
+        explore: trials per method spread over its whole search space before the search narrows.
+        epochs: epochs per fit (default: the small-data rule, 10 to 20).
+        patience: stop a fit after this many epochs outside the ball (None: train every epoch).
+        args: more ``editing fit`` arguments for every fit, one string (e.g. ``"--data.general_limit 200"`` to
+            measure the ball on the first 200 texts of G, faster and noisier).
+        loss: the loss type of plain examples (``good``, ``bad``, ``balance``, ``good-v-bad``).
+        threshold: the threshold of plain examples (default -ln 0.2 for ``good``).
+        evaluation: plain examples' evaluation set (a JSONL), if any.
+        hard_negatives: plain examples' hard negatives (a JSONL), if any.
+        seed: the seed of the held-out split, the draws and every fit.
+        overwrite: replace an earlier search in ``output_dir``.
+        clock: the clock of the budget (tests replace it).
+        runner: runs one fit: ``runner(args, log_path, deadline)`` (tests replace it).
+
+    Returns:
+        The search's outcome (also in ``auto.json``).
+    """
+    start_clock = clock or time.monotonic
+    started = start_clock()
+    if trials is None and minutes is None:
+        raise ConfigError("give a budget: --trials N (search trials) and/or --minutes M (the whole command)")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"--trials {trials}: give at least one trial")
+    if minutes is not None and not minutes > 0:
+        raise ConfigError(f"--minutes {minutes}: give a positive number of minutes")
+    if explore < 1:
+        raise ConfigError(f"--explore {explore}: give at least one exploring trial per method")
+    the_ball = Ball(float(ball))
+    key = ball_key(the_ball)
+    names = [MethodName(m).value for m in (methods or DEFAULT_METHODS)]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--methods {methods}: list each method once")
+    spaces = {m: load_space(m) for m in names}
+    for m in names:
+        if not (FIT_DIR / f"{m}.yaml").is_file():
+            raise ConfigError(f"method {m!r} has no fit config {FIT_DIR / (m + '.yaml')}")
+    deadline = None if minutes is None else started + 60.0 * minutes
+    runner = runner or (lambda a, p, d: run_fit_until(a, p, d, start_clock))
+
+    name = Path(task).stem if task.endswith(".jsonl") else get_task(task).name
+    folder = Path(output_dir) if output_dir else _default_folder(name)
+    if folder.exists() and any(folder.iterdir()):
+        # a search's folder holds trials whose fits refuse to run over finished ones: start clean or not at all
+        ensure_writable(folder, overwrite)
+        for child in folder.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives)
+    small = SmallData.of(plan.train_examples, epochs)
+    fixed = [*split_args(args), "--budget.balls", f"[{the_ball.eps!r}]", "--seed_everything", str(seed),
+             "--data.seed", str(seed)]
+    if patience is not None:
+        fixed += ["--budget.patience", str(patience)]
+    print(f"editing auto: {plan.name} on {model}, methods {', '.join(names)}, ball {key}; budget "
+          f"{_budget_text(trials, minutes)}; {folder}", flush=True)
+    print(_plan_text(plan, small), flush=True)
+
+    rng = random.Random(seed)
+    orders = {m: {k: rng.sample(range(explore), explore) for k in spaces[m]} for m in names}
+    done: list[Trial] = []
+    queue = [(m, i) for i in range(explore) for m in names]  # one of each method first, then the second of each
+    narrowing: dict[str, int] = {m: 0 for m in names}
+
+    def remaining() -> float:
+        return math.inf if deadline is None else deadline - start_clock()
+
+    def final_reserve() -> float:
+        best = _best(done)
+        if best is None or best.seconds is None or not plan.retrain:
+            return 0.0
+        return 1.2 * best.seconds * plan.final_examples / plan.train_examples
+
+    def typical_seconds(method: str) -> float:
+        seen = [t.seconds for t in done if t.method == method and t.seconds is not None]
+        seen = seen or [t.seconds for t in done if t.seconds is not None]
+        return sum(seen) / len(seen) if seen else 0.0
+
+    number = 0
+    while trials is None or number < trials:
+        if queue:
+            method, index = queue.pop(0)
+            params = explore_draw(spaces[method], index, explore, rng, orders[method])
+            phase = "explore"
+        else:
+            best = _best(done)
+            if best is None:  # every trial failed: explore again
+                method = names[number % len(names)]
+                params = explore_draw(spaces[method], number % explore, explore, rng, orders[method])
+                phase = "explore"
+            else:
+                method = best.method
+                narrowing[method] += 1
+                params = narrowed_draw(spaces[method], best.params, narrowing[method], best.weak, rng)
+                phase = f"narrow {narrowing[method]}" + (" (stronger)" if best.weak else "")
+        left = remaining() - final_reserve()
+        if left < max(30.0, 0.5 * typical_seconds(method)):
+            print(f"budget: {max(0.0, remaining()):.0f}s left, {final_reserve():.0f}s of them kept for the final "
+                  "fit: no more trials", flush=True)
+            break
+        trial = Trial(number, method, params, phase, str((folder / f"trial_{number}").resolve()))
+        settings = _fit_args(method, plan.search_task, plan.search_split, model, Path(trial.folder), params,
+                             fixed + (small.args() if trains_by_gradient(method) else []),
+                             None if deadline is None else FIT_TIME_SHARE * left)
+        _run(trial, settings, runner, None if deadline is None else start_clock() + left, key, start_clock)
+        done.append(trial)
+        print(_trial_line(trial), flush=True)
+        _keep_best_edit(done, key)
+        number += 1
+
+    best = _best(done)
+    final: Trial | None = None
+    edit: str | None = None
+    config: dict = {}
+    if best is None:
+        print("no trial finished: no edit (see the trials' fit.log)", flush=True)
+    else:
+        config = {"method": best.method, "params": best.params,
+                  "fit_args": ([*small.args()] if trains_by_gradient(best.method) else []) + split_args(args),
+                  "base_config": str(FIT_DIR / f"{best.method}.yaml"), "model": model, "ball": key}
+        if plan.retrain:
+            final = Trial(-1, best.method, best.params, "final", str((folder / "final").resolve()))
+            time_left = remaining()
+            settings = _fit_args(best.method, plan.final_task, plan.final_split, model, Path(final.folder),
+                                 best.params, fixed + (small.args() if trains_by_gradient(best.method) else []),
+                                 None if deadline is None else max(1.0, FIT_TIME_SHARE * time_left))
+            _run(final, settings, runner, None, key, start_clock)
+            print(_trial_line(final), flush=True)
+        else:
+            final = best
+        edit_path = Path(final.folder) / "edits" / edit_folder_name(key)
+        edit = str(edit_path) if edit_path.is_dir() else None
+    result = AutoResult(folder=str(folder), task=task, model=model, ball=key, methods=names,
+                        budget={"trials": trials, "minutes": minutes}, plan=asdict(plan), small_data=asdict(small),
+                        trials=done, best=None if best is None else best.number, final=final, edit=edit,
+                        config=config, seconds=round(start_clock() - started, 1))
+    write_json(folder / AUTO_FILE, result.to_dict(), overwrite=overwrite)
+    print(summary_text(result), flush=True)
+    return result
+
+
+def _fit_args(method: str, task: str, split: str, model: str, out: Path, params: dict, fixed: list[str],
+              max_seconds: float | None, save_edits: bool = True) -> list[str]:
+    from editing.sweep import FitSettings
+
+    extra = () if max_seconds is None else ("--trainer.max_time", _max_time(max_seconds))
+    return FitSettings(config=FIT_DIR / f"{method}.yaml", task=task, model=model, output_dir=out, fixed=tuple(fixed),
+                       params=params, split=split, save_edits=save_edits, extra=extra).args()
+
+
+def _run(trial: Trial, args: list[str], runner, deadline: float | None, key: str, clock) -> None:
+    begin = clock()
+    code = runner(args, Path(trial.folder) / "fit.log", deadline)
+    trial.seconds = round(clock() - begin, 1)
+    if code != 0 or not (Path(trial.folder) / RESULTS_FILE).is_file():
+        trial.status = "killed" if code == -9 else "failed"
+        trial.error = f"editing fit exited with {code}; see {Path(trial.folder) / 'fit.log'}"
+        return
+    try:
+        trial.read_results(key)
+    except (RecordError, KeyError) as err:
+        trial.status, trial.error = "failed", f"unreadable results: {err}"
+
+
+def _best(done: list[Trial]) -> Trial | None:
+    finished = [t for t in done if t.ok and t.objective is not None]
+    return max(finished, key=Trial.key) if finished else None
+
+
+def _keep_best_edit(done: list[Trial], key: str) -> None:
+    """Only the best trial's edit is kept (a full-finetuning edit is the size of the model)."""
+    best = _best(done)
+    for t in done:
+        if best is None or t.number != best.number:
+            shutil.rmtree(Path(t.folder) / "edits", ignore_errors=True)
+
+
+def _budget_text(trials: int | None, minutes: float | None) -> str:
+    parts = ([f"{trials} trials"] if trials is not None else []) + ([f"{minutes:g} minutes"] if minutes else [])
+    return " and ".join(parts)
+
+
+def _plan_text(plan: Plan, small: SmallData) -> str:
+    if plan.holdout:
+        data = (f"no validation pair: {len(plan.holdout)} of {plan.final_examples} canonical examples held out "
+                f"(indices {plan.holdout}); trials train on {plan.train_examples}, the final fit on all "
+                f"{plan.final_examples}")
+    elif plan.retrain:
+        data = (f"trials on the validation pair ({plan.train_examples} canonical examples), the final fit on the "
+                f"test pair ({plan.final_examples})")
+    else:
+        data = (f"no hold-out: trials train on all {plan.train_examples} canonical examples and are scored on the "
+                "task's evaluation set (its numbers are then optimistic)")
+    return (f"{data}\nsmall-data defaults for {small.examples} examples: accumulation {small.accumulate} "
+            f"({small.steps_per_epoch} optimizer steps per epoch), {small.max_epochs} epochs")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _trial_line(t: Trial) -> str:
+    label = "final" if t.number < 0 else f"trial {t.number}"
+    head = f"{label} [{t.method}, {t.phase}] {_params_text(t.params)}: "
+    if not t.ok:
+        return head + f"{t.status} ({t.error})"
+    return (head + f"epoch {t.epoch} of {t.last_epoch}, reliability {_rate(t.reliability)}, generalization "
+            f"{_rate(t.generalization)}, locality {_rate(t.locality)}, degradation {t.degradation:+.2e}, "
+            f"{t.seconds:.0f}s")
+
+
+def _params_text(params: dict) -> str:
+    return " ".join(f"{k.rsplit('.', 2)[-2]}.{k.rsplit('.', 1)[-1]}={value_text(_round(v))}" for k, v in params.items())
+
+
+def _round(value: Any) -> Any:
+    return float(f"{value:.3g}") if isinstance(value, float) else value
+
+
+def summary_text(result: AutoResult) -> str:
+    """The closing summary: the chosen method and configuration, and the final edit's numbers."""
+    if result.final is None:
+        return f"editing auto: no edit found in {result.seconds:.0f}s ({result.folder})"
+    f = result.final
+    generalization = _rate(f.generalization) if result.plan["generalization_measured"] else \
+        "not measured (no evaluation set)"
+    rows = [["reliability (canonical examples)", _rate(f.reliability), _score(f.reliability_mean_score)],
+            ["generalization (evaluation set)", generalization, _score(f.generalization_mean_score)],
+            ["locality (hard negatives preserved)", _rate(f.locality), ""],
+            ["degradation (general NLL)", "-" if f.degradation is None else f"{f.degradation:+.2e}",
+             f"ball {result.ball}"]]
+    table = markdown_table(["", "rate", "mean score"], rows)
+    lines = [f"best edit inside the {result.ball} ball: {f.method}, epoch {f.epoch} "
+             f"({len(result.trials)} trials, {result.seconds:.0f}s)",
+             f"configuration: {_params_text(result.config.get('params', {}))} "
+             f"{' '.join(result.config.get('fit_args', []))}".rstrip(),
+             table,
+             f"edit: {result.edit or 'none (the final fit left no edit)'}",
+             f"record: {Path(result.folder) / AUTO_FILE}"]
+    return "\n".join(lines)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+__all__ = ["AUTO_FILE", "AutoResult", "Plan", "SmallData", "Trial", "auto_edit", "explore_draw", "narrowed_draw",
+           "plan_data", "summary_text", "trains_by_gradient"]

@@ -1,0 +1,56 @@
+"""``editing generate``: what an edit changes in the text a model writes, base and edited side by side."""
+
+from __future__ import annotations
+
+from editing.commands import repeatable
+
+
+@repeatable("prompt")
+def generate(edit: str, prompt: str | list[str], max_new_tokens: int = 20, sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             allow_unverified: bool = False) -> list[dict]:
+    """Continue prompts with the base model and with the edited one, and print both continuations side by side.
+
+    Args:
+        edit: an edit folder (``<run>/edits/ball_<eps>``, or one saved by the Python API's ``save``); any kind
+            (LoRA, full finetuning, MEMIT, senses).
+        prompt: a text to continue (repeat ``--prompt`` for several).
+        max_new_tokens: the most tokens to add to each prompt.
+        sample: draw each token instead of taking the most likely one (greedy, the default).
+        temperature: with ``sample``: divide the logits by this before drawing.
+        top_k: with ``sample``: draw among the k most likely tokens only (0: all).
+        top_p: with ``sample``: draw among the most likely tokens whose probabilities sum to p (1: all).
+        seed: with ``sample``: the seed of the draws (each prompt and model starts from it).
+        allow_unverified: apply an edit saved without ``edit_manifest.json`` (by an older version).
+
+    Returns:
+        Per prompt: ``{"prompt", "base", "edited"}``.
+    """
+    from editing.edits import load_edited
+    from editing.errors import ConfigError
+    from editing.models.generation import Sampling, continue_module
+    from editing.tables import markdown_table
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    if not prompts:
+        raise ConfigError("give at least one --prompt TEXT to continue")
+    if not sample and (temperature != 1.0 or top_k != 0 or top_p != 1.0):
+        raise ConfigError("--temperature, --top_k and --top_p apply only with --sample true (greedy is the default)")
+    sampling = Sampling(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    module = load_edited(edit, allow_unverified=allow_unverified)
+    rows = []
+    for text in prompts:
+        base = continue_module(module, text, max_new_tokens, sampling, base=True)
+        edited = continue_module(module, text, max_new_tokens, sampling)
+        rows.append({"prompt": text, "base": base, "edited": edited})
+    how = "greedy" if not sample else f"sampled (temperature {temperature}, top_k {top_k}, top_p {top_p}, seed {seed})"
+    print(f"edit: {edit} ({module.edit_kind}, on {module.identity['name']}); {how}, at most {max_new_tokens} tokens")
+    print(markdown_table(("prompt", "base", "edited", "same"),
+                         ((_cell(r["prompt"]), _cell(r["base"]), _cell(r["edited"]),
+                           "yes" if r["base"] == r["edited"] else "no") for r in rows)))
+    return rows
+
+
+def _cell(text: str) -> str:
+    """Text in one Markdown table cell: line breaks shown as ``\\n``, pipes escaped."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("|", "\\|")

@@ -1,0 +1,283 @@
+"""The evaluation caches of a fit (issue 13): p0's evaluation computed once per model and data, and each epoch's
+evaluation computed incrementally (``editing.evaluation.incremental``).
+
+**p0 cache.** p0's evaluation (epoch 0) depends only on the base model and the data, not on the method, its
+hyperparameters or the seed: every fit, sweep trial and seed on the same model and data reuses it. What is cached is
+the ``Evaluator``'s metric states after the pass (sums, token counts, per-example scores of every set), so a fit that
+reads them computes its summary with today's code, and a metric added later changes the key (the key lists every
+metric's states). The key covers the model (weight fingerprint, config, precision, dtype, device type, torch and
+transformers versions), the data (task, loss and threshold, every evaluation file's hash and its tokenized examples,
+so limits, tokenizer and context length are in it) and the batching. A method whose p0 is the base model (all
+built-in ones; ``EditingModule.p0_is_base``) computes epoch 0 on its model before any step, which is then p0 bit for
+bit, and stores it; one whose p0 differs is never served from the cache.
+
+Entries are single files written atomically (``editing.files``): concurrent workers may both compute an entry and
+write it, and either copy is the same; an interrupted writer leaves nothing behind, so a half-written entry is never
+read. Under DDP the first process decides whether the entry exists and reads or writes it.
+
+Switches: ``--budget.p0_cache``, ``--budget.incremental``, ``--budget.cache_memory_mb`` (``DegradationBudget``), and
+``$EDITING_EVAL_CACHES=off`` (both off, e.g. for ``benchmarks/fit_time.py``'s reference runs). Files go under
+``$EDITING_EVAL_CACHE_DIR``, by default ``<cache>/evaluation``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from editing.evaluation.evaluator import Evaluator
+from editing.evaluation.incremental import (
+    COUNTERS,
+    BatchStore,
+    FrozenPrefix,
+    PrefixScorer,
+    SenseEdit,
+    SenseScorer,
+    Shortcut,
+    key_of,
+    prefix_digest,
+    tensor_digest,
+)
+from editing.evaluation.scorer import TokenScorer
+from editing.files import save_atomically
+from editing.models.architecture import base_model
+from editing.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+SWITCH_ENV = "EDITING_EVAL_CACHES"
+DIR_ENV = "EDITING_EVAL_CACHE_DIR"
+FORMAT = 1
+"""Bumped when what a cache entry holds, or how it is computed, changes."""
+
+
+@dataclass
+class CacheSettings:
+    """Which evaluation caches a fit uses (``DegradationBudget``'s ``p0_cache``, ``incremental``,
+    ``cache_memory_mb``)."""
+
+    p0: bool = True
+    """Reuse p0's evaluation from an earlier fit on the same model and data."""
+    incremental: bool = True
+    """Evaluate each epoch by computing only what the edit can change."""
+    memory_mb: float = 1024.0
+    """Memory budget (MiB) of this process's incremental-evaluation entries; entries beyond it go to disk."""
+
+    def effective(self) -> CacheSettings:
+        """These settings with ``$EDITING_EVAL_CACHES=off`` applied (it turns both caches off)."""
+        if os.environ.get(SWITCH_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+            return dataclasses.replace(self, p0=False, incremental=False)
+        return self
+
+
+def cache_root() -> Path:
+    """Folder of the evaluation caches: ``$EDITING_EVAL_CACHE_DIR``, else ``<cache>/evaluation``."""
+    return Path(os.environ.get(DIR_ENV) or cache_dir() / "evaluation")
+
+
+# --- what a cached result depends on ------------------------------------------------------------------------------
+_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "use_cache", "architectures")
+
+
+def model_material(model: nn.Module, identity: dict) -> dict:
+    """The model's part of a cache key: weights (the load-time fingerprint), config, precision and where it runs."""
+    import transformers
+
+    inner = base_model(model)
+    config = {k: v for k, v in inner.config.to_dict().items() if k not in _VOLATILE_CONFIG}
+    param = next(model.parameters())
+    return {
+        "fingerprint": identity.get("fingerprint"), "model_type": identity.get("model_type"),
+        "precision": identity.get("precision"), "dtype": str(param.dtype), "device": param.device.type,
+        "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+        "attention": getattr(inner.config, "_attn_implementation", None),
+        "torch": torch.__version__, "transformers": transformers.__version__, "format": FORMAT,
+    }
+
+
+def _examples_digest(examples) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.index}:{int(e.is_text)}:{e.truncated}:{len(e.sequences)}|".encode())
+        for s in e.sequences:
+            digest.update(f"{s.score_from}:".encode())
+            digest.update(array("q", s.ids).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_material(datamodule, roles: list[str] | None = None) -> dict:
+    """The data's part of a cache key: the task's scoring, each evaluated file's hash and tokenized examples, and
+    the batching.
+
+    Args:
+        datamodule: the task's DataModule, attached to a tokenizer.
+        roles: the evaluated roles (default: the task's evaluation roles).
+    """
+    task = datamodule.task
+    hashed = {}
+    for role in roles or datamodule.eval_roles():
+        loaded = datamodule.load(role)
+        hashed[role] = {"sha256": loaded.sha256, "examples": len(loaded.examples),
+                        "tokens": _examples_digest(loaded.examples)}
+    return {"task": task.name, "loss": getattr(task.loss, "value", str(task.loss)), "threshold": float(task.threshold),
+            "roles": hashed, "max_tokens": datamodule.max_tokens, "max_examples": datamodule.max_examples,
+            "max_length": datamodule.max_length}
+
+
+def evaluator_material(evaluator: Evaluator) -> dict:
+    """The evaluator's part of the p0 key: every metric and its states (a new metric or state is a new key)."""
+    return {name: sorted(metric._defaults) for name, metric in evaluator.metrics.items()}
+
+
+def _process() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value):
+    rank, world = _process()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- p0 -----------------------------------------------------------------------------------------------------------
+class P0Cache:
+    """p0's metric states, one file per key (``<root>/p0/<key>.safetensors``; the key's material is in its metadata
+    and is checked on reading).
+
+    Args:
+        material: everything p0's evaluation depends on (see the module doc).
+    """
+
+    def __init__(self, material: dict) -> None:
+        self.material = material
+        self.key = key_of(material)
+        self.path = cache_root() / "p0" / f"{self.key}.safetensors"
+
+    def load(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The cached states, or None (absent, unreadable, or made for other material)."""
+        if not self.path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as err:  # noqa: BLE001 - any unreadable entry (safetensors raises its own error type)
+            log.warning("p0 cache entry %s is unreadable (%s); computing p0 again", self.path, err)
+            return None
+        if json.loads(meta.get("material", "null")) != json.loads(json.dumps(self.material, default=str)):
+            return None
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            metric, state = name.split(".", 1)
+            states.setdefault(metric, {})[state] = tensor
+        return states
+
+    def store(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Write the states (atomically; an entry another process wrote meanwhile is kept)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"{metric}.{state}": t.contiguous() for metric, d in states.items() for state, t in d.items()}
+        meta = {"material": json.dumps(self.material, default=str)}
+        try:
+            save_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), keep_existing=True)
+        except OSError as err:  # the fit goes on; the next one computes p0 again
+            log.warning("could not write the p0 cache entry %s (%s)", self.path, err)
+
+
+# --- one epoch's evaluation -------------------------------------------------------------------------------------
+def make_scorer(model: nn.Module, shortcut: Shortcut | None, identity: dict, data: dict,
+                settings: CacheSettings) -> TokenScorer | None:
+    """The incremental scorer for ``shortcut`` (None when there is none, or it cannot be exact here)."""
+    if shortcut is None:
+        return None
+    rank, world = _process()
+    common = {"model": model_material(model, identity), "data": data, "process": [rank, world]}
+    budget = int(settings.memory_mb * 2**20)
+    if isinstance(shortcut, FrozenPrefix):
+        if shortcut.start <= 0:
+            return None  # nothing below the first changed block
+        material = {**common, "kind": "prefix", "start": shortcut.start,
+                    "prefix": prefix_digest(model, shortcut.start)}
+        key = key_of(material)
+        return PrefixScorer(model, shortcut.start, BatchStore(key, cache_root() / "prefix" / key, budget))
+    if isinstance(shortcut, SenseEdit):
+        if next(model.parameters()).dtype != torch.float32:
+            return None  # the decomposition is exact to fp32 rounding only in fp32
+        selection = tensor_digest([("vocab", shortcut.vocab_ids), ("sense", shortcut.sense_ids)])
+        material = {**common, "kind": "senses", "weights": tensor_digest(sorted(model.state_dict().items())),
+                    "selection": selection, "pairs": int(shortcut.vocab_ids.numel())}
+        key = key_of(material)
+        return SenseScorer(model, shortcut, BatchStore(key, cache_root() / "senses" / key, budget))
+    raise TypeError(f"unknown evaluation shortcut {shortcut!r}")
+
+
+def evaluate_epoch(subject, datamodule, epoch: int, settings: CacheSettings | None = None,
+                   roles: list[str] | None = None, progress: bool = False, announce: bool = True) -> dict:
+    """Evaluate ``subject``'s model on ``datamodule``'s evaluation sets for ``epoch``, with the evaluation caches.
+
+    Epoch 0 (p0) is read from the p0 cache when an earlier fit on the same model and data stored it (and stored
+    otherwise); every epoch's pass uses the method's shortcut (``subject.evaluation_shortcut()``) when there is one.
+    The summary equals a plain ``editing.evaluation.evaluate`` to fp32 rounding (p0 from the cache: exactly).
+
+    Args:
+        subject: an ``EditingModule`` (its ``model``, ``identity``, ``tokenizer``, ``max_length``,
+            ``evaluation_shortcut()`` and ``p0_is_base``).
+        datamodule: the task's DataModule.
+        epoch: 0 for p0 (before any step), else the epoch just trained.
+        settings: which caches to use (default: all; ``$EDITING_EVAL_CACHES=off`` turns them off).
+        roles: which roles to evaluate (default: the task's evaluation roles; see ``TaskDataModule.eval_roles``).
+        progress: show a progress bar per role.
+        announce: print on the first process whether p0 was computed or reused.
+
+    Returns:
+        The evaluation summary (``Evaluator.summary``).
+    """
+    settings = (settings or CacheSettings()).effective()
+    if datamodule.tokenizer is None:
+        datamodule.attach(subject.tokenizer, subject.max_length)
+    model = subject.model
+    evaluator = Evaluator(datamodule.task)
+    evaluator.to(next(model.parameters()).device)
+    data = data_material(datamodule, roles) if settings.p0 or settings.incremental else {}
+    scorer = None
+    if settings.incremental:
+        shortcut = getattr(subject, "evaluation_shortcut", lambda: None)()
+        scorer = make_scorer(model, shortcut, subject.identity, data, settings)
+    if epoch != 0 or not settings.p0 or not getattr(subject, "p0_is_base", False):
+        return evaluator.run(model, datamodule, roles, progress=progress, scorer=scorer)
+    rank, world = _process()
+    # the number of processes orders the sums of the reduction, so a cached p0 equals a fresh one bit for bit
+    cache = P0Cache({"model": model_material(model, subject.identity), "data": data,
+                     "evaluator": evaluator_material(evaluator), "processes": world})
+    states = cache.load() if rank == 0 else None
+    if _broadcast(states is not None):
+        if rank == 0:
+            evaluator.load_states(states)
+        COUNTERS["p0_reused"] += 1
+        if announce and rank == 0:
+            print(f"p0 (epoch 0): reused from the p0 cache ({cache.path})", flush=True)
+        return evaluator.summary()
+    evaluator.run(model, datamodule, roles, progress=progress, scorer=scorer, summarize=False)
+    states = evaluator.states()
+    if rank == 0:
+        cache.store(states)
+    COUNTERS["p0_computed"] += 1
+    if announce and rank == 0:
+        print(f"p0 (epoch 0): computed and stored in the p0 cache ({cache.path})", flush=True)
+    return evaluator.summary()

@@ -1,0 +1,286 @@
+"""``editing auto`` (issue 14 item 5): the small-data defaults as stated, the held-out split, the search's draws,
+the budget, and a search on a tiny model that returns the best edit inside its ball.
+
+Every expectation is recomputed here from the rules as the README states them, not with the package's helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_DIR, SHARED_DATA
+
+from editing.auto import SmallData, auto_edit, explore_draw, narrowed_draw, plan_data, run_fit_until
+from editing.errors import ConfigError
+from editing.files import ResultsExistError
+from editing.sweep import load_space
+from editing.tasks import get_task
+
+TINY_ARGS = "--data.eval_limit 4 --data.general_limit 4"
+LR = "model.init_args.optimizer.lr"
+KL = "model.init_args.regularization.weight"
+RANK = "model.init_args.lora.rank"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _user_task(folder: Path, n: int = 8, split: bool = False) -> Path:
+    """A ``good`` task of ``n`` country_capital lines (with an extra field each), without ``{split}`` unless asked."""
+    source = SHARED_DATA / "country_capital" / "split"
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "-{split}" if split else ""
+    for s in (("val", "test") if split else ("val",)):
+        tail = f"-{s}" if split else ""
+        canonical = source.joinpath(f"country_capital_fixed-{s}.jsonl").read_text().splitlines()[:n]
+        rows = [dict(json.loads(line), note=i) for i, line in enumerate(canonical)]
+        (folder / f"canonical{tail}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for name, stem in (("evaluation", "country_capital_clear_eval"), ("hard", "country_capital_hard_neg")):
+            lines = source.joinpath(f"{stem}-{s}.jsonl").read_text().splitlines()[:6]
+            (folder / f"{name}{tail}.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "task.yaml").write_text(
+        f"name: capitals\nloss: good\nthreshold: 1.6094379124341003\ncanonical: canonical{suffix}.jsonl\n"
+        f"evaluation: evaluation{suffix}.jsonl\nhard_negatives: hard{suffix}.jsonl\n")
+    return folder / "task.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the small-data defaults
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 12, 16, 20, 39, 40, 100, 1000])
+def test_small_data_defaults_as_stated(n: int) -> None:
+    # the README's rule: accumulate so that an epoch holds at least 8 optimizer steps (at most the paper's 5), and
+    # train ceil(120 / steps per epoch) epochs, at least 10 and at most 20
+    accumulate = 1
+    while accumulate < 5 and n // (accumulate + 1) >= 8:
+        accumulate += 1
+    steps = -(-n // accumulate)
+    epochs = min(20, max(10, -(-120 // steps)))
+    got = SmallData.of(n)
+    assert (got.accumulate, got.steps_per_epoch, got.max_epochs) == (accumulate, steps, epochs)
+    assert got.steps_per_epoch >= min(n, 8)  # an epoch never holds fewer steps than the rule's floor
+    assert got.args() == ["--trainer.accumulate_grad_batches", str(accumulate), "--trainer.max_epochs", str(epochs)]
+    assert SmallData.of(n, epochs=3).max_epochs == 3
+
+
+def test_fewer_examples_mean_less_accumulation_and_more_epochs() -> None:
+    small, large = SmallData.of(12), SmallData.of(200)
+    assert (small.accumulate, small.max_epochs) == (1, 10) and (large.accumulate, large.max_epochs) == (5, 10)
+    assert SmallData.of(4).max_epochs == 20 and SmallData.of(4).accumulate == 1
+    with pytest.raises(ConfigError, match="epochs"):
+        SmallData.of(12, epochs=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the held-out split
+# ----------------------------------------------------------------------------------------------------------------
+def _read(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("n", [2, 8, 13])
+def test_held_out_split_is_disjoint_and_covers_the_examples(tmp_path, n: int) -> None:
+    task = _user_task(tmp_path / "task", n=n)
+    plan = plan_data(str(task), tmp_path / "data", holdout=0.25, seed=3)
+    train, held = _read(plan.holdout_files["train"]), _read(plan.holdout_files["heldout"])
+    every = _read(tmp_path / "task" / "canonical.jsonl")
+    want = max(1, min(n - 1, round(0.25 * n)))
+    assert len(held) == want and len(train) == n - want
+    keys = [json.dumps(r, sort_keys=True) for r in every]
+    assert not {json.dumps(r, sort_keys=True) for r in train} & {json.dumps(r, sort_keys=True) for r in held}
+    assert sorted(json.dumps(r, sort_keys=True) for r in train + held) == sorted(keys)  # all fields kept
+    assert [r["note"] for r in held] == plan.holdout == sorted(random.Random(3).sample(range(n), want))
+    # the trials read the training part and are scored on the held-out part; the final fit reads the task itself
+    search = get_task(plan.search_task)
+    assert search.file("canonical", "val") == Path(plan.holdout_files["train"]).resolve()
+    assert search.file("evaluation", "val") == Path(plan.holdout_files["heldout"]).resolve()
+    assert search.file("hard_negatives", "val") == (tmp_path / "task" / "hard.jsonl").resolve()
+    assert (search.name, search.loss, search.threshold) == ("capitals", "good", pytest.approx(-math.log(0.2)))
+    assert plan.final_task == str(task.resolve()) and plan.retrain
+    assert (plan.train_examples, plan.final_examples) == (n - want, n)
+    # the same seed, the same split; another seed, (here) another one
+    again = plan_data(str(task), tmp_path / "again", holdout=0.25, seed=3)
+    assert again.holdout == plan.holdout
+
+
+def test_no_hold_out_for_a_task_with_a_validation_pair(tmp_path, data_root) -> None:
+    task = _user_task(tmp_path / "task", split=True)
+    plan = plan_data(str(task), tmp_path / "data")
+    assert plan.holdout == [] and (plan.search_split, plan.final_split) == ("val", "test")
+    builtin = plan_data("country_capital", tmp_path / "b")
+    assert builtin.search_task == builtin.final_task == "country_capital" and builtin.holdout == []
+    assert builtin.train_examples == len(_read(data_root / "country_capital/split/country_capital_fixed-val.jsonl"))
+
+
+def test_plain_examples_and_holdout_zero(tmp_path) -> None:
+    task = _user_task(tmp_path / "task")
+    jsonl = tmp_path / "task" / "canonical.jsonl"
+    plan = plan_data(str(jsonl), tmp_path / "data")
+    assert not plan.generalization_measured and len(plan.holdout) == 2
+    with pytest.raises(ConfigError, match="threshold"):
+        plan_data(str(jsonl), tmp_path / "d2", loss="bad")
+    same = plan_data(str(task), tmp_path / "d3", holdout=0)
+    assert not same.retrain and same.search_task == same.final_task and same.holdout == []
+    with pytest.raises(ConfigError, match="cannot be split"):
+        plan_data(str(_user_task(tmp_path / "one", n=1)), tmp_path / "d4")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the draws
+# ----------------------------------------------------------------------------------------------------------------
+def test_exploring_draws_cover_each_stratum_once() -> None:
+    space = load_space("lora")
+    rng = random.Random(0)
+    count = 4
+    order = {k: rng.sample(range(count), count) for k in space}
+    draws = [explore_draw(space, i, count, rng, order) for i in range(count)]
+    lows = sorted(math.floor((math.log10(d[LR]) + 6.5) / 4.5 * count) for d in draws)
+    assert lows == list(range(count))  # lr 10^U(-6.5, -2): one draw per quarter of the log range
+    assert all(1 <= d[RANK] <= 256 and isinstance(d[RANK], int) for d in draws)
+    assert all(0.1 <= d[KL] <= 1.0 for d in draws)
+
+
+def test_narrowed_draws_stay_in_the_window_and_go_stronger_after_a_weak_best() -> None:
+    space = load_space("lora")
+    best = {LR: 1e-4, RANK: 64, KL: 0.3, "model.init_args.lora.layer_fraction": 0.5}
+    rng = random.Random(1)
+    for level in (1, 2, 3):
+        half = 0.5 ** level / 2
+        for _ in range(50):
+            d = narrowed_draw(space, best, level, weak=False, rng=rng)
+            assert abs(math.log10(d[LR]) + 4) <= 4.5 * half + 1e-9
+            assert abs(math.log10(d[KL]) - math.log10(0.3)) <= 1.0 * half + 1e-9
+            w = narrowed_draw(space, best, level, weak=True, rng=rng)
+            assert 1e-4 * (1 - 1e-9) <= w[LR] <= 10 ** (-4 + 4.5 * 2 * half) * (1 + 1e-9)  # a stronger lr
+            assert w[KL] <= 0.3 * (1 + 1e-9) and w[RANK] >= 64  # a weaker pull toward p0, more rank
+    # clipped to the space
+    edge = narrowed_draw(space, {**best, LR: 1e-2}, 1, weak=True, rng=rng)
+    assert edge[LR] <= 1e-2 * (1 + 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the budget
+# ----------------------------------------------------------------------------------------------------------------
+def test_a_fit_past_the_deadline_is_killed(tmp_path, data_root) -> None:
+    start = time.monotonic()
+    code = run_fit_until(["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task",
+                          "country_capital"], tmp_path / "fit.log", deadline=time.monotonic() + 1.0)
+    assert code == -9 and time.monotonic() - start < 30
+    assert "killed at the budget's deadline" in (tmp_path / "fit.log").read_text()
+
+
+class FakeClock:
+    """A clock that a runner advances by a fixed time per fit (the budget logic, without waiting)."""
+
+    def __init__(self, per_fit: float) -> None:
+        self.now, self.per_fit = 0.0, per_fit
+        self.calls: list[tuple[list[str], float, float | None]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, args, log_path, deadline):
+        self.calls.append((list(args), self.now, deadline))
+        code = run_fit_until(args, log_path, None)
+        self.now += self.per_fit
+        return code
+
+
+def _max_time_seconds(args: list[str]) -> float:
+    d, h, m, s = (int(x) for x in args[args.index("--trainer.max_time") + 1].split(":"))
+    return ((d * 24 + h) * 60 + m) * 60 + s
+
+
+def test_minutes_budget_is_respected(tmp_path, data_root) -> None:
+    task = _user_task(tmp_path / "task", n=8)
+    clock = FakeClock(per_fit=100.0)
+    result = auto_edit(str(task), methods=["lora"], ball=0.5, minutes=5.0, model="tiny-gpt2",
+                       output_dir=str(tmp_path / "auto"), epochs=1, args=TINY_ARGS, clock=clock,
+                       runner=clock.runner)
+    # t=0: 300 s left, nothing yet to keep for the final fit: trial 0 runs. t=100: the final fit is expected to
+    # take 1.2 x 100 s x 8/6 examples = 160 s, leaving 40 s, less than 50 s (half a trial): the search stops and
+    # the final fit runs; the whole command ends at t=200 <= 300.
+    assert [t.number for t in result.trials] == [0]
+    assert len(clock.calls) == 2 and clock.now == 200.0 <= 300.0
+    trial_args, t0, deadline = clock.calls[0]
+    assert deadline == pytest.approx(300.0) and _max_time_seconds(trial_args) <= 0.75 * 300
+    final_args, t1, _ = clock.calls[1]
+    assert t1 == 100.0 and _max_time_seconds(final_args) <= 0.75 * 200
+    assert result.final is not None and result.final.ok
+
+
+def test_no_budget_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="give a budget"):
+        auto_edit("country_capital", output_dir=str(tmp_path / "a"))
+    proc = subprocess.run([sys.executable, "-m", "editing.cli", "auto", "--task", "country_capital", "--trials", "0"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "at least one trial" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a search on a tiny model
+# ----------------------------------------------------------------------------------------------------------------
+def _ball_outcome(results: Path, key: str) -> dict:
+    """A fit's outcome in a ball, read from its results.json by key (the SPEC 6 epoch recomputed)."""
+    run = json.loads(results.read_text())
+    epochs = run["epochs"]
+    eps = float(key)
+    inside = [e["epoch"] for e in epochs if e["general_nll"] < (1 + eps) * epochs[0]["general_nll"]]
+    epoch = epochs[max(inside)]
+    assert run["balls"][key]["epoch"] == epoch["epoch"]
+    return epoch
+
+
+def test_auto_returns_the_best_edit_inside_the_ball(tmp_path, data_root) -> None:
+    task = _user_task(tmp_path / "task", n=8)
+    out = tmp_path / "auto"
+    result = auto_edit(str(task), methods=["lora", "full"], ball=1e-2, trials=3, model="tiny-gpt2",
+                       output_dir=str(out), epochs=2, patience=None, args=TINY_ARGS, seed=0)
+    record = json.loads((out / "auto.json").read_text())
+    assert len(record["trials"]) == 3  # the budget of trials; the final fit comes on top
+    assert [t["method"] for t in record["trials"][:2]] == ["lora", "full"]  # each method explored first
+    # the best: the largest reliability + generalization at the ball's epoch; then the lower mean canonical score,
+    # the smaller degradation, the earlier trial
+    outcomes = {}
+    for t in record["trials"]:
+        e = _ball_outcome(Path(t["folder"]) / "results.json", "1e-02")
+        outcomes[t["number"]] = e
+        assert t["reliability"] == e["reliability"] and t["generalization"] == e["success_rate"]
+        assert t["degradation"] < 1e-2  # inside the ball
+        # every trial trained on the 6 training examples, with the small-data defaults (1 step per example)
+        data = json.loads((Path(t["folder"]) / "results.json").read_text())["data_files"]
+        assert data["canonical"]["examples"] == 6 and data["evaluation"]["examples"] == 2
+    best = max(outcomes, key=lambda n: (outcomes[n]["reliability"] + outcomes[n]["success_rate"],
+                                        -outcomes[n]["reliability_mean_score"], -outcomes[n]["degradation"], -n))
+    assert record["best"] == best
+    chosen = record["trials"][best]
+    # the final fit: the chosen configuration on all 8 examples, reported on the task's evaluation set
+    final = Path(record["final"]["folder"]) / "results.json"
+    e = _ball_outcome(final, "1e-02")
+    run = json.loads(final.read_text())
+    assert run["data_files"]["canonical"]["examples"] == 8 and run["data_files"]["evaluation"]["examples"] == 4
+    assert run["method"] == chosen["method"]
+    assert (result.final.reliability, result.final.generalization, result.final.locality,
+            result.final.degradation) == (e["reliability"], e["success_rate"], e["locality"], e["degradation"])
+    assert record["config"]["params"] == chosen["params"]
+    # the edit is saved and loads onto its base model; only the best trial keeps an edit
+    from editing.edits import load_edited
+
+    assert result.edit is not None and load_edited(result.edit).model is not None
+    kept = [t["number"] for t in record["trials"] if (Path(t["folder"]) / "edits").exists()]
+    assert kept == [best]
+    # a second search into the same folder is refused (never overwritten silently)
+    with pytest.raises(ResultsExistError, match="already exists"):
+        auto_edit(str(task), methods=["lora"], trials=1, model="tiny-gpt2", output_dir=str(out))
