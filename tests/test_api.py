@@ -59,8 +59,19 @@ def _assert_carries(model, saved: dict[str, torch.Tensor], method: str) -> None:
             assert torch.equal(params[name], value), name
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as in the command's process (OMP_NUM_THREADS=1): a product summed by two
+    threads rounds differently, and the two runs are compared exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_an_edit_through_the_api_equals_the_same_edit_through_editing_fit(method, tmp_path, data_root) -> None:
+def test_an_edit_through_the_api_equals_the_same_edit_through_editing_fit(method, tmp_path, data_root,
+                                                                         one_thread) -> None:
     from editing import edit
 
     model, options = CASES[method]
