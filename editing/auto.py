@@ -23,12 +23,18 @@ How it searches:
   ``reliability + generalization`` (success rates on its own canonical examples and on its evaluation set); ties go
   to the lower mean canonical score (progress before any example succeeds), then to the smaller degradation, then
   to the earlier trial. Hard negatives (locality) are reported, never used for selection (SPEC section 1).
+- **Strong first.** The first exploring trial of each method takes the strongest stratum of each ``STRONGER``
+  setting (highest learning rate and rank, lowest KL weight, ...); the other settings and the later exploring trials
+  draw their strata in a seeded order. An edit too strong for the ball leaves it within an epoch or two and
+  ``patience`` ends its fit there, so it costs little; an edit too weak trains every epoch and tells less. With
+  fits of minutes each, the search thus learns the most from its first trials.
 - **Narrowing.** The first ``explore`` trials of each method are spread over its whole search space (one stratum of
-  each range per trial, in a seeded order). After them, each trial uses the method of the best trial so far and
-  draws every setting from a window around the best trial's value that halves with each such trial (a log10 range
-  for ``log10_uniform``). When the best trial never left the ball (its ball epoch is its last epoch) and is not yet
-  fully reliable, the edit was too weak: the windows of the settings that make an edit stronger (``STRONGER``:
-  learning rate, LoRA rank, MEMIT's clamp up; KL weight, MEMIT's covariance weight down) lie on the stronger side.
+  each range per trial). After them, each trial uses the method of the best trial so far and draws every setting
+  from a window around the best trial's value that halves with each such trial (a log10 range for
+  ``log10_uniform``). The window is one-sided when the best trial says which way to go, a bisection of the edit's
+  strength: when it never left the ball (its ball epoch is its last epoch) and is not yet fully reliable, the edit
+  was too weak and the windows of the ``STRONGER`` settings lie on the stronger side; when it left the ball in its
+  first epoch (its ball epoch is 0: no edited epoch inside), it was too strong and they lie on the weaker side.
 - **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command: a trial starts only when
   the time left, less the final fit's estimated time, allows, and every fit is given Lightning's ``max_time`` so
   that it stops (and writes its results) in time. A trial past the deadline is killed.
@@ -302,6 +308,21 @@ def _value(param: Parameter, unit: float) -> Any:
     return float(x)
 
 
+def explore_orders(space: dict[str, Parameter], count: int, rng: random.Random) -> dict[str, list[int]]:
+    """Per setting, the order in which ``count`` exploring trials use its strata: the strongest stratum first for
+    ``STRONGER`` settings (then the next strongest, ...), a seeded permutation for the others."""
+    orders = {}
+    for key in space:
+        direction = STRONGER.get(key, 0)
+        if direction > 0:
+            orders[key] = list(range(count - 1, -1, -1))
+        elif direction < 0:
+            orders[key] = list(range(count))
+        else:
+            orders[key] = rng.sample(range(count), count)
+    return orders
+
+
 def explore_draw(space: dict[str, Parameter], index: int, count: int, rng: random.Random,
                  order: dict[str, list[int]]) -> dict[str, Any]:
     """The ``index``-th of ``count`` exploring draws: per setting, a uniform draw inside one of ``count`` equal
@@ -316,10 +337,12 @@ def explore_draw(space: dict[str, Parameter], index: int, count: int, rng: rando
     return params
 
 
-def narrowed_draw(space: dict[str, Parameter], best: dict[str, Any], level: int, weak: bool,
+def narrowed_draw(space: dict[str, Parameter], best: dict[str, Any], level: int, direction: int,
                   rng: random.Random) -> dict[str, Any]:
-    """A draw from windows around ``best`` whose width (as a fraction of each range) is ``0.5 ** level``; when
-    ``weak``, the windows of ``STRONGER`` settings lie on their stronger side of ``best``."""
+    """A draw from windows around ``best`` whose width (as a fraction of each range) is ``0.5 ** level``.
+
+    ``direction`` +1 (the best edit was too weak) puts the windows of ``STRONGER`` settings on their stronger side
+    of ``best``, -1 (too strong) on their weaker side, 0 centres every window on ``best``."""
     width = 0.5 ** level
     params = {}
     for key, param in space.items():
@@ -330,8 +353,8 @@ def narrowed_draw(space: dict[str, Parameter], best: dict[str, Any], level: int,
             params[key] = best[key] if rng.random() < 0.75 else rng.choice(param.args)
             continue
         centre = _unit(param, best[key])
-        direction = STRONGER.get(key, 0) if weak else 0
-        low = centre - width / 2 if direction == 0 else centre if direction > 0 else centre - width
+        side = STRONGER.get(key, 0) * direction
+        low = centre - width / 2 if side == 0 else centre if side > 0 else centre - width
         params[key] = _value(param, low + rng.random() * width)
     return params
 
@@ -370,6 +393,16 @@ class Trial:
     def weak(self) -> bool:
         """The edit never left the ball (its ball epoch is its last) and is not fully reliable: too weak."""
         return self.ok and self.epoch == self.last_epoch and (self.reliability or 0.0) < 1.0
+
+    @property
+    def strong(self) -> bool:
+        """The edit left the ball in its first epoch (no edited epoch inside it): too strong."""
+        return self.ok and self.epoch == 0 and (self.last_epoch or 0) > 0
+
+    @property
+    def direction(self) -> int:
+        """Where the next draws should go: +1 stronger (too weak), -1 weaker (too strong), 0 around it."""
+        return 1 if self.weak else -1 if self.strong else 0
 
     def key(self) -> tuple:
         """The ranking key: objective, then lower mean canonical score, smaller degradation, earlier trial."""
@@ -448,7 +481,7 @@ def _default_folder(name: str) -> Path:
 
 def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
               trials: int | None = None, minutes: float | None = None, model: str = "smollm2-135m",
-              output_dir: str | None = None, holdout: float = 0.25, explore: int = 2, epochs: int | None = None,
+              output_dir: str | None = None, holdout: float = 0.25, explore: int = 1, epochs: int | None = None,
               patience: int | None = 1, args: str | None = None, loss: str = "good", threshold: float | None = None,
               evaluation: str | None = None, hard_negatives: str | None = None, seed: int = 0,
               overwrite: bool = False, clock: Callable[[], float] | None = None,
@@ -469,7 +502,8 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
         output_dir: the folder of the search (default ``runs/auto/<task>/version_N``).
         holdout: the fraction of canonical examples held out for validation when the task has no validation pair
             (0: select on the task's own evaluation set, whose numbers are then optimistic).
-        explore: trials per method spread over its whole search space before the search narrows.
+        explore: trials per method spread over its whole search space before the search narrows (1: only the
+            strongest corner of each method's space, then the bisection of the edit's strength).
         epochs: epochs per fit (default: the small-data rule, 10 to 20).
         patience: stop a fit after this many epochs outside the ball (None: train every epoch).
         args: more ``editing fit`` arguments for every fit, one string (e.g. ``"--data.general_limit 200"`` to
@@ -529,7 +563,7 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     print(_plan_text(plan, small), flush=True)
 
     rng = random.Random(seed)
-    orders = {m: {k: rng.sample(range(explore), explore) for k in spaces[m]} for m in names}
+    orders = {m: explore_orders(spaces[m], explore, rng) for m in names}
     done: list[Trial] = []
     queue = [(m, i) for i in range(explore) for m in names]  # one of each method first, then the second of each
     narrowing: dict[str, int] = {m: 0 for m in names}
@@ -563,8 +597,8 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
             else:
                 method = best.method
                 narrowing[method] += 1
-                params = narrowed_draw(spaces[method], best.params, narrowing[method], best.weak, rng)
-                phase = f"narrow {narrowing[method]}" + (" (stronger)" if best.weak else "")
+                params = narrowed_draw(spaces[method], best.params, narrowing[method], best.direction, rng)
+                phase = f"narrow {narrowing[method]}" + {1: " (stronger)", -1: " (weaker)", 0: ""}[best.direction]
         left = remaining() - final_reserve()
         if left < max(30.0, 0.5 * typical_seconds(method)):
             print(f"budget: {max(0.0, remaining()):.0f}s left, {final_reserve():.0f}s of them kept for the final "
@@ -716,5 +750,5 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["AUTO_FILE", "AutoResult", "Plan", "SmallData", "Trial", "auto_edit", "explore_draw", "narrowed_draw",
-           "plan_data", "summary_text", "trains_by_gradient"]
+__all__ = ["AUTO_FILE", "AutoResult", "Plan", "SmallData", "Trial", "auto_edit", "explore_draw", "explore_orders",
+           "narrowed_draw", "plan_data", "summary_text", "trains_by_gradient"]

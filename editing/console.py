@@ -30,6 +30,8 @@ NOISY_WARNINGS: tuple[str, ...] = (
     # the fit claims its run folder (run.lock) before the CSV logger opens it; unfinished runs are refused by the
     # claim, so the logger's warning about a non-empty folder is always about our own lock file
     r"Experiment logs directory .* exists and is not empty",
+    # the frozen base model is kept in eval mode on purpose (no dropout in p or p0); only the deltas train
+    r"Found \d+ module\(s\) in eval mode at the start of training",
 )
 NOISY_INFO: tuple[str, ...] = ("💡 Tip:",)
 """Lightning's advertisements (litlogger, litmodels), printed at info level on every fit."""

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 from conftest import REPO_DIR, SHARED_DATA
 
-from editing.auto import SmallData, auto_edit, explore_draw, narrowed_draw, plan_data, run_fit_until
+from editing.auto import (
+    SmallData,
+    Trial,
+    auto_edit,
+    explore_draw,
+    explore_orders,
+    narrowed_draw,
+    plan_data,
+    run_fit_until,
+)
 from editing.errors import ConfigError
 from editing.files import ResultsExistError
 from editing.sweep import load_space
@@ -152,21 +161,51 @@ def test_exploring_draws_cover_each_stratum_once() -> None:
     assert all(0.1 <= d[KL] <= 1.0 for d in draws)
 
 
-def test_narrowed_draws_stay_in_the_window_and_go_stronger_after_a_weak_best() -> None:
+def test_the_first_exploring_draw_is_the_strongest_stratum_of_each_strength_setting() -> None:
+    space = load_space("lora")
+    count = 3
+    order = explore_orders(space, count, random.Random(0))
+    draws = [explore_draw(space, i, count, random.Random(i), order) for i in range(count)]
+    # lr 10^U(-6.5, -2) and rank U{1..256}: highest third first; KL weight 10^U(-1, 0): lowest third first
+    assert math.log10(draws[0][LR]) >= -2 - 4.5 / 3 - 1e-9 and draws[0][RANK] >= 1 + 255 * 2 / 3 - 1
+    assert math.log10(draws[0][KL]) <= -1 + 1 / 3 + 1e-9
+    assert [d[LR] for d in draws] == sorted((d[LR] for d in draws), reverse=True)
+    assert [d[KL] for d in draws] == sorted(d[KL] for d in draws)
+    # a setting that is no strength (the layer block) gets a seeded permutation of its strata
+    assert sorted(order["model.init_args.lora.layer_fraction"]) == list(range(count))
+
+
+def test_a_trial_says_which_way_the_next_draws_go() -> None:
+    def trial(epoch: int, last: int, reliability: float) -> Trial:
+        return Trial(0, "lora", {}, "explore", "f", status="finished", epoch=epoch, last_epoch=last,
+                     reliability=reliability)
+
+    assert trial(10, 10, 0.5).direction == 1  # never left the ball, not reliable: too weak
+    assert trial(0, 1, 0.0).direction == -1  # left the ball in its first epoch: too strong
+    assert trial(3, 5, 0.5).direction == 0  # inside for three epochs, then out: around it
+    assert trial(10, 10, 1.0).direction == 0  # fully reliable inside the ball: around it
+    assert Trial(0, "lora", {}, "explore", "f", status="failed").direction == 0
+
+
+def test_narrowed_draws_stay_in_the_window_and_go_stronger_or_weaker_as_the_best_says() -> None:
     space = load_space("lora")
     best = {LR: 1e-4, RANK: 64, KL: 0.3, "model.init_args.lora.layer_fraction": 0.5}
     rng = random.Random(1)
     for level in (1, 2, 3):
         half = 0.5 ** level / 2
         for _ in range(50):
-            d = narrowed_draw(space, best, level, weak=False, rng=rng)
+            d = narrowed_draw(space, best, level, direction=0, rng=rng)
             assert abs(math.log10(d[LR]) + 4) <= 4.5 * half + 1e-9
             assert abs(math.log10(d[KL]) - math.log10(0.3)) <= 1.0 * half + 1e-9
-            w = narrowed_draw(space, best, level, weak=True, rng=rng)
+            w = narrowed_draw(space, best, level, direction=1, rng=rng)
             assert 1e-4 * (1 - 1e-9) <= w[LR] <= 10 ** (-4 + 4.5 * 2 * half) * (1 + 1e-9)  # a stronger lr
             assert w[KL] <= 0.3 * (1 + 1e-9) and w[RANK] >= 64  # a weaker pull toward p0, more rank
+            s = narrowed_draw(space, best, level, direction=-1, rng=rng)
+            assert 10 ** (-4 - 4.5 * 2 * half) * (1 - 1e-9) <= s[LR] <= 1e-4 * (1 + 1e-9)  # a weaker lr
+            assert s[KL] >= 0.3 * (1 - 1e-9) and s[RANK] <= 64  # a stronger pull toward p0, less rank
+            assert abs(s["model.init_args.lora.layer_fraction"] - 0.5) <= 0.8 * half + 1e-9  # no strength: centred
     # clipped to the space
-    edge = narrowed_draw(space, {**best, LR: 1e-2}, 1, weak=True, rng=rng)
+    edge = narrowed_draw(space, {**best, LR: 1e-2}, 1, direction=1, rng=rng)
     assert edge[LR] <= 1e-2 * (1 + 1e-9)
 
 

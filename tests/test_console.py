@@ -115,8 +115,27 @@ def test_the_console_of_a_fit_tells_the_story(tmp_path, data_root) -> None:
                      r"accumulate_grad_batches \(1 gives 6 step\(s\) per epoch\)", proc.stderr)
     # no noise
     both = proc.stdout + proc.stderr
-    for noise in ("Tip:", "litlogger", "v_num", "is_gradient_checkpointing", "LeafSpec"):
+    for noise in ("Tip:", "litlogger", "v_num", "is_gradient_checkpointing", "LeafSpec",
+                  "module(s) in eval mode at the start of training"):
         assert noise not in both, noise
+
+
+def test_dependency_noise_is_dropped_and_other_warnings_still_show() -> None:
+    """Each message of ``NOISY_WARNINGS`` raised as its dependency raises it is silent; any other warning shows."""
+    code = (
+        "import warnings\n"
+        "from editing.console import quiet_dependencies\n"
+        "from lightning.pytorch.utilities import rank_zero_warn\n"
+        "quiet_dependencies()\n"
+        "rank_zero_warn('Found 397 module(s) in eval mode at the start of training. This may lead to unexpected "
+        "behavior during training.')\n"
+        "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed', FutureWarning)\n"
+        "rank_zero_warn('Found 3 dataloader(s) with a problem that matters')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "in eval mode" not in proc.stderr and "is_gradient_checkpointing" not in proc.stderr
+    assert "Found 3 dataloader(s) with a problem that matters" in proc.stderr
 
 
 def test_validate_prints_one_metrics_table(tmp_path, data_root) -> None:
