@@ -116,7 +116,7 @@ def test_the_console_of_a_fit_tells_the_story(tmp_path, data_root) -> None:
     # no noise
     both = proc.stdout + proc.stderr
     for noise in ("Tip:", "litlogger", "v_num", "is_gradient_checkpointing", "LeafSpec",
-                  "module(s) in eval mode at the start of training"):
+                  "module(s) in eval mode at the start of training", "smaller than the logging interval"):
         assert noise not in both, noise
 
 
@@ -130,11 +130,14 @@ def test_dependency_noise_is_dropped_and_other_warnings_still_show() -> None:
         "rank_zero_warn('Found 397 module(s) in eval mode at the start of training. This may lead to unexpected "
         "behavior during training.')\n"
         "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed', FutureWarning)\n"
+        "rank_zero_warn('The number of training batches (6) is smaller than the logging interval "
+        "Trainer(log_every_n_steps=50).')\n"
         "rank_zero_warn('Found 3 dataloader(s) with a problem that matters')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "in eval mode" not in proc.stderr and "is_gradient_checkpointing" not in proc.stderr
+    assert "logging interval" not in proc.stderr
     assert "Found 3 dataloader(s) with a problem that matters" in proc.stderr
 
 
