@@ -221,6 +221,10 @@ class EditingModule(L.LightningModule):
             self._initial = {n: p.detach().clone() for n, p in params.items()}
         if self.reg_config.kind == "ewc" and not self._fisher:
             self._fisher = self._estimate_fisher()
+        # a checkpoint's p0 values and Fisher weights were read onto the CPU before the strategy moved the module
+        # to its device: they follow each parameter there
+        self._initial = {n: t.to(params[n].device) if n in params else t for n, t in self._initial.items()}
+        self._fisher = {n: t.to(params[n].device) if n in params else t for n, t in self._fisher.items()}
 
     def train_mode_modules(self) -> list[nn.Module]:
         """Submodules that stay in train mode while editing (e.g. LoRA dropout). The base model itself runs in

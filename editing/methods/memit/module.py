@@ -247,7 +247,7 @@ class MEMITEditor(EditingModule):
                     trace=trace))
                 traces.append(torch.stack(trace))
         z = torch.cat(targets)
-        self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1),
+        self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1).cpu(),
                                  "templates": templates, "layers": []}
         return z
 
