@@ -207,6 +207,14 @@ class EditingModule(L.LightningModule):
         self.evaluator = Evaluator(task).to(next(self.model.parameters()).device)
 
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
+            # FSDP1 wraps the whole module: the evaluation's forward passes (outside training_step) would meet
+            # sharded weights
+            raise ConfigError("--trainer.strategy fsdp (FSDPStrategy) is not supported: shard a full finetuning "
+                              "with --trainer.strategy ModelParallelStrategy (FSDP2, see the README's 'Several "
+                              "devices'), or use --trainer.strategy ddp")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and self.task != datamodule.task:
             self.bind_task(datamodule.task)
