@@ -111,3 +111,18 @@ def test_fsdp1_strategy_is_refused_with_a_clear_error(tmp_path, data_root) -> No
     module = FullEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), gradient_checkpointing=False)
     with pytest.raises(ConfigError, match="ModelParallelStrategy"):
         trainer.fit(module, TaskDataModule(task="country_capital", eval_limit=2, general_limit=2))
+
+
+def test_memit_refuses_several_processes_with_a_clear_error(data_root) -> None:
+    # under DDP, Lightning's wrapper would fail deep inside torch (MEMIT has no parameter that needs a gradient)
+    from types import SimpleNamespace
+
+    from editing.errors import ConfigError
+    from editing.methods import MEMITEditor
+
+    module = MEMITEditor()
+    module.trainer = SimpleNamespace(world_size=2, strategy=None, datamodule=None)
+    with pytest.raises(ConfigError, match="MEMIT runs in one process.*--trainer.devices 1"):
+        module.setup("fit")
+    module.trainer = SimpleNamespace(world_size=1, strategy=None, datamodule=None)
+    module.setup("fit")
