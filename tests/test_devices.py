@@ -20,7 +20,7 @@ from editing.budget import ball_key
 from editing.data.datamodule import TaskDataModule
 from editing.edits import load_edited
 from editing.ensemble_search import search
-from editing.methods import LoRAConfig, LoRAEditor, MEMITConfig, MEMITEditor, SensesConfig, SensesEditor
+from editing.methods import FullEditor, LoRAConfig, LoRAEditor, MEMITConfig, MEMITEditor, SensesConfig, SensesEditor
 from editing.methods.base import RegularizationConfig
 from editing.methods.memit import covariance
 from editing.models.loading import ModelConfig, load_model
@@ -79,9 +79,12 @@ def _backpack_edit(kind: str, folder, data_root) -> None:
         module = SensesEditor(base, senses=SensesConfig(senses_per_example=3, background_limit=6))
         module.select(_dm(module))
         name = "sense_deltas"
-    else:
+    elif kind == "lora":
         module = LoRAEditor(base, lora=LoRAConfig(rank=2, layer_fraction=1.0))
         name = "lora_"
+    else:  # full finetuning: its edit is the changed tensors, whose base values the loaded edit keeps
+        module = FullEditor(base, gradient_checkpointing=False)
+        name = ".mlp.c_proj."
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in module.named_parameters():
@@ -90,7 +93,7 @@ def _backpack_edit(kind: str, folder, data_root) -> None:
     module.export_edit(folder)
 
 
-@pytest.mark.parametrize("kind", ["senses", "lora"])
+@pytest.mark.parametrize("kind", ["senses", "lora", "full"])
 def test_ensemble_search_runs_on_the_large_models_device(kind, data_root, tmp_path) -> None:
     # the large model on the device, the Backpack edit loaded from its files (on the CPU): the search puts both on
     # the large model's device, an installed sense edit included
