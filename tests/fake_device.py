@@ -13,6 +13,7 @@ under test) but carries real CPU values, so that computations whose results are 
   assert that a computation never left the device even where it would not crash.
 
 ``to_fake_device(module)`` moves a module's parameters and buffers there (tied weights stay tied).
+``FAKE_DEVICE_TRACE=1`` prints the stack of each recorded CPU operation (to find where it came from).
 """
 
 from __future__ import annotations
