@@ -220,6 +220,10 @@ class DegradationBudget(L.Callback):
         self.release_run_folder()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self.save_edits and getattr(pl_module, "sharded", False):
+            raise ConfigError("the model is sharded over processes (FSDP), and saving its edits is not supported yet: "
+                              "pass --budget.save_edits false (results.json and every epoch's numbers are still "
+                              "written), or fit with DDP")
         # a resumed run continues its own results; anything else must not replace a finished run
         self.claim_run_folder(trainer, resuming=bool(trainer.ckpt_path))
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state

@@ -40,7 +40,7 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
     """Token-mean NLL on the general set G of the ensemble at each beta, from one pass over G (in full fp32)."""
     device = next(ensemble.large.parameters()).device
     ensemble.eval()
-    sums = {b: 0.0 for b in betas}
+    sums = torch.zeros(len(betas), dtype=torch.float64, device=device)  # summed on the device, read once
     tokens = 0
     loader = datamodule.eval_dataloader("general")
     if progress:
@@ -56,11 +56,11 @@ def general_nll_by_beta(ensemble: EnsembleLM, datamodule, betas: tuple[float, ..
                 # the three heads once per chunk; only the weighted sum is repeated per beta
                 large, change = ensemble.head.parts_from_hidden(hidden[start: start + 1024])
                 tgt = targets[start: start + 1024, None]
-                for beta in betas:
+                for i, beta in enumerate(betas):
                     logits = large + beta * change if beta != 0.0 else large
                     nll = torch.logsumexp(logits, -1) - logits.gather(1, tgt).squeeze(1)
-                    sums[beta] += float(nll.double().sum())
-    return {b: sums[b] / max(1, tokens) for b in betas}
+                    sums[i] += nll.double().sum()
+    return {b: float(total) / max(1, tokens) for b, total in zip(betas, sums.tolist(), strict=True)}
 
 
 def ensemble_module(large: LoadedModel, backpack: EditingModule, vocab: int) -> tuple[LoadedModel, EnsembleLM]:
@@ -80,7 +80,8 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
 
     Args:
         large: the large model.
-        backpacks: ball key -> the Backpack module carrying that ball's edit (``reference()`` gives its p0).
+        backpacks: ball key -> the Backpack module carrying that ball's edit (``reference()`` gives its p0); each is
+            moved to the large model's device.
         datamodule: the task's data (attached to the large model's tokenizer here).
         balls: the eps values.
         progress: progress bars.
@@ -89,6 +90,10 @@ def search(large: LoadedModel, backpacks: dict[str, EditingModule], datamodule, 
         ``{"initial": metrics of the large model, "balls": {key: {"beta", "general_nll_by_beta", "metrics"}}}``.
     """
     first = next(iter(backpacks.values()))
+    # both models on the large model's device (a Backpack edit is loaded onto the CPU)
+    device = next(large.model.parameters()).device
+    for module in backpacks.values():
+        module.to(device)
     vocab = shared_vocabulary(large.tokenizer, first.tokenizer)
     datamodule.attach(large.tokenizer, min(large.max_length, first.max_length))
     module, ensemble = ensemble_module(large, first, vocab)

@@ -13,6 +13,34 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_FAMILIES = ("tiny-gpt2", "tiny-llama", "tiny-neox", "tiny-backpack")
 
 
+def gpu_test_device() -> str:
+    """Where ``gpu``-marked tests run: ``cuda``, or ``cpu`` under ``GPU_CHECK_DEVICE=cpu`` (the dry mode of
+    ``scripts/gpu_check.sh``: the same tests on the CPU, to check the tests themselves)."""
+    return os.environ.get("GPU_CHECK_DEVICE", "cuda")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip ``gpu``-marked tests, with the reason, where the GPUs they need are missing."""
+    if gpu_test_device() == "cpu":
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        needed = int(marker.kwargs.get("gpus", 1))
+        if available < needed:
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {needed} CUDA GPU(s), found {available} ({build}); scripts/gpu_check.sh runs these"))
+
+
+@pytest.fixture
+def gpu_device() -> torch.device:
+    """The device of a ``gpu``-marked test (see ``gpu_test_device``)."""
+    return torch.device(gpu_test_device())
+
+
 @pytest.fixture(autouse=True)
 def _own_evaluation_caches(tmp_path_factory, monkeypatch):
     """Each test has its own evaluation caches (p0 and incremental, ``editing.evaluation.caching``), on disk and in

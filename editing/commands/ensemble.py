@@ -10,7 +10,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
                  large_tokenizer: str | None = None, data_root: str | None = None, eval_limit: int | None = None,
                  general_limit: int | None = None, balls: list[float] | None = None,
                  output_dir: str | None = None, overwrite: bool = False, max_tokens: int = 1024,
-                 allow_unverified: bool = False) -> dict:
+                 allow_unverified: bool = False, device: str = "auto") -> dict:
     """Carry a Backpack's edit to a larger model with the same tokenizer: per ball, beta from 1.0 down in steps of
     0.1 until the ensemble's general NLL is inside the ball, then its evaluation (SPEC section 9).
 
@@ -29,6 +29,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
         overwrite: replace an earlier result there.
         max_tokens: padded-token budget per batch.
         allow_unverified: use Backpack edits saved without ``edit_manifest.json`` (by an older version).
+        device: where both models run (``cuda``, ``cuda:1``, ``cpu``); ``auto``: the first GPU when there is one.
 
     Returns:
         The results written.
@@ -36,6 +37,7 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     from callbacks.evaluation_writer import default_output_dir
     from editing.budget import parse_balls
     from editing.commands import DEFAULT_ROOT
+    from editing.commands.devices import resolve_device
     from editing.data.datamodule import TaskDataModule
     from editing.edits import load_edited
     from editing.ensemble_search import ball_results, edit_folders, results_table, search
@@ -44,12 +46,14 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     from editing.tasks import get_task
 
     balls = parse_balls(balls, "--balls")
+    where = resolve_device(device, "--device")
     out = Path(output_dir) if output_dir else default_output_dir(DEFAULT_ROOT, large, get_task(task).name, split,
                                                                   "ensemble")
     target = out / "results.json"
     ensure_writable(target, overwrite)
     folders = edit_folders(backpack_edits, balls)
     large_model = load_model(ModelConfig(name=large, tokenizer=large_tokenizer))
+    large_model.model.to(where)  # the search moves each Backpack edit to the large model's device
     backpacks = {key: load_edited(folder, allow_unverified=allow_unverified) for key, folder in folders.items()}
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit, max_tokens=max_tokens)

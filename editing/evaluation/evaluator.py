@@ -192,6 +192,7 @@ class Evaluator(nn.Module):
         """
         device = next(model.parameters()).device
         self.to(device)
+        lockstep = sharded(model)
         was_training = model.training
         model.eval()
         self.scorer = scorer
@@ -199,12 +200,20 @@ class Evaluator(nn.Module):
             with full_precision():
                 for role in roles or datamodule.eval_roles():
                     loader = datamodule.eval_dataloader(role)
+                    # a sharded model's forward passes gather weights from every process: all run as many
+                    most = _most_batches(len(loader), device) if lockstep else 0
                     if progress:
                         loader = tqdm(loader, desc=f"{datamodule.task.name}/{role}", leave=False, file=sys.stderr)
+                    batches = 0
                     for number, batch in enumerate(loader):
                         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                         batch["position"] = f"{role}/{number}"
                         self.update(model, batch)
+                        batches += 1
+                        if lockstep and batch["input_ids"].numel() == 0:  # an empty shard: nothing to score
+                            _idle_forward(model, device)
+                    for _ in range(most - batches):
+                        _idle_forward(model, device)
         finally:
             self.scorer = None
             model.train(was_training)
@@ -251,6 +260,29 @@ def evaluate(subject: Evaluable, datamodule, roles: list[str] | None = None, pro
     if datamodule.tokenizer is None:
         datamodule.attach(subject.tokenizer, subject.max_length)
     return Evaluator(datamodule.task).run(subject.model, datamodule, roles, progress)
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are sharded over processes (FSDP2: DTensor parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(model.parameters()), DTensor)
+
+
+def _most_batches(batches: int, device: torch.device) -> int:
+    """The largest number of batches any process has (before any of them runs a forward pass: collectives pair up
+    in the order they are called)."""
+    most = torch.tensor([batches], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most)
+
+
+@torch.no_grad()
+def _idle_forward(model: nn.Module, device: torch.device) -> None:
+    """A forward pass on one token whose result is dropped: a sharded model's process with fewer (or empty) batches
+    of a role takes part in the others' weight gathers, so that none waits for a gather that never comes."""
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model(input_ids=token, attention_mask=torch.ones_like(token), use_cache=False)
 
 
 def _rank() -> int:

@@ -207,6 +207,14 @@ class EditingModule(L.LightningModule):
         self.evaluator = Evaluator(task).to(next(self.model.parameters()).device)
 
     def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
+            # FSDP1 wraps the whole module: the evaluation's forward passes (outside training_step) would meet
+            # sharded weights
+            raise ConfigError("--trainer.strategy fsdp (FSDPStrategy) is not supported: shard a full finetuning "
+                              "with --trainer.strategy ModelParallelStrategy (FSDP2, see the README's 'Several "
+                              "devices'), or use --trainer.strategy ddp")
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and self.task != datamodule.task:
             self.bind_task(datamodule.task)
@@ -221,6 +229,10 @@ class EditingModule(L.LightningModule):
             self._initial = {n: p.detach().clone() for n, p in params.items()}
         if self.reg_config.kind == "ewc" and not self._fisher:
             self._fisher = self._estimate_fisher()
+        # a checkpoint's p0 values and Fisher weights were read onto the CPU before the strategy moved the module
+        # to its device: they follow each parameter there
+        self._initial = {n: t.to(params[n].device) if n in params else t for n, t in self._initial.items()}
+        self._fisher = {n: t.to(params[n].device) if n in params else t for n, t in self._fisher.items()}
 
     def train_mode_modules(self) -> list[nn.Module]:
         """Submodules that stay in train mode while editing (e.g. LoRA dropout). The base model itself runs in

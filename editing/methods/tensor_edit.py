@@ -49,6 +49,8 @@ class AppliedTensors(AppliedEdit):
     def reference(self) -> Iterator[nn.Module]:
         params = dict(self.model.named_parameters())
         edited = {n: params[n].detach().clone() for n in self.base_tensors}
+        # the base values follow the model when it moved (e.g. onto the ensemble's GPU), once, not every call
+        self.base_tensors = {n: v.to(params[n].device) for n, v in self.base_tensors.items()}
         with torch.no_grad():
             for n, value in self.base_tensors.items():
                 params[n].copy_(value)

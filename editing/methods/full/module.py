@@ -1,4 +1,5 @@
-"""Full finetuning: all weights train; p0 is a frozen copy kept outside the module's parameters."""
+"""Full finetuning: all weights train; p0 is a frozen copy kept outside the module's parameters (sharded like the
+model under FSDP2)."""
 
 from __future__ import annotations
 
@@ -77,9 +78,45 @@ class FullEditor(EditingModule):
     def train_mode_modules(self) -> list[nn.Module]:
         return [self.model] if self._checkpointing else []
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model and p0 are sharded over the devices (FSDP2, see ``configure_model``)."""
+        return getattr(self, "_sharded", False)
+
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): shard each transformer block, then the rest of the
+        model, over the data-parallel devices; p0 is sharded the same way and stays frozen, so each device holds
+        1/N of the model, of p0 and of the optimizer state. Without a device mesh (one device, DDP) nothing
+        changes."""
+        mesh = self.device_mesh
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+            raise ConfigError("full finetuning shards the model over data-parallel devices only: use "
+                              "ModelParallelStrategy(tensor_parallel_size=1)")
+        data_parallel = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        for model in (self.model, self._p0[0]):
+            for block in blocks(model):
+                fully_shard(block, mesh=data_parallel)
+            fully_shard(model, mesh=data_parallel)
+        self._sharded = True
+
+    def evaluation_shortcut(self):
+        # sharded, every process must run the same forward passes in the same order (their all-gathers meet):
+        # the full model on every batch
+        return None if self.sharded else super().evaluation_shortcut()
+
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
         p0 = self._p0[0]
+        if self.sharded:
+            try:
+                yield p0
+            finally:
+                p0.reshard()  # the root's gathered weights (kept after a forward pass) are freed again
+            return
         if p0.device != self.device:  # the frozen copy follows the module across devices
             p0.to(self.device)
         yield p0

@@ -129,7 +129,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         total = (task + cfg.kl_factor * kl_term + decay).sum()
         total.backward()
         if trace is not None:
-            trace.append(task.detach().cpu())
+            trace.append(task.detach())  # kept on the device: the caller moves the whole trace to the CPU once
         bar.set_postfix(task=f"{task.mean().item():.3f}", kl=f"{kl_term.mean().item():.4f}")
         optimizer.step()
         with torch.no_grad():  # keep the change within clamp_norm_factor times the hidden state's norm

@@ -35,7 +35,7 @@ class CovarianceStats:
     """Second moments per layer, and whether this call computed them or found them cached."""
 
     moments: dict[int, torch.Tensor]
-    """layer -> E[k k^T] (float64, d_mlp x d_mlp)."""
+    """layer -> E[k k^T] (float64, d_mlp x d_mlp), on the model's device."""
     computed_layers: list[int]
     """Layers computed (in full or resumed) by this call; the others came from the cache."""
     seconds: float = 0.0
@@ -93,11 +93,13 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
         raise ConfigError(f"memit.covariance_samples={samples} exceeds the {available} tokens of the general set R; "
                           f"lower it to at most {available}")
     paths = {layer: stats_path(fingerprint, layer, corpus_sha, samples, precision) for layer in layers}
+    # the solve that reads them runs on the model's device: files are read there, sums kept there
+    device = next(model.parameters()).device
     moments: dict[int, torch.Tensor] = {}
     for layer, path in paths.items():
         if path.is_file():
             tensors, _ = _load(path)
-            moments[layer] = tensors["moment"]
+            moments[layer] = tensors["moment"].to(device)
     missing = [layer for layer in layers if layer not in moments]
     if not missing:
         return CovarianceStats(moments, [], 0.0)
@@ -113,10 +115,9 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
         if len(positions) == 1:
             tokens, next_text = positions.pop()
             done_tokens, start_text = int(tokens), int(next_text)
-            sums = {layer: t["sum"] for layer, (t, _) in loaded.items()}
+            sums = {layer: t["sum"].to(device) for layer, (t, _) in loaded.items()}
             log.info("resuming MEMIT statistics at %d of %d tokens", done_tokens, samples)
     start = time.perf_counter()
-    device = next(model.parameters()).device
     bar = tqdm(total=samples, initial=done_tokens, desc=f"MEMIT statistics, layers {missing}", unit="tok",
                disable=not progress, file=sys.stderr)
     batch_index = 0
@@ -159,8 +160,8 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
         bar.close()
         model.train(was_training)
     for layer in missing:
-        moment = (sums[layer] / done_tokens).cpu()
-        _atomic_save({"moment": moment}, paths[layer], {"tokens": str(done_tokens), "fingerprint": fingerprint})
+        moment = sums[layer] / done_tokens
+        _atomic_save({"moment": moment.cpu()}, paths[layer], {"tokens": str(done_tokens), "fingerprint": fingerprint})
         partials[layer].unlink(missing_ok=True)
         moments[layer] = moment
     return CovarianceStats(moments, missing, time.perf_counter() - start)

@@ -100,6 +100,14 @@ class MEMITEditor(EditingModule):
         finally:
             self._deltas_on = previous
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self._trainer is not None and getattr(self.trainer, "world_size", 1) > 1:
+            raise ConfigError(
+                f"MEMIT runs in one process (this fit has {self.trainer.world_size}): it takes no gradient steps, so "
+                "there is nothing for DDP to average and no optimizer state to shard, and a model that fits one "
+                "device for a forward and backward pass fits MEMIT. Use --trainer.devices 1")
+
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
         with self.deltas_off():
@@ -247,7 +255,7 @@ class MEMITEditor(EditingModule):
                     trace=trace))
                 traces.append(torch.stack(trace))
         z = torch.cat(targets)
-        self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1),
+        self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1).cpu(),
                                  "templates": templates, "layers": []}
         return z
 

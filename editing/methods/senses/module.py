@@ -26,7 +26,8 @@ class SensesEditor(EditingModule):
     """Finetune the sense vectors that alpha importance selects, on a Backpack language model.
 
     The selection needs the canonical examples and R, so it runs in ``setup`` (before checkpoints are restored and
-    optimizers made); its background statistics are cached per (model, R).
+    optimizers made), on the device the trainer's strategy will use; its background statistics are cached per
+    (model, R).
 
     Args:
         base: the base model (a Backpack).
@@ -62,6 +63,10 @@ class SensesEditor(EditingModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.sense_deltas is None:
+            # Lightning runs setup before its strategy moves the module to the device: select there, not on the CPU
+            device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+            if device is not None:
+                self.to(device)
             self.select(self.trainer.datamodule)
 
     def select(self, datamodule) -> Selection:

@@ -105,7 +105,8 @@ def slot_signs(loss: LossType | str, n_slots: int) -> list[float]:
 @torch.no_grad()
 def example_importance(model, examples: list[TokenizedExample], loss: LossType | str, background: torch.Tensor,
                        selection_lambda: float, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per example: candidate pair keys (vocab id x senses + sense) with score > 0, and their importance."""
+    """Per example: candidate pair keys (vocab id x senses + sense) with score > 0, and their importance (on the
+    model's device)."""
     loss = LossType(loss)
     device = next(model.parameters()).device
     num_senses = background.shape[1]
@@ -125,7 +126,7 @@ def example_importance(model, examples: list[TokenizedExample], loss: LossType |
                                                                                           flat_mass.double())
         keep = score > 0
         importance = score[keep] - selection_lambda * bg[unique[keep]].double()
-        results.append((unique[keep].cpu(), importance.cpu()))
+        results.append((unique[keep], importance))  # on the model's device: the selection ranks them there
     return results
 
 
@@ -154,7 +155,7 @@ def select_senses(per_example: list[tuple[torch.Tensor, torch.Tensor]], num_sens
                 capped += 1
             order = importance.argsort(descending=True)[:per_example_k]
         else:
-            order = torch.arange(keys.numel())
+            order = torch.arange(keys.numel(), device=keys.device)
         for key, value in zip(keys[order].tolist(), importance[order].tolist(), strict=True):
             best[key] = max(value, best.get(key, float("-inf")))
     if mode == "overall":

@@ -152,6 +152,13 @@ class BackpackModel(BackpackPreTrainedModel):
         object.__setattr__(self, "sense_edit", None)
         self.post_init()
 
+    def _apply(self, fn, recurse: bool = True):
+        # an installed sense edit is outside the module tree: it follows the model's moves and casts all the same
+        super()._apply(fn, recurse)
+        if self.sense_edit is not None and isinstance(self.sense_edit, nn.Module):
+            self.sense_edit._apply(fn, recurse)
+        return self
+
     @property
     def context_network(self) -> nn.Module:
         """The contextualization transformer."""
