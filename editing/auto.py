@@ -310,14 +310,16 @@ def _value(param: Parameter, unit: float) -> Any:
 
 def explore_orders(space: dict[str, Parameter], count: int, rng: random.Random) -> dict[str, list[int]]:
     """Per setting, the order in which ``count`` exploring trials use its strata: the strongest stratum first for
-    ``STRONGER`` settings (then the next strongest, ...), a seeded permutation for the others."""
+    ``STRONGER`` settings (then the next strongest, ...), a seeded permutation for the others. A ``STRONGER``
+    setting has at least two strata, so that a single exploring trial still takes the strong half of its range."""
     orders = {}
     for key in space:
         direction = STRONGER.get(key, 0)
+        strata = max(count, 2)
         if direction > 0:
-            orders[key] = list(range(count - 1, -1, -1))
+            orders[key] = list(range(strata - 1, -1, -1))
         elif direction < 0:
-            orders[key] = list(range(count))
+            orders[key] = list(range(strata))
         else:
             orders[key] = rng.sample(range(count), count)
     return orders
@@ -325,15 +327,16 @@ def explore_orders(space: dict[str, Parameter], count: int, rng: random.Random) 
 
 def explore_draw(space: dict[str, Parameter], index: int, count: int, rng: random.Random,
                  order: dict[str, list[int]]) -> dict[str, Any]:
-    """The ``index``-th of ``count`` exploring draws: per setting, a uniform draw inside one of ``count`` equal
-    strata of its range, each stratum used once (``order``: a seeded permutation per setting)."""
+    """The ``index``-th of ``count`` exploring draws: per setting, a uniform draw inside one of its equal strata
+    (``len(order[key])`` of them, ``count`` unless ``explore_orders`` gave more), each stratum used at most once
+    (``order``: the strata in the order the trials use them)."""
     params = {}
     for key, param in space.items():
         if param.kind == "categorical":
             params[key] = param.args[order[key][index] % len(param.args)]
             continue
         stratum = order[key][index]
-        params[key] = _value(param, (stratum + rng.random()) / count)
+        params[key] = _value(param, (stratum + rng.random()) / len(order[key]))
     return params
 
 

@@ -173,6 +173,11 @@ def test_the_first_exploring_draw_is_the_strongest_stratum_of_each_strength_sett
     assert [d[KL] for d in draws] == sorted(d[KL] for d in draws)
     # a setting that is no strength (the layer block) gets a seeded permutation of its strata
     assert sorted(order["model.init_args.lora.layer_fraction"]) == list(range(count))
+    # one exploring trial: the strong half of each strength setting, anywhere in the others
+    one = explore_orders(space, 1, random.Random(0))
+    for seed in range(20):
+        d = explore_draw(space, 0, 1, random.Random(seed), one)
+        assert math.log10(d[LR]) >= -2 - 4.5 / 2 - 1e-9 and d[RANK] >= 128 and math.log10(d[KL]) <= -0.5 + 1e-9
 
 
 def test_a_trial_says_which_way_the_next_draws_go() -> None:
