@@ -4,7 +4,7 @@ Prints, for the base model and for edits of known size (random perturbations of 
 so the fp32 relative NLL change is around 1e-5 .. 1e-3), the relative change measured in fp32 and in bf16, and
 the error of the bf16 measurement in units of the 1e-5 ball. Also prints evaluation time per precision.
 
-    python benchmarks/precision.py [--model smollm2-135m] [--limit N]
+    python benchmarks/precision.py [--model smollm2-135m] [--limit N] [--ways bf16,fpmath-bf16]
 """
 
 from __future__ import annotations
@@ -27,44 +27,65 @@ def general_nll(module: EditingModule, dm: TaskDataModule) -> tuple[float, float
     return summary["general_nll"], time.time() - start
 
 
+WAYS = ("bf16", "fpmath-bf16")
+"""The ways compared with fp32: ``bf16`` weights and activations (the ``bf16`` precision setting), and fp32 tensors
+under oneDNN's bf16 math mode (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``: matrix products round
+their inputs to bf16 on the AMX units and accumulate and return fp32; see ``benchmarks/amx_matmul.py``)."""
+
+
+def _set_way(module: EditingModule, way: str, state: dict[str, torch.Tensor]) -> None:
+    """Run ``module`` the ``way`` given, with the fp32 weights ``state`` (reloaded: a bf16 round trip loses bits)."""
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if way == "fpmath-bf16" else "ieee"
+    module.model.to(torch.float32)
+    module.model.load_state_dict(state)
+    if way == "bf16":
+        module.model.to(torch.bfloat16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=None, help="first N texts of G (default: all)")
     parser.add_argument("--scales", default="0.002,0.005,0.01,0.03", help="perturbation std / weight std")
+    parser.add_argument("--ways", default="bf16", help=f"comma-separated ways to compare with fp32, of {WAYS}")
     args = parser.parse_args()
+    ways = [w for w in args.ways.split(",") if w]
+    unknown = sorted(set(ways) - set(WAYS))
+    if unknown:
+        parser.error(f"--ways: unknown {unknown}; choose from {', '.join(WAYS)}")
     torch.manual_seed(0)
     module = EditingModule(ModelConfig(name=args.model, precision="fp32"))
     dm = TaskDataModule(task="country_capital", general_limit=args.limit)
-    base32, t32 = general_nll(module, dm)
     fp32_state = copy.deepcopy(module.model.state_dict())
-    module.model.to(torch.bfloat16)
-    base16, t16 = general_nll(module, dm)
-    tokens = dm.describe()["general"]["examples"]
-    print(f"model {args.model}; G: {tokens} texts")
-    print(f"fp32 general NLL {base32:.7f} ({t32:.1f}s); bf16 {base16:.7f} ({t16:.1f}s); "
-          f"bf16 speed-up {t32 / t16:.2f}x")
-    print(f"bf16 vs fp32 on the base model: relative difference {(base16 - base32) / base32:+.2e} "
-          f"(the 1e-5 ball is a relative change of 1e-5)")
+    base, seconds = {}, {}
+    for way in ["fp32", *ways]:
+        _set_way(module, way, fp32_state)
+        base[way], seconds[way] = general_nll(module, dm)
+    print(f"model {args.model}; G: {dm.describe()['general']['examples']} texts")
+    for way in ["fp32", *ways]:
+        speed = "" if way == "fp32" else f"; {seconds['fp32'] / seconds[way]:.2f}x fp32's speed, relative " \
+            f"difference {(base[way] - base['fp32']) / base['fp32']:+.2e} (the 1e-5 ball is a relative change of 1e-5)"
+        print(f"{way}: general NLL {base[way]:.7f} ({seconds[way]:.1f}s){speed}")
     layers = [n for n in fp32_state if n.endswith("mlp.down_proj.weight") or n.endswith("mlp.c_proj.weight")
               or n.endswith("mlp.dense_4h_to_h.weight")]
     target = layers[len(layers) // 2]
     print(f"edits: random perturbation of {target}")
-    print("| perturbation | fp32 relative change | bf16 relative change | bf16 error / 1e-5 |")
-    print("|---|---|---|---|")
+    print("| perturbation | fp32 relative change | " + " | ".join(f"{w} relative change | {w} error / 1e-5"
+                                                          for w in ways) + " |")
+    print("|---|---|" + "---|---|" * len(ways))
     for scale in [float(s) for s in args.scales.split(",")]:
         state = copy.deepcopy(fp32_state)
         w = state[target]
         noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * w.std() * scale
         state[target] = w + noise
-        module.model.to(torch.float32)
-        module.model.load_state_dict(state)
-        edit32, _ = general_nll(module, dm)
-        module.model.to(torch.bfloat16)
-        edit16, _ = general_nll(module, dm)
-        rel32 = edit32 / base32 - 1
-        rel16 = edit16 / base16 - 1
-        print(f"| {scale:g} | {rel32:+.3e} | {rel16:+.3e} | {abs(rel16 - rel32) / 1e-5:.2f} |", flush=True)
+        rel = {}
+        for way in ["fp32", *ways]:
+            _set_way(module, way, state)
+            edited, _ = general_nll(module, dm)
+            rel[way] = edited / base[way] - 1
+        cells = " | ".join(f"{rel[w]:+.3e} | {abs(rel[w] - rel['fp32']) / 1e-5:.2f}" for w in ways)
+        print(f"| {scale:g} | {rel['fp32']:+.3e} | {cells} |", flush=True)
+    _set_way(module, "fp32", fp32_state)
 
 
 if __name__ == "__main__":

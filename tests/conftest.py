@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,17 @@ def _own_evaluation_caches(tmp_path_factory, monkeypatch):
     clear_memory()
     yield
     clear_memory()
+
+
+@pytest.fixture(autouse=True)
+def _own_distributed_port(monkeypatch):
+    """Each test's distributed processes (DDP, FSDP on CPU, in subprocesses that inherit the environment) meet on a
+    port that was free when the test began: a port left by an earlier test's processes fails with EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
 
 
 @pytest.fixture(scope="session")
