@@ -54,15 +54,31 @@ def _own_evaluation_caches(tmp_path_factory, monkeypatch):
     clear_memory()
 
 
+# What Lightning's launchers write into the launching process's own environment: an in-process Trainer under a
+# distributed strategy (even on one device) leaves LOCAL_RANK=0 behind, and a CLI subprocess that inherits it takes
+# itself for an already launched rank, never starts rank 1, and waits for it forever.
+LAUNCHER_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                      "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHELASTIC_RUN_ID")
+
+
 @pytest.fixture(autouse=True)
-def _own_distributed_port(monkeypatch):
-    """Each test's distributed processes (DDP, FSDP on CPU, in subprocesses that inherit the environment) meet on a
-    port that was free when the test began: a port left by an earlier test's processes fails with EADDRINUSE."""
+def _own_distributed_environment():
+    """Each test starts from the session's environment with no launcher variables, its own free port for distributed
+    processes (a port left by an earlier test's processes fails with EADDRINUSE), and no process group; whatever the
+    test or the Lightning code it ran wrote into ``os.environ`` is undone afterwards."""
+    saved = dict(os.environ)
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
