@@ -338,7 +338,8 @@ class DegradationBudget(L.Callback):
         self.release_run_folder()
         print(balls_table(record))
         if self.stopped_early is not None:
-            print(f"stopped early after epoch {self.stopped_early['epoch']}: {self.stopped_early['reason']}")
+            # the reason was printed when the run stopped; the summary only recalls that the table ends there
+            print(f"(the run stopped early after epoch {self.stopped_early['epoch']}, --budget.patience {self.patience})")
         print(f"results: {self.results_path}")
 
     def _write_results(self, run_dir: Path, record: RunRecord, pl_module) -> Path:

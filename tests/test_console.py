@@ -109,6 +109,7 @@ def test_the_console_of_a_fit_tells_the_story(tmp_path, data_root) -> None:
     # when and why it stopped, as recorded
     assert run["stopped_early"]["epoch"] == 2
     assert f"stopped early after epoch 2: {run['stopped_early']['reason']}" in proc.stdout
+    assert proc.stdout.count(run["stopped_early"]["reason"]) == 1  # said once, when it stopped
     assert "outside the largest ball (1e-03)" in run["stopped_early"]["reason"]
     # the small-data warning, with what to change
     assert re.search(r"warning: an epoch holds only 2 optimizer step\(s\) \(6 canonical example\(s\).*"
