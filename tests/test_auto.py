@@ -37,6 +37,7 @@ TINY_ARGS = "--data.eval_limit 4 --data.general_limit 4"
 LR = "model.init_args.optimizer.lr"
 KL = "model.init_args.regularization.weight"
 RANK = "model.init_args.lora.rank"
+FRACTION = "model.init_args.lora.layer_fraction"
 
 
 def _env() -> dict:
@@ -161,23 +162,30 @@ def test_exploring_draws_cover_each_stratum_once() -> None:
     assert all(0.1 <= d[KL] <= 1.0 for d in draws)
 
 
-def test_the_first_exploring_draw_is_the_strongest_stratum_of_each_strength_setting() -> None:
+def test_the_first_exploring_draw_is_strong_on_the_task_and_protective_of_general_text() -> None:
     space = load_space("lora")
-    count = 3
+    count = 4
     order = explore_orders(space, count, random.Random(0))
     draws = [explore_draw(space, i, count, random.Random(i), order) for i in range(count)]
-    # lr 10^U(-6.5, -2) and rank U{1..256}: highest third first; KL weight 10^U(-1, 0): lowest third first
-    assert math.log10(draws[0][LR]) >= -2 - 4.5 / 3 - 1e-9 and draws[0][RANK] >= 1 + 255 * 2 / 3 - 1
-    assert math.log10(draws[0][KL]) <= -1 + 1 / 3 + 1e-9
-    assert [d[LR] for d in draws] == sorted((d[LR] for d in draws), reverse=True)
-    assert [d[KL] for d in draws] == sorted(d[KL] for d in draws)
-    # a setting that is no strength (the layer block) gets a seeded permutation of its strata
-    assert sorted(order["model.init_args.lora.layer_fraction"]) == list(range(count))
-    # one exploring trial: the strong half of each strength setting, anywhere in the others
+    # lr 10^U(-6.5, -2), rank U{1..256}, KL weight 10^U(-1, 0), layer fraction U(0.1, 0.9): the top quarter first
+    assert math.log10(draws[0][LR]) >= -2 - 4.5 / 4 - 1e-9 and draws[0][RANK] >= 1 + 255 * 3 / 4 - 1
+    assert math.log10(draws[0][KL]) >= -1 / 4 - 1e-9 and draws[0][FRACTION] >= 0.9 - 0.8 / 4 - 1e-9
+    for setting in (LR, RANK, KL, FRACTION):
+        assert [d[setting] for d in draws] == sorted((d[setting] for d in draws), reverse=True)
+    # MEMIT: the highest clamp and the lowest covariance weight (the strongest spread) first
+    memit = load_space("memit")
+    first = explore_draw(memit, 0, 1, random.Random(0), explore_orders(memit, 1, random.Random(0)))
+    assert math.log10(first["model.init_args.memit.clamp_norm_factor"]) >= -1.35 / 4 - 1e-9
+    assert first["model.init_args.memit.covariance_weight"] <= 9000 + (75000 - 9000) / 4 + 1
+    # a setting with no preferred end gets a seeded permutation of its strata
+    assert sorted(explore_orders(memit, count, random.Random(0))["model.init_args.memit.kl_factor"]) == \
+        list(range(count))
+    # one exploring trial: still the extreme quarter of each such setting, for any seed
     one = explore_orders(space, 1, random.Random(0))
     for seed in range(20):
         d = explore_draw(space, 0, 1, random.Random(seed), one)
-        assert math.log10(d[LR]) >= -2 - 4.5 / 2 - 1e-9 and d[RANK] >= 128 and math.log10(d[KL]) <= -0.5 + 1e-9
+        assert math.log10(d[LR]) >= -2 - 4.5 / 4 - 1e-9 and d[RANK] >= 192 and math.log10(d[KL]) >= -0.25 - 1e-9
+        assert d[FRACTION] >= 0.7 - 1e-9
 
 
 def test_a_trial_says_which_way_the_next_draws_go() -> None:
