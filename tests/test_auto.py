@@ -225,6 +225,40 @@ def test_narrowed_draws_stay_in_the_window_and_go_stronger_or_weaker_as_the_best
 # ----------------------------------------------------------------------------------------------------------------
 # the budget
 # ----------------------------------------------------------------------------------------------------------------
+def test_a_trial_that_overshoots_is_followed_by_a_step_back_of_its_method(tmp_path, data_root, monkeypatch) -> None:
+    import editing.auto as auto_module
+
+    outcomes = iter([(0, 2), (0, 2), (3, 10), (10, 10), (4, 10)])  # (ball epoch, last epoch) of each trial in turn
+    seen: list[tuple[str, dict]] = []
+
+    def fake_run(trial, args, runner, deadline, key, clock) -> None:  # the fit's outcome, without fitting
+        seen.append((trial.method, dict(trial.params)))
+        trial.status, trial.seconds = "finished", 1.0
+        trial.epoch, trial.last_epoch = next(outcomes) if trial.phase != "final" else (3, 10)
+        trial.reliability = trial.generalization = 0.0
+        # lower is better: lora's best edit is trial 2's (7.0); full stays far from its targets
+        score = 10.0 - trial.epoch if trial.method == "lora" else 20.0
+        trial.reliability_mean_score, trial.degradation, trial.objective = score, 0.0, 0.0
+
+    monkeypatch.setattr(auto_module, "_run", fake_run)
+    result = auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora", "full"], ball=1e-3, trials=5,
+                       model="tiny-gpt2", output_dir=str(tmp_path / "auto"), seed=0)
+    phases = [(t.method, t.phase) for t in result.trials]
+    # lora overshoots twice: two steps back before full is explored; then the bisection of the best (lora, trial 2)
+    assert phases == [("lora", "explore"), ("lora", "step back (weaker)"), ("lora", "step back (weaker)"),
+                      ("full", "explore"), ("lora", "narrow 1")]
+    space = load_space("lora")
+    for before, after in zip(result.trials[:2], result.trials[1:3], strict=True):
+        b, a = before.params, after.params
+        # an eighth of each range on the weaker side: lower lr and rank, higher KL weight
+        assert -4.5 / 8 - 1e-9 <= math.log10(a[LR]) - math.log10(b[LR]) <= 0
+        assert -255 / 8 - 1 <= a[RANK] - b[RANK] <= 0
+        assert 0 <= math.log10(a[KL]) - math.log10(b[KL]) <= 1 / 8 + 1e-9
+        assert abs(a[FRACTION] - b[FRACTION]) <= 0.8 / 16 + 1e-9
+        assert set(a) == set(space)
+    assert result.best == 4 and result.final is not None and result.final.method == "lora"
+
+
 def test_a_fit_past_the_deadline_is_killed(tmp_path, data_root) -> None:
     start = time.monotonic()
     code = run_fit_until(["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task",
