@@ -37,8 +37,8 @@ How it searches:
 - **Narrowing.** The first ``explore`` trials of each method are spread over its whole search space (one stratum of
   each range per trial). A trial with no edited epoch inside the ball (it overshot) is followed at once by a step
   back: a trial of the same method drawn from a window of an eighth of each range on the weaker side of it
-  (``OVERSHOOT_LEVEL``), before any other method is explored: it showed that the method moves the examples, and a
-  30-minute budget has room for only a few trials. After the
+  (``OVERSHOOT_LEVEL``), before any other method is explored (at most ``MAX_STEP_BACKS`` times per method): it
+  showed that the method moves the examples, and a 30-minute budget has room for only a few trials. After the
   exploring trials, each trial uses the method of the best trial so far and draws every setting
   from a window around the best trial's value that halves with each such trial (a log10 range for
   ``log10_uniform``). The window is one-sided when the best trial says which way to go, a bisection of the edit's
@@ -119,6 +119,8 @@ OVERSHOOT_LEVEL = 3
 """After a trial that left the ball in its first epoch, the next trial of its method draws from a window of
 ``0.5 ** OVERSHOOT_LEVEL`` of each range on the weaker side of it: a step back, not a jump (a trial that overshot has
 mostly overshot by a little: on invented facts, +2.4e-3 in a 1e-3 ball with the facts two thirds learnt)."""
+MAX_STEP_BACKS = 3
+"""At most this many step backs per method: a method that overshoots even then gives way to the next."""
 FIRST_STRATA = 4
 """A ``FIRST_STRATUM`` setting has at least this many strata: the first trial draws from the extreme quarter."""
 
@@ -597,6 +599,7 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     done: list[Trial] = []
     queue = [(m, i) for i in range(explore) for m in names]  # one of each method first, then the second of each
     narrowing: dict[str, int] = {m: 0 for m in names}
+    step_backs: dict[str, int] = {m: 0 for m in names}
 
     def remaining() -> float:
         return math.inf if deadline is None else deadline - start_clock()
@@ -615,10 +618,11 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     number = 0
     while trials is None or number < trials:
         last = done[-1] if done else None
-        if last is not None and last.strong:
+        if last is not None and last.strong and step_backs[last.method] < MAX_STEP_BACKS:
             # step back on a method that overshot before exploring the next: it showed that the method moves the
             # examples; what it needs is less strength, found in a step or two
             method = last.method
+            step_backs[method] += 1
             params = narrowed_draw(spaces[method], last.params, OVERSHOOT_LEVEL, -1, rng)
             phase = "step back (weaker)"
         elif queue:

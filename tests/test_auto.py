@@ -259,6 +259,23 @@ def test_a_trial_that_overshoots_is_followed_by_a_step_back_of_its_method(tmp_pa
     assert result.best == 4 and result.final is not None and result.final.method == "lora"
 
 
+def test_a_method_that_keeps_overshooting_gives_way_after_three_step_backs(tmp_path, data_root,
+                                                                          monkeypatch) -> None:
+    import editing.auto as auto_module
+
+    def fake_run(trial, args, runner, deadline, key, clock) -> None:  # every trial overshoots
+        trial.status, trial.seconds, trial.epoch, trial.last_epoch = "finished", 1.0, 0, 2
+        trial.reliability = trial.generalization = trial.objective = 0.0
+        trial.reliability_mean_score, trial.degradation = 30.0, 0.0
+
+    monkeypatch.setattr(auto_module, "_run", fake_run)
+    result = auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora", "full"], ball=1e-3, trials=7,
+                       model="tiny-gpt2", output_dir=str(tmp_path / "auto"), seed=0)
+    assert [(t.method, t.phase) for t in result.trials] == [
+        ("lora", "explore"), *[("lora", "step back (weaker)")] * 3, ("full", "explore"),
+        *[("full", "step back (weaker)")] * 2]
+
+
 def test_a_fit_past_the_deadline_is_killed(tmp_path, data_root) -> None:
     start = time.monotonic()
     code = run_fit_until(["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task",
