@@ -116,7 +116,7 @@ FIRST_STRATUM: dict[str, int] = {
 """The settings whose first exploring trial takes the top (+1) or bottom (-1) end of the range: strong on the task
 (learning rate, rank, clamp) and protective of general text (the KL weight at the top, the LoRA block widest)."""
 OVERSHOOT_LEVEL = 3
-"""After a trial that left the ball in its first epoch, the next trial of its method draws from a window of
+"""After a trial with no edited epoch inside the ball, the next trial of its method draws from a window of
 ``0.5 ** OVERSHOOT_LEVEL`` of each range on the weaker side of it: a step back, not a jump (a trial that overshot has
 mostly overshot by a little: on invented facts, +2.4e-3 in a 1e-3 ball with the facts two thirds learnt)."""
 MAX_STEP_BACKS = 3
@@ -428,7 +428,7 @@ class Trial:
 
     @property
     def strong(self) -> bool:
-        """The edit left the ball in its first epoch (no edited epoch inside it): too strong."""
+        """No edited epoch is inside the ball (its ball epoch is 0): too strong."""
         return self.ok and self.epoch == 0 and (self.last_epoch or 0) > 0
 
     @property
