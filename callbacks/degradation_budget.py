@@ -339,7 +339,8 @@ class DegradationBudget(L.Callback):
         print(balls_table(record))
         if self.stopped_early is not None:
             # the reason was printed when the run stopped; the summary only recalls that the table ends there
-            print(f"(the run stopped early after epoch {self.stopped_early['epoch']}, --budget.patience {self.patience})")
+            epoch = self.stopped_early["epoch"]
+            print(f"(the run stopped early after epoch {epoch}, --budget.patience {self.patience})")
         print(f"results: {self.results_path}")
 
     def _write_results(self, run_dir: Path, record: RunRecord, pl_module) -> Path:
