@@ -106,12 +106,9 @@ STRONGER: dict[str, int] = {
 """The settings that make an edit stronger when raised (+1) or lowered (-1), for narrowing after a weak best."""
 
 FIRST_STRATUM: dict[str, int] = {
-    "model.init_args.optimizer.lr": +1,
-    "model.init_args.lora.rank": +1,
+    **STRONGER,
     "model.init_args.lora.layer_fraction": +1,
-    "model.init_args.regularization.weight": +1,
-    "model.init_args.memit.clamp_norm_factor": +1,
-    "model.init_args.memit.covariance_weight": -1,
+    "model.init_args.regularization.weight": +1,  # protective: the opposite of its strength direction
 }
 """The settings whose first exploring trial takes the top (+1) or bottom (-1) end of the range: strong on the task
 (learning rate, rank, clamp) and protective of general text (the KL weight at the top, the LoRA block widest)."""
