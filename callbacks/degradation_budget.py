@@ -226,6 +226,7 @@ class DegradationBudget(L.Callback):
                               "written), or fit with DDP")
         # a resumed run continues its own results; anything else must not replace a finished run
         self.claim_run_folder(trainer, resuming=bool(trainer.ckpt_path))
+        pl_module.reuse_base_numbers = self.caches.effective().p0
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
             return
         record = self._evaluate(trainer, pl_module, 0)

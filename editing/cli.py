@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
                         "carry a Backpack edit to a larger model (beta searched per ball)"),
     "backpack distill": Command("editing.commands.backpack", "distill",
                                 "distil a Backpack from a causal LM on a corpus (LightningCLI)"),
+    "backpack cache-teacher": Command("editing.commands.backpack", "cache_teacher",
+                                      "compute a teacher's outputs on a corpus once, for distillation (resumable)"),
     "backpack export": Command("editing.commands.backpack", "export",
                                "write a distillation checkpoint's Backpack as a model folder"),
     "sweep": Command("editing.commands.protocol", "sweep",

@@ -200,6 +200,7 @@ def test_cli_unknown_model_offline(tmp_path, monkeypatch, capsys, offline_hub):
 COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "evaluate": "several tasks",
                  "apply": "saved edit", "data download": "download", "senses inspect": "senses",
                  "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
+                 "backpack cache-teacher": "once",
                  "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
                  "report": "tables", "generate": "side by side", "auto": "inside a ball"}
 
@@ -250,7 +251,7 @@ def test_a_group_word_alone_names_its_commands(capsys):
     with pytest.raises(SystemExit) as info:
         main(["backpack"])
     assert info.value.code == 2
-    assert "choose one of: distill, export" in capsys.readouterr().err
+    assert "choose one of: distill, cache-teacher, export" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", list(COMMAND_LINES))

@@ -228,9 +228,47 @@ def test_incremental_evaluation_equals_full_evaluation(tmp_path, data_root, coun
     # the edit changed the metrics: the test compares edited models, not p0 with itself
     assert full[0][-1]["general_nll"] != full[0][0]["general_nll"]
     captured = counters["prefix_captured"]
+    chunks = counters["memit_targets_computed"]  # one entry per batch of requests
+    assert (chunks > 0) == (method == "memit") and not counters["memit_targets_reused"]
     warm = fit(tmp_path, method, model, "warm", True, monkeypatch)  # a second fit on the same model and data
     assert counters["p0_reused"] == 1 and counters["prefix_captured"] == captured  # all from memory
+    # MEMIT's targets are p0's numbers too: the warm fit read them all (the off fit neither read nor wrote them)
+    assert counters["memit_targets_reused"] == chunks and counters["memit_targets_computed"] == chunks
     assert_same_fit(full, warm)
+
+
+def test_memit_targets_are_shared_by_fits_that_differ_only_in_the_solve(data_root, counters) -> None:
+    """The targets depend on p0 and the target settings: a fit with another covariance weight reads them (and its
+    edit is that of a fresh computation with that weight); another clamp computes its own."""
+    import dataclasses
+
+    from editing.methods.memit.config import MEMITConfig
+    from editing.methods.memit.module import MEMITEditor
+
+    cfg = MEMITConfig(layers=[1, 2], covariance_weight=10.0, covariance_samples=1500, context_templates=1,
+                      context_template_length=4, steps=4)
+
+    def edit(reuse: bool, **change) -> MEMITEditor:
+        module = MEMITEditor(ModelConfig(name="tiny-llama", precision="fp32"), dataclasses.replace(cfg, **change))
+        module.reuse_base_numbers = reuse
+        dm = TaskDataModule(task="country_capital", eval_limit=6, general_limit=10, max_examples=4)
+        module.compute_edit(dm, progress=False)
+        return module
+
+    edit(True)
+    chunks = counters["memit_targets_computed"]  # one entry per batch of requests
+    assert chunks >= 1
+    other_weight = edit(True, covariance_weight=50.0)
+    assert counters["memit_targets_reused"] == chunks
+    fresh = edit(False, covariance_weight=50.0)
+    assert counters["memit_targets_computed"] == chunks  # reuse off: computed, and neither read nor stored
+    torch.testing.assert_close(other_weight.edit_diagnostics["targets"], fresh.edit_diagnostics["targets"],
+                               rtol=0, atol=0)
+    for layer, delta in fresh.weight_deltas().items():
+        torch.testing.assert_close(other_weight.weight_deltas()[layer], delta, rtol=0, atol=0)
+    edit(True, clamp_norm_factor=0.3)
+    assert counters["memit_targets_computed"] == 2 * chunks and counters["memit_targets_reused"] == chunks
+    assert len(list((cache_root() / "memit_targets").glob("*.safetensors"))) == 2 * chunks
 
 
 def test_entries_beyond_the_memory_budget_go_to_disk_and_serve_later_fits(tmp_path, data_root, counters,

@@ -33,6 +33,8 @@ apply               ``<edit>/eval-<task>-<split>``; several      ``--output_dir 
 generate            (prints only)
 ensemble            ``runs/<large>/<task>-<split>/ensemble``     ``--output_dir DIR``
 backpack export     (required)                                   ``--output_dir DIR``
+(backpack)          ``<cache>/teacher_cache/<key>``              ``--model.teacher_cache.folder ROOT`` (a cache
+ cache-teacher                                                   per key under it)
 report              ``runs/report``                              ``--output_dir DIR``
 sweep, sweep-status ``runs/sweeps/<study>/``                     ``--root ROOT`` (a folder of sweeps)
 select, test-runs   ``runs/sweeps/<study>/``                     ``--root ROOT``; ``report --root`` reads them

@@ -1,5 +1,6 @@
-"""``editing backpack distill`` (a Lightning fit of a Backpack on a corpus, through LightningCLI) and ``editing
-backpack export`` (a distillation checkpoint written as a model folder)."""
+"""``editing backpack distill`` (a Lightning fit of a Backpack on a corpus, through LightningCLI), ``editing backpack
+cache-teacher`` (the teacher's outputs on the corpus, computed once for distillation) and ``editing backpack export``
+(a distillation checkpoint written as a model folder)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,35 @@ def distill(args: list[str]) -> None:
                                      "use_distributed_sampler": False,
                                      "callbacks": [SaveOnInterrupt(), SaveLastOnStop()],
                                      "logger": lazy_instance(CSVLogger, save_dir=DEFAULT_ROOT, name="distill")})
+
+
+@parses_own_arguments
+def cache_teacher(args: list[str]) -> None:
+    """``editing backpack cache-teacher``: fill the teacher cache that ``editing backpack distill
+    --model.teacher_cache.enabled true`` reads. It takes distill's options (the same ``--config``), so the cache
+    it fills is the one that run will look for; it writes no model. Interrupted, it resumes at the first missing
+    shard."""
+    from editing.data.corpus import CorpusDataModule
+    from editing.models.backpack.distill import BackpackDistillation
+    from editing.models.backpack.teacher_cache import describe
+
+    if wants_help(args):
+        print("usage: editing backpack cache-teacher [distill's options]\n\n"
+              "Compute the teacher's hidden states and top-k next-token log-probabilities on every block of the\n"
+              "corpus once, for `editing backpack distill --model.teacher_cache.enabled true`. It reads the same\n"
+              "options as distill (--config FILE, --model.teacher_cache.top_k, --data.max_tokens, ...); see\n"
+              "`editing backpack distill --help`.\n"
+              "  editing backpack cache-teacher --config lightning_configs/distill/smollm2_backpack_cached.yaml")
+        raise SystemExit(0)
+    with field_docstrings(args):
+        # the model folder is distill's business: never refuse (or touch) it here
+        cli = DistillCLI(BackpackDistillation, CorpusDataModule, args=[*args, "--model.output=null"], run=False,
+                         parser_class=EditingArgumentParser, parser_kwargs={"prog": "editing backpack cache-teacher"},
+                         trainer_defaults={"logger": False})
+    datamodule = cli.datamodule
+    datamodule.attach(cli.model.tokenizer)
+    cache = cli.model.fill_teacher_cache(datamodule)
+    print(describe(cache))
 
 
 def export(checkpoint: str, output_dir: str, overwrite: bool = False) -> Path:

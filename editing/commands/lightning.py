@@ -119,7 +119,8 @@ class ProjectCLI(SafeCheckpointsMixin, LightningCLI):
         return "\n".join(lines)
 
     def before_instantiate_classes(self) -> None:
-        apply_default_root_dir(self.config[self.subcommand])
+        # run=False (``editing backpack cache-teacher``): no subcommand, the settings are the whole config
+        apply_default_root_dir(self.config[self.subcommand] if self.subcommand else self.config)
 
 
 def apply_default_root_dir(config: Namespace) -> None:

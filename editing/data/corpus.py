@@ -56,15 +56,26 @@ def default_corpus() -> Path:
 
 
 class BlockDataset(Dataset):
-    """Fixed-length blocks of a token stream."""
+    """Fixed-length blocks of a token stream.
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    Args:
+        blocks: (n, block_size) token ids.
+        offset: index of the first block among all the corpus's blocks.
+    """
+
+    def __init__(self, blocks: torch.Tensor, offset: int = 0) -> None:
         self.blocks = blocks
+        self.offset = offset
+        self.indexed = False
+        """Yield ``{"input_ids", "index"}`` (the block's index among all blocks) instead of the bare block: what
+        distillation from a teacher cache needs to find the block's stored teacher outputs."""
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> torch.Tensor | dict[str, torch.Tensor | int]:
+        if self.indexed:
+            return {"input_ids": self.blocks[i], "index": self.offset + i}
         return self.blocks[i]
 
 
@@ -124,6 +135,8 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         self.tokenizer = None
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
+        self.blocks: torch.Tensor | None = None
+        """All blocks, training then validation (what a teacher cache indexes)."""
 
     def attach(self, tokenizer) -> None:
         """Give the DataModule the model's tokenizer (done by ``setup`` from the LightningModule)."""
@@ -176,8 +189,14 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
                               f"data.val_blocks={self.val_blocks}")
         blocks = stream[: n * self.block_size].view(n, self.block_size).long()
         # validation is the corpus's tail, so training never sees it
+        self.blocks = blocks
         self.train_set = BlockDataset(blocks[: n - self.val_blocks])
-        self.val_set = BlockDataset(blocks[n - self.val_blocks:])
+        self.val_set = BlockDataset(blocks[n - self.val_blocks:], offset=n - self.val_blocks)
+
+    def index_batches(self) -> None:
+        """Make every batch a dict with the blocks' global indices (see ``BlockDataset.indexed``)."""
+        self.setup()
+        self.train_set.indexed = self.val_set.indexed = True
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShuffleSampler(len(self.train_set), self.seed)

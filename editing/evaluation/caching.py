@@ -153,22 +153,23 @@ def _broadcast(value):
     return box[0]
 
 
-# --- p0 -----------------------------------------------------------------------------------------------------------
-class P0Cache:
-    """p0's metric states, one file per key (``<root>/p0/<key>.safetensors``; the key's material is in its metadata
-    and is checked on reading).
+# --- the base model's numbers -------------------------------------------------------------------------------------
+class CacheEntry:
+    """Named tensors computed from the base model, one file per key (``<root>/<kind>/<key>.safetensors``; the key's
+    material is in the file's metadata and is checked on reading).
 
     Args:
-        material: everything p0's evaluation depends on (see the module doc).
+        kind: the sub-folder (what is cached: ``p0``, ``memit_targets``).
+        material: everything the tensors depend on.
     """
 
-    def __init__(self, material: dict) -> None:
+    def __init__(self, kind: str, material: dict) -> None:
         self.material = material
         self.key = key_of(material)
-        self.path = cache_root() / "p0" / f"{self.key}.safetensors"
+        self.path = cache_root() / kind / f"{self.key}.safetensors"
 
-    def load(self) -> dict[str, dict[str, torch.Tensor]] | None:
-        """The cached states, or None (absent, unreadable, or made for other material)."""
+    def load_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The cached tensors, or None (absent, unreadable, or made for other material)."""
         if not self.path.is_file():
             return None
         try:
@@ -178,9 +179,38 @@ class P0Cache:
                 meta = handle.metadata() or {}
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         except Exception as err:  # noqa: BLE001 - any unreadable entry (safetensors raises its own error type)
-            log.warning("p0 cache entry %s is unreadable (%s); computing p0 again", self.path, err)
+            log.warning("cache entry %s is unreadable (%s); computing it again", self.path, err)
             return None
         if json.loads(meta.get("material", "null")) != json.loads(json.dumps(self.material, default=str)):
+            return None
+        return tensors
+
+    def store_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the tensors (atomically; an entry another process wrote meanwhile is kept)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+        meta = {"material": json.dumps(self.material, default=str)}
+        try:
+            save_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), keep_existing=True)
+        except OSError as err:  # the run goes on; the next one computes the entry again
+            log.warning("could not write the cache entry %s (%s)", self.path, err)
+
+
+class P0Cache(CacheEntry):
+    """p0's metric states (``<root>/p0/<key>.safetensors``).
+
+    Args:
+        material: everything p0's evaluation depends on (see the module doc).
+    """
+
+    def __init__(self, material: dict) -> None:
+        super().__init__("p0", material)
+
+    def load(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """The cached states, or None (absent, unreadable, or made for other material)."""
+        tensors = self.load_tensors()
+        if tensors is None:
             return None
         states: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
@@ -190,14 +220,7 @@ class P0Cache:
 
     def store(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Write the states (atomically; an entry another process wrote meanwhile is kept)."""
-        from safetensors.torch import save_file
-
-        tensors = {f"{metric}.{state}": t.contiguous() for metric, d in states.items() for state, t in d.items()}
-        meta = {"material": json.dumps(self.material, default=str)}
-        try:
-            save_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), keep_existing=True)
-        except OSError as err:  # the fit goes on; the next one computes p0 again
-            log.warning("could not write the p0 cache entry %s (%s)", self.path, err)
+        self.store_tensors({f"{metric}.{state}": t for metric, d in states.items() for state, t in d.items()})
 
 
 # --- one epoch's evaluation -------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ class EditingModule(L.LightningModule):
     method: MethodName = MethodName.NONE
     """The method's name in results and checkpoints; set by ``editing.methods.registry.register`` (``none``: the
     unedited model)."""
+    reuse_base_numbers: bool = False
+    """Whether a method may read (and store) what it computes from the base model alone in the caches of
+    ``editing.evaluation.caching`` (MEMIT's target vectors). The degradation budget sets it from its p0 cache
+    setting at the start of a fit."""
 
     def __init__(self, base: ModelConfig | None = None, optimizer: OptimizerConfig | None = None,
                  regularization: RegularizationConfig | None = None) -> None:

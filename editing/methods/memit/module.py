@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from editing.errors import ConfigError
-from editing.evaluation.incremental import FrozenPrefix
+from editing.evaluation.caching import CacheEntry, model_material
+from editing.evaluation.incremental import COUNTERS, FrozenPrefix, key_of
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.memit.compute import layer_update, mean_over_templates, optimize_targets, subject_activations
 from editing.methods.memit.config import MEMITConfig, resolve_layers
@@ -248,16 +249,44 @@ class MEMITEditor(EditingModule):
             for start in range(0, len(requests), cfg.request_batch_size):
                 chunk = requests[start: start + cfg.request_batch_size]
                 label = f"MEMIT targets, requests {start + 1}-{start + len(chunk)} of {len(requests)}"
+                rows, kl_rows = builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk)
+                entry = self._target_entry(rows, kl_rows, len(chunk), len(templates), last)
+                found = entry.load_tensors() if entry is not None else None
+                if found is not None and {"targets", "trace"} <= set(found):
+                    COUNTERS["memit_targets_reused"] += 1
+                    targets.append(found["targets"].to(self.device))
+                    traces.append(found["trace"])
+                    continue
                 trace: list[torch.Tensor] = []
                 targets.append(optimize_targets(
-                    self.model, builder.rows(chunk, templates, with_suffixes=True), builder.kl_rows(chunk),
-                    len(chunk), len(templates), last, self.task.loss, cfg, self._pad_id, progress=progress and label,
-                    trace=trace))
+                    self.model, rows, kl_rows, len(chunk), len(templates), last, self.task.loss, cfg, self._pad_id,
+                    progress=progress and label, trace=trace))
                 traces.append(torch.stack(trace))
+                if entry is not None:
+                    COUNTERS["memit_targets_computed"] += 1
+                    entry.store_tensors({"targets": targets[-1], "trace": traces[-1]})
         z = torch.cat(targets)
         self.edit_diagnostics = {"targets": z.detach().cpu(), "target_loss": torch.cat(traces, dim=1).cpu(),
                                  "templates": templates, "layers": []}
         return z
+
+    def _target_entry(self, rows: list, kl_rows: list, n_requests: int, n_templates: int,
+                      layer: int) -> CacheEntry | None:
+        """Where a batch's target vectors are cached, or None when this fit does not reuse the base model's numbers.
+
+        The targets are computed on p0 alone, so they depend on the model, the rows (token ids, positions), the task
+        loss and the target settings, not on the covariance settings that sweeps vary: trials that differ only in
+        ``covariance_weight``, seeds, and a second fit share them.
+        """
+        if not self.reuse_base_numbers:
+            return None
+        solve_only = {"covariance_weight", "covariance_samples", "covariance_batch_size", "request_batch_size"}
+        material = {"kind": "memit_targets", "format": 1, "model": model_material(self.model, self.identity),
+                    "rows": key_of({"rows": [asdict(r) for r in rows], "kl": [asdict(r) for r in kl_rows]}),
+                    "requests": n_requests, "templates": n_templates, "layer": layer, "loss": str(self.task.loss),
+                    "pad": self._pad_id,
+                    "settings": {k: v for k, v in asdict(self.memit_config).items() if k not in solve_only}}
+        return CacheEntry("memit_targets", material)
 
     def spread_targets(self, requests: list[Request], templates: list[str], z: torch.Tensor) -> None:
         """Step 2: spread the change toward ``z`` over the edited layers in ascending order, each seeing the edits

@@ -23,6 +23,13 @@ from editing.files import ensure_writable, save_atomically
 from editing.models.architecture import LAYER_KEYS, num_layers
 from editing.models.backpack.configuration import BackpackConfig
 from editing.models.backpack.modeling import BackpackLMHeadModel
+from editing.models.backpack.teacher_cache import (
+    HIDDEN_DTYPES,
+    TeacherCache,
+    TeacherCacheConfig,
+    teacher_outputs,
+    topk_kl,
+)
 from editing.models.loading import ModelConfig, load_model
 
 log = logging.getLogger(__name__)
@@ -99,18 +106,23 @@ class BackpackDistillation(L.LightningModule):
         output: folder to write the distilled model to when training ends (``from_pretrained`` loads it).
         overwrite: replace an existing model folder at ``output``.
         seed: initialisation seed.
+        teacher_cache: train from stored teacher outputs (``editing backpack cache-teacher``): the teacher never
+            runs in a training step, and the KL is over the teacher's top-k tokens plus "any other token" (the full
+            KL when top_k covers the vocabulary). Validation then reports that KL too.
     """
 
     def __init__(self, teacher: ModelConfig | None = None, shape: BackpackShape | None = None, lr: float = 1e-3,
                  warmup_steps: int = 100, weight_decay: float = 0.0, kl_fraction: float = 1.0,
-                 output: str | None = None, overwrite: bool = False, seed: int = 0) -> None:
+                 output: str | None = None, overwrite: bool = False, seed: int = 0,
+                 teacher_cache: TeacherCacheConfig | None = None) -> None:
         super().__init__()
         self.teacher_config = teacher or ModelConfig()
         self.shape = shape or BackpackShape()
+        self.cache_config = teacher_cache or TeacherCacheConfig()
         self.save_hyperparameters({"teacher": asdict(self.teacher_config), "shape": asdict(self.shape), "lr": lr,
                                    "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                    "kl_fraction": kl_fraction, "output": output,
-                                   "seed": seed})
+                                   "seed": seed, "teacher_cache": asdict(self.cache_config)})
         if not 0 < kl_fraction <= 1:
             raise ConfigError(f"model.kl_fraction={kl_fraction} must be in (0, 1]")
         self.lr, self.warmup_steps, self.weight_decay = lr, warmup_steps, weight_decay
@@ -131,6 +143,56 @@ class BackpackDistillation(L.LightningModule):
         self.shares_teacher_pass = (self.shape.layers or num_layers(self.teacher.config)) == num_layers(
             self.teacher.config)
         self.strict_loading = False
+        self.cache: TeacherCache | None = None
+
+    def teacher_cache_of(self, datamodule) -> TeacherCache:
+        """The teacher cache of ``datamodule``'s blocks (set up) under this module's teacher and cache settings."""
+        datamodule.setup()
+        layers = self.shape.layers or num_layers(self.teacher.config)
+        return TeacherCache.for_run(self.teacher_identity, datamodule.blocks, layers, self.cache_config)
+
+    def fill_teacher_cache(self, datamodule, progress: bool = True, rank: int = 0, world: int = 1) -> TeacherCache:
+        """Compute and store the teacher's outputs on every block of ``datamodule`` not cached yet (resumable).
+
+        Args:
+            datamodule: the corpus (a ``CorpusDataModule`` with this module's tokenizer attached).
+            progress: print a line per shard.
+            rank: this process's share of the shards, with ``world`` processes filling together.
+            world: how many processes fill together.
+
+        Returns:
+            The cache.
+        """
+        cache = self.teacher_cache_of(datamodule)
+        config = self.cache_config
+        head = self.teacher.get_output_embeddings()
+        device = next(self.teacher.parameters()).device
+
+        def compute(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+            ids = ids.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.teacher_bf16):
+                return teacher_outputs(lambda x: self._teacher_pass(x, torch.ones_like(x)), head, ids.long(),
+                                       config.top_k, HIDDEN_DTYPES[config.hidden_precision])
+
+        cache.fill(compute, datamodule.blocks, config.batch_size, progress=progress, rank=rank, world=world)
+        return cache
+
+    def setup(self, stage: str) -> None:
+        if not self.cache_config.enabled:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "index_batches"):
+            raise ConfigError("model.teacher_cache.enabled needs the corpus DataModule of `editing backpack "
+                              "distill` (its blocks are what the cache indexes)")
+        if datamodule.tokenizer is None:
+            datamodule.attach(self.tokenizer)
+        strategy = self.trainer.strategy
+        # each process fills its share of the missing shards, then every process reads all of them
+        self.fill_teacher_cache(datamodule, progress=self.trainer.is_global_zero, rank=self.trainer.global_rank,
+                                world=self.trainer.world_size)
+        strategy.barrier("teacher_cache")
+        self.cache = self.fill_teacher_cache(datamodule, progress=False)
+        datamodule.index_batches()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors (what a checkpoint holds)."""
@@ -152,16 +214,33 @@ class BackpackDistillation(L.LightningModule):
             handle.remove()
         return contextual, store["h"]
 
-    def kl_loss(self, input_ids: torch.Tensor, fraction: float = 1.0, step: int = 0) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor]:
+    def kl_loss(self, batch: torch.Tensor | dict, fraction: float = 1.0, step: int = 0) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
         """Mean KL(teacher || Backpack) per token and the Backpack's mean NLL of the next token, over all positions
-        or a seeded random ``fraction`` of them."""
+        or a seeded random ``fraction`` of them.
+
+        ``batch`` is a tensor of token blocks (the teacher runs now), or a dict with the blocks' ``input_ids`` and
+        their ``index`` in the teacher cache (the teacher's outputs are read; the KL is over its top-k tokens plus
+        one "any other token" outcome).
+        """
+        cached = None
+        if isinstance(batch, dict):
+            if self.cache is None:
+                raise ConfigError("a batch of cached blocks, but no teacher cache is open (set "
+                                  "model.teacher_cache.enabled true)")
+            input_ids = batch["input_ids"]
+            cached = {k: v.to(input_ids.device) for k, v in self.cache.read(batch["index"].cpu()).items()}
+            contextual = cached.pop("hidden").to(self.student.dtype)
+        else:
+            input_ids = batch
         mask = torch.ones_like(input_ids)
-        with torch.no_grad():
-            contextual, teacher_hidden = self._teacher_pass(input_ids, mask)
+        if cached is None:
+            with torch.no_grad():
+                contextual, teacher_hidden = self._teacher_pass(input_ids, mask)
+            teacher_hidden = teacher_hidden.flatten(0, 1)
         out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach())
         student_hidden = out.hidden_states.flatten(0, 1)
-        teacher_hidden = teacher_hidden.flatten(0, 1)
+        teacher = {k: v.flatten(0, 1) for k, v in cached.items()} if cached is not None else {"hidden": teacher_hidden}
         head_t = self.teacher.get_output_embeddings()
         head_s = self.student.get_output_embeddings()
         kl_total = student_hidden.new_zeros((), dtype=torch.float32)
@@ -173,15 +252,20 @@ class BackpackDistillation(L.LightningModule):
             count = max(1, int(round(fraction * student_hidden.shape[0])))
             generator = torch.Generator().manual_seed(1_000_003 * (self.hparams.get("seed", 0) + 1) + step)
             picks = torch.randperm(student_hidden.shape[0], generator=generator)[:count].to(input_ids.device)
-            student_hidden, teacher_hidden, next_token = student_hidden[picks], teacher_hidden[picks], next_token[picks]
+            student_hidden, next_token = student_hidden[picks], next_token[picks]
+            teacher = {k: v[picks] for k, v in teacher.items()}
         positions = student_hidden.shape[0]
         for start in range(0, positions, KL_CHUNK):
             end = min(positions, start + KL_CHUNK)
-            with torch.no_grad():
-                t_logits = head_t(teacher_hidden[start:end]).float()
-                t_logp = F.log_softmax(t_logits, dim=-1)
             s_logp = F.log_softmax(head_s(student_hidden[start:end]).float(), dim=-1)
-            kl_total = kl_total + (t_logp.exp() * (t_logp - s_logp)).sum()
+            if cached is None:
+                with torch.no_grad():
+                    t_logits = head_t(teacher["hidden"][start:end]).float()
+                    t_logp = F.log_softmax(t_logits, dim=-1)
+                kl_total = kl_total + (t_logp.exp() * (t_logp - s_logp)).sum()
+            else:
+                kl_total = kl_total + topk_kl(s_logp, teacher["topk_ids"][start:end],
+                                              teacher["topk_logp"][start:end], teacher["tail_logp"][start:end])
             nll_total = nll_total + F.nll_loss(s_logp, next_token[start:end], ignore_index=-100, reduction="sum")
         return kl_total / positions, nll_total / max(1, int((next_token != -100).sum()))
 
@@ -196,8 +280,9 @@ class BackpackDistillation(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         kl, nll = self.kl_loss(batch)
-        self.log("val/kl", kl, prog_bar=True, batch_size=batch.shape[0])
-        self.log("val/nll", nll, prog_bar=True, batch_size=batch.shape[0])
+        size = (batch["input_ids"] if isinstance(batch, dict) else batch).shape[0]
+        self.log("val/kl", kl, prog_bar=True, batch_size=size)
+        self.log("val/nll", nll, prog_bar=True, batch_size=size)
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
