@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -173,3 +174,21 @@ def offline_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     return os.environ
+
+
+WORDS = ("the river ran past the old mill and the miller sang of the rain while the children counted boats "
+         "under a grey sky that promised snow before the market opened in the square").split()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A small text corpus folder (one JSONL file of random sentences) for distillation tests."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(60):
+        picks = torch.randint(0, len(WORDS), (40,), generator=gen).tolist()
+        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in picks) + "."}))
+    (folder / "part.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -3,7 +3,6 @@ scores identically, and a resumed run reaches the same state as an uninterrupted
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -19,22 +18,6 @@ from editing.evaluation import evaluate
 from editing.models.backpack import BackpackLMHeadModel
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape, build_backpack_from
 from editing.models.loading import LoadedModel, ModelConfig, load_model
-
-WORDS = ("the river ran past the old mill and the miller sang of the rain while the children counted boats "
-         "under a grey sky that promised snow before the market opened in the square").split()
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(60):
-        picks = torch.randint(0, len(WORDS), (40,), generator=gen).tolist()
-        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in picks) + "."}))
-    (folder / "part.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def distiller(tmp_path: Path, **kw) -> BackpackDistillation:

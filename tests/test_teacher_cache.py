@@ -4,7 +4,6 @@ distillation resumes exactly, and the cache refuses to be read under other setti
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,22 +17,6 @@ from editing.errors import ConfigError
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape
 from editing.models.backpack.teacher_cache import TeacherCacheConfig
 from editing.models.loading import ModelConfig
-
-WORDS = ("a lantern swung over the harbour while fishermen mended nets and gulls argued about bread crusts near "
-         "the stone steps where the ferry waited").split()
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(1)
-    lines = []
-    for _ in range(50):
-        picks = torch.randint(0, len(WORDS), (40,), generator=gen).tolist()
-        lines.append(json.dumps({"text": " ".join(WORDS[i] for i in picks) + "."}))
-    (folder / "part.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def distiller(tmp_path: Path, top_k: int | None = None, **cache) -> BackpackDistillation:
