@@ -38,6 +38,25 @@ def _flag(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+EVALUATIONS: list[float] = []  # seconds of each evaluation (p0, then each epoch) of the fit running now
+
+
+def _timed_evaluations() -> None:
+    """Time each evaluation of the budget callback, so that a run with fewer epochs can be projected to more."""
+    import callbacks.degradation_budget as budget
+
+    plain = budget.evaluate_epoch
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            EVALUATIONS.append(time.perf_counter() - start)
+
+    budget.evaluate_epoch = timed
+
+
 def fit(method: str, args: argparse.Namespace, folder: Path, caches: bool) -> tuple[float, dict]:
     """One ``editing fit`` of ``method`` in this process; its wall time and ``results.json``."""
     from editing.commands.lightning import run_lightning_cli
@@ -130,6 +149,7 @@ def main() -> int:
     os.environ["EDITING_EVAL_CACHE_DIR"] = str(work / "eval-cache")  # a fresh cache: the first fit on is cold
     os.environ.pop("EDITING_EVAL_CACHES", None)
     warm_up(args.methods, args)
+    _timed_evaluations()
     print(f"threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}; general_limit "
           f"{_flag(args.general_limit)}, eval_limit {_flag(args.eval_limit)}, epochs {_flag(args.epochs)}, "
           f"train_batches {_flag(args.train_batches)}",
@@ -139,8 +159,11 @@ def main() -> int:
         times, records = {}, {}
         for mode in ("off", "cold", "warm"):
             COUNTERS.clear()
+            EVALUATIONS.clear()
             times[mode], records[mode] = fit(method, args, work / f"{method}-{mode}", caches=mode != "off")
-            print(f"{method} caches {mode}: {times[mode]:.1f} s {dict(COUNTERS)}", flush=True)
+            print(f"{method} caches {mode}: {times[mode]:.1f} s {dict(COUNTERS)}; evaluations (p0, epochs) "
+                  f"{', '.join(f'{s:.1f}' for s in EVALUATIONS)} s; the rest {times[mode] - sum(EVALUATIONS):.1f} s",
+                  flush=True)
         for mode in ("cold", "warm"):
             problems = differences(records["off"], records[mode])
             failed |= bool(problems)

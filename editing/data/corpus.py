@@ -142,29 +142,37 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         """Give the DataModule the model's tokenizer (done by ``setup`` from the LightningModule)."""
         self.tokenizer = tokenizer
 
-    def _texts(self) -> tuple[list[str], str]:
+    def _source(self) -> tuple[list[Path] | str, str]:
+        """The corpus's files (or its ``datasets`` id) and a digest that names it, without reading any text."""
         source = self.corpus
         folder = Path(source).expanduser() if source else default_corpus()
         if folder.is_dir():
             files = corpus_files(folder)
             digest = hashlib.sha256("|".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()
-            return [t for p in files for t in read_texts(p)], digest[:16]
+            return files, digest[:16]
         if source is None:
             raise ConfigError(f"no corpus given and the default {folder} does not exist; set data.corpus")
+        return source, hashlib.sha256(source.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _texts(source: list[Path] | str) -> list[str]:
+        if isinstance(source, list):
+            return [t for p in source for t in read_texts(p)]
         import datasets
 
         name, _, config = source.partition(":")
-        data = datasets.load_dataset(name, config or None, split="train")
-        return list(data["text"]), hashlib.sha256(source.encode()).hexdigest()[:16]
+        return list(datasets.load_dataset(name, config or None, split="train")["text"])
 
     def token_stream(self) -> torch.Tensor:
-        """The whole corpus as one stream of token ids, texts separated by the EOS token (cached)."""
-        texts, digest = self._texts()
+        """The whole corpus as one stream of token ids, texts separated by the EOS token (cached: a second run reads
+        no text)."""
+        source, digest = self._source()
         tok = self.tokenizer
         key = hashlib.sha256(f"{tok.name_or_path}|{len(tok)}|{tok.eos_token}|{digest}".encode()).hexdigest()[:16]
         path = cache_dir() / "corpus_tokens" / f"{key}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
+        texts = self._texts(source)
         eos = tok.eos_token_id
         ids: list[int] = []
         for start in range(0, len(texts), 512):
