@@ -1,17 +1,23 @@
-"""Tokens per second of a Backpack distillation step: the teacher run every step (today's default) against the
-step that reads the teacher cache, measured in one run on the same corpus blocks (issue 15).
+"""Tokens per second of a Backpack distillation step: the teacher run every step (today's default,
+``smollm2_backpack.yaml``) against the steps that read the teacher cache, measured in one run on the same corpus
+(issue 15).
 
-Each step is the product's own: ``BackpackDistillation.kl_loss`` forward, backward and an AdamW step, under bf16
-autocast as ``--trainer.precision bf16-mixed`` runs it. The cache is filled first (its time and tokens/s are printed
-on their own line: a one-off cost), then each configuration trains ``--steps`` timed steps after two untimed ones.
-A breakdown of the uncached step (the teacher's pass alone) says where its time goes.
+Each step is the product's own: ``BackpackDistillation.kl_loss`` forward, backward and a fused AdamW step, under
+bf16 autocast as ``--trainer.precision bf16-mixed`` runs it. The cache is filled first (its time and tokens/s are
+printed on their own line: a one-off cost), then each configuration trains ``--steps`` timed steps after two untimed
+ones. Three configurations:
 
-    OMP_NUM_THREADS=2 python benchmarks/distill_throughput.py [--steps 6] [--batch_size 16] [--block_size 128]
-        [--top_k 64] [--kl_fraction 0.25] [--cached_kl_fraction 0.25] [--num_senses 16] [--sense_scale 4]
-        [--cached_num_senses N] [--cached_sense_scale N] [--cached_batch_size N]
+* today's step: the teacher runs, full-vocabulary KL on ``--kl_fraction`` of the positions;
+* the cached step at today's shape: what the cache alone buys;
+* the cached step at the shape ``smollm2_backpack_cached.yaml`` trains (``--cached_*``): batch 64, sense network
+  of width 1 x d, KL on 1/16 of the positions.
 
-``--cached_*`` options change only the cached configuration (by default it is today's shape, so the ratio is the
-cache's alone); the line for each configuration says what it ran.
+Tokens/s counts every token of a batch (each one's senses and alpha enter the sums); the KL positions per second
+are printed too, since the configurations draw different shares of them.
+
+    OMP_NUM_THREADS=2 python benchmarks/distill_throughput.py [--steps 8] [--batch_size 16] [--block_size 128]
+        [--top_k 64] [--kl_fraction 0.25] [--num_senses 16] [--sense_scale 4]
+        [--cached_batch_size 64] [--cached_kl_fraction 0.0625] [--cached_num_senses 16] [--cached_sense_scale 1]
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ from contextlib import nullcontext
 import torch
 
 
-def build(args: argparse.Namespace, cached: bool):
+def build(args: argparse.Namespace, cached: bool, shape: str):
+    """The distillation module of one configuration (``shape``: "today" or "chosen") and a line saying what it is."""
     from editing.models.backpack.distill import BackpackDistillation, BackpackShape
     from editing.models.backpack.teacher_cache import TeacherCacheConfig
     from editing.models.loading import ModelConfig
 
-    senses = args.cached_num_senses if cached and args.cached_num_senses else args.num_senses
-    scale = args.cached_sense_scale if cached and args.cached_sense_scale else args.sense_scale
+    chosen = shape == "chosen"
+    senses = args.cached_num_senses if chosen else args.num_senses
+    scale = args.cached_sense_scale if chosen else args.sense_scale
+    fraction = args.cached_kl_fraction if chosen else args.kl_fraction
     cache = TeacherCacheConfig(enabled=True, top_k=args.top_k, folder=args.cache_folder) if cached else None
-    fraction = args.cached_kl_fraction if cached else args.kl_fraction
     module = BackpackDistillation(teacher=ModelConfig(name=args.teacher), lr=1e-3, kl_fraction=fraction,
                                   shape=BackpackShape(num_senses=senses, sense_intermediate_scale=scale),
                                   teacher_cache=cache)
@@ -46,15 +54,16 @@ def autocast(enabled: bool):
 
 
 def train_steps(module, batches: list, steps: int, bf16: bool) -> float:
-    """Seconds per step over ``steps`` timed steps (after two untimed ones)."""
-    params = [p for p in module.student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    """Seconds per step over ``steps`` timed steps (after two untimed ones); ``batches`` are reused in turn."""
+    from editing.models.backpack.distill import sense_optimizer
+
+    optimizer = sense_optimizer(module.student, lr=1e-3)
     module.student.eval()
     times = []
-    for step, batch in enumerate(batches[: steps + 2]):
+    for step in range(steps + 2):
         start = time.perf_counter()
         with autocast(bf16):
-            kl, _ = module.kl_loss(batch, module.kl_fraction, step)
+            kl, _ = module.kl_loss(batches[step % len(batches)], module.kl_fraction, step)
         kl.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -66,17 +75,17 @@ def train_steps(module, batches: list, steps: int, bf16: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--cached_batch_size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=16, help="today's config (smollm2_backpack.yaml)")
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--top_k", type=int, default=64)
-    parser.add_argument("--kl_fraction", type=float, default=0.25, help="today's config (smollm2_backpack.yaml)")
-    parser.add_argument("--cached_kl_fraction", type=float, default=0.25)
+    parser.add_argument("--kl_fraction", type=float, default=0.25)
     parser.add_argument("--num_senses", type=int, default=16)
     parser.add_argument("--sense_scale", type=int, default=4)
-    parser.add_argument("--cached_num_senses", type=int, default=None)
-    parser.add_argument("--cached_sense_scale", type=int, default=None)
+    parser.add_argument("--cached_batch_size", type=int, default=64, help="smollm2_backpack_cached.yaml's")
+    parser.add_argument("--cached_kl_fraction", type=float, default=0.0625)
+    parser.add_argument("--cached_num_senses", type=int, default=16)
+    parser.add_argument("--cached_sense_scale", type=int, default=1)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (slower; for comparison)")
     parser.add_argument("--cache_folder", default=None, help="teacher cache root (default: a temporary folder)")
     args = parser.parse_args()
@@ -85,9 +94,9 @@ def main() -> None:
 
     from editing.data.corpus import CorpusDataModule
 
-    cached_bs = args.cached_batch_size or args.batch_size
-    need = (args.steps + 2) * max(args.batch_size, cached_bs)
-    plain, plain_what = build(args, cached=False)
+    # distinct blocks for each configuration's steps (the largest batch sets how many the cache holds)
+    need = (args.steps + 2) * max(args.batch_size, args.cached_batch_size)
+    plain, plain_what = build(args, cached=False, shape="today")
     dm = CorpusDataModule(block_size=args.block_size, batch_size=args.batch_size, max_tokens=need * args.block_size,
                           val_blocks=1)
     dm.attach(plain.tokenizer)
@@ -105,28 +114,47 @@ def main() -> None:
             plain._teacher_pass(ids, torch.ones_like(ids))
         teacher_s = (time.perf_counter() - start) / 2
 
-    plain_batches = [blocks[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps + 2)]
-    plain_s = train_steps(plain, plain_batches, args.steps, bf16)
-    plain_rate = args.batch_size * args.block_size / plain_s
+    def batches_of(size: int, cached: bool) -> list:
+        count = need // size
+        if cached:
+            return [{"input_ids": blocks[i * size:(i + 1) * size], "index": torch.arange(i * size, (i + 1) * size)}
+                    for i in range(count)]
+        return [blocks[i * size:(i + 1) * size] for i in range(count)]
+
+    rows = []
+    plain_s = train_steps(plain, batches_of(args.batch_size, False), args.steps, bf16)
+    rows.append(("today's step", plain_what, args.batch_size, plain.kl_fraction, plain_s))
     del plain
 
-    cached, cached_what = build(args, cached=True)
-    cached.cache = cache = cached.teacher_cache_of(dm)
-    start = time.perf_counter()
-    cached.fill_teacher_cache(dm, progress=False)
-    fill_s = time.perf_counter() - start
-    cached_batches = [{"input_ids": blocks[i * cached_bs:(i + 1) * cached_bs],
-                       "index": torch.arange(i * cached_bs, (i + 1) * cached_bs)} for i in range(args.steps + 2)]
-    cached_s = train_steps(cached, cached_batches, args.steps, bf16)
-    cached_rate = cached_bs * args.block_size / cached_s
-    tokens = cache.num_blocks * args.block_size
+    fill_line = None
+    for shape, size in (("today", args.batch_size), ("chosen", args.cached_batch_size)):
+        module, what = build(args, cached=True, shape=shape)
+        module.cache = cache = module.teacher_cache_of(dm)
+        if fill_line is None:
+            start = time.perf_counter()
+            module.fill_teacher_cache(dm, progress=False)
+            fill_s = time.perf_counter() - start
+            tokens = cache.num_blocks * args.block_size
+            size_on_disk = sum(p.stat().st_size for p in cache.folder.glob("shard-*.pt"))
+            fill_line = (f"teacher cache: {tokens} tokens in {fill_s:.1f} s ({tokens / fill_s:.0f} tokens/s, once), "
+                         f"{size_on_disk / tokens:.0f} bytes/token on disk")
+        seconds = train_steps(module, batches_of(size, True), args.steps, bf16)
+        label = "cached, today's shape" if shape == "today" else "cached, chosen shape"
+        rows.append((label, what, size, module.kl_fraction, seconds))
+        del module
 
-    print(f"teacher cache: {tokens} tokens in {fill_s:.1f} s ({tokens / fill_s:.0f} tokens/s, once), "
-          f"{sum(p.stat().st_size for p in cache.folder.glob('shard-*.pt')) / tokens:.0f} bytes/token on disk")
-    print(f"today's step ({plain_what}; batch {args.batch_size}): {plain_s:.2f} s/step, {plain_rate:.0f} tokens/s; "
-          f"its teacher pass alone {teacher_s:.2f} s ({100 * teacher_s / plain_s:.0f}%)")
-    print(f"cached step ({cached_what}; batch {cached_bs}): {cached_s:.2f} s/step, {cached_rate:.0f} tokens/s")
-    print(f"ratio: {cached_rate / plain_rate:.1f}x (goal: at least 10x)")
+    print(fill_line)
+    base = args.batch_size * args.block_size / plain_s
+    print("| step | settings | batch | s/step | tokens/s | KL positions/s | tokens/s vs today |")
+    print("|---|---|---|---|---|---|---|")
+    for label, what, size, fraction, seconds in rows:
+        rate = size * args.block_size / seconds
+        print(f"| {label} | {what} | {size} | {seconds:.3f} | {rate:.0f} | {rate * fraction:.0f} | "
+              f"{rate / base:.1f}x |")
+    print(f"today's teacher pass alone: {teacher_s:.2f} s of its {plain_s:.2f} s step "
+          f"({100 * teacher_s / plain_s:.0f}%)")
+    chosen_rate = rows[-1][2] * args.block_size / rows[-1][4]
+    print(f"ratio, chosen cached step to today's: {chosen_rate / base:.1f}x (goal: at least 10x)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from editing.data.corpus import CorpusDataModule
 from editing.errors import ConfigError
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape
-from editing.models.backpack.teacher_cache import TeacherCacheConfig
+from editing.models.backpack.teacher_cache import TeacherCacheConfig, gathered_log_softmax, topk_kl
 from editing.models.loading import ModelConfig
 
 
@@ -108,6 +108,69 @@ def test_the_cached_kl_is_the_kl_over_the_top_k_and_the_rest(tmp_path, corpus) -
     plain.student.load_state_dict(module.student.state_dict())
     full, _ = plain.kl_loss(ids)
     assert float(kl) < float(full)
+
+
+@pytest.mark.parametrize("student_tail", [0.5, 3e-2, 5e-3, 1e-5])
+def test_the_top_k_kl_takes_the_students_tail_from_its_top_k_without_losing_precision(student_tail) -> None:
+    """The student's mass outside the top k comes from its top-k mass (one minus it) or, where that cancels, from
+    the rest of the vocabulary. Reference: plain loops in float64 over every token, for a student whose tail is
+    large, near the switch (1e-2) and tiny; the gradient is checked against float64 autograd of the sum over
+    the rest of the vocabulary."""
+    torch.manual_seed(0)
+    n, vocab, k = 6, 40, 4
+    teacher = torch.log_softmax(torch.randn(n, vocab, dtype=torch.float64) * 2, dim=-1)
+    top_logp, top_ids = teacher.topk(k, dim=-1)
+    tail = torch.logsumexp(teacher.scatter(-1, top_ids, float("-inf")), dim=-1)
+    logits = torch.randn(n, vocab, dtype=torch.float64)
+    # the student puts 1 - student_tail on the teacher's top k (spread at random) and student_tail on the rest
+    on_top = torch.softmax(logits.gather(-1, top_ids), dim=-1) * (1 - student_tail)
+    rest = torch.softmax(logits.scatter(-1, top_ids, float("-inf")), dim=-1) * student_tail
+    probs = rest.scatter(-1, top_ids, on_top)
+    expected = 0.0
+    for row in range(n):
+        p_top = [math.exp(v) for v in top_logp[row].tolist()]
+        q_top = [float(probs[row, i]) for i in top_ids[row].tolist()]
+        q_rest = sum(float(probs[row, i]) for i in range(vocab) if i not in top_ids[row].tolist())
+        p_rest = math.exp(float(tail[row]))
+        expected += sum(p * math.log(p / q) for p, q in zip(p_top, q_top, strict=True))
+        expected += p_rest * math.log(p_rest / q_rest)
+    student = probs.log().float().requires_grad_(True)
+    kl = topk_kl(torch.log_softmax(student, dim=-1), top_ids.int(), top_logp.float(), tail.float())
+    kl.backward()
+    assert math.isclose(float(kl), expected, rel_tol=2e-5), (float(kl), expected)
+    reference = probs.log().requires_grad_(True)
+    s_logp = torch.log_softmax(reference, dim=-1)
+    s_rest = torch.logsumexp(s_logp.scatter(-1, top_ids, float("-inf")), dim=-1)
+    ref = (top_logp.exp() * (top_logp - s_logp.gather(-1, top_ids))).sum() + (tail.exp() * (tail - s_rest)).sum()
+    ref.backward()
+    assert torch.isfinite(student.grad).all()
+    torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gathered_log_softmax_is_the_dense_log_softmax_gathered_with_its_gradient(dtype) -> None:
+    """Reference: each log-probability by a plain loop over the vocabulary, and the gradient of
+    sum(w * logp[ids]) by hand: w at the id, minus softmax times the row's sum of w (float64)."""
+    torch.manual_seed(1)
+    n, vocab, m = 5, 17, 4
+    logits = (torch.randn(n, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, vocab, (n, m))
+    ids[0, 1] = ids[0, 0]  # the same token twice in a row (the next token is often among the top k)
+    weights = torch.randn(n, m, dtype=torch.float64)
+    out = gathered_log_softmax(logits, ids)
+    assert out.dtype == torch.float32
+    (out.double() * weights).sum().backward()
+    values = logits.detach().double().tolist()
+    for row in range(n):
+        norm = math.log(sum(math.exp(v) for v in values[row]))
+        for j in range(m):
+            assert math.isclose(float(out[row, j]), values[row][ids[row, j]] - norm, rel_tol=1e-6, abs_tol=1e-5)
+        total = float(weights[row].sum())
+        for v in range(vocab):
+            expected = -math.exp(values[row][v] - norm) * total
+            expected += sum(float(weights[row, j]) for j in range(m) if int(ids[row, j]) == v)
+            tol = 1e-6 if dtype == torch.float64 else 2e-2
+            assert math.isclose(float(logits.grad[row, v]), expected, rel_tol=tol, abs_tol=tol), (row, v)
 
 
 def test_an_interrupted_fill_resumes_at_the_missing_shards_and_gives_the_same_cache(tmp_path, corpus) -> None:

@@ -35,13 +35,17 @@ from editing.errors import ConfigError
 from editing.files import save_atomically
 from editing.paths import cache_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever the layout of a shard changes, so that an old cache is never read as a new one."""
 
 
 HiddenPrecision = Literal["bf16", "fp32"]
 """How the cache stores the contextualizer's hidden states."""
 HIDDEN_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+TAIL_EXACT_BELOW = 1e-2
+"""``topk_kl`` computes the student's mass outside the top k as one minus its top-k mass, except where that mass is
+below this (and fp32 cancellation would show): there it sums the rest of the vocabulary."""
 
 
 @dataclass
@@ -201,10 +205,53 @@ def teacher_outputs(teacher_pass, head, input_ids: torch.Tensor, top_k: int,
     logp = F.log_softmax(head(final).float(), dim=-1)
     k = min(top_k, logp.shape[-1])
     values, ids = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, ids, float("-inf"))
+    # the mass outside the top k as one minus the top-k mass (no second pass over the vocabulary), summed
+    # exactly where that difference would cancel (as topk_kl does for the student)
+    top = torch.logsumexp(values, dim=-1)
+    exact = -top < TAIL_EXACT_BELOW
+    tail = torch.log(-torch.expm1(top.clamp(max=-TAIL_EXACT_BELOW)))
+    if bool(exact.any()):
+        tail[exact] = torch.logsumexp(logp[exact].scatter(-1, ids[exact], float("-inf")), dim=-1)
     out = {"hidden": contextual.to(hidden_dtype), "topk_logp": values.float(), "topk_ids": ids.to(torch.int32),
-           "tail_logp": torch.logsumexp(rest, dim=-1).float()}
+           "tail_logp": tail.float()}
     return {key: value.cpu() for key, value in out.items()}
+
+
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits).gather(-1, ids) without the dense (n, vocab) log-probabilities and their gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        ctx.save_for_backward(logp, ids)
+        ctx.logits_dtype = logits.dtype
+        return logp.gather(-1, ids)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logp, ids = ctx.saved_tensors
+        # d/dlogits of sum(g * (logit_id - lse)): g at the ids, minus softmax times the row's sum of g
+        out = logp.exp().mul_(-grad.sum(-1, keepdim=True))
+        out.scatter_add_(-1, ids, grad.float())
+        return out.to(ctx.logits_dtype), None
+
+
+def gathered_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``F.log_softmax(logits.float(), -1).gather(-1, ids)``, differentiable in ``logits``, computed in fp32.
+
+    A training step needs the student's log-probabilities of only a few tokens per position (the teacher's top k
+    and the next token), but their normaliser spans the vocabulary. Autograd of the dense form keeps an fp32
+    (n, vocab) tensor, fills a zero one for the gather's gradient and runs the log-softmax backward over it; this
+    keeps only the logits and builds their gradient in one pass.
+
+    Args:
+        logits: (n, vocab) in any float dtype (bf16 under autocast); the gradient comes back in that dtype.
+        ids: (n, m) token ids (int64).
+
+    Returns:
+        (n, m) fp32 log-probabilities.
+    """
+    return _GatheredLogSoftmax.apply(logits, ids)
 
 
 def topk_kl(s_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
@@ -221,11 +268,37 @@ def topk_kl(s_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tenso
         The KL summed over the n positions (a scalar).
     """
     ids = topk_ids.long()
-    kl = (topk_logp.exp() * (topk_logp - s_logp.gather(-1, ids))).sum()
+    return topk_kl_of(s_logp.gather(-1, ids), topk_logp, tail_logp,
+                      lambda rows: torch.logsumexp(s_logp[rows].scatter(-1, ids[rows], float("-inf")), dim=-1))
+
+
+def topk_kl_of(s_top: torch.Tensor, topk_logp: torch.Tensor, tail_logp: torch.Tensor, rest_of) -> torch.Tensor:
+    """``topk_kl`` from the student's log-probabilities of the teacher's top k alone.
+
+    Args:
+        s_top: (n, k) the student's log-probabilities of the teacher's top-k tokens (fp32).
+        topk_logp: (n, k) the teacher's log-probabilities of them.
+        tail_logp: (n,) the log of the teacher's remaining mass (``-inf``: none remains).
+        rest_of: ``(rows) -> (len(rows),)``: the student's exact log-mass outside the top k at the positions
+            ``rows`` (int64 indices), summed over the rest of the vocabulary; called only where one minus the
+            top-k mass would cancel.
+
+    Returns:
+        The KL summed over the n positions (a scalar).
+    """
+    kl = (topk_logp.exp() * (topk_logp - s_top)).sum()
     rows = torch.isfinite(tail_logp)
     if bool(rows.any()):
-        # only rows with mass outside the top k: a logsumexp over nothing has a NaN gradient, even times zero
-        s_tail = torch.logsumexp(s_logp[rows].scatter(-1, ids[rows], float("-inf")), dim=-1)
+        # Only rows with mass outside the top k: a logsumexp over nothing has a NaN gradient, even times zero.
+        # The student's mass outside the top k is one minus its mass on them, so the k log-probabilities give it
+        # without a second pass over the vocabulary (that pass, forward and backward, cost as much as the rest of
+        # the cached step). Where the student's top-k mass is within TAIL_EXACT_BELOW of one, that difference
+        # cancels in fp32, so those rows take the exact sum over the rest of the vocabulary instead.
+        top = torch.logsumexp(s_top[rows], dim=-1)
+        exact = -top < TAIL_EXACT_BELOW
+        s_tail = torch.log(-torch.expm1(torch.where(exact, torch.full_like(top, -1.0), top)))
+        if bool(exact.any()):
+            s_tail = s_tail.masked_scatter(exact, rest_of(rows.nonzero().squeeze(-1)[exact]))
         kl = kl + (tail_logp[rows].exp() * (tail_logp[rows] - s_tail)).sum()
     return kl
 
