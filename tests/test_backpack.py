@@ -285,6 +285,35 @@ def test_senses_inspect_lists_each_sense(tmp_path, data_root, capsys) -> None:
     assert any(row.split("|")[6] != row.split("|")[7] for row in out[2:])
 
 
+def test_senses_inspect_lists_every_sense_of_a_models_words(capsys) -> None:
+    """Reference: each sense vector from the model's own forward pass (output_senses), scored against every row of
+    the LM head by a plain loop, top 3 by score."""
+    from editing.cli import main
+    from editing.commands.senses import inspect_senses
+
+    loaded = load_model(ModelConfig(name="tiny-backpack"))
+    main(["senses", "inspect", "--model", "tiny-backpack", "--words", "the,Paris", "--top", "3", "--limit", "null"])
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = inspect_senses(model="tiny-backpack", words="the,Paris", top=3, limit=None)
+    k = loaded.model.config.num_senses
+    tok = loaded.tokenizer
+    ids = tok(" the", add_special_tokens=False)["input_ids"] + tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert len(rows) == k * len(ids) and len(out) == 2 + len(rows)
+    with torch.no_grad():
+        senses = loaded.model(torch.tensor([ids]), output_senses=True).senses[0]  # (k, s, d)
+    head = loaded.model.get_output_embeddings().weight.tolist()
+    for row in rows:
+        j = ids.index(row["vocab_id"])
+        vector = senses[row["sense"], j].tolist()
+        scores = [sum(a * b for a, b in zip(vector, h, strict=True)) for h in head]
+        best = sorted(range(len(scores)), key=lambda v: -scores[v])[:3]
+        assert row["top"] == [tok.decode([v]) for v in best], row
+    with pytest.raises(ConfigError, match="one of the two"):
+        inspect_senses(edit="x", model="tiny-backpack")
+    with pytest.raises(ConfigError, match="--words"):
+        inspect_senses(model="tiny-backpack")
+
+
 def test_lora_and_full_run_on_a_backpack(tmp_path, data_root) -> None:
     from editing.methods import FullEditor
 

@@ -1,5 +1,6 @@
-"""What a sense edit changed: each selected sense's token, importance, and the words its vector scores highest
-through the LM head before and after the edit (the paper's figure 4 view)."""
+"""What a Backpack's senses mean: for a sense edit, each selected sense's token, importance, and the words its
+vector scores highest through the LM head before and after the edit (the paper's figure 4 view); for a model, the
+top words of every sense of chosen words (what a distilled Backpack learned)."""
 
 from __future__ import annotations
 
@@ -67,4 +68,47 @@ def format_inspection(rows: list[dict]) -> str:
         imp = "-" if r["importance"] is None else f"{r['importance']:.3f}"
         lines.append(f"| {r['token']!r} | {r['vocab_id']} | {r['sense']} | {imp} | {r['change_norm']:.3f} | "
                      f"{' '.join(repr(w) for w in r['before'])} | {' '.join(repr(w) for w in r['after'])} |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def inspect_model_senses(model, tokenizer, words: list[str], top: int = 5) -> list[dict]:
+    """Every sense of each of ``words`` in a Backpack, with the words each sense vector scores highest.
+
+    Args:
+        model: a Backpack LM (``backpack_of`` finds its body).
+        tokenizer: its tokenizer.
+        words: words as they appear inside a sentence (a leading space is added, so "Paris" is " Paris"); a word
+            of several tokens gets rows for each of its tokens.
+        top: words listed per sense.
+
+    Returns:
+        One dict per (token, sense): word, token, vocab id, sense index, the sense vector's norm, its top words.
+
+    Raises:
+        ConfigError: a word is empty.
+    """
+    backpack = backpack_of(model)
+    rows = []
+    for word in words:
+        if not word.strip():
+            raise ConfigError(f"--words holds an empty word ({words!r}); separate words with commas")
+        ids = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+        ids_t = torch.tensor(ids, dtype=torch.long, device=backpack.get_input_embeddings().weight.device)
+        senses = backpack.sense_network(backpack.get_input_embeddings()(ids_t)[None])[0]  # (k, n, d)
+        for j, vocab_id in enumerate(ids):
+            vectors = senses[:, j]
+            for sense, (vector, best) in enumerate(zip(vectors, top_words(model, tokenizer, vectors, top),
+                                                       strict=True)):
+                rows.append({"word": word.strip(), "token": tokenizer.decode([vocab_id]), "vocab_id": vocab_id,
+                             "sense": sense, "norm": float(vector.norm()), "top": best})
+    return rows
+
+
+def format_model_senses(rows: list[dict]) -> str:
+    """A Markdown table of ``inspect_model_senses`` rows."""
+    lines = ["| word | token | sense | norm | top words |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['word']} | {r['token']!r} | {r['sense']} | {r['norm']:.2f} | "
+                     f"{' '.join(repr(w) for w in r['top'])} |")
     return "\n".join(lines)
