@@ -272,3 +272,19 @@ def test_cache_teacher_command_fills_the_cache_distill_reads(tmp_path, corpus, c
           str(tmp_path / "model"), "--trainer.default_root_dir", str(tmp_path / "runs")])
     assert (tmp_path / "model" / "config.json").is_file()
     assert [p.stat().st_mtime_ns for p in sorted(cache.glob("shard-*.pt"))] == stamps  # read, not recomputed
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_cached_distillation_trains_in_bf16_with_and_without_gradient_clipping(tmp_path, corpus, clip) -> None:
+    """The SmolLM2 config clips gradients under bf16-mixed; Lightning refuses to clip for a fused optimizer there,
+    so the optimizer follows the trainer's setting; either way a bf16 step trains."""
+    module = distiller(tmp_path, top_k=16)
+    start = {n: t.detach().clone() for n, t in module.trainable_state().items()}
+    dm = CorpusDataModule(corpus=str(corpus), block_size=32, batch_size=4, val_blocks=4)
+    trainer(tmp_path / "run", epochs=1, precision="bf16-mixed", gradient_clip_val=clip, max_steps=1,
+            enable_checkpointing=False).fit(module, dm)
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.defaults["fused"] is (None if clip else True)
+    assert optimizer.defaults["foreach"] is (True if clip else None)
+    moved = sum(float((t.detach() - start[n]).abs().sum()) for n, t in module.trainable_state().items())
+    assert math.isfinite(moved) and moved > 0

@@ -298,7 +298,8 @@ class BackpackDistillation(L.LightningModule):
         self.log("val/nll", nll, prog_bar=True, batch_size=size)
 
     def configure_optimizers(self):
-        optimizer = sense_optimizer(self.student, self.lr, self.weight_decay)
+        optimizer = sense_optimizer(self.student, self.lr, self.weight_decay,
+                                    clips=bool(self.trainer.gradient_clip_val))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.warmup_steps, total // 2)
 
@@ -327,15 +328,23 @@ class BackpackDistillation(L.LightningModule):
             print(f"distilled Backpack: {path}", file=sys.stderr)
 
 
-def sense_optimizer(student: BackpackLMHeadModel, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def sense_optimizer(student: BackpackLMHeadModel, lr: float, weight_decay: float = 0.0,
+                    clips: bool = True) -> torch.optim.AdamW:
     """AdamW over the student's trainable tensors (the sense network and the alpha head).
 
-    The fused kernel where the device has one: the unfused step walks the 26 M parameters of the default sense
-    network a dozen times and took about a sixth of a cached distillation step on a CPU.
+    The one-loop-per-tensor step walks the sense network's parameters a dozen times; it took about a sixth of a
+    cached distillation step on a CPU. So the step is the fused kernel, or, where gradients are clipped (Lightning
+    refuses to clip for a fused optimizer under mixed precision), the multi-tensor one.
+
+    Args:
+        student: the Backpack being distilled.
+        lr: the peak learning rate.
+        weight_decay: AdamW's weight decay.
+        clips: the trainer clips gradients (``trainer.gradient_clip_val``).
     """
     params = [p for p in student.parameters() if p.requires_grad]
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, fused=fused)
+    fast = {"foreach": True} if clips else {"fused": all(p.device.type in ("cpu", "cuda") for p in params)}
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, **fast)
 
 
 def save_distilled(student: BackpackLMHeadModel, tokenizer, output: str | Path, overwrite: bool = False) -> Path:
