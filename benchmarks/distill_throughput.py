@@ -2,10 +2,10 @@
 ``smollm2_backpack.yaml``) against the steps that read the teacher cache, measured in one run on the same corpus
 (issue 15).
 
-Each step is the product's own: ``BackpackDistillation.kl_loss`` forward, backward and a fused AdamW step, under
-bf16 autocast as ``--trainer.precision bf16-mixed`` runs it. The cache is filled first (its time and tokens/s are
-printed on their own line: a one-off cost), then each configuration trains ``--steps`` timed steps after two untimed
-ones. Three configurations:
+Each step is the product's own: ``BackpackDistillation.kl_loss`` forward, backward, gradient clipping at 1.0 and
+the AdamW step (``sense_optimizer``), under bf16 autocast as ``--trainer.precision bf16-mixed`` runs it. The cache
+is filled first (its time and tokens/s are printed on their own line: a one-off cost), then each configuration
+trains ``--steps`` timed steps after two untimed ones. Three configurations:
 
 * today's step: the teacher runs, full-vocabulary KL on ``--kl_fraction`` of the positions;
 * the cached step at today's shape: what the cache alone buys;
@@ -57,7 +57,8 @@ def train_steps(module, batches: list, steps: int, bf16: bool) -> float:
     """Seconds per step over ``steps`` timed steps (after two untimed ones); ``batches`` are reused in turn."""
     from editing.models.backpack.distill import sense_optimizer
 
-    optimizer = sense_optimizer(module.student, lr=1e-3)
+    optimizer = sense_optimizer(module.student, lr=1e-3, clips=True)
+    params = [p for p in module.student.parameters() if p.requires_grad]
     module.student.eval()
     times = []
     for step in range(steps + 2):
@@ -65,6 +66,7 @@ def train_steps(module, batches: list, steps: int, bf16: bool) -> float:
         with autocast(bf16):
             kl, _ = module.kl_loss(batches[step % len(batches)], module.kl_fraction, step)
         kl.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as both configs do (trainer.gradient_clip_val 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= 2:
