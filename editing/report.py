@@ -1,7 +1,9 @@
 """The paper's tables and plots from the protocol's test runs (``editing report``).
 
 Input: sweep folders made by ``editing sweep``, ``select`` and ``test-runs`` (``<root>/<study>/selection.json``,
-``trials.jsonl`` and ``test/trial_<n>/seed_<s>/results.json``). For each (model, task, method, ball) the cell is the
+``trials.jsonl`` and ``test/trial_<n>/seed_<s>/results.json``; for a senses study also the ensemble's
+``test/trial_<n>/seed_<s>/ensemble/results.json``, written by ``editing ensemble --backpack_edits <that seed's
+folder> --split test --output_dir <that seed's folder>/ensemble``). For each (model, task, method, ball) the cell is the
 mean over seeds of the test runs' success change (percentage points) at the ball's reported epoch, with its
 standard error (sample standard deviation / sqrt(n)). Output: ``report.md`` and ``tables.tex`` (success table and
 hard-negative table per model), ``report.json`` (every cell), and PNG plots.
@@ -9,6 +11,7 @@ hard-negative table per model), ``report.json`` (every cell), and PNG plots.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -17,13 +20,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from editing.budget import DEFAULT_BALLS, key_eps, key_label, success_change_pp
-from editing.errors import ConfigError
+from editing.errors import ConfigError, DataFormatError
 from editing.files import ensure_writable, write_json, write_text
 from editing.records import RESULTS_FILE, SELECTION_FILE, TRIALS_FILE, RunRecord, Selection, TrialRecord, read_trials
 from editing.tables import markdown_table
 from editing.types import Metric
 
 AVERAGE = "average"
+ENSEMBLE = "ensemble"
+"""The method label of an ensemble's test runs. It is not a ``MethodName``: nothing fits it, it reuses a senses run's
+edits; its runs go to the large model's table."""
+ENSEMBLE_DIR = "ensemble"
+"""The folder, inside a senses test run's seed folder, of the ensemble's results for that seed's edits."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,36 @@ def runs_from_results(results: RunRecord, sweep: dict, ball: str, trial: int) ->
                    initial_hard_negative_nll=initial.hard_negative_nll, num_parameters=results.num_parameters)
 
 
+def ensemble_run(path: Path, sweep: dict, ball: str, trial: int) -> TestRun:
+    """One ball of the ensemble's ``results.json`` (``editing ensemble``) on a senses test run's edits: a run of the
+    large model, whose ensemble with that seed's Backpack edit for ``ball`` is searched inside the same ball.
+
+    Args:
+        path: ``<seed folder>/ensemble/results.json``.
+        sweep: the senses study's sweep settings.
+        ball: the ball key.
+        trial: the senses trial selected for ``ball``.
+    """
+    try:
+        data = json.loads(path.read_text())
+        split, entry, initial = data["split"], data["balls"][ball], data["initial"]
+        large = str(data["large"]["name"])
+        before, after = float(entry["success_before"]), float(entry["success_after"])
+        degradation = float(entry[Metric.DEGRADATION.value])
+        hard_negative = entry["metrics"].get(Metric.HARD_NEGATIVE_NLL.value)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataFormatError(str(path), None, f"not an ensemble results file with ball {ball} ({err!r}); rerun "
+                              "`editing ensemble` on this seed's edits with the sweep's balls") from err
+    if split != "test":
+        raise DataFormatError(str(path), None, f"the ensemble ran on the {split!r} pair; a report needs the test "
+                              "pair (rerun `editing ensemble` with --split test)")
+    return TestRun(model=large, task=task_label(sweep["task"]), method=ENSEMBLE, ball=ball, trial=trial,
+                   seed=int(path.parent.parent.name.removeprefix("seed_")), epoch=-1,
+                   success_change_pp=success_change_pp(before, after), initial_success_rate=before,
+                   degradation=degradation, hard_negative_nll=hard_negative,
+                   initial_hard_negative_nll=initial.get(Metric.HARD_NEGATIVE_NLL.value), num_parameters=None)
+
+
 def load_study(sweep_dir: Path) -> tuple[Selection, list[TestRun], list[ValidationTrial]]:
     """A sweep folder's selection, its test runs (one per ball and seed) and its validation trials."""
     selection = Selection.read(sweep_dir / SELECTION_FILE)
@@ -104,6 +142,8 @@ def load_study(sweep_dir: Path) -> tuple[Selection, list[TestRun], list[Validati
         folder = sweep_dir / "test" / f"trial_{chosen.trial}"
         for path in sorted(folder.glob(f"seed_*/{RESULTS_FILE}")):
             runs.append(runs_from_results(RunRecord.read(path), sweep, ball, chosen.trial))
+        for path in sorted(folder.glob(f"seed_*/{ENSEMBLE_DIR}/{RESULTS_FILE}")):
+            runs.append(ensemble_run(path, sweep, ball, chosen.trial))
     label = runs[0].task if runs else task_label(sweep["task"])
     trials = [ValidationTrial(sweep["model"], label, sweep["method"], t) for t in read_trials(sweep_dir / TRIALS_FILE)]
     return selection, runs, trials

@@ -137,3 +137,78 @@ def test_size_plot_needs_several_sizes(tmp_path) -> None:
     assert plot_sizes(small, tmp_path / "one.png") is None
     path = plot_sizes(small + large, tmp_path / "sizes.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+
+
+# the ensemble's test runs: per ball, the success after the ensemble's beta search on each seed of the senses trial
+# selected for that ball (the other trial's numbers must not be read)
+ENSEMBLE_AFTER = {"1e-03": [0.40, 0.45, 0.55], "1e-05": [0.30, 0.30, 0.35]}
+ENSEMBLE_BEFORE = 0.25
+
+
+def _ensemble_results(ball_after: dict[str, float], split: str = "test") -> dict:
+    """An ensemble results.json as ``editing ensemble`` writes it (the fields the report reads)."""
+    balls = {}
+    for ball, after in ball_after.items():
+        metrics = {"success_rate": after, "general_nll": 3.001, "hard_negative_nll": 9.5}
+        balls[ball] = {"beta": 0.5, "general_nll_by_beta": {"0.5": 3.001}, "success_before": ENSEMBLE_BEFORE,
+                       "success_after": after, "success_change": after - ENSEMBLE_BEFORE, "general_nll": 3.001,
+                       "degradation": 0.001 / 3.0, "metrics": metrics}
+    return {"method": "ensemble", "task": "country_capital", "split": split,
+            "large": {"name": "tiny-large", "num_parameters": 5000},
+            "initial": {"success_rate": ENSEMBLE_BEFORE, "general_nll": 3.0, "hard_negative_nll": 10.0},
+            "balls": balls}
+
+
+def _senses_study(root: Path, ensemble_split: str = "test") -> Path:
+    """A senses study whose selection picks trial 1 for 1e-03 and trial 0 for 1e-05, with ensemble results in every
+    test seed folder of both trials."""
+    d = root / "country_capital-tiny-backpack-senses"
+    trials = {0: {"1e-03": (1, 5.0), "1e-05": (1, 4.0)}, 1: {"1e-03": (2, 9.0), "1e-05": (2, 1.0)}}
+    records = [{"trial": n, "params": {}, "balls": {k: {"epoch": e, "success_change_pp": g, "degradation": 1e-6 * e}
+                                                    for k, (e, g) in balls.items()},
+                "history": fake_results(balls, initial=0.3)["epochs"]} for n, balls in trials.items()]
+    selection = Selection(study=d.name, trials=2, balls=select_best([TrialRecord.from_dict(r) for r in records]),
+                          sweep={"task": "country_capital", "model": "tiny-backpack", "method": "senses",
+                                 "base_config": "", "space": {}, "args": [], "seed": 0}).to_dict()
+    d.mkdir(parents=True)
+    (d / "selection.json").write_text(json.dumps(selection))
+    (d / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for n in trials:
+        for seed in range(3):
+            out = d / "test" / f"trial_{n}" / f"seed_{seed}"
+            (out / "ensemble").mkdir(parents=True)
+            (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (1, 3.0), "1e-05": (1, 2.0)},
+                                                                      seed, 0.25)))
+            chosen = {b: selection["balls"][b]["trial"] == n for b in ENSEMBLE_AFTER}
+            after = {b: ENSEMBLE_AFTER[b][seed] if chosen[b] else 0.99 for b in ENSEMBLE_AFTER}
+            (out / "ensemble" / "results.json").write_text(json.dumps(_ensemble_results(after, ensemble_split)))
+    return d
+
+
+def test_report_puts_the_ensemble_in_the_large_models_table(tmp_path) -> None:
+    study = _senses_study(tmp_path / "sweeps")
+    assert json.loads((study / "selection.json").read_text())["balls"]["1e-03"]["trial"] == 1
+    out = tmp_path / "report"
+    main(["report", "--root", str(tmp_path / "sweeps"), "--output_dir", str(out)])
+    cells = {(c["table"], c["model"], c["method"], c["ball"]): c
+             for c in json.loads((out / "report.json").read_text())["cells"] if c["task"] == "country_capital"}
+    for ball, afters in ENSEMBLE_AFTER.items():
+        gains = [100.0 * (a - ENSEMBLE_BEFORE) for a in afters]
+        c = cells[("success", "tiny-large", "ensemble", ball)]
+        assert c["mean"] == pytest.approx(statistics.fmean(gains)) and c["se"] == pytest.approx(_se(gains))
+        assert c["n"] == 3
+        assert cells[("hard_negative", "tiny-large", "ensemble", ball)]["mean"] == pytest.approx(-0.5)
+        # the Backpack's own senses runs stay in the Backpack's table
+        assert cells[("success", "tiny-backpack", "senses", ball)]["n"] == 3
+    md = (out / "report.md").read_text()
+    assert "tiny-large: success change" in md and "| ensemble 1e-03 | ensemble 1e-05 |" in md
+    assert "| country_capital | 25.0% | +21.7 ± 4.4 | +6.7 ± 1.7 |" in md
+
+
+def test_report_refuses_an_ensemble_of_the_validation_pair(tmp_path) -> None:
+    from editing.errors import DataFormatError
+    from editing.report import collect
+
+    study = _senses_study(tmp_path / "sweeps", ensemble_split="val")
+    with pytest.raises(DataFormatError, match=r"seed_0/ensemble/results.json.*--split test"):
+        collect([study])

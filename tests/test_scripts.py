@@ -1,0 +1,27 @@
+"""The shell scripts of ``scripts/``: each parses, and the comparison refuses to start without its Backpack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = sorted((Path(__file__).resolve().parent.parent / "scripts").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[p.name for p in SCRIPTS])
+def test_script_parses(script: Path) -> None:
+    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_comparison_names_the_missing_backpack_before_any_work(tmp_path) -> None:
+    script = next(p for p in SCRIPTS if p.name == "comparison_smollm2.sh")
+    missing = tmp_path / "no-backpack"
+    env = {**os.environ, "BACKPACK": str(missing), "COMPARE_OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert f"no distilled Backpack at {missing}" in done.stderr and "scripts/backpack_smollm2.sh" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
