@@ -30,7 +30,8 @@ class DistillCLI(ProjectCLI):
 
     command = "backpack distill"
     main_options = {"fit": ("model.teacher.name", "model.shape.num_senses", "model.lr", "model.output",
-                            "model.overwrite", "data.corpus", "data.max_tokens", "data.block_size", "data.batch_size",
+                            "model.overwrite", "data.corpus", "data.files", "data.max_tokens", "data.sample",
+                            "data.block_size", "data.batch_size",
                             "trainer.max_time", "trainer.max_epochs", "trainer.precision",
                             "trainer.default_root_dir", "ckpt_path")}
 

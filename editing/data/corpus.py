@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -22,13 +23,44 @@ from editing.files import save_atomically
 from editing.paths import REPO_DIR, cache_dir
 from editing.textfiles import decode_line
 
+CorpusSample = Literal["prefix", "spread"]
+"""Which blocks a token budget (``max_tokens``) takes: the corpus's first ones, or blocks spread over all of it."""
 
-def corpus_files(folder: Path) -> list[Path]:
-    """The text files of a corpus folder, in name order."""
-    files = sorted(p for p in folder.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz", ".txt", ".txt.gz")))
+_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+
+
+def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """The text files of a corpus folder, in name order.
+
+    Args:
+        folder: the corpus folder.
+        names: keep only these files, each given by its file name or its name without the extension (``brown`` for
+            ``brown.jsonl.gz``); None keeps all.
+
+    Raises:
+        DataFormatError: the folder holds no text files.
+        ConfigError: a name matches none of its files.
+    """
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(_SUFFIXES))
     if not files:
         raise DataFormatError(str(folder), None, "the corpus folder holds no .jsonl, .jsonl.gz or .txt files")
-    return files
+    if names is None:
+        return files
+    stems = {p: next(p.name[: -len(x)] for x in sorted(_SUFFIXES, key=len, reverse=True) if p.name.endswith(x))
+             for p in files}
+    unknown = [n for n in names if not any(n in (p.name, stems[p]) for p in files)]
+    if unknown:
+        raise ConfigError(f"data.files: {', '.join(map(repr, unknown))} not in the corpus folder {folder}; its "
+                          f"files are {', '.join(stems[p] for p in files)} (give names from these, or leave data.files "
+                          "unset)")
+    return [p for p in files if p.name in names or stems[p] in names]
+
+
+def spread_indices(total: int, count: int) -> list[int]:
+    """``count`` distinct indices of ``range(total)``, evenly spaced from the first (all of them if count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return [i * total // count for i in range(count)]
 
 
 def read_texts(path: Path) -> list[str]:
@@ -117,13 +149,19 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         corpus: a corpus folder, or a ``datasets`` id (``name`` or ``name:config``, its ``train`` split's ``text``).
         block_size: tokens per training sequence.
         batch_size: sequences per batch.
-        max_tokens: use at most this many tokens of the corpus (None: all).
+        max_tokens: train on at most this many tokens of the corpus (None: all); ``val_blocks`` come on top.
         val_blocks: blocks held out for validation.
         seed: shuffle seed.
+        files: use only these files of a corpus folder, by file name or name without extension (None: all).
+        sample: which blocks ``max_tokens`` takes. ``prefix``: the first ones, validation the blocks right after
+            them. ``spread``: blocks evenly spaced over the whole corpus (a corpus of several files contributes from
+            each in proportion to its size), validation every so many of them. Without ``max_tokens``, ``spread``
+            still spreads the validation blocks over the corpus instead of taking its tail.
     """
 
     def __init__(self, corpus: str | None = None, block_size: int = 256, batch_size: int = 16,
-                 max_tokens: int | None = None, val_blocks: int = 64, seed: int = 0) -> None:
+                 max_tokens: int | None = None, val_blocks: int = 64, seed: int = 0, files: list[str] | None = None,
+                 sample: CorpusSample = "prefix") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.corpus = corpus
@@ -132,6 +170,8 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         self.max_tokens = max_tokens
         self.val_blocks = val_blocks
         self.seed = seed
+        self.files = files
+        self.sample = sample
         self.tokenizer = None
         self.train_set: BlockDataset | None = None
         self.val_set: BlockDataset | None = None
@@ -143,15 +183,22 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         self.tokenizer = tokenizer
 
     def _source(self) -> tuple[list[Path] | str, str]:
-        """The corpus's files (or its ``datasets`` id) and a digest that names it, without reading any text."""
+        """The corpus's files (or its ``datasets`` id) and a digest of their contents, without parsing any text."""
         source = self.corpus
         folder = Path(source).expanduser() if source else default_corpus()
         if folder.is_dir():
-            files = corpus_files(folder)
-            digest = hashlib.sha256("|".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()
-            return files, digest[:16]
+            files = corpus_files(folder, self.files)
+            # the files' bytes, not their names and sizes: a file rewritten at the same size is another corpus
+            digest = hashlib.sha256()
+            for path in files:
+                digest.update(f"{path.name}\0".encode())
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+            return files, digest.hexdigest()[:16]
         if source is None:
             raise ConfigError(f"no corpus given and the default {folder} does not exist; set data.corpus")
+        if self.files is not None:
+            raise ConfigError(f"data.files selects files of a corpus folder, but data.corpus={source!r} is not a "
+                              "folder; unset data.files")
         return source, hashlib.sha256(source.encode()).hexdigest()[:16]
 
     @staticmethod
@@ -188,15 +235,26 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
             return
         if self.tokenizer is None and self.trainer is not None:
             self.attach(self.trainer.lightning_module.tokenizer)
+        if self.sample not in ("prefix", "spread"):
+            raise ConfigError(f"data.sample={self.sample!r}; expected 'prefix' or 'spread'")
         stream = self.token_stream()
-        if self.max_tokens is not None:
+        if self.max_tokens is not None and self.sample == "prefix":
             stream = stream[: self.max_tokens + self.val_blocks * self.block_size]
         n = stream.numel() // self.block_size
         if n <= self.val_blocks:
             raise ConfigError(f"the corpus has {n} blocks of {self.block_size} tokens; it needs more than "
                               f"data.val_blocks={self.val_blocks}")
         blocks = stream[: n * self.block_size].view(n, self.block_size).long()
-        # validation is the corpus's tail, so training never sees it
+        if self.sample == "spread":
+            # the same number of blocks a prefix would take, but from all of the corpus: a corpus that is several
+            # files one after the other (a prefix of it may be one or two of them) is sampled in proportion
+            wanted = n if self.max_tokens is None else self.max_tokens // self.block_size + self.val_blocks
+            chosen = spread_indices(n, wanted)
+            held = set(spread_indices(len(chosen), self.val_blocks))
+            train = [b for j, b in enumerate(chosen) if j not in held]
+            blocks = blocks[train + [chosen[j] for j in sorted(held)]]
+            n = blocks.shape[0]
+        # validation is the last val_blocks rows (the corpus's tail for a prefix), so training never sees it
         self.blocks = blocks
         self.train_set = BlockDataset(blocks[: n - self.val_blocks])
         self.val_set = BlockDataset(blocks[n - self.val_blocks:], offset=n - self.val_blocks)
