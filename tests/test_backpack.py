@@ -411,3 +411,24 @@ def test_senses_fit_through_the_cli_on_every_task(tmp_path, data_root, monkeypat
     edit = load_file(str(tmp_path / "run" / "edits" / "ball_1e-03" / "senses.safetensors"))
     if results["balls"]["1e-03"]["epoch"] == 1:
         assert edit["vectors"].abs().sum() > 0  # the trained deltas, not the initial zeros
+
+
+def test_sums_at_chosen_positions_are_the_full_passes_sums_there() -> None:
+    """``positions`` computes alpha and the sense sums at some target positions only (distillation's sampled KL);
+    they must be a full pass's, with left padding too (padding is never a source)."""
+    torch.manual_seed(0)
+    backpack = BackpackLMHeadModel(tiny_config()).eval().backpack
+    ids = torch.randint(0, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in one row
+    positions = torch.tensor([[11, 0, 5], [4, 9, 4], [7, 0, 0]])  # repeated and unused slots, in any order
+    with torch.no_grad():
+        full = backpack(ids, attention_mask=mask, output_alpha=True)
+        part = backpack(ids, attention_mask=mask, output_alpha=True, positions=positions)
+    assert part.hidden_states.shape == (3, 3, 32) and part.alpha.shape == (3, 4, 3, 12)
+    for b in range(3):
+        for j in range(3):
+            t = int(positions[b, j])
+            torch.testing.assert_close(part.hidden_states[b, j], full.hidden_states[b, t], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(part.alpha[b, :, j], full.alpha[b, :, t], rtol=1e-5, atol=1e-7)
+            assert float(part.alpha[b, :, j, t + 1:].abs().sum()) == 0.0  # nothing after the target

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from editing.data.corpus import CorpusDataModule
 from editing.errors import ConfigError
-from editing.models.backpack.distill import BackpackDistillation, BackpackShape
+from editing.models.backpack.distill import BackpackDistillation, BackpackShape, pick_slots
 from editing.models.backpack.teacher_cache import TeacherCacheConfig, gathered_log_softmax, topk_kl
 from editing.models.loading import ModelConfig
 
@@ -288,3 +288,55 @@ def test_cached_distillation_trains_in_bf16_with_and_without_gradient_clipping(t
     assert optimizer.defaults["foreach"] is (True if clip else None)
     moved = sum(float((t.detach() - start[n]).abs().sum()) for n, t in module.trainable_state().items())
     assert math.isfinite(moved) and moved > 0
+
+
+def test_a_sampled_step_is_the_kl_of_a_full_pass_at_the_drawn_positions(tmp_path, corpus, monkeypatch) -> None:
+    """With a KL fraction below one the Backpack computes its sums at the drawn positions only; the loss and the
+    gradients must be those of a full forward pass read at those positions (reference: dense log-softmaxes of the
+    whole student and teacher, the drawn positions recorded as the step draws them)."""
+    module = distiller(tmp_path)
+    with torch.no_grad():
+        module.teacher.model.norm.weight.mul_(20.0)  # a peaked teacher, so the KL is far from zero
+        module.student.backpack.contextualizer.norm.weight.mul_(20.0)
+    dm = data(corpus, module)
+    ids = dm.blocks[[1, 4, 6, 8]]
+    drawn = []
+    randperm = torch.randperm
+
+    def recording(*args, **kw):
+        drawn.append(randperm(*args, **kw))
+        return drawn[-1]
+
+    monkeypatch.setattr(torch, "randperm", recording)
+    kl, grads = gradients(module, ids, 0.3)
+    monkeypatch.setattr(torch, "randperm", randperm)
+    picks = drawn[0][: round(0.3 * ids.numel())].tolist()
+    rows = {p // ids.shape[1] for p in picks}
+    assert rows == {0, 1, 2, 3} and len(picks) == 38  # every row drawn from, unevenly
+
+    module.student.zero_grad()
+    s_logp = torch.log_softmax(module.student(ids).logits.float(), dim=-1).flatten(0, 1)
+    with torch.no_grad():
+        t_logp = torch.log_softmax(module.teacher(input_ids=ids).logits.float(), dim=-1).flatten(0, 1)
+    total = s_logp.new_zeros(())
+    for p in picks:
+        total = total + (t_logp[p].exp() * (t_logp[p] - s_logp[p])).sum()
+    reference = total / len(picks)
+    reference.backward()
+    assert float(reference) > 0.01
+    assert math.isclose(kl, float(reference), rel_tol=1e-5)
+    for name, p in module.student.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_pick_slots_lays_out_each_rows_positions() -> None:
+    # rows of 8: row 0 {2, 3, 7}, row 1 {13}, row 2 {17}, row 3 {30, 31}
+    picks = torch.tensor([13, 2, 7, 30, 3, 17, 31])
+    rows, slots, targets = pick_slots(picks, (5, 8))  # row 4: no picks
+    assert targets.shape == (5, 3)
+    for i, p in enumerate(picks.tolist()):
+        assert rows[i] == p // 8 and targets[rows[i], slots[i]] == p % 8
+    for r in range(5):
+        used = sorted(int(slots[i]) for i in range(len(picks)) if rows[i] == r)
+        assert used == list(range(len(used)))  # each row fills its first slots, once each

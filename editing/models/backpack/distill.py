@@ -239,22 +239,29 @@ class BackpackDistillation(L.LightningModule):
             with torch.no_grad():
                 contextual, teacher_hidden = self._teacher_pass(input_ids, mask)
             teacher_hidden = teacher_hidden.flatten(0, 1)
-        out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach())
-        student_hidden = out.hidden_states.flatten(0, 1)
         teacher = {k: v.flatten(0, 1) for k, v in cached.items()} if cached is not None else {"hidden": teacher_hidden}
+        # the last position of each block has no next token in the block, but the KL is defined there too
+        next_token = torch.full((input_ids.numel(),), -100, dtype=torch.long, device=input_ids.device)
+        next_token.view(input_ids.shape[0], -1)[:, :-1] = input_ids[:, 1:]
+        if fraction < 1.0:
+            count = max(1, int(round(fraction * input_ids.numel())))
+            generator = torch.Generator().manual_seed(1_000_003 * (self.hparams.get("seed", 0) + 1) + step)
+            picks = torch.randperm(input_ids.numel(), generator=generator)[:count].to(input_ids.device)
+            next_token = next_token[picks]
+            teacher = {k: v[picks] for k, v in teacher.items()}
+            # the sums only where the KL is taken (every position is still a source): alpha and the weighted sum
+            # shrink from s to the most picks of a row, per row
+            rows, slots, targets = pick_slots(picks, tuple(input_ids.shape))
+            out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach(),
+                                        positions=targets)
+            student_hidden = out.hidden_states[rows, slots]
+        else:
+            out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach())
+            student_hidden = out.hidden_states.flatten(0, 1)
         head_t = self.teacher.get_output_embeddings()
         head_s = self.student.get_output_embeddings()
         kl_total = student_hidden.new_zeros((), dtype=torch.float32)
         nll_total = student_hidden.new_zeros((), dtype=torch.float32)
-        # the last position of each block has no next token in the block, but the KL is defined there too
-        next_token = torch.full((student_hidden.shape[0],), -100, dtype=torch.long, device=input_ids.device)
-        next_token.view(input_ids.shape[0], -1)[:, :-1] = input_ids[:, 1:]
-        if fraction < 1.0:
-            count = max(1, int(round(fraction * student_hidden.shape[0])))
-            generator = torch.Generator().manual_seed(1_000_003 * (self.hparams.get("seed", 0) + 1) + step)
-            picks = torch.randperm(student_hidden.shape[0], generator=generator)[:count].to(input_ids.device)
-            student_hidden, next_token = student_hidden[picks], next_token[picks]
-            teacher = {k: v[picks] for k, v in teacher.items()}
         positions = student_hidden.shape[0]
         for start in range(0, positions, KL_CHUNK):
             end = min(positions, start + KL_CHUNK)
@@ -326,6 +333,28 @@ class BackpackDistillation(L.LightningModule):
         if self.output is not None and self.trainer.is_global_zero:
             path = save_distilled(self.student, self.tokenizer, self.output, self.overwrite)
             print(f"distilled Backpack: {path}", file=sys.stderr)
+
+
+def pick_slots(picks: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where flat positions of (b, s) blocks go in a per-row layout.
+
+    Args:
+        picks: (n,) distinct flat indices ``row * s + column``.
+        shape: the blocks' (b, s).
+
+    Returns:
+        ``rows``, ``slots`` (n,) and ``targets`` (b, m), m the most picks of any row: ``targets[rows[i], slots[i]]``
+        is the column of ``picks[i]``; the slots a row does not fill hold column 0 (computed, never read).
+    """
+    rows, columns = picks // shape[1], picks % shape[1]
+    order = torch.argsort(picks)
+    counts = torch.bincount(rows, minlength=shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.empty_like(picks)
+    slots[order] = torch.arange(picks.numel(), device=picks.device) - starts[rows[order]]
+    targets = torch.zeros(counts.numel(), int(counts.max()), dtype=torch.long, device=picks.device)
+    targets[rows, slots] = columns
+    return rows, slots, targets
 
 
 def sense_optimizer(student: BackpackLMHeadModel, lr: float, weight_decay: float = 0.0,

@@ -98,13 +98,25 @@ class SenseWeightNetwork(nn.Module):
         self.head_dim = config.attention_dim // config.num_senses
         self.c_attn = nn.Linear(config.n_embd, 2 * config.attention_dim)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Alpha (b, k, t, s): per sense, the weights of the s source positions at each target position.
+
+        Args:
+            hidden: (b, s, d) the contextualization network's output.
+            attention_mask: (b, s) 1 for real tokens.
+            positions: (b, m) the target positions to compute, per row (None: all s of them, so t = s).
+        """
         b, s, _ = hidden.shape
         q, k = self.c_attn(hidden).split(self.num_senses * self.head_dim, dim=-1)
-        q = q.view(b, s, self.num_senses, self.head_dim).transpose(1, 2)
+        sources = torch.arange(s, device=hidden.device)
+        targets = sources[None] if positions is None else positions
+        if positions is not None:
+            q = q.gather(1, positions[..., None].expand(-1, -1, q.shape[-1]))
+        q = q.view(b, q.shape[1], self.num_senses, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_senses, self.head_dim).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5
-        blocked = torch.ones(s, s, dtype=torch.bool, device=hidden.device).triu(1)
+        blocked = (sources[None, None, :] > targets[..., None])[:, None]  # a target sees itself and what precedes it
         if attention_mask is not None:  # padding never serves as a source (matters only for left padding)
             blocked = blocked | (attention_mask[:, None, None, :] == 0)
         scores = scores.masked_fill(blocked, CAUSAL_MASK_VALUE)
@@ -190,7 +202,8 @@ class BackpackModel(BackpackPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_alpha: bool = False, output_senses: bool = False,
-                contextual_hidden: torch.Tensor | None = None, **_) -> BackpackOutput:
+                contextual_hidden: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                **_) -> BackpackOutput:
         """Sense sums for ``input_ids``.
 
         Args:
@@ -200,12 +213,15 @@ class BackpackModel(BackpackPreTrainedModel):
             output_senses: also return the sense vectors.
             contextual_hidden: the contextualization network's output for these ids, when the caller already has
                 it (distillation shares it with the teacher); computed otherwise.
+            positions: (b, m) compute the sums at these positions of each row only (they are the same as at those
+                positions of a full pass: every position still serves as a source); ``hidden_states`` and ``alpha``
+                are then (b, m, d) and (b, k, m, s). None: every position.
         """
         senses = self.senses(input_ids)
         if contextual_hidden is None:
             contextual_hidden = self.context_network(input_ids=input_ids, attention_mask=attention_mask,
                                                      use_cache=False).last_hidden_state
-        alpha = self.sense_weight_net(contextual_hidden, attention_mask)
+        alpha = self.sense_weight_net(contextual_hidden, attention_mask, positions)
         # one (t, s*k) x (s*k, d) product per sequence: the sum over sources j and senses l together
         hidden = torch.einsum("btjl,bjld->btd", alpha.permute(0, 2, 3, 1).to(senses.dtype), senses.transpose(1, 2))
         return BackpackOutput(hidden_states=hidden, alpha=alpha if output_alpha else None,
