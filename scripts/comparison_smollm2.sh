@@ -4,7 +4,9 @@
 # sense finetuning of the Backpack, then the ensemble (SmolLM2 plus each test seed's sense edit, beta searched per
 # ball on the test pair), then one report: a SmolLM2 table (full, LoRA, ensemble) and a Backpack table (senses).
 #   bash scripts/backpack_smollm2.sh      # first, once: the distilled Backpack (about 1.5 hours)
-#   bash scripts/comparison_smollm2.sh    # the three tasks, about 85 minutes per task on a 2-core CPU (measured)
+#   bash scripts/comparison_smollm2.sh    # the three tasks on a 2-core CPU (measured): country_capital about 85
+#                                         # minutes, pronoun_gender_bias 45, verb_conjugation (240 canonical
+#                                         # examples) about 4 hours
 #   TASKS=country_capital TRIALS=2 SEEDS=3 bash scripts/comparison_smollm2.sh
 # The evaluation is reduced so that a 2-core CPU can run it (COMPARE_ARGS: 50 examples per set, 100 general texts,
 # 3 epochs); the paper's protocol is 25 trials, 10 seeds, every example and all of G. Outputs under
