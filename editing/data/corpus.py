@@ -26,7 +26,11 @@ from editing.textfiles import decode_line
 CorpusSample = Literal["prefix", "spread"]
 """Which blocks a token budget (``max_tokens``) takes: the corpus's first ones, or blocks spread over all of it."""
 
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+_SUFFIXES = (".jsonl.gz", ".txt.gz", ".jsonl", ".txt")  # longest first: a file's stem drops the first that fits
+
+
+def _stem(path: Path) -> str:
+    return next(path.name[: -len(x)] for x in _SUFFIXES if path.name.endswith(x))
 
 
 def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
@@ -46,14 +50,13 @@ def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
         raise DataFormatError(str(folder), None, "the corpus folder holds no .jsonl, .jsonl.gz or .txt files")
     if names is None:
         return files
-    stems = {p: next(p.name[: -len(x)] for x in sorted(_SUFFIXES, key=len, reverse=True) if p.name.endswith(x))
-             for p in files}
-    unknown = [n for n in names if not any(n in (p.name, stems[p]) for p in files)]
+    known = {p.name for p in files} | {_stem(p) for p in files}
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"data.files: {', '.join(map(repr, unknown))} not in the corpus folder {folder}; its "
-                          f"files are {', '.join(stems[p] for p in files)} (give names from these, or leave data.files "
+                          f"files are {', '.join(_stem(p) for p in files)} (give names from these, or leave data.files "
                           "unset)")
-    return [p for p in files if p.name in names or stems[p] in names]
+    return [p for p in files if p.name in names or _stem(p) in names]
 
 
 def spread_indices(total: int, count: int) -> list[int]:

@@ -243,6 +243,7 @@ class BackpackDistillation(L.LightningModule):
         # the last position of each block has no next token in the block, but the KL is defined there too
         next_token = torch.full((input_ids.numel(),), -100, dtype=torch.long, device=input_ids.device)
         next_token.view(input_ids.shape[0], -1)[:, :-1] = input_ids[:, 1:]
+        targets = None
         if fraction < 1.0:
             count = max(1, int(round(fraction * input_ids.numel())))
             generator = torch.Generator().manual_seed(1_000_003 * (self.hparams.get("seed", 0) + 1) + step)
@@ -252,12 +253,9 @@ class BackpackDistillation(L.LightningModule):
             # the sums only where the KL is taken (every position is still a source): alpha and the weighted sum
             # shrink from s to the most picks of a row, per row
             rows, slots, targets = pick_slots(picks, tuple(input_ids.shape))
-            out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach(),
-                                        positions=targets)
-            student_hidden = out.hidden_states[rows, slots]
-        else:
-            out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach())
-            student_hidden = out.hidden_states.flatten(0, 1)
+        out = self.student.backpack(input_ids, attention_mask=mask, contextual_hidden=contextual.detach(),
+                                    positions=targets)
+        student_hidden = out.hidden_states.flatten(0, 1) if targets is None else out.hidden_states[rows, slots]
         head_t = self.teacher.get_output_embeddings()
         head_s = self.student.get_output_embeddings()
         kl_total = student_hidden.new_zeros((), dtype=torch.float32)

@@ -110,8 +110,9 @@ class SenseWeightNetwork(nn.Module):
         b, s, _ = hidden.shape
         q, k = self.c_attn(hidden).split(self.num_senses * self.head_dim, dim=-1)
         sources = torch.arange(s, device=hidden.device)
-        targets = sources[None] if positions is None else positions
+        targets = sources[None]
         if positions is not None:
+            targets = positions
             q = q.gather(1, positions[..., None].expand(-1, -1, q.shape[-1]))
         q = q.view(b, q.shape[1], self.num_senses, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_senses, self.head_dim).transpose(1, 2)
