@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -432,3 +433,35 @@ def test_sums_at_chosen_positions_are_the_full_passes_sums_there() -> None:
             torch.testing.assert_close(part.hidden_states[b, j], full.hidden_states[b, t], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(part.alpha[b, :, j], full.alpha[b, :, t], rtol=1e-5, atol=1e-7)
             assert float(part.alpha[b, :, j, t + 1:].abs().sum()) == 0.0  # nothing after the target
+
+    # and against SPEC section 7, steps 2-3, by plain loops: q, k from c_attn, scores / sqrt(d/k) with -10000 added
+    # above the diagonal (and, as the module does, at padding), softmax over sources, h_t = sum alpha * senses
+    with torch.no_grad():
+        hidden = backpack.context_network(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        qk = (hidden.double() @ backpack.sense_weight_net.c_attn.weight.double().T
+              + backpack.sense_weight_net.c_attn.bias.double())
+        senses = backpack.senses(ids)  # step 1 (unchanged by positions), (b, k, s, d)
+    k_senses, d = 4, 32
+    width = qk.shape[-1] // 2
+    head = width // k_senses
+    for b in range(3):
+        for j in range(3):
+            t = int(positions[b, j])
+            h = [0.0] * d
+            for sense in range(k_senses):
+                q = qk[b, t, sense * head:(sense + 1) * head].tolist()
+                logits = []
+                for src in range(12):
+                    key = qk[b, src, width + sense * head: width + (sense + 1) * head].tolist()
+                    score = sum(a * c for a, c in zip(q, key, strict=True)) / math.sqrt(head)
+                    logits.append(score - 10000.0 if src > t or int(mask[b, src]) == 0 else score)
+                top = max(logits)
+                weights = [math.exp(v - top) for v in logits]
+                total = sum(weights)
+                for src in range(12):
+                    a = weights[src] / total
+                    assert math.isclose(float(part.alpha[b, sense, j, src]), a, rel_tol=1e-4, abs_tol=1e-6)
+                    vector = senses[b, sense, src].tolist()
+                    h = [x + a * v for x, v in zip(h, vector, strict=True)]
+            torch.testing.assert_close(part.hidden_states[b, j].double(), torch.tensor(h, dtype=torch.float64),
+                                       rtol=1e-4, atol=1e-5)
