@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from editing.data.corpus import CorpusDataModule
 from editing.errors import ConfigError
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape, pick_slots
-from editing.models.backpack.teacher_cache import TeacherCacheConfig, gathered_log_softmax, topk_kl
+from editing.models.backpack.teacher_cache import TeacherCacheConfig, topk_kl
 from editing.models.loading import ModelConfig
 
 
@@ -145,32 +145,6 @@ def test_the_top_k_kl_takes_the_students_tail_from_its_top_k_without_losing_prec
     ref.backward()
     assert torch.isfinite(student.grad).all()
     torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-3, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_gathered_log_softmax_is_the_dense_log_softmax_gathered_with_its_gradient(dtype) -> None:
-    """Reference: each log-probability by a plain loop over the vocabulary, and the gradient of
-    sum(w * logp[ids]) by hand: w at the id, minus softmax times the row's sum of w (float64)."""
-    torch.manual_seed(1)
-    n, vocab, m = 5, 17, 4
-    logits = (torch.randn(n, vocab, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
-    ids = torch.randint(0, vocab, (n, m))
-    ids[0, 1] = ids[0, 0]  # the same token twice in a row (the next token is often among the top k)
-    weights = torch.randn(n, m, dtype=torch.float64)
-    out = gathered_log_softmax(logits, ids)
-    assert out.dtype == torch.float32
-    (out.double() * weights).sum().backward()
-    values = logits.detach().double().tolist()
-    for row in range(n):
-        norm = math.log(sum(math.exp(v) for v in values[row]))
-        for j in range(m):
-            assert math.isclose(float(out[row, j]), values[row][ids[row, j]] - norm, rel_tol=1e-6, abs_tol=1e-5)
-        total = float(weights[row].sum())
-        for v in range(vocab):
-            expected = -math.exp(values[row][v] - norm) * total
-            expected += sum(float(weights[row, j]) for j in range(m) if int(ids[row, j]) == v)
-            tol = 1e-6 if dtype == torch.float64 else 2e-2
-            assert math.isclose(float(logits.grad[row, v]), expected, rel_tol=tol, abs_tol=tol), (row, v)
 
 
 def test_an_interrupted_fill_resumes_at_the_missing_shards_and_gives_the_same_cache(tmp_path, corpus) -> None:
@@ -340,3 +314,19 @@ def test_pick_slots_lays_out_each_rows_positions() -> None:
     for r in range(5):
         used = sorted(int(slots[i]) for i in range(len(picks)) if rows[i] == r)
         assert used == list(range(len(used)))  # each row fills its first slots, once each
+
+
+def test_the_frozen_heads_bf16_copy_is_reused_and_made_again_after_an_in_place_change(tmp_path) -> None:
+    """The cached step keeps the frozen head's bf16 copy across steps; loading a checkpoint (an in-place copy) or any
+    other in-place change must give a new one, equal to the weight's cast."""
+    module = distiller(tmp_path)
+    weight = module.student.get_output_embeddings().weight
+    assert not weight.requires_grad
+    first = module._head_weight(weight, torch.bfloat16)
+    assert torch.equal(first, weight.to(torch.bfloat16))
+    assert module._head_weight(weight, torch.bfloat16) is first
+    with torch.no_grad():
+        weight.mul_(2.0)
+    again = module._head_weight(weight, torch.bfloat16)
+    assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
+    assert module._head_weight(weight, torch.float32) is weight  # no copy in the weight's own dtype

@@ -22,12 +22,12 @@ from editing.errors import ConfigError
 from editing.files import ensure_writable, save_atomically
 from editing.models.architecture import LAYER_KEYS, num_layers
 from editing.models.backpack.configuration import BackpackConfig
+from editing.models.backpack.head_log_probs import compute_dtype, head_log_probs
 from editing.models.backpack.modeling import BackpackLMHeadModel
 from editing.models.backpack.teacher_cache import (
     HIDDEN_DTYPES,
     TeacherCache,
     TeacherCacheConfig,
-    gathered_log_softmax,
     teacher_outputs,
     topk_kl_of,
 )
@@ -276,7 +276,8 @@ class BackpackDistillation(L.LightningModule):
             # from the teacher's top k, only k + 1 of the student's log-probabilities per position are needed
             ids = teacher["topk_ids"][start:end].long()
             target = next_token[start:end]
-            picked = gathered_log_softmax(head_s(hidden), torch.cat([ids, target.clamp(min=0)[:, None]], dim=-1))
+            picked = head_log_probs(hidden, self._head_weight(head_s.weight, compute_dtype(hidden)),
+                                    torch.cat([ids, target.clamp(min=0)[:, None]], dim=-1))
 
             def rest_of(rows: torch.Tensor, hidden=hidden, ids=ids) -> torch.Tensor:
                 s_logp = F.log_softmax(head_s(hidden[rows]).float(), dim=-1)
@@ -286,6 +287,16 @@ class BackpackDistillation(L.LightningModule):
                                              teacher["tail_logp"][start:end], rest_of)
             nll_total = nll_total - picked[:, -1][target != -100].sum()
         return kl_total / positions, nll_total / max(1, int((next_token != -100).sum()))
+
+    def _head_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``weight`` in ``dtype``; a frozen weight's copy is kept across steps (autocast would cast the 49,152 x d
+        head every step) and made again when the weight changes in place."""
+        if weight.requires_grad or weight.dtype == dtype:
+            return weight.to(dtype)
+        key = (weight.data_ptr(), weight._version, weight.device, dtype)
+        if getattr(self, "_head_copy", (None,))[0] != key:
+            object.__setattr__(self, "_head_copy", (key, weight.detach().to(dtype)))
+        return self._head_copy[1]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.student.eval()  # no dropout: the sense network is deterministic, as the teacher is

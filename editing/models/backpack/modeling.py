@@ -108,12 +108,18 @@ class SenseWeightNetwork(nn.Module):
             positions: (b, m) the target positions to compute, per row (None: all s of them, so t = s).
         """
         b, s, _ = hidden.shape
-        q, k = self.c_attn(hidden).split(self.num_senses * self.head_dim, dim=-1)
         sources = torch.arange(s, device=hidden.device)
         targets = sources[None]
-        if positions is not None:
+        if positions is None:
+            q, k = self.c_attn(hidden).split(self.num_senses * self.head_dim, dim=-1)
+        else:
+            # queries only at the targets (every position is still a key): the projection's query half runs on
+            # m of the s positions
             targets = positions
-            q = q.gather(1, positions[..., None].expand(-1, -1, q.shape[-1]))
+            width = self.num_senses * self.head_dim
+            (w_q, w_k), (b_q, b_k) = self.c_attn.weight.split(width), self.c_attn.bias.split(width)
+            q = nn.functional.linear(hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])), w_q, b_q)
+            k = nn.functional.linear(hidden, w_k, b_k)
         q = q.view(b, q.shape[1], self.num_senses, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_senses, self.head_dim).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / self.head_dim ** 0.5

@@ -217,43 +217,6 @@ def teacher_outputs(teacher_pass, head, input_ids: torch.Tensor, top_k: int,
     return {key: value.cpu() for key, value in out.items()}
 
 
-class _GatheredLogSoftmax(torch.autograd.Function):
-    """log_softmax(logits).gather(-1, ids) without the dense (n, vocab) log-probabilities and their gradient."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=-1)
-        ctx.save_for_backward(logp, ids)
-        ctx.logits_dtype = logits.dtype
-        return logp.gather(-1, ids)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logp, ids = ctx.saved_tensors
-        # d/dlogits of sum(g * (logit_id - lse)): g at the ids, minus softmax times the row's sum of g
-        out = logp.exp().mul_(-grad.sum(-1, keepdim=True))
-        out.scatter_add_(-1, ids, grad.float())
-        return out.to(ctx.logits_dtype), None
-
-
-def gathered_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``F.log_softmax(logits.float(), -1).gather(-1, ids)``, differentiable in ``logits``, computed in fp32.
-
-    A training step needs the student's log-probabilities of only a few tokens per position (the teacher's top k
-    and the next token), but their normaliser spans the vocabulary. Autograd of the dense form keeps an fp32
-    (n, vocab) tensor, fills a zero one for the gather's gradient and runs the log-softmax backward over it; this
-    keeps only the logits and builds their gradient in one pass.
-
-    Args:
-        logits: (n, vocab) in any float dtype (bf16 under autocast); the gradient comes back in that dtype.
-        ids: (n, m) token ids (int64).
-
-    Returns:
-        (n, m) fp32 log-probabilities.
-    """
-    return _GatheredLogSoftmax.apply(logits, ids)
-
-
 def topk_kl(s_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
             tail_logp: torch.Tensor) -> torch.Tensor:
     """Summed KL(teacher || student) over the teacher's top-k tokens plus one "any other token" outcome.
