@@ -24,10 +24,16 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+def _in_chunk(ids: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` as columns of the chunk starting at ``start`` (clamped into it) and whether each id falls in it."""
+    local = ids - start
+    return local.clamp(0, width - 1), (local >= 0) & (local < width)
+
+
 class _HeadLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-        n, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         picked = torch.zeros(ids.shape, dtype=torch.float32, device=hidden.device)
         chunk_lse, logits = [], []
         with torch.autocast(hidden.device.type, enabled=False):
@@ -36,10 +42,9 @@ class _HeadLogProbs(torch.autograd.Function):
                 logits.append(z)
                 zf = z.float()
                 chunk_lse.append(torch.logsumexp(zf, dim=-1))
-                local = ids - start
-                inside = (local >= 0) & (local < z.shape[1])
-                picked += torch.where(inside, zf.gather(-1, local.clamp(0, z.shape[1] - 1)), 0.0)
-            lse = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1) if n else picked.new_zeros(0)
+                local, inside = _in_chunk(ids, start, z.shape[1])
+                picked += torch.where(inside, zf.gather(-1, local), 0.0)
+            lse = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1)
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.logits, ctx.chunk = logits, chunk
         return picked - lse[:, None]
@@ -58,9 +63,8 @@ class _HeadLogProbs(torch.autograd.Function):
             z = logits[i]
             # d/dz of sum(g * (z_id - lse)): g at the ids, minus softmax times the row's sum of g
             grad_z = (z.float() - lse[:, None]).exp_().mul_(-total)
-            local = ids - start
-            inside = (local >= 0) & (local < z.shape[1])
-            grad_z.scatter_add_(-1, local.clamp(0, z.shape[1] - 1), torch.where(inside, grad, 0.0))
+            local, inside = _in_chunk(ids, start, z.shape[1])
+            grad_z.scatter_add_(-1, local, torch.where(inside, grad, 0.0))
             grad_z = grad_z.to(z.dtype)  # the products in the forward's dtype, their sum over chunks in fp32
             if need_hidden:
                 grad_hidden += grad_z @ weight[start:start + chunk]
