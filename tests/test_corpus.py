@@ -84,6 +84,28 @@ def test_an_unknown_file_is_named_with_the_folders_files(folder, tokenizer_of) -
     assert "a, b, c" in message and str(folder) in message
 
 
+def test_a_file_given_by_path_is_read_after_the_folders_files(folder, tmp_path, tokenizer_of) -> None:
+    tok = tokenizer_of("gpt2")
+    elsewhere = tmp_path / "mine" / "web.jsonl"
+    elsewhere.parent.mkdir()
+    web = ["some text of my own", "and a second text"]
+    elsewhere.write_text("".join(json.dumps({"text": t}) + "\n" for t in web))
+    chosen = module(folder, tok, files=[str(elsewhere), "c", "a"]).token_stream().tolist()
+    assert chosen == reference_stream(tok, A_TEXTS + [C_TEXT] + web)
+    alone = CorpusDataModule(corpus=str(folder), files=[str(elsewhere)])
+    alone.attach(tok)  # too short for setup's blocks; its stream is what is checked
+    assert alone.token_stream().tolist() == reference_stream(tok, web)
+
+
+@pytest.mark.parametrize("name", ["missing/web.jsonl", "notes/notes.md"])
+def test_a_path_that_is_no_corpus_file_is_named(folder, name, tokenizer_of) -> None:
+    (folder / "notes").mkdir()
+    (folder / "notes" / "notes.md").write_text("not a corpus file")
+    with pytest.raises(ConfigError) as err:
+        module(folder, tokenizer_of("gpt2"), files=["a", str(folder / name)])
+    assert "data.files" in str(err.value) and name in str(err.value) and ".jsonl" in str(err.value)
+
+
 def test_files_needs_a_corpus_folder(tokenizer_of) -> None:
     dm = CorpusDataModule(corpus="wikitext:wikitext-2-raw-v1", files=["train"])
     dm.attach(tokenizer_of("gpt2"))

@@ -33,30 +33,48 @@ def _stem(path: Path) -> str:
     return next(path.name[: -len(x)] for x in _SUFFIXES if path.name.endswith(x))
 
 
+def _is_path(name: str) -> bool:
+    """A ``data.files`` entry that names a file by its path rather than by its name in the corpus folder."""
+    return "/" in name or name.startswith("~")
+
+
 def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
-    """The text files of a corpus folder, in name order.
+    """The text files of a corpus folder, in name order, then any files given by path.
 
     Args:
         folder: the corpus folder.
         names: keep only these files, each given by its file name or its name without the extension (``brown`` for
-            ``brown.jsonl.gz``); None keeps all.
+            ``brown.jsonl.gz``), or by a path (one with a ``/``: ``../shared/data/general/regularization.jsonl``),
+            which adds that file from anywhere, after the folder's files, in the order given; None keeps all the
+            folder's files.
 
     Raises:
-        DataFormatError: the folder holds no text files.
-        ConfigError: a name matches none of its files.
+        DataFormatError: the folder holds no text files and no file is given by path.
+        ConfigError: a name matches none of the folder's files, or a path is not a .jsonl, .jsonl.gz, .txt or
+            .txt.gz file.
     """
     files = sorted(p for p in folder.iterdir() if p.name.endswith(_SUFFIXES))
-    if not files:
+    paths = [n for n in names or [] if _is_path(n)]
+    if not files and not paths:
         raise DataFormatError(str(folder), None, "the corpus folder holds no .jsonl, .jsonl.gz or .txt files")
     if names is None:
         return files
+    extra = []
+    for name in paths:
+        path = Path(name).expanduser()
+        if not path.is_file() or not path.name.endswith(_SUFFIXES):
+            raise ConfigError(f"data.files: {name!r} is not a .jsonl, .jsonl.gz, .txt or .txt.gz file (a path is "
+                              f"read from the current folder {Path.cwd()}; a name without '/' is a file of the "
+                              f"corpus folder {folder})")
+        extra.append(path)
+    names = [n for n in names if not _is_path(n)]
     known = {p.name for p in files} | {_stem(p) for p in files}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"data.files: {', '.join(map(repr, unknown))} not in the corpus folder {folder}; its "
-                          f"files are {', '.join(_stem(p) for p in files)} (give names from these, or leave data.files "
-                          "unset)")
-    return [p for p in files if p.name in names or _stem(p) in names]
+                          f"files are {', '.join(_stem(p) for p in files)} (give names from these, a path to a file "
+                          "elsewhere, or leave data.files unset)")
+    return [p for p in files if p.name in names or _stem(p) in names] + extra
 
 
 def spread_indices(total: int, count: int) -> list[int]:
@@ -155,7 +173,8 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         max_tokens: train on at most this many tokens of the corpus (None: all); ``val_blocks`` come on top.
         val_blocks: blocks held out for validation.
         seed: shuffle seed.
-        files: use only these files of a corpus folder, by file name or name without extension (None: all).
+        files: use only these files of a corpus folder, by file name or name without extension (None: all), and any
+            files given by a path with a ``/`` (text from elsewhere, e.g. in-domain text of one's own).
         sample: which blocks ``max_tokens`` takes. ``prefix``: the first ones, validation the blocks right after
             them. ``spread``: blocks evenly spaced over the whole corpus (a corpus of several files contributes from
             each in proportion to its size), validation every so many of them. Without ``max_tokens``, ``spread``
