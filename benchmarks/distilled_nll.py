@@ -23,16 +23,17 @@ def g_without_r_duplicates(limit: int | None, folder: Path) -> tuple[str, int]:
     Returns:
         The data root, and how many texts were left out.
     """
+    from editing.data.corpus import read_texts
     from editing.paths import resolve_data_root
 
     general = resolve_data_root(None) / "general"
-    r_texts = {json.loads(line)["text"] for line in (general / "regularization.jsonl").open() if line.strip()}
-    lines = [line for line in (general / "degradation.jsonl").open() if line.strip()][:limit]
-    kept = [line for line in lines if json.loads(line)["text"] not in r_texts]
+    r_texts = set(read_texts(general / "regularization.jsonl"))
+    texts = read_texts(general / "degradation.jsonl")[:limit]
+    kept = [t for t in texts if t not in r_texts]
     (folder / "general").mkdir(parents=True, exist_ok=True)
-    (folder / "general" / "degradation.jsonl").write_text("".join(kept))
+    (folder / "general" / "degradation.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in kept))
     (folder / "general" / "regularization.jsonl").symlink_to(general / "regularization.jsonl")
-    return str(folder), len(lines) - len(kept)
+    return str(folder), len(texts) - len(kept)
 
 
 def nll_on_g(name: str, limit: int | None, data_root: str | None = None) -> dict:
