@@ -97,6 +97,16 @@ def test_a_file_given_by_path_is_read_after_the_folders_files(folder, tmp_path, 
     assert alone.token_stream().tolist() == reference_stream(tok, web)
 
 
+def test_a_file_named_k_times_is_read_k_times(folder, tmp_path, tokenizer_of) -> None:
+    tok = tokenizer_of("gpt2")
+    elsewhere = tmp_path / "web.jsonl"
+    web = ["in-domain text", "that should weigh more"]
+    elsewhere.write_text("".join(json.dumps({"text": t}) + "\n" for t in web))
+    names = [str(elsewhere), "c", "a", "c.txt", str(elsewhere), str(elsewhere)]
+    chosen = module(folder, tok, files=names).token_stream().tolist()
+    assert chosen == reference_stream(tok, A_TEXTS + [C_TEXT, C_TEXT] + web + web + web)
+
+
 @pytest.mark.parametrize("name", ["missing/web.jsonl", "notes/notes.md"])
 def test_a_path_that_is_no_corpus_file_is_named(folder, name, tokenizer_of) -> None:
     (folder / "notes").mkdir()

@@ -46,7 +46,7 @@ def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
         names: keep only these files, each given by its file name or its name without the extension (``brown`` for
             ``brown.jsonl.gz``), or by a path (one with a ``/``: ``../shared/data/general/regularization.jsonl``),
             which adds that file from anywhere, after the folder's files, in the order given; None keeps all the
-            folder's files.
+            folder's files. A file named k times is read k times, one copy after the other.
 
     Raises:
         DataFormatError: the folder holds no text files and no file is given by path.
@@ -74,7 +74,8 @@ def corpus_files(folder: Path, names: list[str] | None = None) -> list[Path]:
         raise ConfigError(f"data.files: {', '.join(map(repr, unknown))} not in the corpus folder {folder}; its "
                           f"files are {', '.join(_stem(p) for p in files)} (give names from these, a path to a file "
                           "elsewhere, or leave data.files unset)")
-    return [p for p in files if p.name in names or _stem(p) in names] + extra
+    # an entry given k times reads its file k times: a small in-domain file can then outweigh a large general one
+    return [p for p in files for n in names if n in (p.name, _stem(p))] + extra
 
 
 def spread_indices(total: int, count: int) -> list[int]:
@@ -174,7 +175,9 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         val_blocks: blocks held out for validation.
         seed: shuffle seed.
         files: use only these files of a corpus folder, by file name or name without extension (None: all), and any
-            files given by a path with a ``/`` (text from elsewhere, e.g. in-domain text of one's own).
+            files given by a path with a ``/`` (text from elsewhere, e.g. in-domain text of one's own). A file
+            named k times is read k times, which weights it k-fold; its validation blocks then have copies in
+            training, so ``val/kl`` no longer measures held-out text for that file.
         sample: which blocks ``max_tokens`` takes. ``prefix``: the first ones, validation the blocks right after
             them. ``spread``: blocks evenly spaced over the whole corpus (a corpus of several files contributes from
             each in proportion to its size), validation every so many of them. Without ``max_tokens``, ``spread``
