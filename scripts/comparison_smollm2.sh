@@ -8,16 +8,21 @@
 #                                         # minutes, pronoun_gender_bias 45, verb_conjugation (240 canonical
 #                                         # examples) about 4 hours
 #   TASKS=country_capital TRIALS=2 SEEDS=3 bash scripts/comparison_smollm2.sh
+#   METHODS=senses BACKPACK=<another Backpack> COMPARE_OUT=runs/comparison_b2 bash scripts/comparison_smollm2.sh
+#                                         # only the Backpack's rows (senses, then the ensemble on its edits), e.g.
+#                                         # for a newly distilled Backpack; LoRA and full finetuning need no Backpack
 # The evaluation is reduced so that a 2-core CPU can run it (COMPARE_ARGS: 50 examples per set, 100 general texts,
 # 3 epochs); the paper's protocol is 25 trials, 10 seeds, every example and all of G. Outputs under
 # runs/comparison/ (sweeps/, report/). A rerun resumes: finished trials, test runs and ensembles are kept.
 set -euo pipefail
+shopt -s nullglob  # a senses study without test seeds gives the ensemble loop nothing, not its literal pattern
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-2}"
 
 TASKS="${TASKS:-country_capital verb_conjugation pronoun_gender_bias}"
+METHODS="${METHODS:-lora full senses}"
 TRIALS="${TRIALS:-3}"
 SEEDS="${SEEDS:-3}"
 LARGE="${LARGE:-smollm2-135m}"
@@ -28,7 +33,21 @@ GENERAL_LIMIT="${GENERAL_LIMIT:-100}"
 ARGS="${COMPARE_ARGS:---data.eval_limit $EVAL_LIMIT --data.general_limit $GENERAL_LIMIT --trainer.max_epochs 3}"
 EDITING=.venv/bin/editing
 
-if [ ! -f "$BACKPACK/config.json" ]; then
+for method in $METHODS; do
+    case "$method" in
+        lora | full | senses) ;;
+        *)
+            echo "comparison_smollm2: METHODS names '$method'; use some of: lora full senses (the ensemble runs" \
+                 "with senses)" >&2
+            exit 2
+            ;;
+    esac
+done
+[ -n "${METHODS// /}" ] || { echo "comparison_smollm2: METHODS is empty; use some of: lora full senses" >&2; exit 2; }
+wants_senses=false
+case " $METHODS " in *" senses "*) wants_senses=true ;; esac
+
+if $wants_senses && [ ! -f "$BACKPACK/config.json" ]; then
     echo "comparison_smollm2: no distilled Backpack at $BACKPACK; run scripts/backpack_smollm2.sh first (or set" \
          "BACKPACK to a Backpack folder distilled from $LARGE)" >&2
     exit 2
@@ -43,7 +62,7 @@ stage() {
 }
 
 for task in $TASKS; do
-    for method in lora full senses; do
+    for method in $METHODS; do
         model="$LARGE"
         [ "$method" = senses ] && model="$BACKPACK"
         study="$task-$method"
@@ -52,6 +71,7 @@ for task in $TASKS; do
         stage $EDITING select --study_name "$study" --root "$OUT/sweeps"
         stage $EDITING test-runs --study_name "$study" --root "$OUT/sweeps" --seeds "$SEEDS"
     done
+    $wants_senses || continue
     # the ensemble on each test seed of every senses trial that some ball selected (the report reads, per ball,
     # the seeds of that ball's trial)
     for seed_dir in "$OUT/sweeps/$task-senses"/test/trial_*/seed_*; do

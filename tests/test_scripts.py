@@ -1,4 +1,5 @@
-"""The shell scripts of ``scripts/``: each parses, and the comparison refuses to start without its Backpack."""
+"""The shell scripts of ``scripts/``: each parses; the comparison refuses to start without its Backpack or with
+methods it does not run."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def test_comparison_names_the_missing_backpack_before_any_work(tmp_path) -> None
     assert done.returncode == 2
     assert f"no distilled Backpack at {missing}" in done.stderr and "scripts/backpack_smollm2.sh" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.parametrize("methods", ["lora memit", "  "])
+def test_comparison_refuses_a_methods_list_it_cannot_run(tmp_path, methods: str) -> None:
+    script = next(p for p in SCRIPTS if p.name == "comparison_smollm2.sh")
+    env = {**os.environ, "METHODS": methods, "COMPARE_OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert "METHODS" in done.stderr and "lora full senses" in done.stderr
+    if methods.strip():
+        assert "'memit'" in done.stderr
+    assert not (tmp_path / "out").exists()
