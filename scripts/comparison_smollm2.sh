@@ -33,19 +33,21 @@ GENERAL_LIMIT="${GENERAL_LIMIT:-100}"
 ARGS="${COMPARE_ARGS:---data.eval_limit $EVAL_LIMIT --data.general_limit $GENERAL_LIMIT --trainer.max_epochs 3}"
 EDITING=.venv/bin/editing
 
+wants_senses=false
+n_methods=0
 for method in $METHODS; do
     case "$method" in
-        lora | full | senses) ;;
+        lora | full) ;;
+        senses) wants_senses=true ;;
         *)
             echo "comparison_smollm2: METHODS names '$method'; use some of: lora full senses (the ensemble runs" \
                  "with senses)" >&2
             exit 2
             ;;
     esac
+    n_methods=$((n_methods + 1))
 done
-[ -n "${METHODS// /}" ] || { echo "comparison_smollm2: METHODS is empty; use some of: lora full senses" >&2; exit 2; }
-wants_senses=false
-case " $METHODS " in *" senses "*) wants_senses=true ;; esac
+[ "$n_methods" -gt 0 ] || { echo "comparison_smollm2: METHODS is empty; use some of: lora full senses" >&2; exit 2; }
 
 if $wants_senses && [ ! -f "$BACKPACK/config.json" ]; then
     echo "comparison_smollm2: no distilled Backpack at $BACKPACK; run scripts/backpack_smollm2.sh first (or set" \
