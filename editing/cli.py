@@ -35,6 +35,10 @@ COMMANDS: dict[str, Command] = {
                      "apply a saved edit (or several, combined) to its base model; evaluate it beside the base"),
     "generate": Command("editing.commands.generate", "generate",
                         "continue prompts with the base model and with an edit of it, side by side"),
+    "cache list": Command("editing.commands.cache", "cache_list",
+                          "what the cache folder holds: per kind (models, teacher cache, ...) its entries and size"),
+    "cache clear": Command("editing.commands.cache", "cache_clear",
+                           "remove cache entries to free disk space (by kind, name or age; --dry_run true to see)"),
     "data download": Command("editing.commands.data", "download_data",
                              "download the task data from the paper's public repository"),
     "senses inspect": Command("editing.commands.senses", "inspect_senses",
@@ -61,7 +65,7 @@ COMMANDS: dict[str, Command] = {
                     "search hyperparameters for the best edit inside a ball, within a budget of trials or minutes"),
 }
 GROUPS = sorted({name.split()[0] for name in COMMANDS if " " in name})
-"""First words of the two-word commands (``data``, ``senses``, ``backpack``)."""
+"""First words of the two-word commands (``cache``, ``data``, ``senses``, ``backpack``)."""
 
 
 def overview(group: str | None = None) -> str:

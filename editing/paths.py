@@ -9,12 +9,18 @@ from editing.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
+EVALUATION_CACHE_ENV = "EDITING_EVAL_CACHE_DIR"
 
 
 def cache_dir() -> Path:
     """Root of the project's cache (``$EDITING_CACHE``, else ``~/.cache/canonical-editing``)."""
     root = os.environ.get("EDITING_CACHE") or Path.home() / ".cache" / "canonical-editing"
     return Path(root)
+
+
+def evaluation_cache_dir() -> Path:
+    """Folder of the evaluation caches: ``$EDITING_EVAL_CACHE_DIR``, else ``<cache>/evaluation``."""
+    return Path(os.environ.get(EVALUATION_CACHE_ENV) or cache_dir() / "evaluation")
 
 
 def _has_tasks(path: Path) -> bool:

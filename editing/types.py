@@ -1,5 +1,5 @@
 """Typed names: the loss types of SPEC sections 4-5, the editing methods, the metrics results files report, how a
-run ended and which command evaluated.
+run ended, which command evaluated and the parts of the cache.
 
 A leaf module (it imports only ``editing.errors``) so that every other module can use it. Both enums are ``StrEnum``
 (``str`` subclasses): a member compares equal to its plain string, prints as it and serialises to it in JSON, while
@@ -179,4 +179,28 @@ class Stage(_Name):
     def _label(cls) -> str:
         return "evaluation stage"
 
-__all__ = ["EVALUATED_METRICS", "PRACTITIONER_METRICS", "LossType", "MethodName", "Metric", "RunStatus", "Stage"]
+
+class CacheKind(_Name):
+    """The parts of the project's cache folder (``editing cache list`` / ``clear``), one per sub-folder."""
+
+    MODELS = "models"
+    """The embedded model dequantized from its GGUF file, and Backpacks distilled into the cache (hours to remake)."""
+    TOKENIZERS = "tokenizers"
+    DATA = "data"
+    """Task data fetched by ``editing data download``."""
+    CORPUS_TOKENS = "corpus_tokens"
+    TEACHER_CACHE = "teacher_cache"
+    """``editing backpack cache-teacher``'s outputs (gigabytes; about 20 minutes to refill)."""
+    MEMIT_STATS = "memit_stats"
+    SENSE_BACKGROUND = "sense_background"
+    EVALUATION = "evaluation"
+    """The evaluation caches: p0's metrics, MEMIT's targets, incremental-evaluation captures
+    (``$EDITING_EVAL_CACHE_DIR`` when set)."""
+
+    @classmethod
+    def _label(cls) -> str:
+        return "cache kind"
+
+
+__all__ = ["EVALUATED_METRICS", "PRACTITIONER_METRICS", "CacheKind", "LossType", "MethodName", "Metric", "RunStatus",
+           "Stage"]

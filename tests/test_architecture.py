@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "editing.__init__")),
     ("rules", ("editing.budget", "editing.tasks", "editing.losses", "editing.records", "editing.tables",
                "editing.console", "editing.run_folder", "editing.metrics_log", "editing.checkpoints",
-               "editing.integrity")),
+               "editing.integrity", "editing.cache_contents")),
     ("data", ("editing.data",)),
     ("models", ("editing.models",)),
     ("evaluation", ("editing.evaluation", "editing.regularizers")),

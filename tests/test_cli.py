@@ -202,7 +202,8 @@ COMMAND_LINES = {"fit": "edit", "validate": "validation", "test": "test pair", "
                  "ensemble": "Backpack", "backpack distill": "distil", "backpack export": "model folder",
                  "backpack cache-teacher": "once",
                  "sweep": "random search", "sweep-status": "progress", "select": "best", "test-runs": "seeds",
-                 "report": "tables", "generate": "side by side", "auto": "inside a ball"}
+                 "report": "tables", "generate": "side by side", "auto": "inside a ball",
+                 "cache list": "cache folder", "cache clear": "free disk space"}
 
 
 def test_help_lists_every_command_without_importing_torch():

@@ -39,6 +39,7 @@ report              ``runs/report``                              ``--output_dir 
 sweep, sweep-status ``runs/sweeps/<study>/``                     ``--root ROOT`` (a folder of sweeps)
 select, test-runs   ``runs/sweeps/<study>/``                     ``--root ROOT``; ``report --root`` reads them
 data download       ``~/.cache/canonical-editing/data``          ``--root ROOT`` (what ``--data.data_root`` reads)
+cache list, clear   (prints only; clear removes cache entries)   ``$EDITING_CACHE``, ``$EDITING_EVAL_CACHE_DIR``
 ==================  ===========================================  ===============================================
 
 ``--trainer.default_root_dir`` is Lightning's root: with the default logger (a CSVLogger under ``runs``) the

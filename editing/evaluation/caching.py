@@ -50,12 +50,12 @@ from editing.evaluation.incremental import (
 from editing.evaluation.scorer import TokenScorer
 from editing.files import save_atomically
 from editing.models.architecture import base_model
-from editing.paths import cache_dir
+from editing.paths import EVALUATION_CACHE_ENV, evaluation_cache_dir
 
 log = logging.getLogger(__name__)
 
 SWITCH_ENV = "EDITING_EVAL_CACHES"
-DIR_ENV = "EDITING_EVAL_CACHE_DIR"
+DIR_ENV = EVALUATION_CACHE_ENV
 FORMAT = 1
 """Bumped when what a cache entry holds, or how it is computed, changes."""
 
@@ -81,7 +81,7 @@ class CacheSettings:
 
 def cache_root() -> Path:
     """Folder of the evaluation caches: ``$EDITING_EVAL_CACHE_DIR``, else ``<cache>/evaluation``."""
-    return Path(os.environ.get(DIR_ENV) or cache_dir() / "evaluation")
+    return evaluation_cache_dir()
 
 
 # --- what a cached result depends on ------------------------------------------------------------------------------
