@@ -119,6 +119,9 @@ def remove_entry(entry: StoredEntry) -> bool:
 
     Returns:
         False when it was already gone (another process removed it).
+
+    Raises:
+        OSError: a part could not be deleted; the message names the renamed folder that holds the rest.
     """
     path = entry.path
     if path.name.startswith(REMOVING_PREFIX):
@@ -129,10 +132,13 @@ def remove_entry(entry: StoredEntry) -> bool:
             os.rename(path, aside)
         except FileNotFoundError:
             return False
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside, ignore_errors=False)
-    else:
-        aside.unlink(missing_ok=True)
+    try:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink(missing_ok=True)
+    except OSError as err:  # name where the rest now lies, not only the file that failed
+        raise OSError(err.errno, f"{err.strerror} ({err.filename}); what is left is {aside}") from err
     return True
 
 

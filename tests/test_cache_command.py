@@ -163,3 +163,33 @@ def test_the_commands_run_from_the_command_line(cache, capsys):
         main(["cache", "clear", "--kinds", "nope"])
     assert exit_info.value.code == 2
     assert "unknown cache kind 'nope'" in capsys.readouterr().err
+
+
+def _pin(path: Path, pinned: bool) -> None:
+    """Make ``path`` (a file) impossible to unlink, or undo it: immutable for root (which ignores permissions),
+    else a read-only parent folder."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i" if pinned else "-i", str(path)],
+                                                        capture_output=True).returncode:
+            pytest.skip("root, and chattr cannot pin a file here")
+    else:
+        path.parent.chmod(0o500 if pinned else 0o700)
+
+
+def test_an_entry_that_cannot_be_removed_is_named_and_the_others_are_removed(cache):
+    from editing.errors import EditingError
+
+    root, _ = cache
+    _pin(root / "teacher_cache" / "old" / "sub" / "manifest.json", True)
+    try:
+        with pytest.raises(EditingError, match="could not remove 1 cache entries .*teacher_cache/.removing-old-"):
+            cache_clear(kinds="teacher_cache")
+        assert not (root / "teacher_cache" / "new").exists()
+    finally:
+        for stuck in (root / "teacher_cache").glob(f"{REMOVING_PREFIX}old-*/sub/manifest.json"):
+            _pin(stuck, False)
+    cache_clear(kinds="teacher_cache")  # the next clear finishes the half-removed entry
+    assert not list((root / "teacher_cache").iterdir())

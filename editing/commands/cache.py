@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from editing.errors import ConfigError
+from editing.errors import ConfigError, EditingError
 from editing.types import CacheKind
 
 
@@ -77,7 +77,14 @@ def cache_clear(kinds: str | None = None, names: str | None = None, older_than_d
     Returns:
         The rows of the entries removed (or, with ``dry_run``, that would be).
     """
-    from editing.cache_contents import cache_entries, human_size, parse_kinds, remove_entry, select_entries
+    from editing.cache_contents import (
+        REMOVING_PREFIX,
+        cache_entries,
+        human_size,
+        parse_kinds,
+        remove_entry,
+        select_entries,
+    )
     from editing.tables import markdown_table
 
     if not kinds or not kinds.replace(",", "").strip():  # a blank list is no choice, not "every kind"
@@ -90,11 +97,20 @@ def cache_clear(kinds: str | None = None, names: str | None = None, older_than_d
     doomed = select_entries(cache_entries(chosen), older_than_days=older_than_days,
                             names=names.split(",") if names else None)
     rows = [_entry_row(e) for e in doomed]
-    removed = [e for e in doomed if dry_run or remove_entry(e)]
+    removed, failed = [], []
+    for entry in doomed:
+        try:
+            if dry_run or remove_entry(entry):
+                removed.append(entry)
+        except OSError as err:  # e.g. a read-only file: the other entries are still removed
+            failed.append(f"{entry.path}: {err}")
     headers = ["kind", "entry", "size", "last used"]
     if rows:
         print(markdown_table(headers, [[row[h] for h in headers] for row in rows]))
     freed = human_size(sum(e.size for e in removed))
     print(f"{'would remove' if dry_run else 'removed'} {len(removed)} entries, {freed}"
           + (" (dry run: nothing removed)" if dry_run else ""))
+    if failed:
+        raise EditingError(f"could not remove {len(failed)} cache entries (check their permissions; a part renamed "
+                           f"to {REMOVING_PREFIX}* is finished by the next clear): " + "; ".join(failed))
     return rows
