@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable
@@ -76,13 +77,15 @@ def _measure(path: Path) -> tuple[int, int, float]:
     # the files' times only: listing a folder (this walk included) changes the folder's own access time
     size, files, last = 0, 0, 0.0
     for root, dirs, names in os.walk(path, followlinks=False):
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+        for name in names + dirs:  # os.walk lists a link to a folder among dirs and does not enter it
             try:
                 sub = os.lstat(os.path.join(root, name))
             except FileNotFoundError:  # removed while we walk: it is no longer part of the entry
                 continue
+            if stat.S_ISDIR(sub.st_mode):
+                continue
             files += 1
-            size += 0 if os.path.islink(os.path.join(root, name)) else sub.st_size
+            size += 0 if stat.S_ISLNK(sub.st_mode) else sub.st_size
             last = max(last, sub.st_mtime, sub.st_atime)
     return size, files, (last if files else st.st_mtime)
 
@@ -98,7 +101,8 @@ def cache_entries(kinds: Iterable[CacheKind] | None = None) -> list[StoredEntry]
         folder = kind_folder(kind)
         tops = _children(folder)
         if kind is CacheKind.EVALUATION:  # one level more: p0/, prefix/, senses/, memit_targets/
-            tops = [child for top in tops for child in (_children(top) if top.is_dir() else [top])]
+            tops = [child for top in tops
+                    for child in (_children(top) if top.is_dir() and not top.is_symlink() else [top])]
         for path in tops:
             try:
                 size, files, last = _measure(path)

@@ -114,6 +114,14 @@ def test_a_linked_entry_is_unlinked_not_followed(cache, tmp_path):
     assert not (root / "models" / "linked").exists()
     assert (outside / "weights.bin").read_bytes() == b"x" * 64
 
+    # a link inside an entry: counted as one file of no bytes, and deleting the entry leaves its target alone
+    (root / "models" / "backpack-a" / "shared").symlink_to(outside, target_is_directory=True)
+    entry = next(e for e in cache_entries([CacheKind.MODELS]) if e.name == "backpack-a")
+    assert (entry.size, entry.files) == (320, 3)
+    cache_clear(kinds="models", names="backpack-a")
+    assert not (root / "models" / "backpack-a").exists()
+    assert (outside / "weights.bin").read_bytes() == b"x" * 64
+
 
 def test_a_removal_left_half_done_is_finished_by_the_next_clear(cache):
     root, _ = cache
