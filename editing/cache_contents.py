@@ -56,16 +56,13 @@ def kind_folder(kind: CacheKind) -> Path:
     return evaluation_cache_dir() if kind is CacheKind.EVALUATION else cache_dir() / kind.value
 
 
-def parse_kinds(text: str | Iterable[str] | None) -> list[CacheKind]:
-    """Cache kinds from a comma-separated string (or a list of names); None or empty gives every kind.
+def parse_kinds(text: str | None) -> list[CacheKind]:
+    """Cache kinds from a comma-separated string; None or a blank list gives every kind.
 
     Raises:
         ConfigError: an unknown name (the message lists the kinds).
     """
-    if text is None:
-        return list(CacheKind)
-    names = text.split(",") if isinstance(text, str) else list(text)
-    kinds = [CacheKind(name.strip()) for name in names if name.strip()]
+    kinds = [CacheKind(name.strip()) for name in (text or "").split(",") if name.strip()]
     return list(dict.fromkeys(kinds)) or list(CacheKind)
 
 
@@ -171,12 +168,14 @@ def select_entries(entries: Iterable[StoredEntry], older_than_days: float | None
 
 def human_size(size: int) -> str:
     """``size`` bytes as B, KiB, MiB or GiB with one decimal."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    if size < 1024:
+        return f"{size} B"
+    value, unit = size / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 __all__ = ["REMOVING_PREFIX", "StoredEntry", "cache_entries", "human_size", "kind_folder", "other_items",

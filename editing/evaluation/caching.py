@@ -50,12 +50,11 @@ from editing.evaluation.incremental import (
 from editing.evaluation.scorer import TokenScorer
 from editing.files import save_atomically
 from editing.models.architecture import base_model
-from editing.paths import EVALUATION_CACHE_ENV, evaluation_cache_dir
+from editing.paths import evaluation_cache_dir
 
 log = logging.getLogger(__name__)
 
 SWITCH_ENV = "EDITING_EVAL_CACHES"
-DIR_ENV = EVALUATION_CACHE_ENV
 FORMAT = 1
 """Bumped when what a cache entry holds, or how it is computed, changes."""
 
