@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from editing.cache_contents import REMOVING_PREFIX, cache_entries
+from editing.cache_contents import REMOVING_PREFIX, cache_entries, human_size
 from editing.cli import main
 from editing.commands.cache import cache_clear, cache_list
 from editing.errors import ConfigError
@@ -70,6 +70,16 @@ def test_list_measures_every_entry(cache, capsys):
     entry_rows = cache_list(kinds="evaluation", entries=True)
     assert [r["entry"] for r in entry_rows] == ["p0/old.safetensors", "p0/read.safetensors", "prefix/key1"]
     assert [r["bytes"] for r in entry_rows] == [11, 13, 110]
+
+
+@pytest.mark.parametrize(("size", "shown"), [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (1048575, "1024.0 KiB"),
+    (1048576, "1.0 MiB"), (3 * 1048576 + 104858, "3.1 MiB"), (1073741824, "1.0 GiB"),
+    (3_224_371_200, "3.0 GiB"), (2048 * 1073741824, "2048.0 GiB"),
+])
+def test_sizes_are_shown_in_binary_units(size, shown):
+    # worked out by hand: 1 KiB = 1024 B, one decimal, rounded; GiB is the largest unit
+    assert human_size(size) == shown
 
 
 def test_clear_removes_exactly_the_old_entries_of_the_kinds_named(cache):
