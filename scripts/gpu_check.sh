@@ -14,7 +14,8 @@
 #   GPU_CHECK_OUT     where runs go (default runs/gpu_check/<UTC time>)
 #   EDITING_DATA_ROOT the task data, when not in ../shared/data or the cache (`editing data download`)
 # A GPU machine may have no network: carry a .venv made for CUDA (a CPU-only torch build cannot see the GPU) and
-# the data; the preflight says what is missing. Exits 0 when every step passed, 1 when one failed, 2 when the
+# the data (scripts/device/prepare.sh builds such a carry for a machine with python3, torch and CUDA but no
+# network); the preflight says what is missing. Exits 0 when every step passed, 1 when one failed, 2 when the
 # machine is not ready (nothing run).
 set -uo pipefail
 
@@ -118,7 +119,10 @@ step() {  # step NAME METHOD MODEL PRECISION COMMAND...: run it, log to $OUT/NAM
     fi
 }
 
-step tests_gpu tests - - "$PY" -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# Only the files that hold `gpu` tests: collecting the whole suite imports packages (optuna, datasets) that the
+# fits here never need and that a GPU machine's image may lack.
+mapfile -t GPU_TESTS < <(grep -l 'pytest.mark.gpu' tests/test_*.py)
+step tests_gpu tests - - "$PY" -m pytest -q -ra -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider
 
 fit() {  # fit NAME CONFIG MODEL PRECISION EXTRA...
     local name="$1" config="$2" model="$3" precision="$4"
