@@ -183,8 +183,12 @@ class DegradationBudget(L.Callback):
 
     def _update_balls(self, module, record: dict) -> None:
         initial = self.history[0][GENERAL_NLL]
+        caps = self.max_epoch or {}
         state = None
         for ball in self.balls:
+            cap = caps.get(ball.key)
+            if cap is not None and int(record["epoch"]) > cap:
+                continue  # the test rule never reports this epoch for this ball, so its edit must stay the earlier one
             if ball.inside(record[GENERAL_NLL], initial):
                 state = state if state is not None else module.delta_state()
                 self.ball_states[ball.key] = state
@@ -376,7 +380,7 @@ class DegradationBudget(L.Callback):
         return None
 
     def _state_epoch(self, key: str) -> int:
-        # The saved state of a ball is the one of the last epoch inside it, which is what choose_epochs picks
-        # unless max_epoch cuts it earlier (then no edit is exported for that ball).
-        return choose_epochs(self.history, self.balls, None)[key]
+        # The saved state of a ball is the one of the last epoch inside it up to the ball's max_epoch cap, which is
+        # the epoch choose_epochs reports; an edit is exported only when the two agree.
+        return choose_epochs(self.history, self.balls, self.max_epoch)[key]
 

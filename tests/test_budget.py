@@ -210,6 +210,33 @@ def test_colliding_balls_both_get_results_and_edits_through_the_callback(tmp_pat
     assert all((tmp_path / "run" / "edits" / f"ball_{key}").is_dir() for key in ("0.0012", "0.0014"))
 
 
+def _edit_tensors(folder):
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no tensors in {folder}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def test_a_capped_ball_exports_the_edit_of_the_epoch_it_reports(tmp_path, monkeypatch, data_root) -> None:
+    """Test runs cap each ball at validation's epoch (--budget.max_epoch). Every epoch here is inside every ball, so
+    1e-03 reports epoch 3 and the capped 1e-05 epoch 1; its edit must be epoch 1's, not missing (the ensemble then
+    refused the run) and not epoch 3's. The reference is the edit of the same fit stopped after epoch 1."""
+    import torch
+
+    inside_all = [1.0, 1 + 5e-6, 1 + 6e-6, 1 + 7e-6]
+    capped = scripted_fit(tmp_path / "capped", monkeypatch, inside_all, epochs=3, max_epoch={"1e-05": 1})
+    assert {k: b["epoch"] for k, b in capped["balls"].items()} == {"1e-03": 3, "1e-04": 3, "1e-05": 1}
+    assert set(capped["edits"]) == {"1e-03", "1e-04", "1e-05"}
+    short = scripted_fit(tmp_path / "short", monkeypatch, inside_all[:2], epochs=1)
+    edits = tmp_path / "capped" / "run" / "edits"
+    got, late = _edit_tensors(edits / "ball_1e-05"), _edit_tensors(edits / "ball_1e-03")
+    want = _edit_tensors(tmp_path / "short" / "run" / "edits" / "ball_1e-05")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], late[k]) for k in got)  # epochs 1 and 3 differ, so the check can fail
+
+
 # --- the paper's epoch rule by default (issue 11 item 5) --------------------------------------------------------------
 
 # epoch 2 leaves the largest ball, epoch 3 comes back inside every ball, epoch 4 leaves again
