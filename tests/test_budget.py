@@ -229,6 +229,7 @@ def test_a_capped_ball_exports_the_edit_of_the_epoch_it_reports(tmp_path, monkey
     assert {k: b["epoch"] for k, b in capped["balls"].items()} == {"1e-03": 3, "1e-04": 3, "1e-05": 1}
     assert set(capped["edits"]) == {"1e-03", "1e-04", "1e-05"}
     short = scripted_fit(tmp_path / "short", monkeypatch, inside_all[:2], epochs=1)
+    assert short["balls"]["1e-05"]["epoch"] == 1 and "1e-05" in short["edits"]
     edits = tmp_path / "capped" / "run" / "edits"
     got, late = _edit_tensors(edits / "ball_1e-05"), _edit_tensors(edits / "ball_1e-03")
     want = _edit_tensors(tmp_path / "short" / "run" / "edits" / "ball_1e-05")
