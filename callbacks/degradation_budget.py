@@ -182,14 +182,12 @@ class DegradationBudget(L.Callback):
             print(message, file=sys.stderr, flush=True)
 
     def _update_balls(self, module, record: dict) -> None:
-        initial = self.history[0][GENERAL_NLL]
-        caps = self.max_epoch or {}
+        # Keep, per ball, the deltas of the epoch the ball reports (choose_epochs, with the test rule's caps): this
+        # epoch, once it is in the history, when it is that choice.
+        chosen = choose_epochs(self.history, self.balls, self.max_epoch)
         state = None
         for ball in self.balls:
-            cap = caps.get(ball.key)
-            if cap is not None and int(record["epoch"]) > cap:
-                continue  # the test rule never reports this epoch for this ball, so its edit must stay the earlier one
-            if ball.inside(record[GENERAL_NLL], initial):
+            if chosen[ball.key] == record["epoch"]:
                 state = state if state is not None else module.delta_state()
                 self.ball_states[ball.key] = state
 
