@@ -35,7 +35,8 @@ def _fit(tmp_path: Path, name: str, extra: list[str], accelerator: str = "cpu",
            "--budget.save_edits", "false", "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
            "--trainer.callbacks+=fsdp_probe.ShardProbe", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "FSDP_PROBE_DIR": str(out / "probe"),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+           # the checkout too: the package need not be installed (scripts/device/tests.sh runs it from the tree)
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     if expect_ok:
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"

