@@ -81,17 +81,20 @@ class _DevicesSeen(L.Callback):
         self.devices |= {t.device.type for t in tensors}
 
 
+def _short_trainer(device: torch.device, tmp_path, *callbacks: L.Callback) -> L.Trainer:
+    """One epoch of 3 batches on ``device``, with the budget callback writing to ``tmp_path / "run"``."""
+    return L.Trainer(accelerator=_accelerator(device), devices=1, max_epochs=1, limit_train_batches=3, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                     use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                     callbacks=[DegradationBudget(output_dir=str(tmp_path / "run"), p0_cache=False), *callbacks])
+
 @pytest.mark.parametrize("method", ["lora", "full", "memit", "senses"])
 def test_fit_of_each_method_runs_on_the_gpu(method, tmp_path, data_root, gpu_device) -> None:
     L.seed_everything(0)
     module = _method(method)
     dm = TaskDataModule(task="country_capital", **LIMITS)
     seen = _DevicesSeen()
-    trainer = L.Trainer(accelerator=_accelerator(gpu_device), devices=1, max_epochs=1, limit_train_batches=3,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-                        default_root_dir=str(tmp_path),
-                        callbacks=[DegradationBudget(output_dir=str(tmp_path / "run"), p0_cache=False), seen])
+    trainer = _short_trainer(gpu_device, tmp_path, seen)
     trainer.fit(module, dm)
     assert seen.devices == {gpu_device.type}
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -132,16 +135,14 @@ def test_eight_bit_adam_fits_lora_on_the_gpu(tmp_path, data_root, gpu_device) ->
     module = LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=4),
                         optimizer=OptimizerConfig(lr=1e-3, eight_bit=True))
     before = {k: v.detach().clone() for k, v in module.trainable_parameters().items()}
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=3, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
-                        callbacks=[DegradationBudget(output_dir=str(tmp_path / "run"), p0_cache=False)])
+    trainer = _short_trainer(gpu_device, tmp_path)
     trainer.fit(module, TaskDataModule(task="country_capital", **LIMITS))
     assert isinstance(trainer.optimizers[0], bnb.optim.Adam8bit)
     after = module.trainable_parameters()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k].detach().cpu().to(before[k].device)) for k in before)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
+
 
 def test_memit_statistics_and_solve_on_the_gpu(tmp_path, data_root, monkeypatch, gpu_device) -> None:
     modules = {}
