@@ -3,6 +3,8 @@
 The rule, written once here and in the README:
 
 - Every edit must have been made on the same base model (the same weight fingerprint).
+- An edit is given once: two folders holding the same edit (a ``cp -r`` copy: the same tensors and config) are
+  refused, naming both, since combining would apply it twice.
 - Each edit *touches* tensors of the base model: a changed-tensors edit (full finetuning, MEMIT) the parameters it
   names; a LoRA adapter the weights of the modules it wraps; a sense edit the Backpack's senses.
 - Two edits by **different methods** that touch the same tensor are refused, with a message naming both edits and the
@@ -31,6 +33,7 @@ from torch import nn
 from editing.budget import degradation
 from editing.edits import EditedModule, read_edit, read_edit_identity
 from editing.errors import ConfigError
+from editing.integrity import content_digest
 from editing.methods.registry import AppliedEdit, edit_loader
 from editing.models.loading import ModelConfig
 from editing.records import Metrics, now
@@ -68,8 +71,8 @@ def read_parts(edits: Sequence[str | Path], allow_unverified: bool = False) -> l
     """Read and verify the edits, and refuse a combination that breaks the rule (see the module's docstring).
 
     Raises:
-        ConfigError: fewer than one edit, an edit listed twice, edits of different base models, a kind that cannot
-            be combined, or two methods changing one tensor.
+        ConfigError: fewer than one edit, an edit listed twice (by its path, or a copy of it: the same content),
+            edits of different base models, a kind that cannot be combined, or two methods changing one tensor.
     """
     if not edits:
         raise ConfigError("give at least one --edit folder")
@@ -81,8 +84,16 @@ def read_parts(edits: Sequence[str | Path], allow_unverified: bool = False) -> l
             raise ConfigError(f"edit {folder} is given twice (also as {seen[key]}); it would be applied twice")
         seen[key] = folder
     parts = []
+    contents: dict[str, Path] = {}
     for folder in folders:
         identity, kind, method, files = read_edit(folder, allow_unverified)
+        # a copied folder (cp -r A A_copy) is the same edit under another path: compare what the edits hold
+        digest = content_digest(folder, files)
+        if digest in contents:
+            raise ConfigError(f"edits {contents[digest]} and {folder} are the same edit (identical tensors and "
+                              f"config, sha256 {digest[:12]}): combined, it would be applied twice; give each edit "
+                              "once")
+        contents[digest] = folder
         parts.append(EditPart(folder, kind, method or kind, identity, files))
     first = parts[0]
     for part in parts[1:]:

@@ -194,3 +194,19 @@ def edit_digest(loaded: dict[str, dict[str, torch.Tensor]]) -> str:
     for name in sorted(loaded):
         digest.update(f"{name}:{tensor_digest(loaded[name])};".encode())
     return digest.hexdigest()
+
+
+def content_digest(folder: str | Path, loaded: dict[str, dict[str, torch.Tensor]]) -> str:
+    """One SHA-256 over what an edit does: its tensor files (``edit_digest``) and its config files (a LoRA adapter's
+    rank and alpha scale its update), independent of the folder's path, so a copied folder has the same digest.
+
+    Args:
+        folder: the edit folder (its config files are read from there).
+        loaded: its tensor files, as ``verify_edit`` returned them.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256(edit_digest(loaded).encode())
+    for name in CONFIG_FILES:
+        if (folder / name).is_file():
+            digest.update(f"{name}:{_file_sha256(folder / name)};".encode())
+    return digest.hexdigest()

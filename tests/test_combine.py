@@ -139,6 +139,24 @@ def test_two_methods_changing_one_tensor_are_refused(tmp_path) -> None:
         combine_edits([full, llama])
 
 
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_a_copied_edit_folder_is_the_same_edit_and_is_refused(kind, tmp_path) -> None:
+    """Issue 34 item 13: ``cp -r A A_copy`` then ``--edit A --edit A_copy`` would apply one edit twice; edits are
+    compared by their content (tensors and adapter config), not by their path."""
+    import shutil
+
+    options = {"tensors": ("transformer.h.0.mlp.c_fc.weight",), "scale": 0.05} if kind == "full" else {}
+    a = make_edit(kind, tmp_path / "A", **options)
+    copy = tmp_path / "elsewhere" / "A_copy"
+    shutil.copytree(a, copy)
+    with pytest.raises(ConfigError) as info:
+        combine_edits([a, copy])
+    message = str(info.value)
+    assert str(a) in message and str(copy) in message and "same edit" in message and "give each edit once" in message
+    other = make_edit(kind, tmp_path / "B", seed=7, **options)  # another edit of the same method still combines
+    combine_edits([a, other])
+
+
 def test_apply_with_two_edits_records_each_task_and_the_joint_degradation(tmp_path, capsys) -> None:
     a = make_edit("full", tmp_path / "a", tensors=("transformer.h.0.mlp.c_fc.weight",), scale=0.2)
     b = make_edit("lora", tmp_path / "b", seed=3)
