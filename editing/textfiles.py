@@ -33,6 +33,34 @@ def decode_line(raw: bytes, path: str | Path, lineno: int) -> str:
                                                  f"{UTF8_FIX}") from None
 
 
+SURROGATE_FIX = ("write the character itself, or both halves of its surrogate pair (e.g. \\ud83d\\ude00 for one "
+                 "emoji)")
+
+
+def not_text(text: str, from_bytes: bool = False) -> str | None:
+    """What in ``text`` is not text a tokenizer takes: the first lone surrogate (U+D800 to U+DFFF), which has no
+    UTF-8 form (a JSON escape like ``\\ud800`` without its other half, or a byte that was not UTF-8).
+
+    Args:
+        text: the string.
+        from_bytes: the string was decoded with ``surrogateescape`` (command-line arguments), where U+DC80 to U+DCFF
+            stand for bytes that were not UTF-8; those are then reported as the bytes.
+
+    Returns:
+        None for text that encodes as UTF-8; else its first offending character, 1-based, described.
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        index = err.start
+    code = ord(text[index])
+    if from_bytes and 0xDC80 <= code <= 0xDCFF:
+        return f"byte 0x{code - 0xDC00:02x} at character {index + 1} is not UTF-8 text"
+    return (f"character {index + 1} is U+{code:04X}, a lone surrogate (half of a UTF-16 surrogate pair without its "
+            "other half), which is not text")
+
+
 def read_text(path: str | Path) -> str:
     """The whole of a UTF-8 text file.
 

@@ -524,6 +524,25 @@ def _cases() -> list[Case]:
            ["editing test-runs"]))
     add(_c("test_runs_without_selection", lambda d, a: ["test-runs", "--root", "sweeps"], ["selection.json"],
            ["editing select"]))
+
+    # --- issue 34 items 13 and 14: a copied edit combined with itself; a lone surrogate in data or a prompt ----------
+    def same_edit_copied(d: Path, a: Artifacts) -> list[str]:
+        _copy(a.full_edit, d / "edit")
+        _copy(d / "edit", d / "edit_copy")  # what `cp -r edit edit_copy` makes: the same edit under another path
+        return [*TINY_APPLY, "--edit", "edit", "--edit", "edit_copy"]
+
+    add(_c("apply_an_edit_and_its_copy", same_edit_copied, ["edit", "edit_copy", "same edit"], ["give each edit once"],
+           absent=("out",)))
+    add(_c("jsonl_lone_surrogate", lambda d, a: [*TINY_VALIDATE, "--data.task", _task_yaml(
+        d, data=GOOD_LINE + b'{"prefix": "The capital of \\ud800France is", "suffix": " Paris"}\n')],
+        ["data-val.jsonl", "line 2", "'prefix'", "surrogate", "U+D800"], ["surrogate pair"]))
+
+    def prompt_not_utf8(d: Path, a: Artifacts) -> list[str]:
+        _copy(a.full_edit, d / "edit")
+        # byte 0xe7 on the command line: Python hands it to the command as the lone surrogate U+DCE7
+        return ["generate", "--edit", "edit", "--prompt", "fine", "--prompt", "Cura\udce7ao"]
+
+    add(_c("generate_prompt_not_utf8", prompt_not_utf8, ["--prompt 2", "0xe7", "character 5"], ["UTF-8"]))
     return cases
 
 

@@ -218,3 +218,41 @@ def test_model_name_is_a_plain_file(tmp_path):
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(ConfigError, match="GGUF file not found"):
         load_model(name=str(tmp_path / "model.gguf"), precision="fp32")
+
+
+# --- issue 34 item 14: text a tokenizer cannot take (a lone surrogate) ------------------------------------------------
+@pytest.mark.parametrize("kind, line, field", [
+    ("single", {"prefix": "The capital of \ud800 France is", "suffix": " Paris"}, "prefix"),
+    ("single", {"prefix": "The capital of France is", "suffix": " Par\udfffis"}, "suffix"),
+    ("pair", {"prefix": "a", "suffix1": " b", "suffix2": " \udc80c"}, "suffix2"),
+    ("text", {"text": "fine \ud83d then"}, "text"),
+])
+def test_a_lone_surrogate_names_the_file_line_field_and_character(tmp_path, kind, line, field):
+    good = {"single": GOOD, "pair": json.dumps({"prefix": "a", "suffix1": " b", "suffix2": " c"}),
+            "text": json.dumps({"text": "fine text"})}[kind]
+    path = _file(tmp_path, [good, json.dumps(line)])  # json.dumps writes the surrogate as a \\uXXXX escape
+    value = line[field]
+    position = next(i for i, ch in enumerate(value) if 0xD800 <= ord(ch) <= 0xDFFF)
+    with pytest.raises(DataFormatError) as info:
+        read_jsonl(path, kind)
+    message = str(info.value)
+    assert info.value.line == 2 and str(path) in message and f"field {field!r}" in message
+    assert f"character {position + 1} is U+{ord(value[position]):04X}, a lone surrogate" in message
+    assert "surrogate pair" in message
+    # a surrogate pair written as two escapes is one character, and is fine
+    _file(tmp_path, [good, json.dumps({**line, field: "emoji \U0001f600"})], name="ok.jsonl")
+    assert len(read_jsonl(tmp_path / "ok.jsonl", kind)) == 2
+
+
+def test_a_prompt_that_is_not_text_is_a_clear_error(tiny_module, capsys):
+    from editing.cli import main
+    from editing.models.generation import continue_prompt
+
+    module = tiny_module("tiny-gpt2")
+    with pytest.raises(ConfigError, match=r"character 4 is U\+D800, a lone surrogate"):
+        continue_prompt(module.model, module.loaded.tokenizer, "abc\ud800", max_new_tokens=1)
+    # on the command line: the byte 0xe7 arrives as U+DCE7; the message names which --prompt, before any loading
+    with pytest.raises(SystemExit) as info:
+        main(["generate", "--edit", "no-such-edit", "--prompt", "fine", "--prompt", "Cura\udce7ao"])
+    assert info.value.code == 2
+    assert "--prompt 2: byte 0xe7 at character 5 is not UTF-8 text" in capsys.readouterr().err

@@ -76,11 +76,29 @@ def repeatable(*names: str) -> Callable[[Callable], Callable]:
 
 
 def _appending(args: list[str], names: tuple[str, ...]) -> list[str]:
-    """``--name VALUE`` as jsonargparse's ``--name+ VALUE`` (append to the list) for the repeatable ``names``."""
+    """``--name VALUE`` as jsonargparse's ``--name+ VALUE`` (append to the list) for the repeatable ``names``.
+
+    Raises:
+        ConfigError: a value that is not UTF-8 text (bytes the shell passed undecoded), naming the option and which
+            of its occurrences; jsonargparse would drop every earlier value of the list for it.
+    """
+    from editing.errors import ConfigError
+    from editing.textfiles import not_text
+
     out = []
-    for arg in args:
+    seen: dict[str, int] = {}
+    for i, arg in enumerate(args):
         key, eq, value = arg.partition("=")
-        out.append(f"{key}+{eq}{value}" if key[2:] in names and key.startswith("--") else arg)
+        if not (key[2:] in names and key.startswith("--")):
+            out.append(arg)
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        given = value if eq else args[i + 1] if i + 1 < len(args) else ""
+        problem = not_text(given, from_bytes=True)
+        if problem is not None:
+            raise ConfigError(f"{key} {seen[key]}: {problem}; give it as UTF-8 text (check the encoding of the "
+                              "terminal or script that passes it)")
+        out.append(f"{key}+{eq}{value}")
     return out
 
 

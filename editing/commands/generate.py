@@ -30,10 +30,16 @@ def generate(edit: str, prompt: str | list[str], max_new_tokens: int = 20, sampl
     from editing.errors import ConfigError
     from editing.models.generation import Sampling, continue_module
     from editing.tables import markdown_table
+    from editing.textfiles import not_text
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
     if not prompts:
         raise ConfigError("give at least one --prompt TEXT to continue")
+    for position, text in enumerate(prompts, start=1):
+        problem = not_text(text, from_bytes=True) if isinstance(text, str) else None
+        if problem is not None:  # checked before the model loads; the tokenizer would raise a bare TypeError
+            raise ConfigError(f"--prompt {position}: {problem}; give the prompt as UTF-8 text (check the encoding "
+                              "of the terminal or script that passes it)")
     if not sample and (temperature != 1.0 or top_k != 0 or top_p != 1.0):
         raise ConfigError("--temperature, --top_k and --top_p apply only with --sample true (greedy is the default)")
     sampling = Sampling(sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editing.errors import DataFormatError
-from editing.textfiles import decode_line
+from editing.textfiles import SURROGATE_FIX, decode_line, not_text
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ def _need_str(obj: dict, key: str, path: Path, lineno: int, expected: str, allow
         raise DataFormatError(str(path), lineno, f"field {key!r} must be a string, got {type(value).__name__}")
     if not allow_empty and value == "":
         raise DataFormatError(str(path), lineno, f"field {key!r} is empty; a suffix must have at least one token")
+    problem = not_text(value)
+    if problem is not None:  # the tokenizer would fail on it with a TypeError naming neither file nor line
+        raise DataFormatError(str(path), lineno, f"field {key!r}: {problem}; {SURROGATE_FIX}")
     return value
 
 

@@ -15,6 +15,7 @@ import torch
 
 from editing.errors import ConfigError
 from editing.models.architecture import capture_final_hidden, head_logits
+from editing.textfiles import not_text
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sam
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    problem = not_text(prompt)
+    if problem is not None:
+        raise ConfigError(f"prompt {prompt!r}: {problem}; give the prompt as UTF-8 text")
     ids = list(tokenizer(prompt)["input_ids"])
     if not ids:
         raise ConfigError(f"prompt {prompt!r} has no tokens: give some text to continue")
