@@ -13,7 +13,10 @@ How it searches:
   (a task YAML without ``{split}``, or plain examples) a part of the canonical examples is held out (``holdout``, a
   seeded random choice): the trials train on the rest and are scored on the held-out examples as their evaluation
   set, and the final edit is fitted with the chosen configuration on all canonical examples and reported on the
-  task's evaluation set (which the search never saw).
+  task's evaluation set (which the search never saw). The final fit reports, as ``editing test-runs`` does, the
+  last epoch inside the ball among epochs 0..v, v the best trial's ball epoch (SPEC section 6). Plain examples without
+  an evaluation set are scored on their own canonical file: that success rate is training-set success and is not
+  reported as generalization.
 - **Small-data defaults** (``SmallData``): an epoch should hold at least ``STEPS_PER_EPOCH`` optimizer steps, so the
   gradient accumulation is ``clamp(n // STEPS_PER_EPOCH, 1, 5)`` for ``n`` training examples (5 is the paper's);
   the epochs are ``clamp(ceil(TOTAL_STEPS / steps per epoch), MIN_EPOCHS, MAX_EPOCHS)``, so fewer examples mean
@@ -48,10 +51,15 @@ How it searches:
 - **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command: a trial starts only when
   the time left, less the final fit's estimated time, allows, and every fit is given Lightning's ``max_time`` so
   that it stops (and writes its results) in time. A trial past the deadline is killed.
+- **Resuming.** ``PROGRESS_FILE`` records the settings and each finished trial; the same command on the folder of an
+  interrupted search replays the search's draws, takes the finished trials as they were and runs the rest. A
+  finished search (``auto.json``) is refused without ``overwrite``. A search that ends without an edit raises
+  ``NoEditError`` (the command exits non-zero) after writing ``auto.json``.
 
 Folder (``output_dir``, default ``runs/auto/<task>/version_N``)::
 
     data/                     the held-out split (when used) and the task YAMLs the fits read
+    auto.progress.json        while the search runs: its settings and finished trials (for resuming)
     trial_<n>/                one fit per trial (results.json, fit.log; the best trial's edit)
     final/                    the final fit (results.json, edits/ball_<eps>/: the edit)
     auto.json                 every trial, the choice, the final edit's numbers and configuration
@@ -63,6 +71,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -71,8 +80,8 @@ from typing import Any
 
 from editing.budget import Ball, ball_key, edit_folder_name
 from editing.data.jsonl import read_jsonl
-from editing.errors import ConfigError
-from editing.files import ensure_writable, write_json, write_jsonl, write_text
+from editing.errors import ConfigError, EditingError
+from editing.files import ResultsExistError, write_json, write_jsonl, write_text
 from editing.records import RESULTS_FILE, RecordError, RunRecord
 from editing.sweep import FIT_DIR, Parameter, load_space, run_fit, split_args
 from editing.tables import markdown_table, value_text
@@ -81,6 +90,9 @@ from editing.textfiles import load_yaml
 from editing.types import LossType, MethodName
 
 AUTO_FILE = "auto.json"
+PROGRESS_FILE = "auto.progress.json"
+"""The record of a search under way (its settings and finished trials), for resuming it; gone once
+``auto.json`` is written."""
 DEFAULT_ROOT = Path("runs") / "auto"
 
 STEPS_PER_EPOCH = 8
@@ -188,8 +200,12 @@ class Plan:
         final_examples: canonical examples the final fit trains on.
         holdout: the held-out canonical examples' file indices (empty: a validation pair was used).
         holdout_files: ``{"train": path, "heldout": path}`` when examples were held out.
-        generalization_measured: whether the final fit has an evaluation set of its own (plain examples have not).
+        generalization_measured: whether the final fit has an evaluation set of its own: plain examples without
+            ``--evaluation`` have not (their evaluation file is the canonical file, so its success rate is
+            training-set success, never reported as generalization).
         retrain: whether the final fit differs from the trials' (another split, or all examples).
+        search_generalization_measured: the same for the trials (held-out examples are an evaluation set of their
+            own; ``--holdout 0`` on plain examples without ``--evaluation`` scores the trials on their training set).
     """
 
     name: str
@@ -203,6 +219,7 @@ class Plan:
     holdout_files: dict[str, str] = field(default_factory=dict)
     generalization_measured: bool = True
     retrain: bool = True
+    search_generalization_measured: bool = True
 
 
 def _has_validation_pair(task: TaskSpec) -> bool:
@@ -235,7 +252,9 @@ def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, los
         raise ConfigError(f"--holdout {holdout}: give the fraction of canonical examples to hold out, in [0, 1)")
     folder.mkdir(parents=True, exist_ok=True)
     if task.endswith(".jsonl"):
-        spec = _examples_task(task, folder, loss, threshold, evaluation, hard_negatives)
+        spec, written = _examples_task(task, folder, loss, threshold, evaluation, hard_negatives)
+        # every fit reads the task YAML written for the examples: `editing fit` knows no task "facts.jsonl"
+        task = str(written.resolve())
         measured = evaluation is not None
     else:
         if evaluation is not None or hard_negatives is not None:
@@ -253,13 +272,15 @@ def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, los
     records = read_jsonl(path, _kind(spec))
     n = len(records)
     if holdout == 0:
-        return Plan(spec.name, source, "val", source, "val", n, n, generalization_measured=measured, retrain=False)
+        return Plan(spec.name, source, "val", source, "val", n, n, generalization_measured=measured, retrain=False,
+                    search_generalization_measured=measured)
     if n < 2:
         raise ConfigError(f"{path}: one canonical example cannot be split into training and held-out examples; give "
                           "more examples, a task with a validation pair ({split} in its paths), or --holdout 0")
     held = max(1, min(n - 1, round(holdout * n)))
     chosen = sorted(random.Random(seed).sample(range(n), held))
     heldout = set(chosen)
+    _warn_leaks(path, records, heldout)
     train_rows = [r.fields for r in records if r.index not in heldout]
     held_rows = [r.fields for r in records if r.index in heldout]
     train_file = write_jsonl(folder / "canonical-train.jsonl", train_rows, overwrite=True)
@@ -270,6 +291,22 @@ def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, los
     return Plan(spec.name, str(search.resolve()), "val", source, "val", n - held, n, holdout=chosen,
                 holdout_files={"train": str(train_file), "heldout": str(held_file)},
                 generalization_measured=measured, retrain=True)
+
+
+def _warn_leaks(path: Path, records: list, heldout: set[int]) -> None:
+    """Warn when a held-out canonical example has a copy among the training ones: the trials would then be scored
+    on examples they trained on, and the search would favour edits that memorise."""
+    lines: dict[tuple, list[int]] = {}
+    for r in records:
+        lines.setdefault((r.prefix, tuple(r.suffixes)), []).append(r.index)
+    leaks = [[records[i].line for i in same] for same in lines.values()
+             if len(same) > 1 and heldout & set(same) and set(same) - heldout]
+    if leaks:
+        shown = "; ".join("lines " + ", ".join(map(str, group)) for group in leaks[:5])
+        more = f" (and {len(leaks) - 5} more)" if len(leaks) > 5 else ""
+        print(f"warning: {path}: duplicate canonical examples ({shown}{more}) are split between the held-out and the "
+              "training examples, so held-out copies leak into training and the trials' held-out scores are "
+              "training-set scores; remove the duplicate lines", file=sys.stderr, flush=True)
 
 
 def _root(spec: TaskSpec) -> str | None:
@@ -294,9 +331,9 @@ def _source(spec: TaskSpec, task: str) -> str:
 
 
 def _examples_task(path: str, folder: Path, loss: str, threshold: float | None, evaluation: str | None,
-                   hard_negatives: str | None) -> TaskSpec:
-    """A task YAML (written under ``folder``) for plain examples: the canonical file, and the evaluation set given
-    or, without one, the canonical file again (then generalization is not measured)."""
+                   hard_negatives: str | None) -> tuple[TaskSpec, Path]:
+    """A task YAML (written under ``folder``) for plain examples, and its path: the canonical file, and the
+    evaluation set given or, without one, the canonical file again (then generalization is not measured)."""
     loss_type = LossType(loss)
     if threshold is None:
         if loss_type is not LossType.GOOD:
@@ -309,7 +346,7 @@ def _examples_task(path: str, folder: Path, loss: str, threshold: float | None, 
     files = {"canonical": str(Path(path).resolve()), "evaluation": str(Path(evaluation or path).resolve()),
              "hard_negatives": None if hard_negatives is None else str(Path(hard_negatives).resolve())}
     written = _task_yaml(folder / "task.yaml", Path(path).stem, loss_type, float(threshold), files)
-    return get_task(str(written))
+    return get_task(str(written)), written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,12 +579,18 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
         evaluation: plain examples' evaluation set (a JSONL), if any.
         hard_negatives: plain examples' hard negatives (a JSONL), if any.
         seed: the seed of the held-out split, the draws and every fit.
-        overwrite: replace an earlier search in ``output_dir``.
+        overwrite: empty ``output_dir`` and search again from scratch. Without it a finished search there (its
+            ``auto.json``) is refused and an interrupted one (``auto.progress.json``) is resumed: its finished trials
+            are kept, the rest run (the same settings are required; the budget may change).
         clock: the clock of the budget (tests replace it).
         runner: runs one fit: ``runner(args, log_path, deadline)`` (tests replace it).
 
     Returns:
         The search's outcome (also in ``auto.json``).
+
+    Raises:
+        NoEditError: the search ended without an edit inside the ball (``auto.json`` is written first).
+        ResultsExistError: ``output_dir`` holds a finished search, or files of something else.
     """
     start_clock = clock or time.monotonic
     started = start_clock()
@@ -573,14 +616,11 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
 
     name = Path(task).stem if task.endswith(".jsonl") else get_task(task).name
     folder = Path(output_dir) if output_dir else _default_folder(name)
-    if folder.exists() and any(folder.iterdir()):
-        # a search's folder holds trials whose fits refuse to run over finished ones: start clean or not at all
-        ensure_writable(folder, overwrite)
-        for child in folder.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+    settings = _search_settings(task, names, key, model, holdout, explore, epochs, patience, args, loss, threshold,
+                                evaluation, hard_negatives, seed)
+    kept = _claim_folder(folder, settings, overwrite)
+    progress = {"settings": settings, "trials": [t.to_dict() for t in kept]}
+    write_json(folder / PROGRESS_FILE, progress, overwrite=True)
     plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives)
     small = SmallData.of(plan.train_examples, epochs)
     fixed = [*split_args(args), "--budget.balls", f"[{the_ball.eps!r}]", "--seed_everything", str(seed),
@@ -590,6 +630,8 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     print(f"editing auto: {plan.name} on {model}, methods {', '.join(names)}, ball {key}; budget "
           f"{_budget_text(trials, minutes)}; {folder}", flush=True)
     print(_plan_text(plan, small), flush=True)
+    if kept:
+        print(f"resuming the interrupted search in {folder}: its {len(kept)} finished trial(s) are kept", flush=True)
 
     rng = random.Random(seed)
     orders = {m: explore_orders(spaces[m], explore, rng) for m in names}
@@ -637,19 +679,33 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
                 narrowing[method] += 1
                 params = narrowed_draw(spaces[method], best.params, narrowing[method], best.direction, rng)
                 phase = f"narrow {narrowing[method]}" + {1: " (stronger)", -1: " (weaker)", 0: ""}[best.direction]
+        if number < len(kept):
+            # the same settings and seed draw the same trials in the same order: this one finished before the
+            # interruption, so its outcome is taken as it was (no budget spent on it)
+            trial = _kept_trial(kept[number], number, method, params, phase, folder)
+            done.append(trial)
+            print(_trial_line(trial, plan.search_generalization_measured) + " (kept)", flush=True)
+            _keep_best_edit(done, key)
+            number += 1
+            continue
         left = remaining() - final_reserve()
         if left < max(30.0, 0.5 * typical_seconds(method)):
             print(f"budget: {max(0.0, remaining()):.0f}s left, {final_reserve():.0f}s of them kept for the final "
                   "fit: no more trials", flush=True)
             break
         trial = Trial(number, method, params, phase, str((folder / f"trial_{number}").resolve()))
-        settings = _fit_args(method, plan.search_task, plan.search_split, model, Path(trial.folder), params,
-                             fixed + (small.args() if trains_by_gradient(method) else []),
-                             None if deadline is None else FIT_TIME_SHARE * left)
-        _run(trial, settings, runner, None if deadline is None else start_clock() + left, key, start_clock)
+        _set_aside(Path(trial.folder))
+        fit = _fit_args(method, plan.search_task, plan.search_split, model, Path(trial.folder), params,
+                        fixed + (small.args() if trains_by_gradient(method) else []),
+                        None if deadline is None else FIT_TIME_SHARE * left)
+        _run(trial, fit, runner, None if deadline is None else start_clock() + left, key, start_clock)
+        if not plan.search_generalization_measured:
+            _drop_training_generalization(trial)
         done.append(trial)
-        print(_trial_line(trial), flush=True)
+        print(_trial_line(trial, plan.search_generalization_measured), flush=True)
         _keep_best_edit(done, key)
+        progress["trials"].append(trial.to_dict())
+        write_json(folder / PROGRESS_FILE, progress, overwrite=True)
         number += 1
 
     best = _best(done)
@@ -664,32 +720,171 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
                   "base_config": str(FIT_DIR / f"{best.method}.yaml"), "model": model, "ball": key}
         if plan.retrain:
             final = Trial(-1, best.method, best.params, "final", str((folder / "final").resolve()))
+            _set_aside(Path(final.folder))
             time_left = remaining()
-            settings = _fit_args(best.method, plan.final_task, plan.final_split, model, Path(final.folder),
-                                 best.params, fixed + (small.args() if trains_by_gradient(best.method) else []),
-                                 None if deadline is None else max(1.0, FIT_TIME_SHARE * time_left))
-            _run(final, settings, runner, None, key, start_clock)
-            print(_trial_line(final), flush=True)
+            # The test rule (SPEC section 6), as `editing test-runs` applies it: the final fit reports the last epoch
+            # inside the ball among epochs 0..v, v the best trial's ball epoch (the epoch chosen at validation)
+            config["max_epoch"] = {key: best.epoch}
+            fit = _fit_args(best.method, plan.final_task, plan.final_split, model, Path(final.folder), best.params,
+                            fixed + (small.args() if trains_by_gradient(best.method) else []),
+                            None if deadline is None else max(1.0, FIT_TIME_SHARE * time_left),
+                            max_epoch=config["max_epoch"])
+            _run(final, fit, runner, None, key, start_clock)
+            if not plan.generalization_measured:
+                _drop_training_generalization(final)
+            print(_trial_line(final, plan.generalization_measured), flush=True)
         else:
             final = best
         edit_path = Path(final.folder) / "edits" / edit_folder_name(key)
-        edit = str(edit_path) if edit_path.is_dir() else None
+        # an edit at epoch 0 is the unedited model: no edit stayed inside the ball
+        edit = str(edit_path) if final.ok and final.epoch and edit_path.is_dir() else None
     result = AutoResult(folder=str(folder), task=task, model=model, ball=key, methods=names,
                         budget={"trials": trials, "minutes": minutes}, plan=asdict(plan), small_data=asdict(small),
                         trials=done, best=None if best is None else best.number, final=final, edit=edit,
                         config=config, seconds=round(start_clock() - started, 1))
-    write_json(folder / AUTO_FILE, result.to_dict(), overwrite=overwrite)
+    write_json(folder / AUTO_FILE, result.to_dict(), overwrite=True)
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)  # auto.json now marks the search finished
     print(summary_text(result), flush=True)
+    if edit is None:
+        raise NoEditError(_no_edit_reason(result), result)
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the search's folder: a finished search is refused, an interrupted one resumed
+# ----------------------------------------------------------------------------------------------------------------
+SETTING_OPTIONS = {"task": "--task", "methods": "--methods", "ball": "--ball", "model": "--model",
+                   "holdout": "--holdout", "explore": "--explore", "epochs": "--epochs", "patience": "--patience",
+                   "args": "--args", "loss": "--loss", "threshold": "--threshold", "evaluation": "--evaluation",
+                   "hard_negatives": "--hard_negatives", "seed": "--seed"}
+"""The settings that decide which trials a search draws (the budget does not): a resumed search must repeat them."""
+
+
+def _file_or_name(value: str | None) -> str | None:
+    return None if value is None else str(Path(value).resolve()) if Path(value).is_file() else value
+
+
+def _search_settings(task: str, methods: list[str], key: str, model: str, holdout: float, explore: int,
+                     epochs: int | None, patience: int | None, args: str | None, loss: str,
+                     threshold: float | None, evaluation: str | None, hard_negatives: str | None,
+                     seed: int) -> dict:
+    return {"task": _file_or_name(task), "methods": list(methods), "ball": key, "model": model,
+            "holdout": float(holdout), "explore": explore, "epochs": epochs, "patience": patience,
+            "args": split_args(args), "loss": loss, "threshold": threshold, "evaluation": _file_or_name(evaluation),
+            "hard_negatives": _file_or_name(hard_negatives), "seed": seed}
+
+
+def _claim_folder(folder: Path, settings: dict, overwrite: bool) -> list[Trial]:
+    """Check the search's folder and return the finished trials of an interrupted search in it (none otherwise).
+
+    A finished search (``auto.json``) is refused without ``overwrite``; an interrupted one (``PROGRESS_FILE``, no
+    ``auto.json``) is resumed when its settings are these; ``overwrite`` empties the folder and starts afresh.
+    """
+    if not folder.exists() or not any(folder.iterdir()):
+        return []
+    finished, progress = folder / AUTO_FILE, folder / PROGRESS_FILE
+    if overwrite:
+        for child in folder.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return []
+    if finished.exists():
+        raise ResultsExistError(f"{finished} already exists: a finished search is never overwritten silently. Choose "
+                                "another --output_dir, or pass --overwrite true to search again from scratch")
+    if not progress.is_file():
+        raise ResultsExistError(f"{folder} already exists and holds no editing auto search (no {AUTO_FILE} or "
+                                f"{PROGRESS_FILE}): choose another --output_dir, or pass --overwrite true to empty it")
+    try:
+        saved = json.loads(progress.read_text(encoding="utf-8"))
+        before, trials = saved["settings"], [_trial_of(t) for t in saved["trials"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{progress}: the record of the interrupted search cannot be read ({err}); pass --overwrite "
+                          "true to start the search again, or choose another --output_dir") from None
+    changed = [f"{SETTING_OPTIONS.get(k, k)} {before.get(k)!r} then, {settings[k]!r} now"
+               for k in settings if before.get(k) != settings[k]]
+    if changed:
+        raise ConfigError(f"{folder} holds an interrupted search with other settings ({'; '.join(changed)}): give the "
+                          "same settings to resume it (the budget may change), pass --overwrite true to start it "
+                          "again, or choose another --output_dir")
+    return trials
+
+
+def _trial_of(record: dict) -> Trial:
+    trial = Trial(**record)
+    for name in ("seconds", "reliability", "reliability_mean_score", "generalization", "generalization_mean_score",
+                 "locality", "degradation", "objective"):
+        value = getattr(trial, name)
+        if isinstance(value, str):  # write_json spells non-finite floats as strings
+            setattr(trial, name, float(value))
+    return trial
+
+
+def _kept_trial(saved: Trial, number: int, method: str, params: dict, phase: str, folder: Path) -> Trial:
+    if (saved.number, saved.method, saved.params) != (number, method, params):
+        raise ConfigError(f"{folder / PROGRESS_FILE}: trial {number} of the interrupted search was "
+                          f"{saved.method} {_params_text(saved.params)}, but this search draws {method} "
+                          f"{_params_text(params)} (the code changed since); pass --overwrite true to start the "
+                          "search again, or choose another --output_dir")
+    saved.phase = phase
+    return saved
+
+
+def _set_aside(path: Path) -> None:
+    """Move the files of an interrupted fit aside (``<name>.interrupted-<time>``): kept, out of the new fit's way."""
+    if path.exists():
+        aside = path.with_name(f"{path.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{path.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+        path.rename(aside)
+        print(f"{path.name}: the files of its interrupted fit were moved to {aside}", flush=True)
+
+
+def _drop_training_generalization(trial: Trial) -> None:
+    """A fit whose evaluation set is its canonical file measured training-set success, not generalization: it is not
+    reported as such (nor counted twice in the objective)."""
+    trial.generalization = trial.generalization_mean_score = None
+    if trial.objective is not None:
+        trial.objective = trial.reliability or 0.0
+
+
+class NoEditError(EditingError):
+    """``editing auto`` ended without the edit it was asked for (its record, ``auto.json``, is written).
+
+    Attributes:
+        result: the search's outcome.
+    """
+
+    def __init__(self, message: str, result: AutoResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _no_edit_reason(result: AutoResult) -> str:
+    record = Path(result.folder) / AUTO_FILE
+    final = result.final
+    if final is None:
+        reason = (f"no trial finished, so there is no edit; see the trials' fit.log under {result.folder} (the first "
+                  "error is usually the same in every trial), fix it and run the command again")
+    elif not final.ok:
+        reason = (f"the final fit failed ({final.error}), so there is no edit; fix what its fit.log says and run the "
+                  "command again: the finished trials are kept in the record")
+    else:
+        reason = (f"no edited epoch stayed inside the {result.ball} ball, so there is no edit; give a larger budget "
+                  "(--trials, --minutes), a larger --ball, or more --methods")
+    return f"editing auto: {reason} ({record})"
+
+
+
 def _fit_args(method: str, task: str, split: str, model: str, out: Path, params: dict, fixed: list[str],
-              max_seconds: float | None, save_edits: bool = True) -> list[str]:
+              max_seconds: float | None, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> list[str]:
     from editing.sweep import FitSettings
 
     extra = () if max_seconds is None else ("--trainer.max_time", _max_time(max_seconds))
     return FitSettings(config=FIT_DIR / f"{method}.yaml", task=task, model=model, output_dir=out, fixed=tuple(fixed),
-                       params=params, split=split, save_edits=save_edits, extra=extra).args()
+                       params=params, split=split, max_epoch=max_epoch, save_edits=save_edits, extra=extra).args()
 
 
 def _run(trial: Trial, args: list[str], runner, deadline: float | None, key: str, clock) -> None:
@@ -743,13 +938,18 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _trial_line(t: Trial) -> str:
+NOT_MEASURED = "not measured (the evaluation set is the canonical examples: give --evaluation FILE)"
+"""What is printed for generalization when a fit's evaluation set is its own canonical file."""
+
+
+def _trial_line(t: Trial, measured: bool = True) -> str:
     label = "final" if t.number < 0 else f"trial {t.number}"
     head = f"{label} [{t.method}, {t.phase}] {_params_text(t.params)}: "
     if not t.ok:
         return head + f"{t.status} ({t.error})"
+    generalization = _rate(t.generalization) if measured else NOT_MEASURED
     return (head + f"epoch {t.epoch} of {t.last_epoch}, reliability {_rate(t.reliability)}, generalization "
-            f"{_rate(t.generalization)}, locality {_rate(t.locality)}, degradation {t.degradation:+.2e}, "
+            f"{generalization}, locality {_rate(t.locality)}, degradation {t.degradation:+.2e}, "
             f"{t.seconds:.0f}s")
 
 
@@ -766,8 +966,10 @@ def summary_text(result: AutoResult) -> str:
     if result.final is None:
         return f"editing auto: no edit found in {result.seconds:.0f}s ({result.folder})"
     f = result.final
-    generalization = _rate(f.generalization) if result.plan["generalization_measured"] else \
-        "not measured (no evaluation set)"
+    if not f.ok:
+        return (f"editing auto: the final fit of {f.method} {_params_text(f.params)} {f.status} ({f.error}): no edit "
+                f"({len(result.trials)} trials, {result.seconds:.0f}s; record: {Path(result.folder) / AUTO_FILE})")
+    generalization = _rate(f.generalization) if result.plan["generalization_measured"] else NOT_MEASURED
     rows = [["reliability (canonical examples)", _rate(f.reliability), _score(f.reliability_mean_score)],
             ["generalization (evaluation set)", generalization, _score(f.generalization_mean_score)],
             ["locality (hard negatives preserved)", _rate(f.locality), ""],
@@ -779,7 +981,7 @@ def summary_text(result: AutoResult) -> str:
              f"configuration: {_params_text(result.config.get('params', {}))} "
              f"{' '.join(result.config.get('fit_args', []))}".rstrip(),
              table,
-             f"edit: {result.edit or 'none (the final fit left no edit)'}",
+             f"edit: {result.edit or 'none (no edited epoch stayed inside the ball)'}",
              f"record: {Path(result.folder) / AUTO_FILE}"]
     return "\n".join(lines)
 
@@ -788,5 +990,5 @@ def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-__all__ = ["AUTO_FILE", "AutoResult", "Plan", "SmallData", "Trial", "auto_edit", "explore_draw", "explore_orders",
-           "narrowed_draw", "plan_data", "summary_text", "trains_by_gradient"]
+__all__ = ["AUTO_FILE", "PROGRESS_FILE", "AutoResult", "NoEditError", "Plan", "SmallData", "Trial", "auto_edit",
+           "explore_draw", "explore_orders", "narrowed_draw", "plan_data", "summary_text", "trains_by_gradient"]

@@ -543,6 +543,42 @@ def _cases() -> list[Case]:
         return ["generate", "--edit", "edit", "--prompt", "fine", "--prompt", "Cura\udce7ao"]
 
     add(_c("generate_prompt_not_utf8", prompt_not_utf8, ["--prompt 2", "0xe7", "character 5"], ["UTF-8"]))
+
+    # --- editing auto (issue 34 items 11 and 17) ------------------------------------------------------------------
+    auto = ["auto", "--task", "country_capital", "--methods", "[lora]", "--trials", "1", "--model", "tiny-gpt2",
+            "--output_dir", "out"]
+
+    def interrupted_other_model(d: Path, a: Artifacts) -> list[str]:
+        # the record an interrupted `editing auto --model tiny-llama` leaves; resumed with --model tiny-gpt2
+        from editing.auto import PROGRESS_FILE, _search_settings
+
+        settings = _search_settings("country_capital", ["lora"], "1e-03", "tiny-llama", 0.25, 1, None, None, None,
+                                    "good", None, None, None, 0)
+        (d / "out").mkdir()
+        (d / "out" / PROGRESS_FILE).write_text(json.dumps({"settings": settings, "trials": []}))
+        return auto
+
+    add(_c("auto_resumed_with_other_settings", interrupted_other_model,
+           ["out", "interrupted search", "--model", "tiny-llama", "tiny-gpt2"], ["--overwrite true", "same settings"],
+           absent=("out/trial_0",), max_seconds=120))
+
+    def finished_search(d: Path, a: Artifacts) -> list[str]:
+        (d / "out").mkdir()
+        (d / "out" / "auto.json").write_text("{}")
+        return auto
+
+    add(_c("auto_over_a_finished_search", finished_search, ["auto.json", "finished search"], ["--overwrite true"],
+           absent=("out/trial_0",), max_seconds=120))
+
+    def every_trial_fails(d: Path, a: Artifacts) -> list[str]:
+        # the README's plain-examples form; each trial's fit refuses the misspelt option, so there is no edit
+        (d / "facts.jsonl").write_text("".join(json.dumps({"prefix": f"Fact {i} is", "suffix": f" {i}"}) + "\n"
+                                               for i in range(4)))
+        return ["auto", "--task", "facts.jsonl", "--methods", "[lora]", "--trials", "1", "--model", "tiny-gpt2",
+                "--args", "--trainer.max_epochz 3", "--output_dir", "out"]
+
+    add(_c("auto_without_any_edit_exits_non_zero", every_trial_fails, ["no trial finished", "fit.log", "auto.json"],
+           ["fix it and run the command again"]))
     return cases
 
 

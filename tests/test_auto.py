@@ -66,6 +66,12 @@ def _user_task(folder: Path, n: int = 8, split: bool = False) -> Path:
     return folder / "task.yaml"
 
 
+def _edit_folder(trial: Trial, key: str) -> None:
+    """What a fit with an edited epoch inside the ball leaves (for the fake fits below): its edit's folder."""
+    if trial.epoch:
+        (Path(trial.folder) / "edits" / f"ball_{key}").mkdir(parents=True, exist_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the small-data defaults
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +245,7 @@ def test_a_trial_that_overshoots_is_followed_by_a_step_back_of_its_method(tmp_pa
         # lower is better: lora's best edit is trial 2's (7.0); full stays far from its targets
         score = 10.0 - trial.epoch if trial.method == "lora" else 20.0
         trial.reliability_mean_score, trial.degradation, trial.objective = score, 0.0, 0.0
+        _edit_folder(trial, key)
 
     monkeypatch.setattr(auto_module, "_run", fake_run)
     result = auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora", "full"], ball=1e-3, trials=5,
@@ -269,8 +276,11 @@ def test_a_method_that_keeps_overshooting_gives_way_after_three_step_backs(tmp_p
         trial.reliability_mean_score, trial.degradation = 30.0, 0.0
 
     monkeypatch.setattr(auto_module, "_run", fake_run)
-    result = auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora", "full"], ball=1e-3, trials=7,
-                       model="tiny-gpt2", output_dir=str(tmp_path / "auto"), seed=0)
+    # no edited epoch of any trial inside the ball: no edit, an error (issue 34 item 17) after the record is written
+    with pytest.raises(auto_module.NoEditError, match="no edited epoch stayed inside") as info:
+        auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora", "full"], ball=1e-3, trials=7,
+                  model="tiny-gpt2", output_dir=str(tmp_path / "auto"), seed=0)
+    result = info.value.result
     assert [(t.method, t.phase) for t in result.trials] == [
         ("lora", "explore"), *[("lora", "step back (weaker)")] * 3, ("full", "explore"),
         *[("full", "step back (weaker)")] * 2]
@@ -387,3 +397,189 @@ def test_auto_returns_the_best_edit_inside_the_ball(tmp_path, data_root) -> None
     # a second search into the same folder is refused (never overwritten silently)
     with pytest.raises(ResultsExistError, match="already exists"):
         auto_edit(str(task), methods=["lora"], trials=1, model="tiny-gpt2", output_dir=str(out))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 34 item 17: plain examples (the README's `--task facts.jsonl`), no edit means a non-zero exit, labels
+# ----------------------------------------------------------------------------------------------------------------
+def _facts(folder: Path, n: int = 8, copies: int = 1) -> Path:
+    """``facts.jsonl``: ``n`` country_capital canonical lines (each ``copies`` times in a row)."""
+    lines = (SHARED_DATA / "country_capital" / "split" / "country_capital_fixed-val.jsonl").read_text().splitlines()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "facts.jsonl"
+    path.write_text("".join((line + "\n") * copies for line in lines[:n]))
+    return path
+
+
+def test_plain_examples_produce_an_edit_with_and_without_a_hold_out(tmp_path, data_root) -> None:
+    facts = _facts(tmp_path / "t")
+    # --holdout 0: the one trial trains on every example and is the final edit
+    same = auto_edit(str(facts), methods=["lora"], ball=0.5, trials=1, model="tiny-gpt2", holdout=0,
+                     output_dir=str(tmp_path / "h0"), epochs=1, args=TINY_ARGS)
+    assert same.trials[0].ok, same.trials[0].error
+    # the held-out default: the trials train on 6, the final fit on all 8 (the README's own example)
+    result = auto_edit(str(facts), methods=["lora"], ball=0.5, trials=1, model="tiny-gpt2",
+                       output_dir=str(tmp_path / "auto"), epochs=1, args=TINY_ARGS)
+    assert result.final is not None and result.final.ok, result.final.error
+    run = json.loads((Path(result.final.folder) / "results.json").read_text())
+    assert run["data_files"]["canonical"]["examples"] == 8
+    assert result.edit is not None and Path(result.edit).is_dir()
+    # without --evaluation the final's evaluation set is the canonical file: its "generalization" is training-set
+    # success, never reported as generalization (null in auto.json, said so on the console)
+    record = json.loads((tmp_path / "auto" / "auto.json").read_text())
+    assert record["final"]["generalization"] is None and record["final"]["generalization_mean_score"] is None
+    assert record["plan"]["generalization_measured"] is False
+    from editing.auto import summary_text
+
+    text = summary_text(result)
+    assert "epoch None" not in text and "not measured" in text
+    # --holdout 0 without --evaluation: the trials' evaluation set is the canonical file too
+    assert same.trials[0].generalization is None and "not measured" in summary_text(same)
+
+
+def test_duplicate_canonical_examples_split_by_the_hold_out_are_warned_about(tmp_path, capsys) -> None:
+    facts = _facts(tmp_path / "t", n=3, copies=3)  # every example three times: a held-out one has a copy in training
+    plan = plan_data(str(facts), tmp_path / "data", holdout=0.25, seed=0)
+    err = capsys.readouterr().err
+    assert plan.holdout and "facts.jsonl" in err and "duplicate" in err and "line" in err
+    # no duplicates, no warning
+    plan_data(str(_facts(tmp_path / "u", n=8)), tmp_path / "d2", holdout=0.25, seed=0)
+    assert "duplicate" not in capsys.readouterr().err
+
+
+def test_a_search_that_produced_no_edit_is_an_error_after_writing_its_record(tmp_path, data_root,
+                                                                            monkeypatch) -> None:
+    import editing.auto as auto_module
+    from editing.errors import EditingError
+
+    def failing(trial, args, runner, deadline, key, clock) -> None:
+        trial.status, trial.seconds, trial.error = "failed", 1.0, "editing fit exited with 2"
+
+    monkeypatch.setattr(auto_module, "_run", failing)
+    with pytest.raises(EditingError, match="no trial finished") as info:
+        auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora"], trials=2, model="tiny-gpt2",
+                  output_dir=str(tmp_path / "a"))
+    assert "fit.log" in str(info.value)
+    assert len(json.loads((tmp_path / "a" / "auto.json").read_text())["trials"]) == 2  # the record is kept
+
+    def final_fails(trial, args, runner, deadline, key, clock) -> None:
+        trial.status, trial.seconds = "finished", 1.0
+        if trial.phase == "final":
+            trial.status, trial.error = "failed", "editing fit exited with 1"
+            return
+        trial.epoch, trial.last_epoch = 3, 10
+        trial.reliability = trial.generalization = 0.5
+        trial.reliability_mean_score, trial.degradation, trial.objective = 1.0, 0.0, 1.0
+
+    monkeypatch.setattr(auto_module, "_run", final_fails)
+    with pytest.raises(EditingError, match="final fit failed"):
+        auto_edit(str(_user_task(tmp_path / "task2", n=8)), methods=["lora"], trials=1, model="tiny-gpt2",
+                  output_dir=str(tmp_path / "b"))
+    text = auto_module.summary_text(auto_module.AutoResult(**{
+        **{k: None for k in auto_module.AutoResult.__dataclass_fields__},
+        "folder": "f", "ball": "1e-03", "trials": [], "seconds": 1.0, "config": {}, "plan": {
+            "generalization_measured": True},
+        "final": Trial(-1, "lora", {}, "final", "f", status="failed", error="editing fit exited with 1")}))
+    assert "epoch None" not in text and "failed" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 34 item 16: the final edit on the test pair is capped at the epoch chosen at validation
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [True, False])
+def test_the_final_fit_is_capped_at_the_best_trials_ball_epoch(tmp_path, data_root, monkeypatch, split) -> None:
+    import editing.auto as auto_module
+
+    finals: list[list[str]] = []
+
+    def fake_run(trial, args, runner, deadline, key, clock) -> None:
+        if trial.phase == "final":
+            finals.append(list(args))
+        trial.status, trial.seconds, trial.epoch, trial.last_epoch = "finished", 1.0, 4, 10
+        trial.reliability = trial.generalization = 0.5
+        trial.reliability_mean_score, trial.degradation, trial.objective = 1.0, 0.0, 1.0
+        _edit_folder(trial, key)
+
+    monkeypatch.setattr(auto_module, "_run", fake_run)
+    auto_edit(str(_user_task(tmp_path / "task", n=8, split=split)), methods=["lora"], ball=1e-3, trials=1,
+              model="tiny-gpt2", output_dir=str(tmp_path / "a"))
+    (args,) = finals
+    # the validation's choice (epoch 4 of the 1e-3 ball) caps the test pair's epoch, as editing test-runs does
+    assert "--budget.max_epoch" in args and json.loads(args[args.index("--budget.max_epoch") + 1]) == {"1e-03": 4}
+    assert args[args.index("--data.split") + 1] == ("test" if split else "val")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 34 item 11: an interrupted search resumes (finished trials kept); only a finished one needs --overwrite
+# ----------------------------------------------------------------------------------------------------------------
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _scripted_run(calls: list[int], stop_at: int | None = None):
+    """A fit outcome per trial number (no fitting); Ctrl-C (KeyboardInterrupt) in trial ``stop_at``."""
+
+    def fake_run(trial, args, runner, deadline, key, clock) -> None:
+        calls.append(trial.number)
+        Path(trial.folder).mkdir(parents=True, exist_ok=True)
+        (Path(trial.folder) / "fit.log").write_text(f"trial {trial.number}\n")
+        if trial.number == stop_at:
+            raise Interrupt()
+        n = max(trial.number, 0)
+        trial.status, trial.seconds, trial.epoch, trial.last_epoch = "finished", 1.0, (n % 3) + 1, 10
+        trial.reliability = trial.generalization = 0.25
+        trial.reliability_mean_score, trial.degradation, trial.objective = 5.0 - n, 0.0, 0.5
+        _edit_folder(trial, key)
+
+    return fake_run
+
+
+def test_an_interrupted_search_resumes_keeping_its_finished_trials(tmp_path, data_root, monkeypatch) -> None:
+    import editing.auto as auto_module
+
+    task = str(_user_task(tmp_path / "task", n=8))
+    kw = dict(methods=["lora", "full"], ball=1e-3, trials=4, model="tiny-gpt2", seed=0)
+    # the same search uninterrupted, for reference
+    calls: list[int] = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls))
+    whole = auto_edit(task, output_dir=str(tmp_path / "whole"), **kw)
+    # interrupted in trial 2 (Ctrl-C): trials 0 and 1 are finished
+    calls = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls, stop_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        auto_edit(task, output_dir=str(tmp_path / "a"), **kw)
+    assert calls == [0, 1] + [2] and not (tmp_path / "a" / "auto.json").exists()
+    # the same command again resumes: trials 0 and 1 are not fitted again, trial 2 starts afresh
+    calls = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls))
+    resumed = auto_edit(task, output_dir=str(tmp_path / "a"), **kw)
+    assert calls == [2, 3, -1]
+    assert [(t.method, t.params, t.phase) for t in resumed.trials] == \
+        [(t.method, t.params, t.phase) for t in whole.trials]
+    assert resumed.best == whole.best and resumed.final is not None and resumed.final.ok
+    # the interrupted trial's files are kept aside, not deleted
+    assert [p.name.split(".")[0] for p in (tmp_path / "a").glob("trial_2.interrupted-*")] == ["trial_2"]
+    # a finished search is refused without --overwrite (and starts again from scratch with it)
+    with pytest.raises(ResultsExistError, match="finished"):
+        auto_edit(task, output_dir=str(tmp_path / "a"), **kw)
+    calls = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls))
+    auto_edit(task, output_dir=str(tmp_path / "a"), overwrite=True, **kw)
+    assert calls == [0, 1, 2, 3, -1]
+
+
+def test_an_interrupted_search_resumed_with_other_settings_is_refused(tmp_path, data_root, monkeypatch) -> None:
+    import editing.auto as auto_module
+
+    task = str(_user_task(tmp_path / "task", n=8))
+    calls: list[int] = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls, stop_at=1))
+    with pytest.raises(KeyboardInterrupt):
+        auto_edit(task, methods=["lora"], trials=3, model="tiny-gpt2", output_dir=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"--model.*tiny-gpt2.*tiny-llama.*--overwrite true"):
+        auto_edit(task, methods=["lora"], trials=3, model="tiny-llama", output_dir=str(tmp_path / "a"))
+    # a larger budget is not another search: it resumes
+    calls = []
+    monkeypatch.setattr(auto_module, "_run", _scripted_run(calls))
+    auto_edit(task, methods=["lora"], trials=4, model="tiny-gpt2", output_dir=str(tmp_path / "a"))
+    assert calls == [1, 2, 3, -1]
