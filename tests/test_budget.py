@@ -290,3 +290,79 @@ def test_no_shipped_config_stops_early() -> None:
     for path in configs:
         budget = (yaml.safe_load(path.read_text()) or {}).get("budget") or {}
         assert budget.get("patience") is None, f"{path} sets budget.patience: the paper trains every epoch"
+
+
+# --- issue 34 item 15: the test pair's epoch, as SPEC section 6 now words it ------------------------------------------
+def _reference_epoch(nlls: list[float], eps: float, v: int | None = None) -> int:
+    """SPEC section 6, written out: walk the epochs in order and keep the last one inside the ball (general NLL
+    strictly below (1 + eps) times epoch 0's; NaN never inside); on the test pair stop after epoch v. Epoch 0 always
+    qualifies. An epoch outside the ball is never the answer."""
+    chosen = 0
+    for epoch in range(len(nlls)):
+        if v is not None and epoch > v:
+            break
+        nll = nlls[epoch]
+        if nll == nll and nll < (1.0 + eps) * nlls[0]:
+            chosen = epoch
+    return chosen
+
+
+def _nlls(base: float, pattern: str, eps: float) -> list[float]:
+    """General NLLs from a pattern of 'i' (inside the ball) and 'o' (outside), epoch 0 first (always 'i')."""
+    inside, outside = base * (1 + 0.5 * eps), base * (1 + 3 * eps)
+    return [base] + [inside if c == "i" else outside for c in pattern[1:]]
+
+
+# validation pattern, test pattern: leave and re-enter the ball before v, at v, and after v
+CASES_ITEM_15 = [
+    ("iioii", "ioioiii"),   # v = 4; test: out at 1 and 3, in at 2 and 4 -> 4; the later returns (5, 6) are past v
+    ("iiiio", "iiooiii"),   # v = 3; test leaves at 2 and is outside at v: 1, not 3 (outside) nor 6 (past v)
+    ("ioooi", "ioooooi"),   # v = 4; test outside from 1 to 5: epoch 0; the return at 6 is past v
+    ("iooooo", "iiiiii"),   # v = 0: epoch 0 on the test pair whatever it does later
+    ("ioiio", "iiooi"),     # v = 3; test: 1 inside, 2 and 3 out: 1; 4 comes back but is past v
+    ("iiiiiii", "ioi"),     # v = 6, beyond the test's last epoch: the test's last inside (2)
+    ("iiiiiii", "iiioooo"),  # v = 6: the test's last inside among 0..6 (2), never the outside 3..6
+]
+
+
+@pytest.mark.parametrize("val,test", CASES_ITEM_15)
+def test_the_test_pairs_epoch_is_the_last_inside_among_epochs_0_to_v(val: str, test: str) -> None:
+    from editing.records import EpochRecord, ball_records
+
+    for eps in (1e-3, 1e-4, 1e-5):
+        key = ball_key(eps)
+        val_nlls, test_nlls = _nlls(4.0, val, eps), _nlls(3.0, test, eps)
+        v = _reference_epoch(val_nlls, eps)
+        assert choose_epochs(history(val_nlls), balls=(eps,)) == {key: v}
+        want = _reference_epoch(test_nlls, eps, v)
+        assert want == 0 or test[want] == "i"  # never an epoch outside the ball
+        assert choose_epochs(history(test_nlls), balls=(eps,), max_epoch={key: v}) == {key: want}
+        # any spelling of the ball's eps names the cap; the results file's ball record reports the same epoch
+        assert choose_epochs(history(test_nlls), balls=(eps,), max_epoch={repr(eps): v}) == {key: want}
+        epochs = [EpochRecord.from_dict({"epoch": i, "general_nll": n, "success_rate": i / 10, "targeted_nll": 1.0,
+                                         "hard_negative_nll": 1.0, "degradation": n / test_nlls[0] - 1})
+                  for i, n in enumerate(test_nlls)]
+        record = ball_records(epochs, (eps,), {key: v})[key]
+        assert record.epoch == want and record.metrics.general_nll == test_nlls[want]
+
+
+def test_the_test_pairs_epoch_on_random_histories_matches_the_reference() -> None:
+    import random
+
+    rng = random.Random(34)
+    balls = (1e-3, 1e-4, 1e-5)
+    for _ in range(300):
+        n = rng.randint(1, 11)  # epoch 0 and up to 10 epochs
+        base = rng.uniform(2.0, 6.0)
+        val = [base] + [base * (1 + 10 ** rng.uniform(-6.5, -2)) for _ in range(n - 1)]
+        test = [base] + [base * (1 + 10 ** rng.uniform(-6.5, -2)) for _ in range(rng.randint(0, 10))]
+        if rng.random() < 0.1 and len(test) > 1:
+            test[rng.randrange(1, len(test))] = float("nan")
+        caps = {ball_key(eps): _reference_epoch(val, eps) for eps in balls}
+        assert choose_epochs(history(val), balls) == caps
+        got = choose_epochs(history(test), balls, max_epoch=caps)
+        for eps in balls:
+            epoch = got[ball_key(eps)]
+            assert epoch == _reference_epoch(test, eps, caps[ball_key(eps)])
+            assert epoch <= caps[ball_key(eps)]
+            assert epoch == 0 or test[epoch] < (1 + eps) * test[0]
