@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editing.errors import ConfigError
+from editing.errors import ConfigError, user_error
 from editing.types import LossType, MethodName
 
 if TYPE_CHECKING:
@@ -177,10 +178,16 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         and ``.generate(prompt)``.
 
     Raises:
-        ConfigError: an argument that does not fit (the message names it and how to fix it).
+        ConfigError: an argument or setting that does not fit (the message names it and how to fix it: the error
+            ``editing fit`` prints for the same setting).
+        DataFormatError: a JSONL file of examples with a malformed line (the message names the file and line).
+        ModelNotAvailableError: a model that cannot be loaded here (a hub id without network).
     """
     if not isinstance(model, str) or not model:
         raise ConfigError(f"edit(model={model!r}): give a model name (e.g. 'smollm2-135m'), folder or hub id")
+    if _names_a_path(model) and not Path(model).expanduser().exists():
+        raise ConfigError(f"edit(model={model!r}): no such model folder or file; give a folder written by "
+                          "save_pretrained, a .gguf file, a hub id or a built-in name (e.g. 'smollm2-135m')")
     method = _typed(MethodName, method, "method")
     keys = _balls(ball, balls)
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
@@ -206,6 +213,13 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         # the command's parser has printed which option it refused and why
         raise ConfigError(f"edit(...): `editing fit` refused the settings (see its message above); it was given: "
                           f"{' '.join(args)}") from None
+    except Exception as err:
+        # jsonargparse wraps a setting's ConfigError (e.g. a negative learning rate) in a ValueError listing union
+        # subtypes; the user gets the error `editing fit` prints
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise cause from None
     return load_result(out, keys[0])
 
 
@@ -255,11 +269,19 @@ def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | Non
 
     Returns:
         A ``CombinedResult``: ``.model``, ``.record``, ``.generate(prompt)``.
+
+    Raises:
+        ConfigError: an edit that is neither an ``EditResult`` nor a folder, or a combination the rule refuses (two
+            folders holding the same edit among them).
     """
     from editing.combined import combine_edits, edit_task, evaluate_combined
 
     if isinstance(edits, (str, Path, EditResult)) or not isinstance(edits, Sequence) or not edits:
         raise ConfigError("combine(edits=...): give a list of edits (EditResult objects or edit folders)")
+    for i, e in enumerate(edits):
+        if not isinstance(e, (EditResult, str, os.PathLike)):
+            raise ConfigError(f"combine(edits[{i}]={e!r}): give an EditResult of edit() or an edit folder (a str or "
+                              "Path such as <run>/edits/ball_<eps>)")
     folders = [e.edit_folder() if isinstance(e, EditResult) else Path(e) for e in edits]
     module, parts = combine_edits(folders)
     if not evaluate:
@@ -356,9 +378,19 @@ def _balls(ball: float, balls: Sequence[float] | None) -> list[str]:
     return [chosen] + [k for k in keys if k != chosen]
 
 
+def _names_a_path(model: str) -> bool:
+    """Whether a model name can only mean a local path (a hub id is ``org/name``, a built-in name has no slash)."""
+    return model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
 def _run_folder(output_dir: str | Path | None) -> Path:
     if output_dir is not None:
-        return Path(output_dir).expanduser().resolve()
+        out = Path(output_dir).expanduser().resolve()
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"edit(output_dir={str(output_dir)!r}): {blocking} is a file, and the run folder "
+                              "must be a folder; give the path of a folder (made if missing)")
+        return out
     DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
     taken = {p.name for p in DEFAULT_ROOT.iterdir()}
     n = 0
@@ -387,13 +419,15 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
             if text.endswith((".yaml", ".yml")) and not Path(text).expanduser().is_file():
                 raise ConfigError(f"edit(examples={text!r}): no such task YAML")
             return str(Path(text).expanduser().resolve()) if text not in BUILTIN_TASKS else text
+    from editing.textfiles import not_text
+
     loss = LossType.GOOD if loss is None else _typed(LossType, loss, "loss")
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[loss]
     elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ConfigError(f"edit(threshold={threshold!r}): give a finite number (a score at most this succeeds)")
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"edit(name={name!r}): give the task a non-empty name")
+    if not isinstance(name, str) or not name.strip() or not_text(name) is not None:
+        raise ConfigError(f"edit(name={name!r}): give the task a non-empty name of UTF-8 text")
     kind = "pair" if loss.pair else "single"
     # every role checked before any file is written
     roles = {"canonical": _rows(examples, "examples", kind),
@@ -433,6 +467,8 @@ def _rows(examples: Examples, argument: str, kind: str) -> Path | list[dict]:
         raise ConfigError(f"edit({argument}=...): give a non-empty list of dicts such as "
                           f"{{{', '.join(repr(k) + ': ...' for k in FIELDS.get(kind, FIELDS['single']))}}}, or a "
                           "JSONL file")
+    from editing.textfiles import SURROGATE_FIX, not_text
+
     rows = []
     for i, row in enumerate(examples):
         if not isinstance(row, Mapping):
@@ -444,6 +480,9 @@ def _rows(examples: Examples, argument: str, kind: str) -> Path | list[dict]:
             if not isinstance(row.get(key), str):
                 raise ConfigError(f"edit({argument}[{i}]): key {key!r} is missing or not a string; each example needs "
                                   f"{', '.join(needed)}")
+            problem = not_text(row[key])
+            if problem is not None:
+                raise ConfigError(f"edit({argument}[{i}]): key {key!r}: {problem}; {SURROGATE_FIX}")
         rows.append(dict(row))
     return rows
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from editing.errors import ConfigError, EditingError
+from editing.errors import ConfigError, user_error
 
 
 class Command(NamedTuple):
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_command(name, func, rest, command.help)
     except Exception as err:  # noqa: BLE001 - only our own errors are turned into messages, others re-raise
-        cause = _editing_error(err)
+        cause = user_error(err)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
@@ -176,17 +176,6 @@ def check_config_files(args: list[str]) -> None:
             arg[len("--config="):] if arg.startswith("--config=") else None
         if path is not None and Path(path).is_file():
             load_yaml(path, "config file")
-
-
-def _editing_error(err: BaseException | None) -> EditingError | None:
-    """The user-facing error behind ``err`` (jsonargparse wraps errors raised while building classes)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, EditingError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -21,3 +21,22 @@ class ConfigError(EditingError, ValueError):
 
 class ModelNotAvailableError(EditingError, OSError):
     """A model cannot be loaded here (e.g. a hub id without network)."""
+
+
+def user_error(err: BaseException | None) -> EditingError | None:
+    """The user-facing error behind ``err``, or None: jsonargparse wraps an error raised while it builds classes
+    (a ``ConfigError`` of a setting's validation) in its own ``ValueError``, so the chain of causes is searched.
+
+    Args:
+        err: the exception caught.
+
+    Returns:
+        The first ``EditingError`` among ``err`` and its causes and contexts.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, EditingError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -203,3 +203,42 @@ def test_edits_made_through_the_api_combine_and_are_measured_on_their_own_tasks(
             assert not torch.allclose(combined, run.model(input_ids=ids).logits, atol=1e-5)
     with pytest.raises(EditingError, match="one task per edit"):
         combine(runs, tasks=["country_capital"])
+
+
+def test_refusals_are_the_clear_errors_the_command_line_gives(tmp_path) -> None:
+    """Issue 34 item 14: what ``editing fit`` reports as a one-line error (a negative learning rate, a missing model
+    folder) is that same error here, not jsonargparse's tree of union subtypes; bad ``output_dir`` and ``combine``
+    arguments and text a tokenizer cannot take are ``ConfigError``s naming the argument."""
+    from editing import combine, edit
+    from editing.errors import ConfigError, DataFormatError
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        edit("tiny-gpt2", EXAMPLES, epochs=1, output_dir=run, settings={**SHARED,
+                                                                         "model.init_args.optimizer.lr": -1e-3})
+    message = str(info.value)
+    assert "model.optimizer.lr=-0.001 must be a positive learning rate" in message and "Union" not in message
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match=rf"edit\(model='{missing}'\): no such model folder or file") as info:
+        edit(str(missing), EXAMPLES, epochs=1, output_dir=tmp_path / "run2")
+    assert "Union" not in str(info.value) and not (tmp_path / "run2").exists()
+    (tmp_path / "a_file").write_text("kept\n")
+    for output_dir in (tmp_path / "a_file", tmp_path / "a_file" / "run"):
+        with pytest.raises(ConfigError, match=rf"edit\(output_dir='{output_dir}'\): .*a_file is a file"):
+            edit("tiny-gpt2", EXAMPLES, output_dir=output_dir)
+    assert (tmp_path / "a_file").read_text() == "kept\n"
+    with pytest.raises(ConfigError, match=r"combine\(edits\[0\]=1\): give an EditResult"):
+        combine([1, 2])
+    with pytest.raises(ConfigError, match=r"combine\(edits\[1\]=None\)"):
+        combine([str(tmp_path), None])
+    lone = [{"prefix": "The capital of \ud800 Zorbia is", "suffix": " Quentaville"}]
+    with pytest.raises(ConfigError, match=r"edit\(examples\[0\]\): key 'prefix': character 16 is U\+D800, a lone "
+                                          r"surrogate"):
+        edit("tiny-gpt2", lone, output_dir=tmp_path / "run3")
+    with pytest.raises(ConfigError, match=r"edit\(evaluation\[0\]\): key 'suffix'"):
+        edit("tiny-gpt2", EXAMPLES, evaluation=[{"prefix": "a", "suffix": " b\udfff"}], output_dir=tmp_path / "run3")
+    assert not (tmp_path / "run3").exists()
+    jsonl = tmp_path / "lone.jsonl"
+    _jsonl(jsonl, [*EXAMPLES, *lone])  # json.dumps writes the surrogate as the escape \ud800
+    with pytest.raises(DataFormatError, match=rf"{jsonl}, line 5: field 'prefix': character 16 is U\+D800"):
+        edit("tiny-gpt2", jsonl, epochs=1, output_dir=tmp_path / "run4", settings=SHARED)
