@@ -14,7 +14,7 @@ from torch import nn
 from editing.errors import ConfigError
 from editing.methods.base import EditingModule
 from editing.methods.registry import AppliedEdit, edit_loader
-from editing.models.loading import ModelConfig
+from editing.models.loading import ModelConfig, fingerprint_matches
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_edited(edit: str | Path, base: ModelConfig | None = None, allow_unverif
     load = edit_loader(kind, method, str(folder))
     base = base or ModelConfig(name=identity["name"], precision="fp32")
     module = EditedModule(base)
-    if module.identity["fingerprint"] != identity.get("fingerprint"):
+    if not fingerprint_matches(identity.get("fingerprint"), module.identity, module.model):
         raise ConfigError(
             f"edit {folder} was made on {identity.get('name')!r} (fingerprint {identity.get('fingerprint')}), not on "
             f"{module.identity['name']!r} (fingerprint {module.identity['fingerprint']})"

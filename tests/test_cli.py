@@ -52,11 +52,11 @@ def test_validate_writes_results(validate_run, tiny_module, data_root):
     assert counts["evaluation"] == 8 and counts["hard_negatives"] == 8
     assert counts["general_tokens"] > 0 and counts["targeted_tokens"] > 0
 
-    # the model identity: the same weights as the library's tiny-gpt2 (fingerprint of the fp32 weights)
+    # the model identity: the same weights as the library's tiny-gpt2 (content hash of the fp32 weights)
     model = record["model"]
     module = tiny_module("tiny-gpt2")
     assert model["name"] == "tiny-gpt2" and model["precision"] == "fp32"
-    assert model["fingerprint"] == module.identity["fingerprint"] and len(model["fingerprint"]) == 16
+    assert model["fingerprint"] == module.identity["fingerprint"] and model["fingerprint"].startswith("sha256:")
     assert model["num_parameters"] == module.identity["num_parameters"]
 
     files = record["data_files"]

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from editing.cache_files import read_entry, write_entry
+from editing.digests import code_digest, library_versions
 from editing.evaluation.evaluator import Evaluator
 from editing.evaluation.incremental import (
     COUNTERS,
@@ -48,15 +50,16 @@ from editing.evaluation.incremental import (
     tensor_digest,
 )
 from editing.evaluation.scorer import TokenScorer
-from editing.files import save_atomically
 from editing.models.architecture import base_model
 from editing.paths import evaluation_cache_dir
 
 log = logging.getLogger(__name__)
 
 SWITCH_ENV = "EDITING_EVAL_CACHES"
-FORMAT = 1
-"""Bumped when what a cache entry holds, or how it is computed, changes."""
+EVALUATION_CODE = ("editing.evaluation.caching",)
+"""The modules whose code computes what the evaluation caches hold (with everything they import in the package):
+their digest is in every key, so a change to the evaluator, the scorer, the losses or the metrics (or a function
+patched in at run time) is a miss, never a stale hit."""
 
 
 @dataclass
@@ -89,8 +92,6 @@ _VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "use_cache", "archi
 
 def model_material(model: nn.Module, identity: dict) -> dict:
     """The model's part of a cache key: weights (the load-time fingerprint), config, precision and where it runs."""
-    import transformers
-
     inner = base_model(model)
     config = {k: v for k, v in inner.config.to_dict().items() if k not in _VOLATILE_CONFIG}
     param = next(model.parameters())
@@ -99,7 +100,7 @@ def model_material(model: nn.Module, identity: dict) -> dict:
         "precision": identity.get("precision"), "dtype": str(param.dtype), "device": param.device.type,
         "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
         "attention": getattr(inner.config, "_attn_implementation", None),
-        "torch": torch.__version__, "transformers": transformers.__version__, "format": FORMAT,
+        "libraries": library_versions(), "code": code_digest(*EVALUATION_CODE),
     }
 
 
@@ -160,40 +161,24 @@ class CacheEntry:
     Args:
         kind: the sub-folder (what is cached: ``p0``, ``memit_targets``).
         material: everything the tensors depend on.
+        finite: an entry holding NaN or infinite values is never served (numbers that cannot be such, e.g. targets).
     """
 
-    def __init__(self, kind: str, material: dict) -> None:
+    def __init__(self, kind: str, material: dict, finite: bool = False) -> None:
+        self.kind = kind
+        self.finite = finite
         self.material = material
         self.key = key_of(material)
         self.path = cache_root() / kind / f"{self.key}.safetensors"
 
     def load_tensors(self) -> dict[str, torch.Tensor] | None:
-        """The cached tensors, or None (absent, unreadable, or made for other material)."""
-        if not self.path.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(self.path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        except Exception as err:  # noqa: BLE001 - any unreadable entry (safetensors raises its own error type)
-            log.warning("cache entry %s is unreadable (%s); computing it again", self.path, err)
-            return None
-        if json.loads(meta.get("material", "null")) != json.loads(json.dumps(self.material, default=str)):
-            return None
-        return tensors
+        """The cached tensors, or None (absent, unreadable, made for other material, or changed since written:
+        ``editing.cache_files.read_entry`` checks the content hash and says why it misses)."""
+        return read_entry(self.path, self.material, what=f"{self.kind} cache entry", finite=self.finite)
 
     def store_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write the tensors (atomically; an entry another process wrote meanwhile is kept)."""
-        from safetensors.torch import save_file
-
-        tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
-        meta = {"material": json.dumps(self.material, default=str)}
-        try:
-            save_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), keep_existing=True)
-        except OSError as err:  # the run goes on; the next one computes the entry again
-            log.warning("could not write the cache entry %s (%s)", self.path, err)
+        """Write the tensors (atomically; a full or read-only cache folder only costs the entry, with a warning)."""
+        write_entry(self.path, tensors, self.material, what=f"{self.kind} cache entry")
 
 
 class P0Cache(CacheEntry):

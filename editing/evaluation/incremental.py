@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from editing.cache_files import read_entry, write_entry
 from editing.data.batching import IGNORE
+from editing.digests import tensor_sha256
 from editing.errors import ConfigError
 from editing.evaluation.scorer import capture_final_hidden, head_nll, scored_nll, token_nll
-from editing.files import save_atomically
 from editing.models.architecture import backpack_of, blocks
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,16 @@ def first_changed_block(model: nn.Module, changed: Iterable[torch.Tensor]) -> in
 
 
 def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A short hash of named tensors' shapes and values (per-tensor sums, as the model fingerprint): keys a cache
-    to the weights it was computed with, so that weights changed since are never served stale results."""
-    digest = hashlib.sha256()
-    for name, tensor in tensors:
-        t = tensor.detach().to(torch.float64)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{t.sum().item():.12e}:{t.abs().sum().item():.12e};".encode())
-    return digest.hexdigest()[:16]
+    """Content hash of named tensors (names, dtypes, shapes, exact bytes, in the order given): keys a cache to the
+    weights or the selection it was computed with, so that anything changed since misses it."""
+    return tensor_sha256(list(tensors), sort=False)[:32]
 
 
 def prefix_digest(model: nn.Module, start: int) -> str:
-    """Digest of every weight of ``model`` outside blocks ``start..`` (embeddings, blocks below ``start``, ...)."""
+    """Content hash of every weight of ``model`` outside blocks ``start..`` (embeddings, blocks below ``start``)."""
     later = {id(t) for block in blocks(model)[start:] for t in (*block.parameters(), *block.buffers())}
     named = [*model.named_parameters(), *model.named_buffers()]
-    return tensor_digest(sorted((n, t) for n, t in named if id(t) not in later))
+    return tensor_digest(sorted(((n, t) for n, t in named if id(t) not in later), key=lambda item: item[0]))
 
 
 def key_of(material: dict) -> str:
@@ -165,16 +162,7 @@ class BatchStore:
             return entries[name]
         if self.folder is None:
             return None
-        path = self._file(name)
-        if not path.is_file():
-            return None
-        try:
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - unreadable (safetensors has its own error type): recompute
-            log.warning("evaluation cache entry %s is unreadable (%s); computing it again", path, err)
-            return None
+        return read_entry(self._file(name), {"key": self.key, "batch": name}, what="evaluation cache entry")
 
     def put(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Keep the entry of batch ``name`` (in memory if the budget allows, else on disk)."""
@@ -185,14 +173,8 @@ class BatchStore:
             _MEMORY.setdefault(self.key, {})[name] = tensors
             _MEMORY.move_to_end(self.key)
             return
-        if self.folder is None:
-            return
-        from safetensors.torch import save_file
-
-        try:
-            save_atomically(self._file(name), lambda tmp: save_file(tensors, str(tmp)), keep_existing=True)
-        except OSError as err:  # a full disk costs speed, not the fit
-            log.warning("could not write evaluation cache entry %s (%s)", self._file(name), err)
+        if self.folder is not None:  # a full or read-only folder costs speed, not the fit (write_entry warns)
+            write_entry(self._file(name), tensors, {"key": self.key, "batch": name}, what="evaluation cache entry")
 
     def _reserve(self, size: int, old: int) -> bool:
         while memory_bytes() - old + size > self.memory_bytes:
