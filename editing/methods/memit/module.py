@@ -194,7 +194,9 @@ class MEMITEditor(EditingModule):
                 self.model, self.memit_layers, texts, fingerprint=self.identity["fingerprint"],
                 corpus_sha=datamodule.sha256("regularization"), samples=self.memit_config.covariance_samples,
                 precision=self.base_config.precision, batch_size=self.memit_config.covariance_batch_size,
-                pad_id=self._pad_id, progress=progress)
+                pad_id=self._pad_id, progress=progress,
+                tokenizer=self.base_config.tokenizer or getattr(self.tokenizer, "name_or_path", None),
+                max_length=self.max_length)
 
     @property
     def _pad_id(self) -> int:

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from editing.cache_files import canonical_json, expect_shapes, read_entry, write_entry
+from editing.cache_keys import computation_material
 from editing.data.batching import IGNORE, collate
 from editing.data.tokenize import TokenizedExample
 from editing.errors import ConfigError
-from editing.files import save_atomically
 from editing.paths import cache_dir
 from editing.types import LossType
 
@@ -68,26 +69,62 @@ def background_usage(model, texts: list[TokenizedExample], vocab_size: int, num_
     return (total / max(1, len(texts))).view(vocab_size, num_senses).float().cpu()
 
 
-def background_cache_path(fingerprint: str, texts: list[TokenizedExample], vocab_size: int, num_senses: int) -> Path:
-    """Where the background of (model, R) is cached: keyed by the weights' fingerprint and R's token ids."""
+BACKGROUND_CODE = ("editing.methods.senses.selection",)
+"""The code that computes a background (``background_usage`` and what it imports); the model's own package code is
+added from the model (``editing.cache_keys.model_code_modules``)."""
+
+
+def _texts_digest(texts: list[TokenizedExample]) -> str:
     digest = hashlib.sha256()
     for text in texts:
         for seq in text.sequences:
             digest.update(torch.tensor(seq.ids, dtype=torch.int64).numpy().tobytes())
             digest.update(b"|")
-    key = f"{vocab_size}x{num_senses}_{len(texts)}texts_{digest.hexdigest()[:16]}"
-    return cache_dir() / "sense_background" / fingerprint / f"{key}.pt"
+        digest.update(b"#")
+    return digest.hexdigest()
+
+
+def background_material(model, fingerprint: str, texts: list[TokenizedExample], vocab_size: int, num_senses: int,
+                        pad_id: int, batch_texts: int) -> dict:
+    """Everything a background depends on (its cache key).
+
+    Key covers: the weights (``fingerprint``, a content hash of the fp32 weights), the dtype and device the model
+    runs in now (read from its parameters) with the matmul precision and autocast state, R's token ids text by text
+    (which covers R's file, the tokenizer and ``max_length``), the vocabulary and sense counts, the padding id and
+    ``batch_texts`` (padding and batch shapes change the last bits of a sum), the code digest of this module's import
+    closure and of the model's package classes, and the torch/transformers/python versions.
+    Why that is enough: ``background_usage`` is a function of exactly these: the model's forward pass (weights,
+    dtype, device, kernels, code) on the batches built from R's ids.
+    """
+    return {"kind": "sense background", "fingerprint": fingerprint,
+            **computation_material(model, *BACKGROUND_CODE), "texts": _texts_digest(texts), "count": len(texts),
+            "vocab_size": int(vocab_size), "num_senses": int(num_senses), "pad_id": int(pad_id),
+            "batch_texts": int(batch_texts)}
+
+
+def background_cache_path(material: dict) -> Path:
+    """Where the background of ``material`` (``background_material``) is cached."""
+    key = hashlib.sha256(canonical_json(material).encode()).hexdigest()[:24]
+    name = f"{material['vocab_size']}x{material['num_senses']}_{material['count']}texts_{key}.safetensors"
+    return cache_dir() / "sense_background" / str(material["fingerprint"]).replace(":", "-") / name
 
 
 def cached_background(model, fingerprint: str, texts: list[TokenizedExample], vocab_size: int, num_senses: int,
                       pad_id: int, batch_texts: int = 8, progress: bool = True) -> torch.Tensor:
-    """``background_usage``, read from the cache when (model, R) was seen before, else computed and cached."""
-    path = background_cache_path(fingerprint, texts, vocab_size, num_senses)
-    if path.is_file():
+    """``background_usage``, read from the cache when the same computation was made before, else computed and
+    cached (see ``background_material`` for the key). An entry that is damaged, changed since it was written, of
+    another shape or holding NaN is recomputed with a warning naming it; a cache folder that cannot be written costs
+    the cache only."""
+    material = background_material(model, fingerprint, texts, vocab_size, num_senses, pad_id, batch_texts)
+    path = background_cache_path(material)
+    found = read_entry(path, material, what="sense background", finite=True,
+                       check=expect_shapes({"background": (vocab_size, num_senses)}))
+    if found is not None:
         log.info("sense background: reusing %s", path)
-        return torch.load(path, weights_only=True)
+        return found["background"]
     usage = background_usage(model, texts, vocab_size, num_senses, pad_id, batch_texts, progress)
-    save_atomically(path, lambda tmp: torch.save(usage, tmp), overwrite=True)
+    if bool(torch.isfinite(usage).all()):
+        write_entry(path, {"background": usage}, material, what="sense background")
     return usage
 
 
