@@ -278,3 +278,108 @@ def test_shipped_configs_keep_the_papers_epoch_rule(path: Path) -> None:
     patience = [value for key, value in _keys(node, []) if key == "patience" and value is not None]
     assert not patience, f"{path.relative_to(CONFIG_DIR)} sets patience {patience}"
     assert "EarlyStopping" not in path.read_text(), f"{path.relative_to(CONFIG_DIR)} adds an early-stopping callback"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 34 item 18: every method file composed with every model preset resolves to that model's settings
+# ----------------------------------------------------------------------------------------------------------------
+# Each transformer preset's architecture, from its Hugging Face config (model type, transformer layers), and the
+# MEMIT layers it must edit: the reference's choice where it has one (GPT-2 small and GPT-J 3..8, Llama-2-7B 4..8;
+# SmolLM2 the same early-middle block, 3..8), otherwise a block of six layers from a tenth of the depth (rounded),
+# cut at the last layer.
+PRESET_MEMIT_LAYERS = {
+    "gpt2": (("gpt2", 12), [3, 4, 5, 6, 7, 8]),
+    "gpt-j-6b": (("gptj", 28), [3, 4, 5, 6, 7, 8]),
+    "llama-2-7b": (("llama", 32), [4, 5, 6, 7, 8]),
+    "smollm2-135m": (("llama", 30), [3, 4, 5, 6, 7, 8]),
+    "pythia-70m": (("gpt_neox", 6), [1, 2, 3, 4, 5]),
+    "pythia-160m": (("gpt_neox", 12), [1, 2, 3, 4, 5, 6]),
+    "pythia-410m": (("gpt_neox", 24), [2, 3, 4, 5, 6, 7]),
+    "pythia-1b": (("gpt_neox", 16), [2, 3, 4, 5, 6, 7]),
+    "pythia-1.4b": (("gpt_neox", 24), [2, 3, 4, 5, 6, 7]),
+    "pythia-2.8b": (("gpt_neox", 32), [3, 4, 5, 6, 7, 8]),
+    "pythia-6.9b": (("gpt_neox", 32), [3, 4, 5, 6, 7, 8]),
+}
+BACKPACK_PRESETS = {"backpack-gpt2", "smollm2-135m-backpack"}  # MEMIT does not edit Backpacks
+
+
+def test_every_model_preset_has_its_memit_layers_here() -> None:
+    assert set(PRESET_MEMIT_LAYERS) | BACKPACK_PRESETS == {p.stem for p in MODELS}
+
+
+def _architecture_model(model_type: str, layers: int):
+    """A random model of ``model_type`` with the preset's number of layers and a tiny width."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+
+    config = {"gpt2": lambda: GPT2Config(vocab_size=64, n_embd=16, n_layer=layers, n_head=2, n_positions=64),
+              "gptj": lambda: GPTJConfig(vocab_size=64, n_embd=16, n_layer=layers, n_head=2, rotary_dim=4,
+                                         n_positions=64),
+              "llama": lambda: LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                           max_position_embeddings=64),
+              "gpt_neox": lambda: GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                num_hidden_layers=layers, num_attention_heads=2,
+                                                max_position_embeddings=64)}[model_type]()
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("preset", MODELS, ids=_ids(MODELS))
+@pytest.mark.parametrize("fit", FIT, ids=_ids(FIT))
+def test_method_file_with_model_preset_resolves_to_the_models_settings(fit: Path, preset: Path, capsys, monkeypatch):
+    """``fit/<method>.yaml`` + ``models/<preset>.yaml``: the preset's model, the method's settings, and nothing in the
+    method file that belongs to one model (MEMIT's layers: the model's own default, built here on a random model of
+    the preset's architecture)."""
+    monkeypatch.chdir(REPO_DIR)
+    printed = _printed(capsys, ["fit", "--config", str(fit), "--config", str(preset)])
+    _assert_keeps(printed, preset)
+    method = {k: v for k, v in _normalize(yaml.safe_load(fit.read_text()))["model"].items()
+              if k not in ("base", "class_path")}
+    for key_path, value in _leaves(method):
+        assert _get(printed["model"], key_path) == value, key_path
+    if fit.stem != "memit" or preset.stem in BACKPACK_PRESETS:
+        return
+    assert printed["model"]["memit"].get("layers") is None, "fit/memit.yaml pins layers for every model"
+    import editing.methods.base as base_module
+    from editing.methods.memit.config import MEMITConfig
+    from editing.methods.memit.module import MEMITEditor
+    from editing.models.loading import LoadedModel, load_model
+
+    (model_type, layers), want = PRESET_MEMIT_LAYERS[preset.stem]
+    tokenizer = load_model(name="tiny-gpt2").tokenizer
+    monkeypatch.setattr(base_module, "load_model",
+                        lambda config: LoadedModel(_architecture_model(model_type, layers).eval(), tokenizer, 64))
+    editor = MEMITEditor(memit=MEMITConfig(**printed["model"]["memit"]))
+    assert editor.memit_layers == want
+
+
+def test_memit_layers_outside_the_model_are_a_config_error_naming_the_setting_and_the_layer_count() -> None:
+    from editing.errors import ConfigError
+    from editing.methods.memit.config import MEMITConfig
+    from editing.methods.memit.module import MEMITEditor
+    from editing.models.loading import ModelConfig
+
+    # tiny-neox has 4 layers: the old fit/memit.yaml's 3..8 names four that do not exist
+    with pytest.raises(ConfigError, match=r"model\.init_args\.memit\.layers.*\[4, 5, 6, 7, 8\].*4 layers"):
+        MEMITEditor(base=ModelConfig(name="tiny-neox"), memit=MEMITConfig(layers=[3, 4, 5, 6, 7, 8]))
+    assert MEMITEditor(base=ModelConfig(name="tiny-neox"), memit=MEMITConfig()).memit_layers == [0, 1, 2, 3]
+
+
+def test_memits_search_space_is_written_once() -> None:
+    """The MEMIT ranges of SPEC section 6 live in lightning_configs/sweeps/memit.yaml only (the sweep reads it): no
+    second copy in the package's code to drift from it."""
+    import ast
+
+    import editing.methods.memit as memit_package
+    from editing.paths import PACKAGE_DIR
+    from editing.sweep import load_space
+
+    space = load_space("memit")
+    assert {k: (p.kind, list(p.args)) for k, p in space.items()} == {
+        "model.init_args.memit.clamp_norm_factor": ("log10_uniform", [-1.35, 0.0]),
+        "model.init_args.memit.covariance_weight": ("int_uniform", [9000, 75000]),
+        "model.init_args.memit.kl_factor": ("uniform", [0.001, 0.1])}
+    assert not hasattr(memit_package, "SWEEP_SPACE")
+    for path in PACKAGE_DIR.rglob("*.py"):
+        numbers = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, (int, float))}
+        assert not {1.35, 75000} & numbers, f"{path} holds a copy of MEMIT's search space"

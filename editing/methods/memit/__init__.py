@@ -1,6 +1,6 @@
 """MEMIT: closed-form edits of the MLP down projections, with cached covariance statistics (SPEC section 10)."""
 
-from editing.methods.memit.config import SWEEP_SPACE, MEMITConfig
+from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.edit import write_memit_edit
 from editing.methods.memit.module import MEMITEditor
 from editing.methods.registry import MethodSpec, register
@@ -10,4 +10,4 @@ from editing.types import MethodName
 register(MethodSpec(MethodName.MEMIT, MEMITEditor, MEMITConfig, edit_kind=TENSORS_KIND, write_edit=write_memit_edit,
                     load_edit=load_tensor_edit))
 
-__all__ = ["SWEEP_SPACE", "MEMITConfig", "MEMITEditor"]
+__all__ = ["MEMITConfig", "MEMITEditor"]

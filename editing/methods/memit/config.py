@@ -1,4 +1,5 @@
-"""MEMIT settings (SPEC section 10), their sweep ranges (SPEC section 6) and per-model layer defaults."""
+"""MEMIT settings (SPEC section 10) and per-model layer defaults. The sweep ranges (SPEC section 6) are written once,
+in ``lightning_configs/sweeps/memit.yaml``, which the sweep and ``editing auto`` read."""
 
 from __future__ import annotations
 
@@ -8,14 +9,6 @@ from typing import Literal
 from editing.errors import ConfigError
 
 Supervision = Literal["standard", "oracle"]
-
-# SPEC section 6: the random-search distributions of the reference sweeps for MEMIT. The sweep system reads this:
-# "log10_uniform" draws 10^U(low, high), "int_uniform" an integer in [low, high], "uniform" U(low, high).
-SWEEP_SPACE: dict[str, tuple[str, float, float]] = {
-    "clamp_norm_factor": ("log10_uniform", -1.35, 0.0),
-    "covariance_weight": ("int_uniform", 9000, 75000),
-    "kl_factor": ("uniform", 0.001, 0.1),
-}
 
 # Edited layers per (model type, number of layers): the reference's choices where it has one (GPT-2 small and
 # GPT-J: 3..8; GPT-2 XL: 13..17; Llama-2-7B: 4..8), and for the 30-layer SmolLM2 the same early-middle block as
@@ -44,22 +37,22 @@ ORACLE_DEFAULTS: dict[str, dict[str, str]] = {
 class MEMITConfig:
     """MEMIT: closed-form updates of the MLP down projections of a block of layers (SPEC section 10).
 
-    Sweep ranges (SPEC section 6, also in ``editing.methods.memit.config.SWEEP_SPACE``): clamp_norm_factor
-    10^U(-1.35, 0), covariance_weight U{9000..75000}, kl_factor U(0.001, 0.1).
+    Sweep ranges: ``lightning_configs/sweeps/memit.yaml`` (SPEC section 6).
     """
 
     layers: list[int] | None = None
-    """Edited layers, 0-based and ascending (default: per model, e.g. 3..8 for GPT-2 small, GPT-J and SmolLM2;
-    otherwise a block of six layers starting at a tenth of the depth). The target vectors live at the last one."""
+    """Edited layers, 0-based and ascending (default, None: per model, ``DEFAULT_LAYERS``, e.g. 3..8 for GPT-2 small,
+    GPT-J and SmolLM2, 4..8 for Llama-2-7B; otherwise a block of six layers starting at a tenth of the depth). The
+    target vectors live at the last one. The shipped configs leave it unset, so that a model preset gets its own."""
     clamp_norm_factor: float = 0.75
     """The residual change delta at the last edited layer is clamped to this times the norm of the original
-    hidden state (sweep: 10^U(-1.35, 0))."""
+    hidden state (swept, lightning_configs/sweeps/memit.yaml)."""
     covariance_weight: float = 15000.0
     """lambda: weight of the covariance statistics C against the new keys in (lambda C + K K^T)
-    (sweep: U{9000..75000})."""
+    (swept, lightning_configs/sweeps/memit.yaml)."""
     kl_factor: float = 0.0625
     """Weight of KL(p0 || p) at the subject's last token of an "<subject> is a" prompt while optimizing the
-    targets (sweep: U(0.001, 0.1))."""
+    targets (swept, lightning_configs/sweeps/memit.yaml)."""
     steps: int = 20
     """Adam steps optimizing each target vector."""
     lr: float = 0.5
@@ -114,14 +107,26 @@ class MEMITConfig:
             raise ConfigError(f"memit.layers={self.layers!r} must be a non-empty ascending list of distinct layers")
 
 
-def resolve_layers(cfg: MEMITConfig, model_type: str, total: int) -> list[int]:
-    """The layers to edit: ``cfg.layers``, the model's default, or a block of six from a tenth of the depth."""
-    if cfg.layers is not None:
-        bad = [layer for layer in cfg.layers if not 0 <= layer < total]
-        if bad:
-            raise ConfigError(f"memit.layers has {bad}, outside the model's layers 0..{total - 1}")
-        return list(cfg.layers)
+def default_layers(model_type: str | None, total: int) -> list[int]:
+    """A model's default edited layers: ``DEFAULT_LAYERS``, or a block of six from a tenth of the depth."""
     if (model_type, total) in DEFAULT_LAYERS:
         return list(DEFAULT_LAYERS[(model_type, total)])
     start = min(total - 1, round(0.1 * total))
     return list(range(start, min(total, start + 6)))
+
+
+def resolve_layers(cfg: MEMITConfig, model_type: str | None, total: int) -> list[int]:
+    """The layers to edit: ``cfg.layers``, else the model's default (``default_layers``).
+
+    Raises:
+        ConfigError: a layer given is not one of the model's ``total`` layers.
+    """
+    if cfg.layers is not None:
+        bad = [layer for layer in cfg.layers if not 0 <= layer < total]
+        if bad:
+            raise ConfigError(f"model.init_args.memit.layers={list(cfg.layers)} names layer(s) {bad}, but the model "
+                              f"({model_type or 'this model'}) has {total} layers (0..{total - 1}): leave "
+                              f"model.init_args.memit.layers out for the model's default "
+                              f"{default_layers(model_type, total)}, or give layers below {total}")
+        return list(cfg.layers)
+    return default_layers(model_type, total)
