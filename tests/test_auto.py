@@ -583,3 +583,32 @@ def test_an_interrupted_search_resumed_with_other_settings_is_refused(tmp_path, 
     monkeypatch.setattr(auto_module, "_run", _scripted_run(calls))
     auto_edit(task, methods=["lora"], trials=4, model="tiny-gpt2", output_dir=str(tmp_path / "a"))
     assert calls == [1, 2, 3, -1]
+
+
+def test_a_search_interrupted_in_its_final_fit_resumes_with_the_real_fits_kept(tmp_path, data_root) -> None:
+    facts = _facts(tmp_path / "t")
+    out = tmp_path / "auto"
+    fits: list[str] = []
+
+    def runner(args, log_path, deadline):
+        fits.append(Path(log_path).parent.name)
+        if Path(log_path).parent.name == "final":
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(log_path).write_text("interrupted\n")
+            raise KeyboardInterrupt  # Ctrl-C while the final fit runs
+        return run_fit_until(args, log_path, None)
+
+    kw = dict(methods=["lora"], ball=0.5, trials=1, model="tiny-gpt2", output_dir=str(out), epochs=1,
+              args=TINY_ARGS)
+    with pytest.raises(KeyboardInterrupt):
+        auto_edit(str(facts), runner=runner, **kw)
+    trial_results = (out / "trial_0" / "results.json").read_text()
+    assert fits == ["trial_0", "final"] and (out / "auto.progress.json").is_file()
+    fits.clear()
+    result = auto_edit(str(facts), runner=lambda a, p, d: fits.append(Path(p).parent.name) or run_fit_until(a, p, d),
+                       **kw)
+    assert fits == ["final"]  # the finished trial is not fitted again
+    assert (out / "trial_0" / "results.json").read_text() == trial_results
+    assert result.final is not None and result.final.ok and result.edit is not None
+    assert not (out / "auto.progress.json").exists() and (out / "auto.json").is_file()
+    assert [p.name.split(".")[0] for p in out.glob("final.interrupted-*")] == ["final"]
