@@ -5,11 +5,34 @@ evaluation computed incrementally (``editing.evaluation.incremental``).
 hyperparameters or the seed: every fit, sweep trial and seed on the same model and data reuses it. What is cached is
 the ``Evaluator``'s metric states after the pass (sums, token counts, per-example scores of every set), so a fit that
 reads them computes its summary with today's code, and a metric added later changes the key (the key lists every
-metric's states). The key covers the model (weight fingerprint, config, precision, dtype, device type, torch and
-transformers versions), the data (task, loss and threshold, every evaluation file's hash and its tokenized examples,
-so limits, tokenizer and context length are in it) and the batching. A method whose p0 is the base model (all
-built-in ones; ``EditingModule.p0_is_base``) computes epoch 0 on its model before any step, which is then p0 bit for
-bit, and stores it; one whose p0 differs is never served from the cache.
+metric's states). A method whose p0 is the base model (all built-in ones; ``EditingModule.p0_is_base``) computes
+epoch 0 on its model before any step, which is then p0 bit for bit, and stores it; one whose p0 differs is never
+served from the cache.
+
+**What each key covers, and why that is enough** (issue 34; the table of every cache is in docs/architecture.md):
+
+- *p0* (``<root>/p0/``): the model (its weights' content hash from loading, config, precision, dtype, device type,
+  attention implementation), the data (task, loss, threshold; per evaluated role the file's SHA-256 and the exact
+  token ids of every example with its scored positions, so limits, the tokenizer, context length and truncation are
+  in it), the batching (``max_tokens``, ``max_examples``), the evaluator's metrics and their states, the number of
+  processes (it orders the reduction), the library versions (torch, transformers, Python) and the digest of the
+  evaluation code (``EVALUATION_CODE``: the evaluator, scorer, metrics, losses and all they import in the package,
+  including a function patched in at run time). p0's numbers are a function of exactly these: the weights and the
+  token ids enter the forward pass, the rest decides how it is computed and summed.
+- *prefix* (``<root>/prefix/<key>/``): the same model and data material, the first block the edit may change, and
+  the content hash of every weight outside the blocks from there up, taken on the live model at each epoch: the
+  captured hidden states depend only on those weights and the token ids.
+- *senses* (``<root>/senses/<key>/``): the same, the content hash of the whole live state (deltas excluded, they are
+  not in the model's state dict) and of the selected (word, sense) pairs in their order, which fix the columns the
+  deltas are added to.
+- *memit_targets* (``<root>/memit_targets/``, written by ``editing.methods.memit``): the model material, the digest
+  of the target code (``editing.methods.memit.compute``), the exact rows (token ids and positions), the loss and the
+  target settings; entries holding NaN/Inf are never served.
+
+Every entry is one safetensors file written and read by ``editing.cache_files``: its material and the content hash of
+its tensors are in its metadata and checked when it is read, so an entry damaged, truncated or changed since it was
+written is a miss (recomputed, with a warning naming the file), and a full or read-only cache folder costs the entry,
+never the run.
 
 Entries are single files written atomically (``editing.files``): concurrent workers may both compute an entry and
 write it, and either copy is the same; an interrupted writer leaves nothing behind, so a half-written entry is never
