@@ -161,3 +161,35 @@ def test_an_unwritable_cache_folder_costs_the_cache_not_the_evaluation(data_root
         epoch = evaluate_epoch(module, dm, 1, settings, announce=False)
     assert p0 == reference and epoch == reference
     assert any("could not write" in r.getMessage() for r in caplog.records)
+
+
+def test_an_edit_saved_with_the_old_sum_fingerprint_still_loads_and_a_wrong_one_is_refused(tmp_path) -> None:
+    """Edits saved before content hashes recorded a 16-character fingerprint of per-tensor sums: they load on the
+    model they name (recomputed the old way from the fp32 weights), and one naming other weights is refused."""
+    import json
+
+    from edit_kinds import make_edit
+
+    from editing.edits import load_edited
+    from editing.errors import ConfigError
+
+    folder = make_edit("full", tmp_path / "edit", seed=1, scale=0.05)
+    new = load_edited(folder)
+    identity_file = folder / "base_model.json"
+    identity = json.loads(identity_file.read_text())
+    assert identity["fingerprint"].startswith("sha256:")
+    # the old fingerprint, written here as the old code did: per-tensor sums and sums of absolute values
+    import hashlib
+
+    digest = hashlib.sha256()
+    base = load_model(name="tiny-gpt2", precision="fp32").model
+    for name, tensor in sorted(base.state_dict().items()):
+        t = tensor.detach().to(torch.float64)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{t.sum().item():.10e}:{t.abs().sum().item():.10e};".encode())
+    identity_file.write_text(json.dumps({**identity, "fingerprint": digest.hexdigest()[:16]}))
+    old = load_edited(folder)
+    for (name, a), (_, b) in zip(new.model.state_dict().items(), old.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    identity_file.write_text(json.dumps({**identity, "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match="fingerprint"):
+        load_edited(folder)
