@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
 from editing.data.corpus import CorpusDataModule
 from editing.errors import ConfigError
@@ -152,13 +153,13 @@ def test_an_interrupted_fill_resumes_at_the_missing_shards_and_gives_the_same_ca
     dm = data(corpus, module)
     cache = module.fill_teacher_cache(dm, progress=False)
     assert cache.num_shards >= 3 and not cache.missing_shards()
-    first = {s: torch.load(cache.shard_path(s), weights_only=True) for s in range(cache.num_shards)}
+    first = {s: load_file(cache.shard_path(s)) for s in range(cache.num_shards)}
     stamps = {s: cache.shard_path(s).stat().st_mtime_ns for s in range(cache.num_shards)}
     cache.shard_path(1).unlink()  # what a pass stopped during shard 1 leaves: no shard 1 (writes are atomic)
     again = distiller(tmp_path, top_k=7).fill_teacher_cache(dm, progress=False)
     assert again.folder == cache.folder
     for shard in range(cache.num_shards):
-        now = torch.load(cache.shard_path(shard), weights_only=True)
+        now = load_file(cache.shard_path(shard))
         assert set(now) == {"hidden", "topk_logp", "topk_ids", "tail_logp"}
         for key, value in first[shard].items():
             assert torch.equal(now[key], value), (shard, key)
@@ -239,13 +240,13 @@ def test_cache_teacher_command_fills_the_cache_distill_reads(tmp_path, corpus, c
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("teacher cache ") and "top_k 12" in line
     (cache,) = [p for p in folder.iterdir() if p.is_dir()]
-    shards = sorted(p.name for p in cache.glob("shard-*.pt"))
+    shards = sorted(p.name for p in cache.glob("shard-*.safetensors"))
     assert shards and f"{len(shards)}/{len(shards)} shards" in line
-    stamps = [p.stat().st_mtime_ns for p in sorted(cache.glob("shard-*.pt"))]
+    stamps = [p.stat().st_mtime_ns for p in sorted(cache.glob("shard-*.safetensors"))]
     main(["backpack", "distill", *common, "--model.teacher_cache.enabled", "true", "--model.output",
           str(tmp_path / "model"), "--trainer.default_root_dir", str(tmp_path / "runs")])
     assert (tmp_path / "model" / "config.json").is_file()
-    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("shard-*.pt"))] == stamps  # read, not recomputed
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("shard-*.safetensors"))] == stamps  # read, not recomputed
 
 
 @pytest.mark.parametrize("clip", [None, 1e-3])

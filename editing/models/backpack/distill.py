@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from editing.cache_keys import model_code_modules
 from editing.errors import ConfigError
 from editing.files import ensure_writable, save_atomically
 from editing.models.architecture import LAYER_KEYS, num_layers
@@ -150,7 +151,9 @@ class BackpackDistillation(L.LightningModule):
         """The teacher cache of ``datamodule``'s blocks (set up) under this module's teacher and cache settings."""
         datamodule.setup()
         layers = self.shape.layers or num_layers(self.teacher.config)
-        return TeacherCache.for_run(self.teacher_identity, datamodule.blocks, layers, self.cache_config)
+        return TeacherCache.for_run(self.teacher_identity, datamodule.blocks, layers, self.cache_config,
+                                    device=next(self.teacher.parameters()).device.type,
+                                    code_modules=tuple(model_code_modules(self.teacher)))
 
     def fill_teacher_cache(self, datamodule, progress: bool = True, rank: int = 0, world: int = 1) -> TeacherCache:
         """Compute and store the teacher's outputs on every block of ``datamodule`` not cached yet (resumable).
