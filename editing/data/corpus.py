@@ -1,8 +1,8 @@
 """A plain-text corpus cut into fixed-length token blocks, for distilling (or pretraining) language models.
 
 Sources: a folder of ``.jsonl``/``.jsonl.gz`` files of ``{"text": ...}`` lines and ``.txt`` files (offline:
-``../shared/corpus``), or a ``datasets`` id for users online. Token ids are cached per (tokenizer, files), so a
-resumed or repeated run does not tokenize again.
+``../shared/corpus``), or a ``datasets`` id for users online. Token ids are cached per (tokenizer content, files'
+bytes, code), so a resumed or repeated run does not tokenize again (``CorpusDataModule.token_stream``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from editing.cache_files import canonical_json, read_entry, write_entry
+from editing.cache_keys import tokenizer_digest
 from editing.data.resume import ResumableLoader, TrainPositionState
+from editing.digests import code_digest, library_versions
 from editing.errors import ConfigError, DataFormatError
-from editing.files import save_atomically
 from editing.paths import REPO_DIR, cache_dir
 from editing.textfiles import decode_line
 
@@ -237,13 +239,34 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
 
     def token_stream(self) -> torch.Tensor:
         """The whole corpus as one stream of token ids, texts separated by the EOS token (cached: a second run reads
-        no text)."""
+        no text).
+
+        The cache is a checked entry (``editing.cache_files``): one that is damaged or changed since it was written
+        is tokenized again, with a warning naming it; a cache folder that cannot be written costs only the cache.
+
+        Key covers: the corpus files' names and bytes (or the ``datasets`` id, whose content is the hub's), the
+        tokenizer's content (``editing.cache_keys.tokenizer_digest``: its serialized vocabulary, merges, normalizer
+        and pre-tokenizer, special and added tokens, and the tokenizers version), the EOS id, the code digest of
+        this module, and the torch/transformers/python versions.
+        Why that is enough: the stream is the tokenizer applied to those texts, in file order, with EOS between.
+        """
         source, digest = self._source()
         tok = self.tokenizer
-        key = hashlib.sha256(f"{tok.name_or_path}|{len(tok)}|{tok.eos_token}|{digest}".encode()).hexdigest()[:16]
-        path = cache_dir() / "corpus_tokens" / f"{key}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
+        material = {"kind": "corpus tokens", "source": digest, "tokenizer": tokenizer_digest(tok),
+                    "eos": tok.eos_token_id, "code": code_digest("editing.data.corpus"),
+                    "libraries": library_versions()}
+        key = hashlib.sha256(canonical_json(material).encode()).hexdigest()[:24]
+        path = cache_dir() / "corpus_tokens" / f"{key}.safetensors"
+
+        def one_stream(tensors: dict[str, torch.Tensor]) -> str | None:
+            stream = tensors.get("stream")
+            if set(tensors) != {"stream"} or stream.ndim != 1 or stream.dtype != torch.int32:
+                return "does not hold one int32 token stream"
+            return None
+
+        found = read_entry(path, material, what="corpus token cache", check=one_stream)
+        if found is not None:
+            return found["stream"]
         texts = self._texts(source)
         eos = tok.eos_token_id
         ids: list[int] = []
@@ -252,7 +275,7 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
                 ids.extend(piece)
                 ids.append(eos)
         stream = torch.tensor(ids, dtype=torch.int32)
-        save_atomically(path, lambda tmp: torch.save(stream, tmp), overwrite=True)
+        write_entry(path, {"stream": stream}, material, what="corpus token cache")
         return stream
 
     def setup(self, stage: str | None = None) -> None:
