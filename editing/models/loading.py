@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -12,6 +13,8 @@ from typing import Any, Literal
 
 import torch
 
+from editing.cache_files import canonical_json, write_errors
+from editing.digests import bytes_sha256, code_digest, file_sha256, library_versions
 from editing.errors import ConfigError, ModelNotAvailableError
 from editing.files import save_atomically
 from editing.models import tokenizers as offline
@@ -68,15 +71,115 @@ def _offline_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
+CACHE_MANIFEST = "cache-manifest.json"
+"""The file of a cached model or tokenizer folder that lists its files (size, SHA-256) and its material."""
+FULL_HASH_LIMIT = 64 << 20
+"""Files up to this size are hashed whole when a cached folder is checked; larger ones (the 540 MB weights) by their
+size and the hash of their first MiB (their safetensors header): a whole hash cost 1.4 s here, more than the check is
+worth on every load (the weights' content hash is the model's fingerprint, computed anyway by ``load_model``)."""
+
+
+def _embedded_material(kind: str) -> dict:
+    """What a folder made from the package's GGUF depends on.
+
+    Key covers: the GGUF file (name, size, modification time), the code digest of this module's import closure (the
+    dequantization, ``_load_gguf``), and the torch/transformers/tokenizers/python versions (transformers' GGUF
+    reader does the dequantizing and the tokenizer conversion).
+    Why that is enough: the folder is ``save_pretrained`` of what that reader makes of that file.
+    """
+    import tokenizers
+
+    gguf = offline.smollm2_gguf_path()
+    stat = gguf.stat()
+    return {"kind": kind, "gguf": [gguf.name, stat.st_size, stat.st_mtime_ns], "code": code_digest(__name__),
+            "libraries": {**library_versions(), "tokenizers": tokenizers.__version__}}
+
+
+def _head_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return bytes_sha256(handle.read(1 << 20))
+
+
+def _describe_files(folder: Path) -> dict[str, dict]:
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CACHE_MANIFEST):
+        size = path.stat().st_size
+        files[path.relative_to(folder).as_posix()] = {
+            "size": size, ("sha256" if size <= FULL_HASH_LIMIT else "head_sha256"):
+                file_sha256(path) if size <= FULL_HASH_LIMIT else _head_sha256(path)}
+    return files
+
+
+def _folder_problem(folder: Path, material: dict) -> str | None:
+    """Why a cached folder cannot be used (None: it can): no manifest, other material, a file missing, of another
+    size or changed."""
+    manifest = folder / CACHE_MANIFEST
+    if not manifest.is_file():
+        return "has no cache manifest (written by an older version, or incomplete)"
+    try:
+        saved = json.loads(manifest.read_text())
+        files = dict(saved["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has an unreadable {CACHE_MANIFEST}"
+    if canonical_json(saved.get("material")) != canonical_json(material):
+        return "was made by other code, libraries or GGUF file"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if path.stat().st_size != want.get("size"):
+            return f"has {name} of the wrong size (truncated?)"
+        if "sha256" in want and file_sha256(path) != want["sha256"]:
+            return f"has {name} changed since it was written"
+        if "head_sha256" in want and _head_sha256(path) != want["head_sha256"]:
+            return f"has {name} changed since it was written"
+    return None
+
+
+def _save_checked(folder: Path, save, material: dict, what: str) -> bool:
+    """Write a cached folder atomically with its manifest; False (with a warning) when the cache folder cannot be
+    written: that costs the cache, not the run."""
+
+    def write(tmp: Path) -> None:
+        save(tmp)
+        (tmp / CACHE_MANIFEST).write_text(json.dumps({"material": material, "files": _describe_files(tmp)},
+                                                     indent=1, sort_keys=True))
+
+    try:
+        save_atomically(folder, write, folder=True, overwrite=True)
+    except write_errors() as err:
+        log.warning("could not write the %s cache %s (%s); loading from the GGUF file in memory instead, which "
+                    "is slower each time", what, folder, err)
+        return False
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _smollm2_tokenizer():
+    """SmolLM2's tokenizer from the package's GGUF, converted once and cached as a checked folder (see
+    ``_embedded_material`` for its key): a folder that is damaged, incomplete or of other code is rebuilt with a
+    warning; one that cannot be written costs the cache only."""
     from transformers import AutoTokenizer
 
     folder = cache_dir() / "tokenizers" / "smollm2-135m"
-    if not (folder / "tokenizer.json").is_file():
-        gguf = offline.smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        save_atomically(folder, tok.save_pretrained, folder=True, keep_existing=True)
-    return AutoTokenizer.from_pretrained(str(folder))
+    material = _embedded_material("smollm2 tokenizer")
+    problem = _folder_problem(folder, material) if folder.exists() else "absent"
+    if problem is None:
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception as err:  # noqa: BLE001 - any damage the manifest did not show: rebuild
+            problem = f"cannot be loaded ({_first_line(err)})"
+    gguf = offline.smollm2_gguf_path()
+    if problem != "absent":
+        log.warning("the tokenizer cache %s %s; rebuilding it from %s", folder, problem, gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if _save_checked(folder, tok.save_pretrained, material, "tokenizer"):
+        return AutoTokenizer.from_pretrained(str(folder))
+    return tok
 
 
 def _load_gguf(path: Path):
@@ -111,14 +214,26 @@ def _load_gguf_checked(path: Path):
 
 
 def _load_embedded():
-    """SmolLM2-135M-Instruct from the package's GGUF, dequantized once and cached as safetensors."""
+    """SmolLM2-135M-Instruct from the package's GGUF, dequantized once and cached as a checked safetensors folder
+    (see ``_embedded_material`` for its key): a folder that is damaged (a file missing, truncated or changed) or of
+    other code is rebuilt with a warning; one that cannot be written costs the cache only (the model is used from
+    memory)."""
     from transformers import AutoModelForCausalLM
 
     folder = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
-    if not (folder / "config.json").is_file():
-        model, _ = _load_gguf(offline.smollm2_gguf_path())
-        save_atomically(folder, model.save_pretrained, folder=True, keep_existing=True)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    material = _embedded_material("embedded model")
+    problem = _folder_problem(folder, material) if folder.exists() else "absent"
+    if problem is None:
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), _smollm2_tokenizer()
+        except Exception as err:  # noqa: BLE001 - any damage the manifest did not show: rebuild
+            problem = f"cannot be loaded ({_first_line(err)})"
+    gguf = offline.smollm2_gguf_path()
+    if problem != "absent":
+        log.warning("the embedded model cache %s %s; rebuilding it from %s", folder, problem, gguf.name)
+    model, _ = _load_gguf(gguf)
+    if _save_checked(folder, model.save_pretrained, material, "embedded model"):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return model, _smollm2_tokenizer()
 
 
