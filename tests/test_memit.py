@@ -264,3 +264,133 @@ def test_memit_takes_its_requests_from_the_datamodule(tmp_path, data_root) -> No
     # line 3 puts its country in the suffix ("The capital of" + " Algeria is Alger"): the whole prefix is its subject
     assert [r.subject for r in requests] == ["Afghanistan", "capital", "The capital of"]
     assert module.memit_u["1"].shape[1] == 3  # one key per request: rank 3
+
+
+# --- issue 34: MEMIT's memory with many requests (benchmarks/memit_memory.py) ------------------------------------
+SYLLABLES = ("ka", "lo", "mi", "dra", "ven", "tor", "sel", "qua", "bri", "nox", "fen", "ash", "rim", "pel", "zu")
+
+
+def invented_requests(n: int):
+    """``n`` distinct "The capital of <invented country> is" requests (standard supervision: the whole prefix)."""
+    import random
+
+    from editing.methods.memit.requests import Request
+
+    rng, names = random.Random(0), []
+    while len(names) < n:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+        if name not in names:
+            names.append(name)
+    prefixes = {name: f"The capital of {name} is" for name in names}
+    return [Request(prefixes[name], (f" {name[::-1].capitalize()}",), (0, len(prefixes[name]))) for name in names]
+
+
+def old_spread(module: MEMITEditor, requests, templates: list[str], z: torch.Tensor) -> tuple[dict, list[dict]]:
+    """The spread as it was before issue 34, all requests at once: every key row's activations held together, then
+    the realised change through the (n, n) product V K^T and the key geometry through the (n, n) Gram matrix."""
+    from editing.methods.memit.compute import layer_update, mean_over_templates
+
+    builder = RowBuilder(module.tokenizer, module.max_length)
+    layers, pad = module.memit_layers, module._pad_id
+    key_rows = builder.rows(requests, templates, with_suffixes=False)
+    bare_rows = [r for r in key_rows if r.template == 0]
+    factors, diagnostics = {}, []
+    module.clear_edit()
+    for i, layer in enumerate(layers):
+        keys = mean_over_templates(subject_activations(module.model, key_rows, layer, "key", pad), key_rows,
+                                   len(requests))
+        current = subject_activations(module.model, bare_rows, layers[-1], "output", pad)
+        residual = (z - current) / (len(layers) - i)
+        moment = module.covariance_stats.moments[layer]
+        u, v = layer_update(keys, residual, moment, module.memit_config.covariance_weight)
+        realised = (v @ keys.T).T @ u.T
+        whitened = torch.linalg.solve(moment.double(), keys.T).T
+        gram = keys @ whitened.T
+        norms = gram.diagonal().clamp(min=1e-30).sqrt()
+        cosine = gram / (norms[:, None] * norms[None, :])
+        n = len(keys)
+        diagnostics.append({
+            "layer": layer, "residual_norm": residual.norm(dim=1).mean().item(),
+            "realised_fraction": ((realised * residual).sum(1) / residual.pow(2).sum(1).clamp(min=1e-30)).mean().item(),
+            "key_mahalanobis": gram.diagonal().mean().item(),
+            "key_cosine_c": ((cosine.sum() - cosine.diagonal().sum()) / (n * (n - 1))).item()})
+        factors[f"memit_u.{layer}"], factors[f"memit_v.{layer}"] = u.float(), v.float()
+        module.memit_u[str(layer)].data, module.memit_v[str(layer)].data = u.float(), v.float()
+    module.clear_edit()
+    return factors, diagnostics
+
+
+def spread_setup(n: int, layers: tuple[int, ...] = (1, 2), **kw):
+    module = make(layers=list(layers), covariance_weight=50.0, **kw)
+    module.covariance_stats = module.statistics(datamodule(module), progress=False)
+    requests = invented_requests(n)
+    bare = RowBuilder(module.tokenizer, module.max_length).rows(requests, [""], with_suffixes=False)
+    with torch.no_grad():  # targets near the current outputs, as the optimization leaves them
+        current = subject_activations(module.model, bare, 2, "output", module._pad_id)
+        noise = torch.randn(current.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        z = current + 0.3 * noise * current.norm(dim=1, keepdim=True) / current.shape[1] ** 0.5
+    return module, requests, z
+
+
+@pytest.mark.parametrize("chunk", [64, 1024])
+def test_streamed_spread_equals_all_requests_at_once(data_root, chunk: int, capsys, monkeypatch) -> None:
+    # 200 requests in chunks of 64 (four chunks, the last of 8) or in one chunk: the factors are the same bits as the
+    # all-at-once computation, the diagnostics the same numbers up to float64 rounding (their sums run in another
+    # order: no (n, n) matrix any more)
+    module, requests, z = spread_setup(200)
+    templates = ["", "The quick brown fox. ", "It was a dark night. "]
+    expected, expected_diag = old_spread(module, requests, templates, z)
+    module.key_chunk = chunk
+    tokenized: list[int] = []  # requests per call that tokenizes key rows: the chunks
+    original = RowBuilder.rows
+
+    def counting(self, requests, templates, with_suffixes):
+        tokenized.append(len(requests))
+        return original(self, requests, templates, with_suffixes)
+
+    monkeypatch.setattr(RowBuilder, "rows", counting)
+    with torch.no_grad():
+        module.spread_targets(requests, templates, z)
+    monkeypatch.setattr(RowBuilder, "rows", original)
+    assert max(tokenized) == min(chunk, 200) and sum(tokenized) == 200 * 2  # per chunk, for each of the 2 layers
+    got = module.trainable_parameters()
+    for name, tensor in expected.items():
+        assert got[name].shape == (tensor.shape[0], 200) or got[name].shape == (200, tensor.shape[1])
+        assert torch.equal(got[name], tensor), (name, (got[name] - tensor).abs().max().item())
+    worst = {}
+    for mine, theirs in zip(module.edit_diagnostics["layers"], expected_diag, strict=True):
+        assert mine["layer"] == theirs["layer"]
+        for key in ("residual_norm", "realised_fraction", "key_mahalanobis", "key_cosine_c"):
+            worst[key] = max(worst.get(key, 0.0), abs(mine[key] - theirs[key]))
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-10, abs=1e-12), key
+    with capsys.disabled():
+        print(f"\nchunk {chunk}: factors identical; diagnostics max abs difference {worst}")
+
+
+def test_spread_holds_no_tensor_growing_faster_than_the_requests(data_root) -> None:
+    # 1500 requests: the keys (n, d_in) are the largest thing the spread needs; an (n, n) matrix (2.25M elements)
+    # or every key row's activations at once (n * templates, d_in) is memory that grows faster than the edit.
+    # One edited layer: with more, the forward passes of the upper layers' keys run through the lower layers' hooks,
+    # whose (tokens of a batch, n) product x v^T belongs to the edited model's forward (benchmarks/memit_memory.py
+    # measures it with the evaluation), not to the spread.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    module, requests, z = spread_setup(1500, layers=(2,), context_templates=1)
+    templates = ["", "The quick brown fox. "]
+    d_in = module.memit_v["2"].shape[1]
+    largest = {"numel": 0, "shape": None, "op": None}
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.numel() > largest["numel"]:
+                    largest.update(numel=t.numel(), shape=tuple(t.shape), op=str(func))
+            return out
+
+    with torch.no_grad(), Largest():
+        module.spread_targets(requests, templates, z)
+    assert largest["numel"] <= len(requests) * d_in, (
+        f"spread_targets made a {largest['shape']} tensor ({largest['op']}), more than the keys' {len(requests)} x "
+        f"{d_in}")

@@ -11,14 +11,20 @@ from tqdm.auto import tqdm
 from editing.losses import training_loss
 from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.layers import add_to_block_output, forward_until, hooks
-from editing.methods.memit.requests import Row, pad_rows
+from editing.methods.memit.requests import Request, Row, RowBuilder, pad_rows
 from editing.models.architecture import capture_final_hidden, head_logits
 from editing.types import LossType
+
+BATCH_ROWS = 64  # rows per forward pass reading activations
+KEY_CHUNK = 256
+"""Requests whose key rows are tokenized and run at a time by ``request_keys``: a multiple of ``BATCH_ROWS``, so the
+forward passes see the same batches as with all requests at once (the same bits), and small enough that a chunk's
+activations (chunk x templates x d_mlp floats) stay far below the edit's own (n, d) tensors."""
 
 
 @torch.no_grad()
 def subject_activations(model: nn.Module, rows: list[Row], layer: int, where: str, pad_id: int,
-                        batch_rows: int = 64) -> torch.Tensor:
+                        batch_rows: int = BATCH_ROWS) -> torch.Tensor:
     """Activations at each row's subject token: ``where="key"`` the down-projection input of ``layer``,
     ``where="output"`` the block output of ``layer``. Returns (rows, width) in float64."""
     device = next(model.parameters()).device
@@ -47,6 +53,30 @@ def mean_over_templates(values: torch.Tensor, rows: list[Row], n_requests: int) 
     counts = torch.zeros(n_requests, dtype=values.dtype, device=values.device).index_add_(
         0, index, torch.ones_like(index, dtype=values.dtype))
     return sums / counts[:, None]
+
+
+@torch.no_grad()
+def request_keys(model: nn.Module, builder: RowBuilder, requests: list[Request], templates: list[str], layer: int,
+                 last: int, pad_id: int, chunk: int = KEY_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The requests' keys at ``layer`` (the down-projection input at the subject's last token, averaged over the
+    templates) and their bare prompts' block outputs at ``last``, ``chunk`` requests at a time.
+
+    Only one chunk's rows and activations exist at once, so memory grows with the number of requests only by the
+    (n, d) results; the rows of a chunk fall into the same forward batches as when all requests are run together
+    (``chunk`` is a multiple of ``BATCH_ROWS``), so the results are the same bits.
+
+    Returns:
+        ``keys`` (n, d_mlp) and ``outputs`` (n, d), float64, in request order.
+    """
+    if chunk < 1 or chunk % BATCH_ROWS:
+        raise ValueError(f"the key chunk ({chunk} requests) must be a positive multiple of {BATCH_ROWS}")
+    keys, outputs = [], []
+    for start in range(0, len(requests), chunk):
+        part = requests[start: start + chunk]
+        rows = builder.rows(part, templates, with_suffixes=False)
+        keys.append(mean_over_templates(subject_activations(model, rows, layer, "key", pad_id), rows, len(part)))
+        outputs.append(subject_activations(model, [r for r in rows if r.template == 0], last, "output", pad_id))
+    return torch.cat(keys), torch.cat(outputs)
 
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
