@@ -80,10 +80,13 @@ def tokens_digest(texts: list[TokenizedExample], samples: int) -> str:
 
 def stats_material(model: nn.Module, layer: int, texts: list[TokenizedExample], *, fingerprint: str,
                    corpus_sha: str, samples: int, precision: str, batch_size: int, pad_id: int,
-                   tokenizer: str | None = None, max_length: int | None = None) -> dict:
-    """What one layer's statistics depend on (their cache key; see the module docstring)."""
+                   tokenizer: str | None = None, max_length: int | None = None,
+                   computation: dict | None = None, tokens: str | None = None) -> dict:
+    """What one layer's statistics depend on (their cache key; see the module docstring). ``computation`` and
+    ``tokens`` (``computation_material``, ``tokens_digest``) may be given when several layers share them."""
     return {"kind": "memit statistics", "fingerprint": fingerprint, "layer": int(layer),
-            **computation_material(model, *STATS_CODE), "tokens": tokens_digest(texts, samples),
+            **(computation or computation_material(model, *STATS_CODE)),
+            "tokens": tokens or tokens_digest(texts, samples),
             "samples": int(samples), "batch_size": int(batch_size), "pad_id": int(pad_id), "corpus": corpus_sha,
             "precision": precision, "tokenizer": tokenizer, "max_length": max_length}
 
@@ -164,9 +167,10 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
     if samples > available:
         raise ConfigError(f"memit.covariance_samples={samples} exceeds the {available} tokens of the general set R; "
                           f"lower it to at most {available}")
+    shared = {"computation": computation_material(model, *STATS_CODE), "tokens": tokens_digest(texts, samples)}
     materials = {layer: stats_material(model, layer, texts, fingerprint=fingerprint, corpus_sha=corpus_sha,
                                        samples=samples, precision=precision, batch_size=batch_size, pad_id=pad_id,
-                                       tokenizer=tokenizer, max_length=max_length) for layer in layers}
+                                       tokenizer=tokenizer, max_length=max_length, **shared) for layer in layers}
     paths = {layer: stats_path(material) for layer, material in materials.items()}
     # the solve that reads them runs on the model's device: files are read there, sums kept there
     device = next(model.parameters()).device

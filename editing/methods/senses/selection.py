@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -117,15 +118,24 @@ def cached_background(model, fingerprint: str, texts: list[TokenizedExample], vo
     the cache only."""
     material = background_material(model, fingerprint, texts, vocab_size, num_senses, pad_id, batch_texts)
     path = background_cache_path(material)
-    found = read_entry(path, material, what="sense background", finite=True,
-                       check=expect_shapes({"background": (vocab_size, num_senses)}))
+    shape = expect_shapes({"background": (vocab_size, num_senses)})
+
+    def valid(tensors: dict[str, torch.Tensor]) -> str | None:
+        return shape(tensors) or (None if _finite(tensors["background"]) else "holds NaN or infinite values")
+
+    found = read_entry(path, material, what="sense background", check=valid)
     if found is not None:
         log.info("sense background: reusing %s", path)
         return found["background"]
     usage = background_usage(model, texts, vocab_size, num_senses, pad_id, batch_texts, progress)
-    if bool(torch.isfinite(usage).all()):
+    if _finite(usage):  # a NaN background is returned (the selection reports it), never kept
         write_entry(path, {"background": usage}, material, what="sense background")
     return usage
+
+
+def _finite(background: torch.Tensor) -> bool:
+    # numpy on the CPU copy: no torch operation on the CPU while the model may be on a device
+    return bool(np.isfinite(background.numpy()).all())
 
 
 def slot_signs(loss: LossType | str, n_slots: int) -> list[float]:
