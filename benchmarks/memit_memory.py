@@ -18,6 +18,11 @@ MEMIT's own functions, so the edit computed is the one ``MEMITEditor.compute_edi
 ``ru_maxrss`` at the end is the kernel's own peak, a check on the sampler (it can only be higher).
 
     OMP_NUM_THREADS=1 python benchmarks/memit_memory.py [--requests 10000] [--quick] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/memit_memory.py --requests 10000 --spread-only --templates 0 --no-eval
+
+The target steps cost most of the time (about 1 s per batch of 32 requests and step on 2 shared cores) but hold
+only one batch's graph; ``--steps 1`` measures the same memory. ``--spread-only`` skips them altogether (targets
+are the scaled p0 outputs), for the spread alone at large N.
 """
 
 from __future__ import annotations
@@ -140,44 +145,58 @@ def synthetic_data_root(folder: Path, real: Path, n: int, seed: int = 0) -> Path
     return folder
 
 
+def wrap(sampler: StageSampler, restore: list, owner, name: str, stage: str, after: str | None = None) -> None:
+    """Replace ``owner.name`` by a function switching the sampler to ``stage`` (then to ``after``) around it."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+
+    def wrapped(*args, **kwargs):
+        sampler.switch(stage)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if after is not None:
+                sampler.switch(after)
+
+    restore.append((owner, name, original))
+    setattr(owner, name, wrapped)
+
+
 def wrap_stages(sampler: StageSampler) -> list:
     """Wrap MEMIT's functions so that each call switches the sampler to its stage; returns what to restore."""
     import editing.methods.memit.module as memit_module
     from editing.methods.memit.module import MEMITEditor
 
-    restore = []
-
-    def wrap(owner, name: str, stage: str, after: str | None = None) -> None:
-        original = getattr(owner, name, None)
-        if original is None:
-            return
-
-        def wrapped(*args, **kwargs):
-            sampler.switch(stage)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                if after is not None:
-                    sampler.switch(after)
-
-        restore.append((owner, name, original))
-        setattr(owner, name, wrapped)
-
-    wrap(MEMITEditor, "canonical_requests", "requests")
-    wrap(MEMITEditor, "statistics", "statistics")
-    wrap(memit_module, "context_templates", "templates")
-    wrap(MEMITEditor, "target_vectors", "targets")
-    wrap(MEMITEditor, "spread_targets", "keys")
+    restore: list = []
+    wrap(sampler, restore, MEMITEditor, "canonical_requests", "requests")
+    wrap(sampler, restore, MEMITEditor, "statistics", "statistics")
+    wrap(sampler, restore, memit_module, "context_templates", "templates")
+    wrap(sampler, restore, MEMITEditor, "target_vectors", "targets")
+    wrap(sampler, restore, MEMITEditor, "spread_targets", "keys")
     # inside spread_targets, per layer: the keys (and current outputs), the solve, then the diagnostics
     for name in ("subject_activations", "mean_over_templates", "request_keys"):
-        wrap(memit_module, name, "keys")
-    wrap(memit_module, "layer_update", "solve", after="diagnostics")
-    wrap(memit_module, "_key_geometry", "diagnostics")
+        wrap(sampler, restore, memit_module, name, "keys")
+    wrap(sampler, restore, memit_module, "layer_update", "solve", after="diagnostics")
+    wrap(sampler, restore, memit_module, "_key_geometry", "diagnostics")
     return restore
 
 
+def p0_targets(module, requests, templates, progress: bool = False):
+    """Targets without the gradient steps (``--spread-only``): each request's own p0 output at the last edited
+    layer, scaled by 1.1, so the spread has a residual to realise; its memory does not depend on the values."""
+    from editing.methods.memit.compute import subject_activations
+    from editing.methods.memit.requests import RowBuilder
+
+    rows = RowBuilder(module.tokenizer, module.max_length).rows(requests, [""], with_suffixes=False)
+    with module.deltas_off():
+        z = 1.1 * subject_activations(module.model, rows, module.memit_layers[-1], "output", module._pad_id)
+    module.edit_diagnostics = {"targets": z.cpu(), "templates": templates, "layers": []}
+    return z
+
+
 def measure(n: int, model: str, steps: int, templates: int, layers: list[int] | None, samples: int,
-            eval_limit: int, evaluation: bool) -> dict:
+            eval_limit: int, evaluation: bool, spread_only: bool = False) -> dict:
     """Run one edit of ``n`` synthetic requests stage by stage; the peak RSS per stage."""
     start_rss = rss_mib()
     import torch
@@ -197,13 +216,17 @@ def measure(n: int, model: str, steps: int, templates: int, layers: list[int] | 
     module = MEMITEditor(ModelConfig(name=model, precision="fp32"), cfg)
     dm = TaskDataModule(task="country_capital", data_root=str(root), eval_limit=eval_limit, general_limit=eval_limit)
     dm.attach(module.tokenizer, module.max_length)
+    if spread_only:
+        module.target_vectors = lambda requests, templates, progress=False: p0_targets(module, requests, templates)
     loaded_rss = rss_mib()
     record: dict = {"requests": n, "model": model, "parameters": sum(p.numel() for p in module.model.parameters()),
-                    "steps": steps, "templates": templates + 1, "covariance_samples": samples,
+                    "steps": 0 if spread_only else steps, "templates": templates + 1, "covariance_samples": samples,
                     "threads": torch.get_num_threads(), "rss_before_import_mib": round(start_rss, 1),
                     "rss_model_loaded_mib": round(loaded_rss, 1)}
     with StageSampler() as sampler:
         restore = wrap_stages(sampler)
+        if spread_only:
+            wrap(sampler, restore, module, "target_vectors", "targets")
         try:
             started = time.perf_counter()
             module.compute_edit(dm, progress=False)
@@ -249,6 +272,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5000, help="tokens of R for the statistics")
     parser.add_argument("--eval-limit", type=int, default=100, help="examples per evaluation set")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation stage")
+    parser.add_argument("--spread-only", action="store_true",
+                        help="targets without gradient steps (p0 outputs scaled): measures the spread at large N fast")
     parser.add_argument("--json", help="also write the record here")
     args = parser.parse_args()
     if args.quick:
@@ -257,7 +282,7 @@ def main() -> None:
         sys.exit("--requests must be at least 1")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     record = measure(args.requests, args.model, args.steps, args.templates, layers, args.samples, args.eval_limit,
-                     not args.no_eval)
+                     not args.no_eval, args.spread_only)
     print(table(record))
     print(json.dumps(record))
     if args.json:
