@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from editing.digests import code_digest
 from editing.errors import ConfigError
 from editing.evaluation.caching import CacheEntry, model_material
 from editing.evaluation.incremental import COUNTERS, FrozenPrefix, key_of
@@ -27,6 +28,9 @@ from editing.methods.memit.layers import down_projection, is_transposed, model_t
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
 from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
+
+TARGET_CODE = ("editing.methods.memit.compute",)
+"""The code that computes the cached target vectors (``optimize_targets`` and what it imports)."""
 
 
 class MEMITEditor(EditingModule):
@@ -286,12 +290,13 @@ class MEMITEditor(EditingModule):
         if not self.reuse_base_numbers:
             return None
         solve_only = {"covariance_weight", "covariance_samples", "covariance_batch_size", "request_batch_size"}
-        material = {"kind": "memit_targets", "format": 1, "model": model_material(self.model, self.identity),
+        material = {"kind": "memit_targets", "model": model_material(self.model, self.identity),
+                    "code": code_digest(*TARGET_CODE),
                     "rows": key_of({"rows": [asdict(r) for r in rows], "kl": [asdict(r) for r in kl_rows]}),
                     "requests": n_requests, "templates": n_templates, "layer": layer, "loss": str(self.task.loss),
                     "pad": self._pad_id,
                     "settings": {k: v for k, v in asdict(self.memit_config).items() if k not in solve_only}}
-        return CacheEntry("memit_targets", material)
+        return CacheEntry("memit_targets", material, finite=True)
 
     def spread_targets(self, requests: list[Request], templates: list[str], z: torch.Tensor) -> None:
         """Step 2: spread the change toward ``z`` over the edited layers in ascending order, each seeing the edits
