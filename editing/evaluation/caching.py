@@ -11,14 +11,15 @@ served from the cache.
 
 **What each key covers, and why that is enough** (issue 34; the table of every cache is in docs/architecture.md):
 
-- *p0* (``<root>/p0/``): the model (its weights' content hash from loading, config, precision, dtype, device type,
-  attention implementation), the data (task, loss, threshold; per evaluated role the file's SHA-256 and the exact
-  token ids of every example with its scored positions, so limits, the tokenizer, context length and truncation are
-  in it), the batching (``max_tokens``, ``max_examples``), the evaluator's metrics and their states, the number of
-  processes (it orders the reduction), the library versions (torch, transformers, Python) and the digest of the
-  evaluation code (``EVALUATION_CODE``: the evaluator, scorer, metrics, losses and all they import in the package,
-  including a function patched in at run time). p0's numbers are a function of exactly these: the weights and the
-  token ids enter the forward pass, the rest decides how it is computed and summed.
+- *p0* (``<root>/p0/``): the model (its weights' content hash from loading, config, precision, dtype, device type
+  with the GPU model, TF32 and autocast settings, attention implementation), the data (task, loss, threshold; per
+  evaluated role the file's SHA-256 and the exact token ids of every example with its scored positions, so limits,
+  the tokenizer, context length and truncation are in it), the batching (``max_tokens``, ``max_examples``), the
+  evaluator's metrics and their states, the number of processes (it orders the reduction), the library versions
+  (torch, transformers, Python) and the digest of the evaluation code (``EVALUATION_CODE``: the evaluator, scorer,
+  metrics, losses and all they import in the package, including a function patched in at run time). p0's numbers
+  are a function of exactly these: the weights and the token ids enter the forward pass, the rest decides how it is
+  computed and summed.
 - *prefix* (``<root>/prefix/<key>/``): the same model and data material, the first block the edit may change, and
   the content hash of every weight outside the blocks from there up, taken on the live model at each epoch: the
   captured hidden states depend only on those weights and the token ids.
@@ -58,6 +59,7 @@ import torch
 from torch import nn
 
 from editing.cache_files import read_entry, write_entry
+from editing.cache_keys import numerics
 from editing.digests import code_digest, library_versions
 from editing.evaluation.evaluator import Evaluator
 from editing.evaluation.incremental import (
@@ -121,6 +123,7 @@ def model_material(model: nn.Module, identity: dict) -> dict:
     return {
         "fingerprint": identity.get("fingerprint"), "model_type": identity.get("model_type"),
         "precision": identity.get("precision"), "dtype": str(param.dtype), "device": param.device.type,
+        "numerics": numerics(param.device),
         "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
         "attention": getattr(inner.config, "_attn_implementation", None),
         "libraries": library_versions(), "code": code_digest(*EVALUATION_CODE),
