@@ -49,6 +49,18 @@ def rss_mib() -> float:
         return int(handle.read().split()[1]) * PAGE / 2**20
 
 
+def fixed_mmap_threshold() -> None:
+    """Serve every allocation of 128 KiB or more by its own mapping, returned to the system when freed (glibc
+    otherwise raises the threshold after large frees and carves such blocks from a heap that fragments), so the RSS
+    follows the memory really held; where the values are computed does not change."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it stops the dynamic raise
+    except (OSError, AttributeError):
+        pass
+
+
 def release_free_memory() -> None:
     """Hand the allocator's free pages back to the system (glibc), so that the next stage starts from what is really
     held and its peak counts what it allocates, not what an earlier stage freed but the allocator kept."""
@@ -198,6 +210,7 @@ def p0_targets(module, requests, templates, progress: bool = False):
 def measure(n: int, model: str, steps: int, templates: int, layers: list[int] | None, samples: int,
             eval_limit: int, evaluation: bool, spread_only: bool = False) -> dict:
     """Run one edit of ``n`` synthetic requests stage by stage; the peak RSS per stage."""
+    fixed_mmap_threshold()
     start_rss = rss_mib()
     import torch
 
