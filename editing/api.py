@@ -9,7 +9,7 @@ Evaluator are the very objects ``editing fit`` builds; a run made here is a run 
 ``editing apply`` loads it (``editing.edits.load_edited``).
 
 Examples given as Python dicts (or a JSONL file) become a task YAML inside the run folder (``task/``), so the run
-can be repeated from the command line: ``editing fit --config <run>/fit/version_0/config.yaml --budget.output_dir
+can be repeated from the command line: ``editing fit --config <run>/config.yaml --budget.output_dir
 <another folder>``.
 """
 

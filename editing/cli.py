@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] in GROUPS and args[1:2] in (["-h"], ["--help"]):
         print(overview(args[0]))
         return
+    from editing import interruption
+
+    interruption.forget()
+    interruption.install()
+    name, rest = args[0], args[1:]
     try:
         name, rest = find_command(args)
         from editing.console import quiet_dependencies
@@ -138,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         from editing.commands import run_command
 
         run_command(name, func, rest, command.help)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (interruption.Interrupted): what was kept, how to resume
+        print(interruption.message(name, rest, err), file=sys.stderr)
+        raise SystemExit(interruption.exit_code(err)) from None
     except Exception as err:  # noqa: BLE001 - only our own errors are turned into messages, others re-raise
         cause = user_error(err)
         if cause is None:

@@ -36,8 +36,9 @@ NOISY_WARNINGS: tuple[str, ...] = (
     # loss (logged per epoch), so nothing the user needs is missing
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
-NOISY_INFO: tuple[str, ...] = ("💡 Tip:",)
-"""Lightning's advertisements (litlogger, litmodels), printed at info level on every fit."""
+NOISY_INFO: tuple[str, ...] = ("💡 Tip:", "\nDetected KeyboardInterrupt")
+"""Lightning's advertisements (litlogger, litmodels), printed at info level on every fit, and its notice of a
+Ctrl-C (the command prints what the interrupted run kept and how to resume it, ``editing.interruption``)."""
 
 
 class _DropMessages(logging.Filter):

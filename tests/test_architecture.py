@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is the first entry that is a prefix of its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("editing.errors", "editing.types", "editing.paths", "editing.files", "editing.textfiles",
-                "editing.digests", "editing.cache_files", "editing.cache_keys",
+                "editing.digests", "editing.cache_files", "editing.cache_keys", "editing.interruption",
                 "editing.__init__")),
     ("rules", ("editing.budget", "editing.tasks", "editing.losses", "editing.records", "editing.tables",
                "editing.console", "editing.run_folder", "editing.metrics_log", "editing.checkpoints",

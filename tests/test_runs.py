@@ -284,7 +284,8 @@ def test_second_fit_into_a_busy_output_folder_fails_at_once(tmp_path, data_root)
         deadline = time.time() + 300
         while not (out / "run.lock").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        second = _run(_fit_args(tmp_path / "runs", "b", "--budget.output_dir", str(out)), tmp_path)
+        second = _run(_fit_args(tmp_path / "runs", "b", "--budget.output_dir", str(out), "--budget.cache_memory_mb",
+                                "512"), tmp_path)
         stderr = first.communicate(timeout=600)[1]
     finally:
         if first.poll() is None:
@@ -294,7 +295,10 @@ def test_second_fit_into_a_busy_output_folder_fails_at_once(tmp_path, data_root)
     _refused(second, str(out))
     assert not (tmp_path / "runs" / "fit" / "b").exists()
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["trainer"]["logger"]["init_args"]["version"] == "a"
+    assert results["config"]["budget"]["cache_memory_mb"] == 1024  # the first fit's (the second's is 512)
+    # --budget.output_dir is the run folder: the logger writes there, not under its own save_dir
+    assert (out / "metrics.csv").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()
     assert not (out / "run.lock").exists()
 
 

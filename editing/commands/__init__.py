@@ -19,7 +19,8 @@ or task), never one run's files.
 ==================  ===========================================  ===============================================
 command             default folder                               set it with
 ==================  ===========================================  ===============================================
-fit                 ``runs/fit/version_N`` (the logger's)        ``--budget.output_dir DIR`` (this run's folder);
+fit                 ``runs/fit/version_N`` (the logger's)        ``--budget.output_dir DIR`` (this run's folder:
+                                                                 logs and checkpoints too);
                                                                  ``--trainer.default_root_dir ROOT``: the
                                                                  logger's folder is ``ROOT/fit/version_N``
 validate, test      ``runs/<model>/<task>-<split>/<stage>``      ``--report.output_dir DIR``; the root:

@@ -8,10 +8,12 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
+from editing import interruption
 from editing.checkpoints import SafeCheckpointsMixin
 from editing.commands import DEFAULT_ROOT, parses_own_arguments
 from editing.commands.parsing import ClearErrorsMixin
@@ -120,7 +123,45 @@ class ProjectCLI(SafeCheckpointsMixin, LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # run=False (``editing backpack cache-teacher``): no subcommand, the settings are the whole config
-        apply_default_root_dir(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            apply_output_dir(config)
+        apply_default_root_dir(config)
+
+
+FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+"""Loggers whose folder is ``save_dir/name/version``: ``--budget.output_dir`` puts theirs in the run folder."""
+
+
+def apply_output_dir(config: Namespace) -> None:
+    """``--budget.output_dir D`` names the run folder exactly, so everything the run keeps goes there: the logger's
+    files (``metrics.csv``, ``config.yaml``) and the checkpoints (``D/checkpoints``, where ``--ckpt_path last`` looks),
+    whatever folder the logger was configured with. Without a logger (``--trainer.logger false``) Lightning's root is
+    the run folder, so ``--trainer.default_root_dir`` becomes D. A logger folder or root that named another folder is
+    not silently ignored: a note says where the files go (a run's saved ``config.yaml``, given again with another
+    ``--budget.output_dir``, names its old folder)."""
+    budget = config.get("budget")
+    out = budget.get("output_dir") if isinstance(budget, Namespace) else None
+    if out is None:
+        return
+    root = config.trainer.get("default_root_dir")
+    if root is not None and Path(root) != Path(out) and _launching_process():
+        print(f"note: --budget.output_dir {out} is the run folder: checkpoints and logs go there too, not under "
+              f"--trainer.default_root_dir {root}", file=sys.stderr)
+    config.trainer.default_root_dir = str(out)
+    logger = config.trainer.get("logger")
+    for entry in logger if isinstance(logger, list) else [logger]:
+        init_args = entry.get("init_args") if isinstance(entry, Namespace) else None
+        if init_args is None or not str(entry.get("class_path", "")).endswith(FOLDER_LOGGERS):
+            continue
+        before = Path(init_args.get("save_dir") or DEFAULT_ROOT, init_args.get("name") or "",
+                      str(init_args.get("version") or ""))
+        chosen = init_args.get("save_dir") not in (None, DEFAULT_ROOT, str(root), str(out)) or \
+            init_args.get("version") not in (None, "")
+        if chosen and before != Path(out) and _launching_process():
+            print(f"note: --budget.output_dir {out} is the run folder: the logger writes there, not under {before}",
+                  file=sys.stderr)
+        init_args.save_dir, init_args.name, init_args.version = str(out), "", ""
 
 
 def apply_default_root_dir(config: Namespace) -> None:
@@ -502,18 +543,28 @@ def run_lightning_cli(subcommand: str, args: list[str]) -> None:
         for value in _option_values(args, "--model"):
             check_model_class(value)
     help_kind = wants_help(args)
-    with field_docstrings(args):
-        EditingCLI(
-            EditingModule,
-            TaskDataModule,
-            subclass_mode_model=True,
-            args=[subcommand, *["--help" if a == HELP_ALL else a for a in args]],
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_callback=FitConfigSaver,
-            parser_class=EditingArgumentParser,
-            parser_kwargs={"prog": "editing"},
-            short_help=help_kind == "short",
-        )
+    stop = StopOnSignal([subcommand, *args])
+    if subcommand == "fit":
+        interruption.keep("nothing yet (training had not started)", stop.resume_args())
+    try:
+        with field_docstrings(args):
+            EditingCLI(
+                EditingModule,
+                TaskDataModule,
+                subclass_mode_model=True,
+                args=[subcommand, *["--help" if a == HELP_ALL else a for a in args]],
+                trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [stop]},
+                save_config_callback=FitConfigSaver,
+                parser_class=EditingArgumentParser,
+                parser_kwargs={"prog": "editing"},
+                short_help=help_kind == "short",
+            )
+    except SystemExit:
+        # Lightning ends a fit stopped by StopOnSignal with its SIGTERMException (exit 0), and one interrupted at once
+        # (a second Ctrl-C, or one before training) with exit 1; the callback recorded what was kept
+        if stop.interrupted_by is not None:
+            raise interruption.Interrupted(stop.interrupted_by) from None
+        raise
 
 
 @parses_own_arguments
@@ -572,6 +623,165 @@ class SaveLastOnStop(Checkpoint):
         trainer.save_checkpoint(path)
         checkpoint._last_global_step_saved = trainer.global_step
         checkpoint.last_model_path = path
+
+
+class StopOnSignal(Checkpoint):
+    """Ctrl-C or SIGTERM while a fit trains: finish the optimizer step (or the epoch's evaluation), bring
+    ``last.ckpt`` up to date, and stop, so that ``--ckpt_path last`` resumes exactly there; a second signal stops at
+    once. What the run keeps and the command that resumes it are recorded as it goes (``editing.interruption``), for
+    the line ``editing.cli.main`` prints.
+
+    It saves only where Lightning's own periodic checkpoints are taken: at the end of a batch that made an optimizer
+    step (between the micro-batches of a gradient accumulation the summed gradients are in no checkpoint), and at an
+    epoch's end, after the DegradationBudget has evaluated it. Being a ``Checkpoint``, it runs after the other
+    callbacks and after the ModelCheckpoint. The stop itself is Lightning's SIGTERM stop, which comes once the step's
+    (or the epoch's) metrics are logged, so the metrics log holds every row up to the checkpoint. Under DDP the
+    ranks agree on the step to stop at. A batch or epoch that ends the training is not stopped at: the results are
+    written a moment later.
+
+    Args:
+        command: the command line after ``editing`` (``fit ...``), for the resume command.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, command: Sequence[str] = ()) -> None:
+        self.command = list(command)
+        self.requested: int | None = None
+        self.interrupted_by: int | None = None
+        self._previous: dict[int, object] = {}
+        self._step_seen: int | None = None
+        self._run_dir: Path | None = None
+        self._pinned = bool(_option_values(self.command, "--budget.output_dir"))
+
+    # what is kept, and how to resume ----------------------------------------------------------------------------
+    def resume_args(self) -> list[str]:
+        """The command line that resumes the run: the same one with ``--ckpt_path last`` (and the run folder
+        pinned, when the logger chose it)."""
+        args = _without_option(self.command, "--ckpt_path")
+        if self._run_dir is not None and not self._pinned:
+            args += ["--budget.output_dir", str(self._run_dir)]
+        return [*args, "--ckpt_path", "last"]
+
+    def _keep(self, trainer) -> None:
+        budget = _budget(trainer)
+        epochs = len(budget.history) - 1 if budget is not None and budget.history else None
+        evaluated = "" if epochs is None else " and epoch 0 (p0)" if epochs == 0 else f" and epochs 0..{epochs}"
+        path = _newest_last(trainer)
+        if path is None:
+            saved = "no checkpoint yet" if _last_checkpoint(trainer) is not None else \
+                "no checkpoint (--checkpoint.save_last is false)"
+            what = f"{saved}{evaluated}; its folder {self._run_dir} is resumed from the start"
+        else:
+            what = f"the checkpoint {path} (step {trainer.global_step}){evaluated} in {self._run_dir}"
+        interruption.keep(what, self.resume_args())
+
+    # hooks ------------------------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        budget = _budget(trainer)
+        if budget is not None and budget.output_dir is not None:
+            self._pinned = True  # given in a --config file
+        self._run_dir = budget.run_dir(trainer) if budget is not None else Path(trainer.log_dir or ".")
+        self._keep(trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step_seen = trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._request)
+
+    def _restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _request(self, signum: int, frame) -> None:
+        if self.requested is not None:
+            raise interruption.Interrupted(signum)  # the second signal: at once
+        self.requested = signum
+        print(f"{interruption.SIGNAL_NAMES.get(signum, signum)}: stopping after this training step (or this epoch's "
+              "evaluation) to save a checkpoint; press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
+
+    def _stop_here(self, trainer) -> None:
+        requested = self.requested is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        checkpoint = _last_checkpoint(trainer)
+        if checkpoint is not None and checkpoint._last_global_step_saved != trainer.global_step:
+            path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+            trainer.save_checkpoint(path)
+            checkpoint._last_global_step_saved = trainer.global_step
+            checkpoint.last_model_path = path
+        self._keep(trainer)
+        self.interrupted_by = self.requested or signal.SIGTERM
+        trainer._signal_connector.received_sigterm = True  # Lightning stops once this step's rows are logged
+
+    def _last_epoch(self, trainer) -> bool:
+        return trainer.should_stop or (trainer.max_epochs is not None
+                                       and 0 <= trainer.max_epochs <= trainer.current_epoch + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stepped, self._step_seen = trainer.global_step != self._step_seen, trainer.global_step
+        batches = trainer.num_training_batches
+        if self._last_epoch(trainer) and isinstance(batches, int) and batch_idx + 1 >= batches:
+            return  # the training ends with this batch
+        if stepped:
+            self._stop_here(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._last_epoch(trainer):
+            self._stop_here(trainer)
+        if self.interrupted_by is None:
+            self._keep(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+        for logger in trainer.loggers:
+            logger.save()  # the log up to the stop: a resumed run replaces only the rows after its checkpoint
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted_by = interruption.signal_of(exception)
+            self._keep(trainer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
+
+def _budget(trainer):
+    from callbacks.degradation_budget import DegradationBudget
+
+    return next((cb for cb in trainer.callbacks if isinstance(cb, DegradationBudget)), None)
+
+
+def _newest_last(trainer) -> Path | None:
+    """The newest ``last*.ckpt`` of the run (what ``--ckpt_path last`` resumes), None when there is none."""
+    checkpoint = _last_checkpoint(trainer)
+    if checkpoint is None:
+        return None
+    found = [f for f in Path(checkpoint.dirpath).glob("last*.ckpt") if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime) if found else None
+
+
+def _without_option(args: Sequence[str], option: str) -> list[str]:
+    """``args`` without ``option`` and its value (``--option VALUE`` or ``--option=VALUE``)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def _option_values(args: list[str], option: str) -> list[str]:
