@@ -363,10 +363,13 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "config"])
-def test_a_damaged_embedded_model_folder_is_rebuilt(cache, tiny_gguf, caplog, damage) -> None:
+@pytest.mark.parametrize("damage", ["delete", "truncate", "config", "late_byte"])
+def test_a_damaged_embedded_model_folder_is_rebuilt(cache, tiny_gguf, caplog, damage, monkeypatch) -> None:
+    from editing.models import loading
     from editing.models.loading import _load_embedded
 
+    if damage == "late_byte":  # the weights checked by size and first MiB only, as SmolLM2's 540 MB are
+        monkeypatch.setattr(loading, "FULL_HASH_LIMIT", 0)
     expected = _weights(_load_embedded()[0])
     folder = cache / "models" / "smollm2-135m-instruct-q4_1"
     weights = folder / "model.safetensors"
@@ -374,6 +377,11 @@ def test_a_damaged_embedded_model_folder_is_rebuilt(cache, tiny_gguf, caplog, da
         weights.unlink()
     elif damage == "truncate":
         truncate(weights)
+    elif damage == "late_byte":  # one byte past the first MiB: only the weights' content hash can see it
+        data = bytearray(weights.read_bytes())
+        assert len(data) > (1 << 20) + 8
+        data[-5] ^= 0x40
+        weights.write_bytes(bytes(data))
     else:
         (folder / "config.json").write_text("{")
     with caplog.at_level(logging.WARNING):

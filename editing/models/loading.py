@@ -75,7 +75,7 @@ CACHE_MANIFEST = "cache-manifest.json"
 """The file of a cached model or tokenizer folder that lists its files (size, SHA-256) and its material."""
 FULL_HASH_LIMIT = 64 << 20
 """Files up to this size are hashed whole when a cached folder is checked; larger ones (the 540 MB weights) by their
-size and the hash of their first MiB (their safetensors header): a whole hash cost 1.4 s here, more than the check is
+size and the hash of their first MiB (their safetensors header): a whole file hash cost 1.4 s here, more than the check is
 worth on every load (the weights' content hash is the model's fingerprint, computed anyway by ``load_model``)."""
 
 
@@ -136,14 +136,14 @@ def _folder_problem(folder: Path, material: dict) -> str | None:
     return None
 
 
-def _save_checked(folder: Path, save, material: dict, what: str) -> bool:
-    """Write a cached folder atomically with its manifest; False (with a warning) when the cache folder cannot be
-    written: that costs the cache, not the run."""
+def _save_checked(folder: Path, save, material: dict, what: str, extra: dict | None = None) -> bool:
+    """Write a cached folder atomically with its manifest (plus ``extra`` entries); False (with a warning) when the
+    cache folder cannot be written: that costs the cache, not the run."""
 
     def write(tmp: Path) -> None:
         save(tmp)
-        (tmp / CACHE_MANIFEST).write_text(json.dumps({"material": material, "files": _describe_files(tmp)},
-                                                     indent=1, sort_keys=True))
+        (tmp / CACHE_MANIFEST).write_text(json.dumps({"material": material, "files": _describe_files(tmp),
+                                                      **(extra or {})}, indent=1, sort_keys=True))
 
     try:
         save_atomically(folder, write, folder=True, overwrite=True)
@@ -225,16 +225,34 @@ def _load_embedded():
     problem = _folder_problem(folder, material) if folder.exists() else "absent"
     if problem is None:
         try:
-            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), _smollm2_tokenizer()
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         except Exception as err:  # noqa: BLE001 - any damage the manifest did not show: rebuild
             problem = f"cannot be loaded ({_first_line(err)})"
+        else:
+            # the manifest checks the weights file by size and header only; the content hash of the loaded weights
+            # (the fingerprint load_model needs anyway) sees a changed byte anywhere in it
+            found = fingerprint(model)
+            if found == _manifest_entry(folder, "fingerprint"):
+                model._content_fingerprint = found
+                return model, _smollm2_tokenizer()
+            problem = "holds weights whose content hash differs from the one recorded when it was written"
     gguf = offline.smollm2_gguf_path()
     if problem != "absent":
         log.warning("the embedded model cache %s %s; rebuilding it from %s", folder, problem, gguf.name)
     model, _ = _load_gguf(gguf)
-    if _save_checked(folder, model.save_pretrained, material, "embedded model"):
+    found = fingerprint(model)
+    if _save_checked(folder, model.save_pretrained, material, "embedded model", {"fingerprint": found}):
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        found = fingerprint(model)
+    model._content_fingerprint = found
     return model, _smollm2_tokenizer()
+
+
+def _manifest_entry(folder: Path, key: str):
+    try:
+        return json.loads((folder / CACHE_MANIFEST).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -402,7 +420,8 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         tok.pad_token = tok.eos_token
     model.requires_grad_(False)
     model.eval()
-    weights_fingerprint = fingerprint(model)  # of the fp32 weights, so it does not depend on precision
+    # of the fp32 weights, so it does not depend on precision (the embedded model's loader has just computed it)
+    weights_fingerprint = model.__dict__.pop("_content_fingerprint", None) or fingerprint(model)
     model.to(DTYPES[config.precision])
     identity = {
         "name": name,
