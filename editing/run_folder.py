@@ -166,9 +166,10 @@ def check_folder(folder: str | Path, resuming: bool, overwrite: bool, flag: str 
 
 
 def claim_folder(folder: str | Path, resuming: bool, overwrite: bool, flag: str = "--budget.overwrite true",
-                 restarting: bool = False) -> Claim:
+                 restarting: bool = False, about: dict | None = None) -> Claim:
     """Check ``folder`` (see ``check_folder``, same arguments), then claim it atomically; the claim's write is the
-    check that the folder is writable, made before any training.
+    check that the folder is writable, made before any training. ``about`` is stored in the claim (what a later
+    command resuming the run must agree with, e.g. ``editing evaluate``'s settings).
 
     Raises:
         RunFolderError: the folder is in use, holds an unfinished run, or cannot be written.
@@ -178,7 +179,7 @@ def claim_folder(folder: str | Path, resuming: bool, overwrite: bool, flag: str 
     check_folder(folder, resuming, overwrite, flag, restarting)
     path = folder / CLAIM_NAME
     info = {**_my_identity(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": sys.argv, "token": os.urandom(8).hex()}
+            "command": sys.argv, "token": os.urandom(8).hex(), **({"about": about} if about is not None else {})}
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

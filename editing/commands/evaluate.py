@@ -1,9 +1,18 @@
-"""``editing evaluate``: one model on several tasks, loaded once, one table."""
+"""``editing evaluate``: one model on several tasks, loaded once, one table.
+
+The run claims its output folder (``run.lock``, ``editing.run_folder``) with its settings, and writes each task's
+results as soon as the task is done. A run that was interrupted (Ctrl-C, SIGTERM, kill -9) leaves its claim behind:
+the same command resumes it, keeping the tasks it finished; other settings are refused, as they would mix two
+evaluations in one table. A finished run (no claim left) is replaced only with ``--overwrite true``.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+
+SETTINGS = ("model", "precision", "split", "data_root", "eval_limit", "general_limit", "max_tokens")
+"""What a resumed run must share with the interrupted one (the tasks may differ: each has its own folder)."""
 
 
 def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: str = "smollm2-135m",
@@ -12,7 +21,8 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
                    max_tokens: int = 1024) -> list[dict]:
     """Evaluate one model on several tasks, load it once, and print one table.
 
-    The general set G does not depend on the task, so its NLL is computed once and shared.
+    The general set G does not depend on the task, so its NLL is computed once and shared. An interrupted run
+    resumes when the same command is given again: the tasks it finished are kept, not evaluated again.
 
     Args:
         tasks: task names or task YAMLs (default: the six built-in tasks).
@@ -23,37 +33,72 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
         eval_limit: first N examples of each task set.
         general_limit: first N texts of the general set.
         output_dir: results go to ``<output_dir>/<task>-<split>/``.
-        overwrite: replace results of an earlier run.
+        overwrite: replace the results of a finished run (an interrupted one resumes without it).
         max_tokens: padded-token budget per batch.
 
     Returns:
         One row of metrics per task.
     """
+    from editing import interruption
     from editing.data.datamodule import TaskDataModule
-    from editing.evaluation import evaluate
     from editing.files import ensure_writable, write_text
-    from editing.methods.base import EditingModule
-    from editing.models.loading import ModelConfig
-    from editing.records import EVALUATION_FILE, write_evaluation
+    from editing.records import EVALUATION_FILE, EvaluationRecord, write_evaluation
+    from editing.run_folder import claim_folder
     from editing.tables import metrics_table
     from editing.tasks import BUILTIN_TASKS
     from editing.types import EVALUATED_METRICS, Metric, Stage
 
     tasks = list(tasks or BUILTIN_TASKS)
-    start = time.time()
-    module = EditingModule(ModelConfig(name=model, precision=precision))
-    print(f"loaded {model} ({module.identity['num_parameters']:,} parameters, {precision}) "
-          f"in {time.time() - start:.1f}s", flush=True)
+    settings = {"model": model, "precision": precision, "split": split, "data_root": data_root,
+                "eval_limit": eval_limit, "general_limit": general_limit, "max_tokens": max_tokens}
+    folder = Path(output_dir)
     modules = {}
     for task in tasks:  # check every task's data before spending time on any
         dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                             general_limit=general_limit, max_tokens=max_tokens)
-        out = Path(output_dir) / f"{dm.task.name}-{split}"
-        ensure_writable(out / EVALUATION_FILE, overwrite)
-        modules[task] = (dm, out)
+        modules[task] = (dm, folder / f"{dm.task.name}-{split}")
+    started = _interrupted_run(folder, settings, overwrite)
+    kept = {task: EvaluationRecord.read(out / EVALUATION_FILE) for task, (dm, out) in modules.items()
+            if started is not None and _written_since(out / EVALUATION_FILE, started)}
+    if overwrite:
+        kept = {}
+    for task, (_dm, out) in modules.items():
+        if task not in kept:  # results older than the interrupted run are a finished run's: only with --overwrite
+            ensure_writable(out / EVALUATION_FILE, overwrite)
+    claim = claim_folder(folder, resuming=True, overwrite=False, flag="--overwrite true",
+                         about={"evaluate": settings})
+
+    def keep_note() -> None:
+        names = [dm.task.name for task, (dm, _) in modules.items() if task in kept]
+        done = f"the evaluations of {len(names)} of {len(modules)} tasks ({', '.join(names)})" if names else \
+            "no finished task yet"
+        interruption.keep(f"{done} in {folder}")
+
+    keep_note()
+    if kept:
+        print(f"resuming the interrupted evaluation in {folder}: {len(kept)} of {len(modules)} tasks done "
+              f"({', '.join(modules[t][0].task.name for t in kept)})", flush=True)
+
+    from editing.evaluation import evaluate
+    from editing.methods.base import EditingModule
+    from editing.models.loading import ModelConfig
+
+    start = time.time()
+    module = EditingModule(ModelConfig(name=model, precision=precision))
+    print(f"loaded {model} ({module.identity['num_parameters']:,} parameters, {precision}) "
+          f"in {time.time() - start:.1f}s", flush=True)
     general: dict | None = None
+    for record in kept.values():  # the kept tasks scored the same general set: its NLL is not computed again
+        general = {Metric.GENERAL_NLL: record.metrics.general_nll,
+                   "general_tokens": record.counts.get("general_tokens"), "file": record.data_files.get("general")}
+        break
     rows = []
-    for dm, out in modules.values():
+    for task, (dm, out) in modules.items():
+        if task in kept:
+            record = kept[task]
+            rows.append({"task": dm.task.name, "examples": record.counts["evaluation"],
+                         **{k.value: record.metrics[k] for k in EVALUATED_METRICS}})
+            continue
         t0 = time.time()
         roles = [r for r in dm.eval_roles() if r != "general" or general is None]
         summary = evaluate(module, dm, roles=roles, progress=True)
@@ -65,14 +110,57 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
             summary["counts"]["general_tokens"] = general["general_tokens"]
         files = dm.describe()
         files.setdefault("general", general["file"])
+        # an interrupted run may have left this task's scores file without its evaluation.json: replaced
         write_evaluation(out, summary, stage=Stage.VALIDATE if split == "val" else Stage.TEST, task=dm.task,
-                         split=split, identity=module.identity, data_files=files, overwrite=overwrite)
+                         split=split, identity=module.identity, data_files=files,
+                         overwrite=overwrite or started is not None)
+        kept[task] = EvaluationRecord.read(out / EVALUATION_FILE)
+        keep_note()
         row = {"task": dm.task.name, "examples": summary["counts"]["evaluation"],
                **{k.value: summary[k] for k in EVALUATED_METRICS}}
         rows.append(row)
         print(f"{dm.task.name}: success {row[Metric.SUCCESS_RATE]:.3f} ({time.time() - t0:.0f}s)", flush=True)
     table = metrics_table(rows)
-    write_text(Path(output_dir) / f"table-{split}.md", table + "\n", overwrite=True)
+    write_text(folder / f"table-{split}.md", table + "\n", overwrite=True)
+    claim.release()
     print(f"\n{model}, split {split}, precision {precision} ({time.time() - start:.0f}s in all)\n")
     print(table)
     return rows
+
+
+def _interrupted_run(folder: Path, settings: dict, overwrite: bool) -> str | None:
+    """When ``folder`` holds an interrupted ``editing evaluate`` (a claim whose process is gone), the time it
+    started; None when it holds none. A live run's claim is refused when this run claims the folder.
+
+    Raises:
+        ConfigError: the interrupted run had other settings (and ``overwrite`` was not given).
+    """
+    from editing.errors import ConfigError
+    from editing.run_folder import holder_alive, read_claim
+
+    info = read_claim(folder)
+    if info is None or holder_alive(info):
+        return None
+    theirs = (info.get("about") or {}).get("evaluate")
+    if theirs != settings and not overwrite:
+        if not isinstance(theirs, dict):
+            differ = "its settings cannot be read"
+        else:
+            differ = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings[k]!r} here" for k in SETTINGS
+                               if theirs.get(k) != settings[k])
+        raise ConfigError(f"{folder} holds an interrupted evaluate with other settings ({differ}): resume it with "
+                          "the same settings, pass --overwrite true to start over, or choose another --output_dir")
+    return str(info.get("started") or "")
+
+
+def _written_since(path: Path, started: str) -> bool:
+    """Whether ``path`` (an evaluation.json) was written by the run that started at ``started``, not before it."""
+    from editing.errors import EditingError
+    from editing.records import EvaluationRecord
+
+    if not path.is_file():
+        return False
+    try:
+        return EvaluationRecord.read(path).created >= started
+    except EditingError:
+        return False
