@@ -19,6 +19,7 @@ import ctypes
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -35,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editing import interruption
 from editing.budget import MAX_EPOCH_SETTING, key_eps
-from editing.errors import ConfigError
+from editing.errors import ConfigError, EditingError
 from editing.files import ensure_writable, write_json, write_jsonl, write_text
 from editing.paths import REPO_DIR
 from editing.records import (
@@ -409,7 +411,9 @@ def _retry_callback():
     from optuna import storages
 
     cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-    return cls(max_retry=3)
+    with warnings.catch_warnings():  # "experimental" in optuna since 2.8; relied upon, as heartbeats (make_storage)
+        warnings.simplefilter("ignore")
+        return cls(max_retry=3)
 
 
 def make_storage(url: str, heartbeat_interval: int | None = 60, grace_period: int | None = None,
@@ -515,6 +519,37 @@ class TrialError(RuntimeError):
     """A trial's fit failed (non-zero exit); the trial is recorded FAIL and counts as done."""
 
 
+class SweepFailedError(EditingError, RuntimeError):
+    """Every trial of a study failed: the message gives the first one's error, from its ``fit.log``."""
+
+
+class _DropTrialErrors(logging.Filter):
+    """Optuna logs a failed trial's error with its traceback, then its value (None): the worker prints the trial's
+    error line instead, and an interrupted worker the one line of ``editing.interruption``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (TrialError, KeyboardInterrupt)):
+            return False
+        return not re.fullmatch(r"Trial \d+ failed with value None\.", str(record.getMessage()))
+
+
+_ERROR_LINE = re.compile(r"^(error: |interrupted by |([A-Za-z_][\w.]*)?(Error|Exception|Interrupt)\b)")
+
+
+def fit_log_error(path: Path, limit: int = 400) -> str:
+    """The reason a fit failed, from its log: its last ``error: ...`` line (the command's own message), else the last
+    line of a traceback, else the log's last line (cut to ``limit`` characters)."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError as err:
+        return f"its log {path} cannot be read ({err.strerror or err})"
+    lines = [line for line in lines if line and not line.startswith("$ editing fit")]
+    found = [line for line in lines if _ERROR_LINE.match(line)]
+    line = (found or lines or ["(the log is empty)"])[-1]
+    line = line[len("error: "):] if line.startswith("error: ") else line
+    return line if len(line) <= limit else line[:limit - 4] + " ..."
+
+
 def _die_with_parent() -> None:
     # Linux: the fit subprocess gets SIGKILL when its worker dies, so a killed worker leaves no orphan fit behind.
     try:
@@ -612,7 +647,8 @@ def make_objective(definition: SweepDefinition, sweep_dir: Path, n_trials: int,
         trial.set_user_attr("seconds", round(time.time() - start, 1))
         results_path = out / RESULTS_FILE
         if code != 0 or not results_path.is_file():
-            trial.set_user_attr("error", f"editing fit exited with {code}; see {out / 'fit.log'}")
+            trial.set_user_attr("error", f"editing fit exited with {code}: {fit_log_error(out / 'fit.log')} "
+                                         f"(see {out / 'fit.log'})")
             raise TrialError(trial.user_attrs.get("error", f"exit {code}"))
         outcome = TrialRecord.of_run(RunRecord.read(results_path), trial.number, params)
         trial.set_user_attr("results", str(results_path))
@@ -644,6 +680,9 @@ def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: in
     if not base.is_file() or base.read_text() != definition.base_config:
         write_text(base, definition.base_config, overwrite=True)
     objective = make_objective(definition, sweep_dir, n_trials, runner)
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _DropTrialErrors) for f in optuna_log.filters):
+        optuna_log.addFilter(_DropTrialErrors())
     while True:
         with warnings.catch_warnings():  # experimental since optuna 2.9, the public way to reap dead trials
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -652,6 +691,7 @@ def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: in
         done = sum(_done(t) for t in trials)
         if done >= n_trials:
             log(f"study {study.study_name}: {done} trials finished; this worker ran {len(objective.ran)}")
+            _refuse_all_failed(study.study_name, trials)
             return len(objective.ran)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         if waiting == 0 and sum(_consumes_budget(t) for t in trials) >= n_trials:
@@ -665,7 +705,23 @@ def run_worker(study, definition: SweepDefinition, sweep_dir: Path, n_trials: in
             raise
         if len(objective.ran) > before:
             t = study.get_trials(deepcopy=False)[objective.ran[-1]]
-            log(f"trial {t.number}: {t.state.name} value={t.value} {t.params}")
+            failed = f" ({t.user_attrs['error']})" if t.state == TrialState.FAIL and "error" in t.user_attrs else ""
+            log(f"trial {t.number}: {t.state.name} value={t.value} {t.params}{failed}")
+
+
+def _refuse_all_failed(name: str, trials: list) -> None:
+    """A study whose finished trials all failed has nothing to select: say why (the first trial's error)."""
+    from optuna.trial import TrialState
+
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return
+    failed = sorted((t for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs),
+                    key=lambda t: t.number)
+    if failed:
+        first = failed[0]
+        raise SweepFailedError(f"all {len(failed)} trials failed in study {name}; the first, trial {first.number}: "
+                               f"{first.user_attrs['error']}. Fix that and run the sweep again under another "
+                               "--study_name (or remove the study folder)")
 
 
 def _requeue_interrupted(study, numbers: list[int]) -> None:
@@ -720,6 +776,8 @@ def run_sweep(task: str = "country_capital", method: str = "lora", model: str = 
     url = storage or default_storage(root, name)
     study = open_study(make_storage(url, heartbeat_interval, grace_period), name, definition)
     print(f"sweep {name}: {n_trials} trials, storage {url}, trial folders {sweep_dir}/trial_<n>", flush=True)
+    interruption.keep(f"the finished trials of study {name} are kept in {sweep_dir} (storage {url}), a trial "
+                      "stopped midway is queued again")
     return run_worker(study, definition, sweep_dir.resolve(), n_trials, poll=poll,
                       log=lambda m: print(m, flush=True))
 
@@ -952,9 +1010,18 @@ def test_runs(study_name: str | None = None, root: str = DEFAULT_ROOT, seeds: in
             out = (sweep_dir / "test" / f"trial_{trial}" / f"seed_{seed}").resolve()
             results = out / RESULTS_FILE
             if results.is_file():
-                print(f"trial {trial} seed {seed}: done already ({results})", flush=True)
-                done.append(results)
-                continue
+                try:
+                    RunRecord.read(results)
+                except RecordError as err:
+                    # damaged (truncated, ...): `report` could not use it; the seed runs again, the file kept aside
+                    aside = out.with_name(f"{out.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+                    out.rename(aside)
+                    print(f"trial {trial} seed {seed}: its results cannot be read ({err}); the run was moved to "
+                          f"{aside} and runs again", flush=True)
+                else:
+                    print(f"trial {trial} seed {seed}: done already ({results})", flush=True)
+                    done.append(results)
+                    continue
             if out.exists():
                 # an interrupted run (no results.json): keep its files aside and start the seed afresh
                 aside = out.with_name(f"{out.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
