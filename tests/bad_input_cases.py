@@ -579,6 +579,31 @@ def _cases() -> list[Case]:
 
     add(_c("auto_without_any_edit_exits_non_zero", every_trial_fails, ["no trial finished", "fit.log", "auto.json"],
            ["fix it and run the command again"]))
+
+    # --- issue 34, items 9-12: runs that survive interruption -------------------------------------------------------
+    # (the kills themselves, SIGTERM and Ctrl-C, and the resumes are in tests/test_interruption.py: a case here runs one
+    # command and must end non-zero)
+    def interrupted_evaluate(d: Path, a: Artifacts) -> list[str]:
+        import socket
+
+        # the claim an `editing evaluate --eval_limit 3` killed midway left (its process is of another boot: gone)
+        settings = {"model": "tiny-gpt2", "precision": "fp32", "split": "val", "data_root": None, "eval_limit": 3,
+                    "general_limit": 2, "max_tokens": 1024}
+        (d / "out").mkdir()
+        (d / "out" / "run.lock").write_text(json.dumps({
+            "pid": 1, "host": socket.gethostname(), "boot_id": "another-boot", "started": "2026-01-01T00:00:00+00:00",
+            "about": {"evaluate": settings}}))
+        return ["evaluate", "--tasks", "[country_capital]", "--model", "tiny-gpt2", "--eval_limit", "2",
+                "--general_limit", "2", "--output_dir", "out"]
+
+    add(_c("evaluate_resumed_with_other_settings", interrupted_evaluate,
+           ["out", "interrupted evaluate", "eval_limit: 3 there, 2 here"], ["--overwrite true", "same settings"],
+           absent=("out/country_capital-val",), max_seconds=120))
+    add(_c("sweep_whose_trials_all_fail",
+           lambda d, a: ["sweep", "--task", "country_capital", "--method", "lora", "--model", "tiny-gpt2",
+                         "--n_trials", "1", "--root", "sweeps", "--args",
+                         "--data.eval_limit 2 --data.general_limit 2 --trainer.max_epochs 1 --budget.patience 0"],
+           ["all 1 trials failed", "--budget.patience=0", "trial_0/fit.log"], ["give a number of epochs >= 1"]))
     return cases
 
 
