@@ -1,8 +1,10 @@
 """Every bad input of the shared case table (tests/bad_input_cases.py), run through the real ``editing`` command.
 
-Prints one line per case that did not end in a clear error, then
-``N cases: C clear errors, T tracebacks, S silently accepted`` (plus unclear messages and timeouts when there are
-any). A clear error: non-zero exit, no Python traceback, a message naming the file/line/setting and the fix.
+Prints one line per case that did not end as it must, then
+``N cases: C clear errors, K correct results, T tracebacks, S silently accepted`` (plus failures, unclear messages
+and timeouts when there are any). A clear error: non-zero exit, no Python traceback, a message naming the
+file/line/setting and the fix. A correct result (damage to survive, e.g. a damaged or unwritable cache): exit 0, no
+traceback, the damage said on stderr, and results equal to those without the damage.
 
     python benchmarks/bad_inputs.py [--workers 2] [--mode subprocess|fork] [--only NAME ...] [--keep DIR]
 
@@ -50,14 +52,16 @@ def main() -> int:
             outcomes = run_cases(Path(tmp), cases, args.workers, args.mode, progress)
     counts = Counter(o.kind for o in outcomes)
     for outcome in outcomes:
-        if outcome.kind != "clear":
+        if outcome.kind not in ("clear", "correct"):
             depends = f" [depends on {outcome.case.depends}]" if outcome.case.depends else ""
             print(f"FAIL{depends} {outcome.summary()}")
     extra = "".join(f", {counts[k]} {label}" for k, label in (("unclear", "unclear messages"), ("timeout", "timeouts"))
                     if counts[k])
     print(f"({time.time() - start:.0f}s, {args.mode} mode, {args.workers} at a time)")
-    print(f"{len(outcomes)} cases: {counts['clear']} clear errors, {counts['traceback']} tracebacks, "
-          f"{counts['accepted']} silently accepted{extra}")
+    survived = f", {counts['correct']} correct results (damage survived)" if counts["correct"] else ""
+    failed = f", {counts['failed']} failed to survive" if counts["failed"] else ""
+    print(f"{len(outcomes)} cases: {counts['clear']} clear errors{survived}, {counts['traceback']} tracebacks, "
+          f"{counts['accepted']} silently accepted{failed}{extra}")
     return 0 if counts["clear"] == len(outcomes) else 1
 
 

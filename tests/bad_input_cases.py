@@ -85,6 +85,11 @@ class Case:
     """The error must come this fast (seconds, process start included)."""
     depends: str | None = None
     """Another helper's branch this case needs (its validation is theirs)."""
+    succeeds: bool = False
+    """Damage the command must survive rather than refuse (a damaged or unwritable cache): it must exit 0 with no
+    traceback, say on stderr what it found (``expect``) and pass ``check``."""
+    check: Callable[[Path], list[str]] | None = None
+    """For a case that succeeds: what is wrong with its results in the case folder (empty: they are correct)."""
 
 
 @dataclass
@@ -93,7 +98,8 @@ class Outcome:
 
     case: Case
     kind: str
-    """``clear``, ``traceback``, ``accepted`` (exit 0), ``unclear`` (message lacks a fragment) or ``timeout``."""
+    """``clear``, ``traceback``, ``accepted`` (exit 0), ``unclear`` (message lacks a fragment) or ``timeout``; for a
+    case that must succeed, ``correct`` or ``failed`` (a non-zero exit, wrong results or an unsaid warning)."""
     returncode: int | None
     stderr: str
     seconds: float
@@ -604,7 +610,74 @@ def _cases() -> list[Case]:
                          "--n_trials", "1", "--root", "sweeps", "--args",
                          "--data.eval_limit 2 --data.general_limit 2 --trainer.max_epochs 1 --budget.patience 0"],
            ["all 1 trials failed", "--budget.patience=0", "trial_0/fit.log"], ["give a number of epochs >= 1"]))
+    # --- issue 34 items 6 and 7: a damaged or unwritable cache costs speed, never the run or a number -----------
+    add(Case("p0_cache_entry_changed", _p0_entry_changed, ("p0 cache entry", "content hash"), (), succeeds=True,
+             env={"EDITING_EVAL_CACHE_DIR": "evcache"}, check=_same_results_as_before))
+    add(Case("evaluation_cache_unwritable", _blocked(TINY_FIT),
+             ("could not write",), (), succeeds=True, env={"EDITING_EVAL_CACHE_DIR": "blocker/evaluation"},
+             check=_has_results))
+    add(Case("memit_caches_unwritable", _blocked(TINY_MEMIT_FIT),
+             ("could not write",), (), succeeds=True,
+             env={"EDITING_EVAL_CACHE_DIR": "blocker/evaluation", "EDITING_CACHE": "blocker/cache"},
+             check=_has_results))
     return cases
+
+
+TINY_MEMIT_FIT = ["fit", "--model", "MEMITEditor", "--model.base.name", "tiny-gpt2", "--model.memit.layers", "[1]",
+                  "--model.memit.covariance_samples", "200", "--model.memit.steps", "2",
+                  "--model.memit.context_templates", "1", "--data.task", "country_capital", "--data.eval_limit", "4",
+                  "--data.general_limit", "4", "--data.max_examples", "2", "--trainer.enable_progress_bar", "false",
+                  "--trainer.enable_model_summary", "false", "--budget.output_dir", "out"]
+
+
+def _blocked(args: list[str]) -> Callable[[Path, Artifacts], list[str]]:
+    """A case whose cache folders lie under ``blocker``, a file: nothing can be written there."""
+
+    def make(folder: Path, artifacts: Artifacts) -> list[str]:
+        (folder / "blocker").write_text("")
+        return args
+
+    return make
+
+
+def _has_results(folder: Path) -> list[str]:
+    return [] if (folder / "out" / "results.json").is_file() else ["no out/results.json"]
+
+
+def _p0_entry_changed(folder: Path, artifacts: Artifacts) -> list[str]:
+    """A first fit fills the case's evaluation cache; its p0 entry is then rewritten with its numbers x 0.9995 and
+    its metadata kept (readable, of the right key): the second fit must recompute p0 and report the first's."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    first = [*TINY_FIT[:-1], "first"]
+    proc = subprocess.run([sys.executable, "-m", "editing.cli", *first], cwd=folder,
+                          env=command_env({"EDITING_EVAL_CACHE_DIR": "evcache"}), capture_output=True, text=True,
+                          timeout=CASE_TIMEOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the first fit of p0_cache_entry_changed failed:\n{proc.stderr[-2000:]}")
+    (entry,) = (folder / "evcache" / "p0").glob("*.safetensors")
+    with safe_open(str(entry), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file({k: v * 0.9995 if v.is_floating_point() else v for k, v in tensors.items()}, str(entry), metadata=meta)
+    return TINY_FIT
+
+
+def _same_results_as_before(folder: Path) -> list[str]:
+    import json
+
+    problems = _has_results(folder)
+    if problems:
+        return problems
+    first, second = (json.loads((folder / run / "results.json").read_text()) for run in ("first", "out"))
+
+    def numbers(record: dict) -> list:
+        return [(e.get("epoch"), e.get("general_nll"), e.get("success_rate")) for e in record.get("epochs", [])]
+
+    if not numbers(first):
+        return ["results.json lists no epochs (the check reads results['epochs'])"]
+    return [] if numbers(first) == numbers(second) else [f"epochs differ: {numbers(first)} vs {numbers(second)}"]
 
 
 CASES: list[Case] = _cases()
@@ -617,6 +690,13 @@ def _classify(case: Case, folder: Path, returncode: int | None, stderr: str, sec
               timed_out: bool) -> Outcome:
     if timed_out:
         return Outcome(case, "timeout", None, stderr, seconds, [f"no answer in {CASE_TIMEOUT}s"])
+    if case.succeeds:
+        if "Traceback (most recent call last)" in stderr:
+            return Outcome(case, "traceback", returncode, stderr, seconds, ["a Python traceback on stderr"])
+        problems = [f"exit {returncode}: the command did not survive it"] if returncode != 0 else []
+        problems += [f"stderr lacks {f!r}" for f in case.expect if f not in stderr]
+        problems += case.check(folder) if case.check is not None and returncode == 0 else []
+        return Outcome(case, "failed" if problems else "correct", returncode, stderr, seconds, problems)
     if returncode == 0:
         return Outcome(case, "accepted", 0, stderr, seconds, ["exit 0: the bad input was accepted"])
     if "Traceback (most recent call last)" in stderr:
