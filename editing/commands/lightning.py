@@ -620,7 +620,7 @@ class SaveLastOnStop(Checkpoint):
         if not trainer.should_stop or checkpoint is None or checkpoint._last_global_step_saved == trainer.global_step:
             return
         path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         checkpoint._last_global_step_saved = trainer.global_step
         checkpoint.last_model_path = path
 
@@ -715,7 +715,7 @@ class StopOnSignal(Checkpoint):
         checkpoint = _last_checkpoint(trainer)
         if checkpoint is not None and checkpoint._last_global_step_saved != trainer.global_step:
             path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole state (also: no info line about it)
             checkpoint._last_global_step_saved = trainer.global_step
             checkpoint.last_model_path = path
         self._keep(trainer)
