@@ -1,8 +1,9 @@
 """Issue 34 item 8: a differential test of every cache a fit reads, that one forgotten setting cannot fool.
 
 A seeded random walk over tiny models: each step changes one thing (a method's setting, the selection lambda, the
-sense count, the precision, a limit, a data file's content under the same name, the tokenizer, one weight value of a
-model folder under the same folder name, the scoring code), then runs the same fit twice:
+sense count, the model's or the trainer's precision, a limit, a data file's content under the same name, the
+tokenizer, one weight value or a permutation of a matrix of a model folder under the same folder name, its
+config.json, the scoring code, the cache memory budget, the model), then runs the same fit twice:
 
 - caches ON: one cache folder for the whole walk (``$EDITING_EVAL_CACHE_DIR`` for p0 / prefix / sense / MEMIT-target
   entries, ``$EDITING_CACHE`` for MEMIT statistics and sense backgrounds), and this process's in-memory entries kept
@@ -10,13 +11,17 @@ model folder under the same folder name, the scoring code), then runs the same f
 - caches OFF: ``$EDITING_EVAL_CACHES=off`` and a fresh, empty cache folder (nothing on disk to read, so the MEMIT
   statistics and the sense background are computed anew).
 
-Both must agree: every epoch's metrics (results.json) and every per-example score within 1e-6 relative, the same
-counts, the same per-ball epochs, and bit-identical exported edit tensors (the cache never touches training, and the
-ball states are the trained deltas; a cached value that differs from a fresh computation in any bit shows here).
+Both must agree: every epoch's metrics (results.json) and every per-example score within 1e-6 relative (the
+degradation, a difference of two such NLLs, within what their rounding allows), the same counts, the same ball
+decisions (per epoch and ball: inside or not; per ball: the chosen epoch), and bit-identical exported edit tensors
+and MEMIT statistics and targets: the caches never touch training, so a cached input that differs from a fresh
+computation in any bit shows there (the sense edit holds the selection's importance, which holds the background).
 The model folder, the data files and the code change in place, the way a user's do: nothing in a name or a path
-tells a cache that the content is new.
+tells a cache that the content is new. A step fits the previous step's method again, or first primes the cache
+with the method's fit before the change, so that every change meets the entries of the state just before it.
 
-The issue's known stale cases run first as scripted steps. ``-s`` prints one line per step and the wall time.
+The issue's known stale cases run first as scripted steps. ``-s`` prints one line per step, and the wall and CPU
+time of the walk.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class State:
                                                   "background_limit": None})
     limits: dict = field(default_factory=lambda: {"eval_limit": 8, "general_limit": 10, "max_examples": 64,
                                                   "max_tokens": 1024})
+    trainer_precision: str = "32-true"
+    """Lightning's precision (``bf16-mixed``: training steps, and what the method computes in them, under autocast)."""
     memory_mb: float = 1024.0
     code: str = "none"
     shared_data: bool = False
@@ -286,7 +293,7 @@ def run_fit(world: World, state: State, caches: bool, run: Path) -> Outcome:
         L.Trainer(max_epochs=epochs, limit_train_batches=2, logger=False, enable_progress_bar=False,
                   enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
                   default_root_dir=str(run), callbacks=[budget], enable_checkpointing=False,
-                  accelerator="cpu", devices=1).fit(module, dm)
+                  accelerator="cpu", devices=1, precision=state.trainer_precision).fit(module, dm)
     results = json.loads((run / "results.json").read_text())
     edits = {}
     from safetensors.torch import load_file
@@ -421,6 +428,9 @@ def change(rng: random.Random, world: World, state: State, kind: str) -> str:
         state.senses["k"] = _other(rng, [2, 3, 5, 8], state.senses["k"])
         return f"senses.senses_per_example={state.senses['k']}"
     if kind == "precision":
+        if rng.random() < 0.3:
+            state.trainer_precision = "bf16-mixed" if state.trainer_precision == "32-true" else "32-true"
+            return f"trainer.precision={state.trainer_precision}"
         state.precision[m] = "bf16" if state.precision[m] == "fp32" else "fp32"
         return f"precision={state.precision[m]}"
     if kind == "limit":
