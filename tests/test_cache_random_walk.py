@@ -72,7 +72,7 @@ class State:
     tokenizer: dict = field(default_factory=lambda: {"tiny-gpt2": "gpt2", "tiny-llama": "smollm2",
                                                      "tiny-backpack": "gpt2"})
     precision: dict = field(default_factory=lambda: {m: "fp32" for m in FAMILIES})
-    lora: dict = field(default_factory=lambda: {"rank": 4, "lr": 3e-2, "block": (2, 3)})
+    lora: dict = field(default_factory=lambda: {"rank": 4, "lr": 3e-2, "block": [2, 3]})
     full: dict = field(default_factory=lambda: {"layers": [2], "lr": 1e-3})
     memit: dict = field(default_factory=lambda: {"layers": [1, 2], "clamp_norm_factor": 0.75, "covariance_weight": 10.0,
                                                  "steps": 4, "kl_factor": 0.0625, "covariance_samples": 500})
