@@ -38,6 +38,22 @@ def numerics(device: torch.device) -> dict:
     return found
 
 
+VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "use_cache", "architectures")
+"""Config entries that name or describe a model without changing what its forward pass computes."""
+
+
+def config_digest(model: torch.nn.Module) -> str:
+    """A hash of the model's config (every entry but ``VOLATILE_CONFIG``) and attention implementation: settings such
+    as a norm's epsilon or the attention scaling change the forward pass without changing a weight."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps the base
+    config = getattr(inner, "config", None)
+    if config is None:
+        return "no config"
+    entries = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG}
+    entries["attention"] = getattr(config, "_attn_implementation", None)
+    return bytes_sha256(json.dumps(entries, sort_keys=True, default=str).encode())[:24]
+
+
 def computation_material(model: torch.nn.Module, *modules: str) -> dict:
     """What a value computed by ``model``'s forward pass in the code of ``modules`` depends on besides its data.
 
@@ -47,11 +63,11 @@ def computation_material(model: torch.nn.Module, *modules: str) -> dict:
         *modules: dotted names of the package modules whose code computes the value.
 
     Returns:
-        JSON-able material: code digest, library versions, dtype, device settings.
+        JSON-able material: code digest, library versions, the model's config, dtype, device settings.
     """
     param = next(model.parameters())
     return {"code": code_digest(*modules, *model_code_modules(model)), "libraries": library_versions(),
-            "dtype": str(param.dtype), **numerics(param.device)}
+            "config": config_digest(model), "dtype": str(param.dtype), **numerics(param.device)}
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -71,4 +87,5 @@ def tokenizer_digest(tokenizer) -> str:
     return bytes_sha256(json.dumps(parts, sort_keys=True).encode())[:24]
 
 
-__all__ = ["computation_material", "model_code_modules", "numerics", "tokenizer_digest"]
+__all__ = ["VOLATILE_CONFIG", "computation_material", "config_digest", "model_code_modules", "numerics",
+           "tokenizer_digest"]

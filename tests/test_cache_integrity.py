@@ -108,6 +108,29 @@ def test_a_bf16_background_is_never_read_by_an_fp32_run(cache, tmp_path, monkeyp
     assert torch.equal(got, expected), float((got - expected).abs().max())
 
 
+def test_a_background_of_a_model_whose_config_changed_is_not_reused(cache, tmp_path, monkeypatch, data_root) -> None:
+    """The same weights under another config.json (here the layer norms' epsilon): another forward pass, the same
+    weight fingerprint; the key must see the config."""
+    import json
+
+    from editing.models.loading import ModelConfig, load_model
+
+    first = _backpack("fp32")
+    folder = tmp_path / "model"
+    first.model.save_pretrained(folder)
+    first.tokenizer.save_pretrained(folder)
+    texts = _r_texts(data_root, first)
+    _background(load_model(ModelConfig(name=str(folder), precision="fp32")), texts)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_norm_epsilon"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+    changed = load_model(ModelConfig(name=str(folder), precision="fp32"))
+    got = _background(changed, texts)
+    fresh(monkeypatch, tmp_path, "config")
+    expected = _background(changed, texts)
+    assert torch.equal(got, expected), float((got - expected).abs().max())
+
+
 def test_a_background_with_permuted_rows_is_recomputed(cache, tmp_path, monkeypatch, data_root, caplog) -> None:
     loaded = _backpack("fp32")
     texts = _r_texts(data_root, loaded)
