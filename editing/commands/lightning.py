@@ -619,10 +619,15 @@ class SaveLastOnStop(Checkpoint):
         checkpoint = _last_checkpoint(trainer)
         if not trainer.should_stop or checkpoint is None or checkpoint._last_global_step_saved == trainer.global_step:
             return
-        path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-        trainer.save_checkpoint(path, weights_only=False)
-        checkpoint._last_global_step_saved = trainer.global_step
-        checkpoint.last_model_path = path
+        _save_last(trainer, checkpoint)
+
+
+def _save_last(trainer, checkpoint) -> None:
+    """Bring ``last.ckpt`` up to this step: the whole training state (optimizer, loops), as the periodic saves do."""
+    path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
+    trainer.save_checkpoint(path, weights_only=False)  # said, so that Lightning prints no info line about it
+    checkpoint._last_global_step_saved = trainer.global_step
+    checkpoint.last_model_path = path
 
 
 class StopOnSignal(Checkpoint):
@@ -714,10 +719,7 @@ class StopOnSignal(Checkpoint):
             return
         checkpoint = _last_checkpoint(trainer)
         if checkpoint is not None and checkpoint._last_global_step_saved != trainer.global_step:
-            path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-            trainer.save_checkpoint(path, weights_only=False)  # the whole state (also: no info line about it)
-            checkpoint._last_global_step_saved = trainer.global_step
-            checkpoint.last_model_path = path
+            _save_last(trainer, checkpoint)
         self._keep(trainer)
         self.interrupted_by = self.requested or signal.SIGTERM
         trainer._signal_connector.received_sigterm = True  # Lightning stops once this step's rows are logged
