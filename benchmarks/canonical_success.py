@@ -21,11 +21,11 @@ def main() -> None:
 
     from editing.data.batching import collate
     from editing.data.datamodule import TaskDataModule
-    from editing.edits import load_edited
+    from editing.edits.load import load_edited
     from editing.evaluation.scorer import example_nll
-    from editing.losses import example_score
     from editing.methods.base import EditingModule
     from editing.models.loading import ModelConfig
+    from editing.rules.losses import example_score
 
     edited = load_edited(args.edit)
     base = EditingModule(ModelConfig(name=edited.identity["name"], precision="fp32"))

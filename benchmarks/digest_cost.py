@@ -42,7 +42,7 @@ def main() -> None:
 
     import torch
 
-    from editing.digests import code_digest
+    from editing.core.digests import code_digest
     from editing.evaluation.caching import EVALUATION_CODE
     from editing.evaluation.incremental import prefix_digest, tensor_digest
     from editing.models.architecture import num_layers

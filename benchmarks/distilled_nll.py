@@ -23,8 +23,8 @@ def g_without_r_duplicates(limit: int | None, folder: Path) -> tuple[str, int]:
     Returns:
         The data root, and how many texts were left out.
     """
+    from editing.core.paths import resolve_data_root
     from editing.data.corpus import read_texts
-    from editing.paths import resolve_data_root
 
     general = resolve_data_root(None) / "general"
     r_texts = set(read_texts(general / "regularization.jsonl"))

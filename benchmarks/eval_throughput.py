@@ -16,10 +16,10 @@ import torch
 from editing.data.datamodule import TaskDataModule
 from editing.evaluation import evaluate
 from editing.evaluation.reference import reference_example_nll
-from editing.losses import example_score
 from editing.methods.base import EditingModule
 from editing.models.loading import ModelConfig
-from editing.tasks import BUILTIN_TASKS
+from editing.rules.losses import example_score
+from editing.rules.tasks import BUILTIN_TASKS
 
 
 def main() -> None:

@@ -81,8 +81,8 @@ def fit(method: str, args: argparse.Namespace, folder: Path, caches: bool) -> tu
 
 
 def decisions(record: dict) -> tuple[list[list[bool]], dict[str, int]]:
-    """Per epoch, per ball: inside or not (the rule of ``editing.budget``); and each ball's chosen epoch."""
-    from editing.budget import parse_balls
+    """Per epoch, per ball: inside or not (the rule of ``editing.rules.budget``); and each ball's chosen epoch."""
+    from editing.rules.budget import parse_balls
 
     balls = parse_balls([float(k) for k in record["balls"]], "balls")
     p0 = record["epochs"][0]["general_nll"]

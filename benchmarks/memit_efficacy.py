@@ -53,7 +53,7 @@ def write_requests(args, tokenizer, folder: Path) -> Path:
     """A task YAML in ``folder`` whose canonical file holds the chosen requests (first ``--requests`` lines,
     suffixes cut to their first token with ``--first-token``); the task keeps its name (for oracle defaults)."""
     from editing.data.jsonl import read_jsonl
-    from editing.tasks import get_task
+    from editing.rules.tasks import get_task
 
     if args.examples:
         name, loss, threshold, source = args.name, "good", args.threshold, Path(args.examples)
@@ -98,7 +98,7 @@ def scores(model, examples, loss: str, pad_id: int) -> torch.Tensor:
     """The task's score per example (SPEC section 5)."""
     from editing.data.batching import collate
     from editing.evaluation.scorer import example_nll
-    from editing.losses import example_score
+    from editing.rules.losses import example_score
 
     out = []
     with torch.no_grad():

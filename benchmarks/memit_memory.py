@@ -214,11 +214,11 @@ def measure(n: int, model: str, steps: int, templates: int, layers: list[int] | 
     start_rss = rss_mib()
     import torch
 
+    from editing.core.paths import resolve_data_root
     from editing.data.datamodule import TaskDataModule
     from editing.evaluation import evaluate
     from editing.methods import MEMITConfig, MEMITEditor
     from editing.models.loading import ModelConfig
-    from editing.paths import resolve_data_root
 
     torch.manual_seed(0)
     real = Path(resolve_data_root(None))

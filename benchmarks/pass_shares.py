@@ -31,11 +31,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from editing.core.paths import resolve_data_root
     from editing.data.jsonl import read_jsonl
     from editing.evaluation.scorer import head_nll
     from editing.models.architecture import blocks
     from editing.models.loading import ModelConfig, load_model
-    from editing.paths import resolve_data_root
 
     loaded = load_model(ModelConfig(name=args.model))
     model, tokenizer = loaded.model.eval(), loaded.tokenizer

@@ -42,7 +42,6 @@ def main() -> None:
 
     import torch
 
-    from editing.budget import DEFAULT_BALLS
     from editing.data.datamodule import TaskDataModule
     from editing.evaluation import Evaluator
     from editing.evaluation.caching import CacheSettings, data_material, make_scorer
@@ -50,6 +49,7 @@ def main() -> None:
     from editing.methods import SensesConfig, SensesEditor
     from editing.models.backpack.distill import BackpackShape, build_backpack_from, save_distilled
     from editing.models.loading import ModelConfig, load_model
+    from editing.rules.budget import DEFAULT_BALLS
 
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix="sense-eval-"))

@@ -12,20 +12,28 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from editing.budget import DEFAULT_BALLS, Ball, ball_key, choose_epochs, edit_folder_name, parse_balls, parse_max_epoch
-from editing.console import epoch_line, small_data_warning
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
+from editing.core.files import save_atomically, write_json
+from editing.core.types import MethodName, Metric, RunStatus
 from editing.evaluation.caching import CacheSettings, evaluate_epoch
 from editing.evaluation.locality import hard_negative_values, preserved_rate
-from editing.files import save_atomically, write_json
-from editing.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
-from editing.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
-from editing.tables import balls_table
-from editing.types import MethodName, Metric, RunStatus
+from editing.rules.budget import (
+    DEFAULT_BALLS,
+    Ball,
+    ball_key,
+    choose_epochs,
+    edit_folder_name,
+    parse_balls,
+    parse_max_epoch,
+)
+from editing.runs.console import epoch_line, small_data_warning
+from editing.runs.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
+from editing.runs.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
+from editing.runs.tables import balls_table
 
 OVERWRITE_FLAG = "--budget.overwrite true"
 
-# re-exported: the ball rule lives in editing.budget
+# re-exported: the ball rule lives in editing.rules.budget
 __all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs"]
 
 GENERAL_NLL = Metric.GENERAL_NLL
@@ -194,7 +202,7 @@ class DegradationBudget(L.Callback):
     # hooks -----------------------------------------------------------------------------------------------
     def claim_run_folder(self, trainer: L.Trainer, resuming: bool, also: tuple[Path, ...] = (),
                          restarting: bool = False) -> None:
-        """Check and claim the run folder and the folders ``also`` (see ``editing.run_folder``, which explains
+        """Check and claim the run folder and the folders ``also`` (see ``editing.runs.run_folder``, which explains
         ``resuming`` and ``restarting``) unless done already.
 
         The CLI calls this before the fit touches any file (with the logger's folder in ``also``), ``on_fit_start``

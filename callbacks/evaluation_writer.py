@@ -7,10 +7,10 @@ from pathlib import Path
 
 import lightning as L
 
-from editing.files import ensure_writable
-from editing.records import EVALUATION_FILE, write_evaluation
-from editing.tables import metrics_table
-from editing.types import EVALUATED_METRICS, Stage
+from editing.core.files import ensure_writable
+from editing.core.types import EVALUATED_METRICS, Stage
+from editing.runs.records import EVALUATION_FILE, write_evaluation
+from editing.runs.tables import metrics_table
 
 
 def default_output_dir(root: str | Path, model_name: str, task: str, split: str, stage: str) -> Path:

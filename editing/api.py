@@ -5,8 +5,8 @@ config ``lightning_configs/fit/<method>.yaml``, the task, the balls and any dott
 the same LightningCLI as the command, so the LightningModule, the DataModule, the DegradationBudget callback and the
 Evaluator are the very objects ``editing fit`` builds; a run made here is a run folder like any other (``results.json``,
 ``edits/ball_<eps>/``), and ``editing fit`` with the same options gives the same numbers and weights
-(``tests/test_api.py``). The edited model handed back is the saved edit of the chosen ball, loaded the way
-``editing apply`` loads it (``editing.edits.load_edited``).
+(``tests/commands/test_api.py``). The edited model handed back is the saved edit of the chosen ball, loaded the way
+``editing apply`` loads it (``editing.edits.load.load_edited``).
 
 Examples given as Python dicts (or a JSONL file) become a task YAML inside the run folder (``task/``), so the run
 can be repeated from the command line: ``editing fit --config <run>/config.yaml --budget.output_dir
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editing.errors import ConfigError, user_error
-from editing.types import LossType, MethodName
+from editing.core.errors import ConfigError, user_error
+from editing.core.types import LossType, MethodName
 
 if TYPE_CHECKING:
-    from editing.combined import CombinedRecord, EditPart
-    from editing.edits import EditedModule
+    from editing.edits.combine import CombinedRecord, EditPart
+    from editing.edits.load import EditedModule
     from editing.models.generation import Sampling
-    from editing.records import BallRecord, RunRecord
+    from editing.runs.records import BallRecord, RunRecord
 
 Examples = Sequence[Mapping[str, str]] | str | Path
 """Examples: a list of ``{"prefix": ..., "suffix": ...}`` dicts (``suffix1``/``suffix2`` for the pair losses,
@@ -54,11 +54,11 @@ class EditResult:
     """What ``edit`` returns: the run's typed results, and the edited model of one ball.
 
     Attributes:
-        run: the run's ``results.json`` (``editing.records.RunRecord``): every evaluated epoch and, per ball, the
+        run: the run's ``results.json`` (``editing.runs.records.RunRecord``): every evaluated epoch and, per ball, the
             chosen epoch with its metrics.
         run_dir: the run folder.
         ball: the key of the ball whose edit ``module`` holds (e.g. ``1e-04``).
-        module: that edit applied to a fresh copy of the base model (``editing.edits.EditedModule``); its
+        module: that edit applied to a fresh copy of the base model (``editing.edits.load.EditedModule``); its
             ``reference()`` gives the base model back.
     """
 
@@ -111,7 +111,7 @@ class EditResult:
         Returns:
             The folder.
         """
-        from editing.files import save_atomically
+        from editing.core.files import save_atomically
 
         source = self.edit_folder()
 
@@ -196,7 +196,7 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         raise ConfigError(f"edit(settings={settings!r}): give a dict of dotted `editing fit` keys to values, e.g. "
                           "{'model.init_args.optimizer.lr': 0.001}")
     out = _run_folder(output_dir)
-    from editing.run_folder import check_folder
+    from editing.runs.run_folder import check_folder
 
     # refused before the task files are written into the folder, so a finished run there keeps its own
     check_folder(out, resuming=False, overwrite=overwrite, flag="edit(..., overwrite=True)")
@@ -254,7 +254,7 @@ class CombinedResult:
 def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | None = None, *, evaluate: bool = True,
             split: str = "val", data_root: str | Path | None = None, eval_limit: int | None = None,
             general_limit: int | None = None, alone: bool = True) -> CombinedResult:
-    """Apply several edits to one base model, by the rule of ``editing.combined`` (the README's "Combining edits":
+    """Apply several edits to one base model, by the rule of ``editing.edits.combine`` (the README's "Combining edits":
     edits of one method add, two methods changing one tensor are refused), as ``editing apply --edit A --edit B``.
 
     Args:
@@ -274,7 +274,7 @@ def combine(edits: Sequence[EditResult | str | Path], tasks: Sequence[str] | Non
         ConfigError: an edit that is neither an ``EditResult`` nor a folder, or a combination the rule refuses (two
             folders holding the same edit among them).
     """
-    from editing.combined import combine_edits, edit_task, evaluate_combined
+    from editing.edits.combine import combine_edits, edit_task, evaluate_combined
 
     if isinstance(edits, (str, Path, EditResult)) or not isinstance(edits, Sequence) or not edits:
         raise ConfigError("combine(edits=...): give a list of edits (EditResult objects or edit folders)")
@@ -299,8 +299,8 @@ def fit_args(method: MethodName, model: str, task: str, balls: Sequence[str], ou
              epochs: int | None = None, settings: Mapping[str, Any] | None = None,
              data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False) -> list[str]:
     """The ``editing fit`` command line (without ``fit``) that ``edit`` runs."""
-    from editing.budget import key_eps
-    from editing.sweep import FIT_DIR, overrides
+    from editing.protocol.sweep import FIT_DIR, overrides
+    from editing.rules.budget import key_eps
 
     shipped = FIT_DIR / f"{method.value}.yaml"
     if shipped.is_file():
@@ -324,7 +324,7 @@ def fit_args(method: MethodName, model: str, task: str, balls: Sequence[str], ou
 
 def load_result(run_dir: str | Path, ball: str) -> EditResult:
     """The ``EditResult`` of a finished run folder and one of its balls."""
-    from editing.records import RESULTS_FILE, RunRecord
+    from editing.runs.records import RESULTS_FILE, RunRecord
 
     run_dir = Path(run_dir)
     run = RunRecord.read(run_dir / RESULTS_FILE)
@@ -336,7 +336,7 @@ def load_result(run_dir: str | Path, ball: str) -> EditResult:
 
 
 def _load(folder: Path, hparams: Mapping[str, Any]) -> EditedModule:
-    from editing.edits import load_edited
+    from editing.edits.load import load_edited
     from editing.models.loading import ModelConfig
 
     base = hparams.get("base") if isinstance(hparams, Mapping) else None
@@ -353,7 +353,7 @@ def _typed(kind: type, value: Any, argument: str):
 
 
 def _ball_key(value: float | str, argument: str) -> str:
-    from editing.budget import ball_key, key_eps, parse_balls
+    from editing.rules.budget import ball_key, key_eps, parse_balls
 
     if isinstance(value, str):
         try:
@@ -365,7 +365,7 @@ def _ball_key(value: float | str, argument: str) -> str:
 
 def _balls(ball: float, balls: Sequence[float] | None) -> list[str]:
     """The ball keys to track, the chosen ``ball`` first."""
-    from editing.budget import ball_key, parse_balls
+    from editing.rules.budget import ball_key, parse_balls
 
     chosen = _ball_key(ball, "edit(ball=...)")
     if balls is None:
@@ -407,7 +407,7 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
                           "JSONL file of them, a task YAML or a built-in task's name")
     if isinstance(examples, (str, Path)):
         text = str(examples)
-        from editing.tasks import BUILTIN_TASKS
+        from editing.rules.tasks import BUILTIN_TASKS
 
         if text in BUILTIN_TASKS or text.endswith((".yaml", ".yml")):
             given = {k: v for k, v in (("evaluation", evaluation), ("hard_negatives", hard_negatives),
@@ -419,7 +419,7 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
             if text.endswith((".yaml", ".yml")) and not Path(text).expanduser().is_file():
                 raise ConfigError(f"edit(examples={text!r}): no such task YAML")
             return str(Path(text).expanduser().resolve()) if text not in BUILTIN_TASKS else text
-    from editing.textfiles import not_text
+    from editing.core.textfiles import not_text
 
     loss = LossType.GOOD if loss is None else _typed(LossType, loss, "loss")
     if threshold is None:
@@ -439,7 +439,7 @@ def _task(out: Path, examples: Examples | None, evaluation: Examples | None, har
         roles["targeted"] = _rows(targeted, "targeted", "text")
     import yaml
 
-    from editing.files import write_text
+    from editing.core.files import write_text
 
     folder = out / "task"
     files = {}
@@ -467,7 +467,7 @@ def _rows(examples: Examples, argument: str, kind: str) -> Path | list[dict]:
         raise ConfigError(f"edit({argument}=...): give a non-empty list of dicts such as "
                           f"{{{', '.join(repr(k) + ': ...' for k in FIELDS.get(kind, FIELDS['single']))}}}, or a "
                           "JSONL file")
-    from editing.textfiles import SURROGATE_FIX, not_text
+    from editing.core.textfiles import SURROGATE_FIX, not_text
 
     rows = []
     for i, row in enumerate(examples):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from editing.errors import ConfigError, user_error
+from editing.core.errors import ConfigError, user_error
 
 
 class Command(NamedTuple):
@@ -125,14 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] in GROUPS and args[1:2] in (["-h"], ["--help"]):
         print(overview(args[0]))
         return
-    from editing import interruption
-
+    from editing.core import interruption
     interruption.forget()
     interruption.install()
     name, rest = args[0], args[1:]
     try:
         name, rest = find_command(args)
-        from editing.console import quiet_dependencies
+        from editing.runs.console import quiet_dependencies
 
         quiet_dependencies()
         check_config_files(rest)
@@ -177,7 +176,7 @@ def join_negative_values(args: list[str]) -> list[str]:
 def check_config_files(args: list[str]) -> None:
     """A ``--config`` file that is not UTF-8 or not valid YAML, reported with its file and line (jsonargparse would
     report neither)."""
-    from editing.textfiles import load_yaml
+    from editing.core.textfiles import load_yaml
 
     for i, arg in enumerate(args):
         path = args[i + 1] if arg == "--config" and i + 1 < len(args) else \

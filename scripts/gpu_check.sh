@@ -78,7 +78,7 @@ try:
 except Exception:  # noqa: BLE001 - reported above
     pass
 try:
-    from editing.paths import resolve_data_root
+    from editing.core.paths import resolve_data_root
     resolve_data_root(None)
 except Exception as err:  # noqa: BLE001
     missing.append(f"the task data ({err})")
@@ -121,7 +121,7 @@ step() {  # step NAME METHOD MODEL PRECISION COMMAND...: run it, log to $OUT/NAM
 
 # Only the files that hold `gpu` tests: collecting the whole suite takes about 40 s (measured on this project's
 # 2-core CPU) of a short GPU lease for tests that `-m gpu` then deselects.
-mapfile -t GPU_TESTS < <(grep -l 'pytest.mark.gpu' tests/test_*.py)
+mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests)
 step tests_gpu tests - - "$PY" -m pytest -q -ra -m gpu "${GPU_TESTS[@]}" -p no:cacheprovider
 
 fit() {  # fit NAME CONFIG MODEL PRECISION EXTRA...

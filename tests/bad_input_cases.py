@@ -1,6 +1,6 @@
 """Bad inputs a user can give the ``editing`` command, each with the clear error it must end in.
 
-One table shared by ``tests/test_bad_inputs.py`` (one test per case) and ``benchmarks/bad_inputs.py`` (prints the
+One table shared by ``tests/commands/test_bad_inputs.py`` (one test per case) and ``benchmarks/bad_inputs.py`` (prints the
 counts). Every case runs the real command in a subprocess (``python -m editing.cli ...``) in its own folder and must
 end in a non-zero exit, with no Python traceback on stderr, and a message that names the file, line or setting at
 fault (``expect``: every fragment must appear) and says how to fix it (``fix``: at least one must appear).
@@ -217,7 +217,7 @@ def _edit_tensors(folder: Path, change: Callable[[dict], dict], manifest: bool =
     save_file(change(load_file(str(path))), str(path))
     if manifest:
         try:
-            from editing.integrity import write_edit_manifest
+            from editing.runs.manifest import write_edit_manifest
         except ImportError:  # a version without edit manifests (the suite also runs on older commits)
             return
         write_edit_manifest(folder)
@@ -252,7 +252,7 @@ def _space(folder: Path, text: bytes) -> str:
 
 def _study(folder: Path, name: str = "known") -> None:
     """A sweep root holding one study (so that messages can list it)."""
-    from editing.sweep import default_storage, make_storage
+    from editing.protocol.sweep import default_storage, make_storage
 
     make_storage(default_storage(folder / "sweeps", name), None)
     import optuna
@@ -556,7 +556,7 @@ def _cases() -> list[Case]:
 
     def interrupted_other_model(d: Path, a: Artifacts) -> list[str]:
         # the record an interrupted `editing auto --model tiny-llama` leaves; resumed with --model tiny-gpt2
-        from editing.auto import PROGRESS_FILE, _search_settings
+        from editing.protocol.auto import PROGRESS_FILE, _search_settings
 
         settings = _search_settings("country_capital", ["lora"], "1e-03", "tiny-llama", 0.25, 1, None, None, None,
                                     "good", None, None, None, 0)
@@ -587,7 +587,7 @@ def _cases() -> list[Case]:
            ["fix it and run the command again"]))
 
     # --- issue 34, items 9-12: runs that survive interruption -------------------------------------------------------
-    # (the kills themselves, SIGTERM and Ctrl-C, and the resumes are in tests/test_interruption.py: a case here runs one
+    # (the kills themselves, SIGTERM and Ctrl-C, and the resumes are in tests/core/test_interruption.py: a case here runs one
     # command and must end non-zero)
     def interrupted_evaluate(d: Path, a: Artifacts) -> list[str]:
         import socket
@@ -748,7 +748,7 @@ def _child(args: list[str], folder: str, out: str, err: str) -> None:
     os._exit(code)
 
 
-PRELOAD = ["editing.cli", "editing.methods", "editing.data.datamodule", "editing.sweep", "editing.edits",
+PRELOAD = ["editing.cli", "editing.methods", "editing.data.datamodule", "editing.protocol.sweep", "editing.edits.load",
            "editing.models.backpack.distill", "peft", "optuna", "safetensors.torch",
            "transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama"]
 _START = threading.Lock()

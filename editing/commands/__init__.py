@@ -83,8 +83,8 @@ def _appending(args: list[str], names: tuple[str, ...]) -> list[str]:
         ConfigError: a value that is not UTF-8 text (bytes the shell passed undecoded), naming the option and which
             of its occurrences; jsonargparse would drop every earlier value of the list for it.
     """
-    from editing.errors import ConfigError
-    from editing.textfiles import not_text
+    from editing.core.errors import ConfigError
+    from editing.core.textfiles import not_text
 
     out = []
     seen: dict[str, int] = {}

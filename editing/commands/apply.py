@@ -1,7 +1,7 @@
 """``editing apply``: saved edits applied to their base model and evaluated on a task, beside the base model.
 
 One edit: its metrics next to the base model's, and the change. Several (``--edit A --edit B``): they are combined
-by the rule of ``editing.combined`` (different methods may not change one tensor; edits of one method add), and the
+by the rule of ``editing.edits.combine`` (different methods may not change one tensor; edits of one method add), and the
 combined model is measured on each edit's task (beside the base model and that edit alone) and on the joint
 degradation.
 """
@@ -39,8 +39,8 @@ def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split
     Returns:
         One edit: the evaluation summary. Several: the ``combined.json`` record as a dict.
     """
-    from editing.combined import edit_task
-    from editing.errors import ConfigError
+    from editing.core.errors import ConfigError
+    from editing.edits.combine import edit_task
 
     edits = [edit] if isinstance(edit, str) else list(edit or [])
     if not edits:
@@ -64,17 +64,17 @@ def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split
 
 def _apply_one(edit: str, task: str, split: str, data_root: str | None, eval_limit: int | None,
                general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool) -> dict:
+    from editing.core.types import Stage
     from editing.data.datamodule import TaskDataModule
-    from editing.edits import load_edited
+    from editing.edits.load import load_edited
     from editing.evaluation import evaluate
-    from editing.records import write_evaluation
-    from editing.types import Stage
+    from editing.runs.records import write_evaluation
 
     module = load_edited(edit, allow_unverified=allow_unverified)
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
                         general_limit=general_limit)
     out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
-    from editing.files import ensure_writable
+    from editing.core.files import ensure_writable
 
     # refused before anything is computed (write_evaluation would refuse only after both evaluations)
     ensure_writable(out / "evaluation.json", overwrite, "--overwrite true")
@@ -95,9 +95,9 @@ def _apply_one(edit: str, task: str, split: str, data_root: str | None, eval_lim
 def change_table(base: dict, edited: dict) -> str:
     """Per metric: the base model's value, the edited model's, and the change (the degradation for the general
     NLL: its relative change)."""
-    from editing.budget import degradation
-    from editing.tables import markdown_table
-    from editing.types import EVALUATED_METRICS, Metric
+    from editing.core.types import EVALUATED_METRICS, Metric
+    from editing.rules.budget import degradation
+    from editing.runs.tables import markdown_table
 
     rows = []
     for metric in EVALUATED_METRICS:
@@ -116,9 +116,9 @@ def _num(value: float | None) -> str:
 def _apply_several(edits: list[str], tasks: list[str], split: str, data_root: str | None, eval_limit: int | None,
                    general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool,
                    alone: bool) -> dict:
-    from editing.combined import combine_edits, evaluate_combined, write_combined
-    from editing.files import ensure_writable
-    from editing.tables import markdown_table
+    from editing.core.files import ensure_writable
+    from editing.edits.combine import combine_edits, evaluate_combined, write_combined
+    from editing.runs.tables import markdown_table
 
     out = Path(output_dir) if output_dir else _next_version(Path(DEFAULT_ROOT) / "combined")
     ensure_writable(out / "combined.json", overwrite, "--overwrite true")
@@ -139,7 +139,7 @@ def _apply_several(edits: list[str], tasks: list[str], split: str, data_root: st
 
 
 def _pp(before: float | None, after: float | None) -> str:
-    from editing.budget import success_change_pp
+    from editing.rules.budget import success_change_pp
 
     return "-" if before is None or after is None else f"{success_change_pp(before, after):+.1f}"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from editing.errors import ConfigError, EditingError
-from editing.types import CacheKind
+from editing.core.errors import ConfigError, EditingError
+from editing.core.types import CacheKind
 
 
 def _when(seconds: float) -> str:
@@ -13,7 +13,7 @@ def _when(seconds: float) -> str:
 
 
 def _entry_row(entry) -> dict:
-    from editing.cache_contents import human_size
+    from editing.caches.contents import human_size
 
     return {"kind": entry.kind.value, "entry": entry.name, "size": human_size(entry.size), "bytes": entry.size,
             "files": entry.files, "last used": _when(entry.last_used)}
@@ -31,9 +31,9 @@ def cache_list(kinds: str | None = None, entries: bool = False) -> list[dict]:
     Returns:
         The rows of the table.
     """
-    from editing.cache_contents import cache_entries, human_size, kind_folder, other_items, parse_kinds
-    from editing.paths import cache_dir
-    from editing.tables import markdown_table
+    from editing.caches.contents import cache_entries, human_size, kind_folder, other_items, parse_kinds
+    from editing.core.paths import cache_dir
+    from editing.runs.tables import markdown_table
 
     chosen = parse_kinds(kinds)
     found = cache_entries(chosen)
@@ -77,7 +77,7 @@ def cache_clear(kinds: str | None = None, names: str | None = None, older_than_d
     Returns:
         The rows of the entries removed (or, with ``dry_run``, that would be).
     """
-    from editing.cache_contents import (
+    from editing.caches.contents import (
         REMOVING_PREFIX,
         cache_entries,
         human_size,
@@ -85,7 +85,7 @@ def cache_clear(kinds: str | None = None, names: str | None = None, older_than_d
         remove_entry,
         select_entries,
     )
-    from editing.tables import markdown_table
+    from editing.runs.tables import markdown_table
 
     if not kinds or not kinds.replace(",", "").strip():  # a blank list is no choice, not "every kind"
         raise ConfigError("`editing cache clear` needs --kinds, e.g. --kinds evaluation,teacher_cache; the kinds are "

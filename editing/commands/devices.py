@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 
 
 def resolve_device(device: str, setting: str = "--device") -> torch.device:

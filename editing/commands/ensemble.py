@@ -35,15 +35,15 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
         The results written.
     """
     from callbacks.evaluation_writer import default_output_dir
-    from editing.budget import parse_balls
     from editing.commands import DEFAULT_ROOT
     from editing.commands.devices import resolve_device
+    from editing.core.files import ensure_writable, write_json
     from editing.data.datamodule import TaskDataModule
-    from editing.edits import load_edited
-    from editing.ensemble_search import ball_results, edit_folders, results_table, search
-    from editing.files import ensure_writable, write_json
+    from editing.edits.load import load_edited
     from editing.models.loading import ModelConfig, load_model
-    from editing.tasks import get_task
+    from editing.protocol.ensemble_search import ball_results, edit_folders, results_table, search
+    from editing.rules.budget import parse_balls
+    from editing.rules.tasks import get_task
 
     balls = parse_balls(balls, "--balls")
     where = resolve_device(device, "--device")

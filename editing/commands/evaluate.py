@@ -1,6 +1,6 @@
 """``editing evaluate``: one model on several tasks, loaded once, one table.
 
-The run claims its output folder (``run.lock``, ``editing.run_folder``) with its settings, and writes each task's
+The run claims its output folder (``run.lock``, ``editing.runs.run_folder``) with its settings, and writes each task's
 results as soon as the task is done. A run that was interrupted (Ctrl-C, SIGTERM, kill -9) leaves its claim behind:
 the same command resumes it, keeping the tasks it finished; other settings are refused, as they would mix two
 evaluations in one table. A finished run (no claim left) is replaced only with ``--overwrite true``.
@@ -39,14 +39,14 @@ def evaluate_tasks(tasks: list[str] | None = None, split: str = "val", model: st
     Returns:
         One row of metrics per task.
     """
-    from editing import interruption
+    from editing.core import interruption
+    from editing.core.files import ensure_writable, write_text
+    from editing.core.types import EVALUATED_METRICS, Metric, Stage
     from editing.data.datamodule import TaskDataModule
-    from editing.files import ensure_writable, write_text
-    from editing.records import EVALUATION_FILE, EvaluationRecord, write_evaluation
-    from editing.run_folder import claim_folder
-    from editing.tables import metrics_table
-    from editing.tasks import BUILTIN_TASKS
-    from editing.types import EVALUATED_METRICS, Metric, Stage
+    from editing.rules.tasks import BUILTIN_TASKS
+    from editing.runs.records import EVALUATION_FILE, EvaluationRecord, write_evaluation
+    from editing.runs.run_folder import claim_folder
+    from editing.runs.tables import metrics_table
 
     tasks = list(tasks or BUILTIN_TASKS)
     settings = {"model": model, "precision": precision, "split": split, "data_root": data_root,
@@ -135,8 +135,8 @@ def _interrupted_run(folder: Path, settings: dict, overwrite: bool) -> str | Non
     Raises:
         ConfigError: the interrupted run had other settings (and ``overwrite`` was not given).
     """
-    from editing.errors import ConfigError
-    from editing.run_folder import holder_alive, read_claim
+    from editing.core.errors import ConfigError
+    from editing.runs.run_folder import holder_alive, read_claim
 
     info = read_claim(folder)
     if info is None or holder_alive(info):
@@ -155,8 +155,8 @@ def _interrupted_run(folder: Path, settings: dict, overwrite: bool) -> str | Non
 
 def _written_since(path: Path, started: str) -> bool:
     """Whether ``path`` (an evaluation.json) was written by the run that started at ``started``, not before it."""
-    from editing.errors import EditingError
-    from editing.records import EvaluationRecord
+    from editing.core.errors import EditingError
+    from editing.runs.records import EvaluationRecord
 
     if not path.is_file():
         return False

@@ -26,11 +26,11 @@ def generate(edit: str, prompt: str | list[str], max_new_tokens: int = 20, sampl
     Returns:
         Per prompt: ``{"prompt", "base", "edited"}``.
     """
-    from editing.edits import load_edited
-    from editing.errors import ConfigError
+    from editing.core.errors import ConfigError
+    from editing.core.textfiles import not_text
+    from editing.edits.load import load_edited
     from editing.models.generation import Sampling, continue_module
-    from editing.tables import markdown_table
-    from editing.textfiles import not_text
+    from editing.runs.tables import markdown_table
 
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
     if not prompts:

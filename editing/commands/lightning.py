@@ -23,11 +23,11 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 
-from editing import interruption
-from editing.checkpoints import SafeCheckpointsMixin
 from editing.commands import DEFAULT_ROOT, parses_own_arguments
 from editing.commands.parsing import ClearErrorsMixin
-from editing.errors import ConfigError
+from editing.core import interruption
+from editing.core.errors import ConfigError
+from editing.runs.checkpoints import SafeCheckpointsMixin
 
 # While fitting, evaluation runs in the DegradationBudget callback, so the fit loop has no val dataloaders on purpose.
 warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
@@ -66,7 +66,7 @@ class FitConfigSaver(SaveConfigCallback):
         except RuntimeError as err:
             if "to NOT exist" not in str(err):
                 raise
-            from editing.run_folder import RunFolderError
+            from editing.runs.run_folder import RunFolderError
 
             config = Path(trainer.log_dir) / self.config_filename
             raise RunFolderError(f"{config} exists: that folder holds another run. Resume it with --ckpt_path last, "
@@ -274,7 +274,7 @@ class EditingCLI(ProjectCLI):
         (refusing a fit that would clobber another run, or that cannot write), and keep the metrics log of a run
         being resumed. A fit refused here has changed nothing on disk."""
         from callbacks.degradation_budget import DegradationBudget
-        from editing.metrics_log import keep_metrics_log
+        from editing.runs.metrics_log import keep_metrics_log
 
         trainer = self.trainer
         config = self.config_init[self.subcommand]
@@ -446,7 +446,7 @@ def methods_overview() -> str:
 def method_from_args(args: list[str]) -> type | None:
     """The method class a command line names: its last ``--model NAME``, else the ``model.class_path`` of its
     last ``--config`` file that has one; None when neither (or a name that is not a method)."""
-    from editing.textfiles import load_yaml
+    from editing.core.textfiles import load_yaml
 
     names = _option_values(args, "--model")
     if not names:
@@ -508,7 +508,7 @@ def _resolve_ckpt_path(trainer, ckpt_path: str | None) -> Path | None:
 
 def _read_checkpoint(path: Path) -> dict:
     """A checkpoint's contents, checked for integrity and loaded without unpickling code."""
-    from editing.checkpoints import CKPT_PATH_FIX, load_checkpoint_file
+    from editing.runs.checkpoints import CKPT_PATH_FIX, load_checkpoint_file
 
     return load_checkpoint_file(path, fix=CKPT_PATH_FIX)
 
@@ -633,7 +633,8 @@ def _save_last(trainer, checkpoint) -> None:
 class StopOnSignal(Checkpoint):
     """Ctrl-C or SIGTERM while a fit trains: finish the optimizer step (or the epoch's evaluation), bring
     ``last.ckpt`` up to date, and stop, so that ``--ckpt_path last`` resumes exactly there; a second signal stops at
-    once. What the run keeps and the command that resumes it are recorded as it goes (``editing.interruption``), for
+    once. What the run keeps and the command that resumes it are recorded as it goes
+    (``editing.core.interruption``), for
     the line ``editing.cli.main`` prints.
 
     It saves only where Lightning's own periodic checkpoints are taken: at the end of a batch that made an optimizer
@@ -802,7 +803,6 @@ def check_model_class(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][\w.]*", value) or value.endswith((".yaml", ".yml", ".json")):
         return  # a config file or an inline YAML/JSON value: jsonargparse checks those itself
     from editing import methods
-
     base = _editing_module()
     known = sorted(known_methods())
     aliases = [n for n in methods.__all__ if inspect.isclass(getattr(methods, n))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 
 
 def inspect_senses(edit: str | None = None, model: str | None = None, words: str | None = None, top: int = 5,
@@ -39,7 +39,7 @@ def inspect_senses(edit: str | None = None, model: str | None = None, words: str
         print(format_model_senses(rows))
         return rows
 
-    from editing.edits import load_edited
+    from editing.edits.load import load_edited
     from editing.methods.senses.inspect import format_inspection, inspect_edit
 
     rows = inspect_edit(load_edited(edit, allow_unverified=allow_unverified), top=top, limit=limit)

@@ -17,13 +17,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from editing.cache_files import canonical_json, read_entry, write_entry
-from editing.cache_keys import tokenizer_digest
+from editing.caches.entries import canonical_json, read_entry, write_entry
+from editing.caches.keys import tokenizer_digest
+from editing.core.digests import code_digest, library_versions
+from editing.core.errors import ConfigError, DataFormatError
+from editing.core.paths import REPO_DIR, cache_dir
+from editing.core.textfiles import decode_line
 from editing.data.resume import ResumableLoader, TrainPositionState
-from editing.digests import code_digest, library_versions
-from editing.errors import ConfigError, DataFormatError
-from editing.paths import REPO_DIR, cache_dir
-from editing.textfiles import decode_line
 
 CorpusSample = Literal["prefix", "spread"]
 """Which blocks a token budget (``max_tokens``) takes: the corpus's first ones, or blocks spread over all of it."""
@@ -241,11 +241,11 @@ class CorpusDataModule(TrainPositionState, L.LightningDataModule):
         """The whole corpus as one stream of token ids, texts separated by the EOS token (cached: a second run reads
         no text).
 
-        The cache is a checked entry (``editing.cache_files``): one that is damaged or changed since it was written
+        The cache is a checked entry (``editing.caches.entries``): one that is damaged or changed since it was written
         is tokenized again, with a warning naming it; a cache folder that cannot be written costs only the cache.
 
         Key covers: the corpus files' names and bytes (or the ``datasets`` id, whose content is the hub's), the
-        tokenizer's content (``editing.cache_keys.tokenizer_digest``: its serialized vocabulary, merges, normalizer
+        tokenizer's content (``editing.caches.keys.tokenizer_digest``: its serialized vocabulary, merges, normalizer
         and pre-tokenizer, special and added tokens, and the tokenizers version), the EOS id, the code digest of
         this module, and the torch/transformers/python versions.
         Why that is enough: the stream is the tokenizer applied to those texts, in file order, with EOS between.

@@ -12,13 +12,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from editing.core.errors import ConfigError
+from editing.core.paths import resolve_data_root
 from editing.data.batching import TokenBudgetBatchSampler, collate
 from editing.data.jsonl import Record, read_jsonl
 from editing.data.resume import ResumableLoader, TrainPositionState
 from editing.data.tokenize import ExampleTokenizer, TokenizationStats, TokenizedExample
-from editing.errors import ConfigError
-from editing.paths import resolve_data_root
-from editing.tasks import SPLITS, TaskSpec, get_task
+from editing.rules.tasks import SPLITS, TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
     Args:
         task: a built-in task name or a path to a task YAML.
         split: ``val`` or ``test`` pair of (canonical, evaluation) files.
-        data_root: folder of the task data; None searches the defaults (see ``editing.paths``).
+        data_root: folder of the task data; None searches the defaults (see ``editing.core.paths``).
         eval_limit: keep only the first N examples of the evaluation, targeted and hard-negative sets.
         general_limit: keep only the first N texts of the general sets (R and G).
         max_tokens: padded-token budget of an evaluation batch.

@@ -10,10 +10,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from editing.errors import EditingError
-from editing.files import write_bytes
-from editing.paths import cache_dir
-from editing.tasks import BUILTIN_TASKS, ROLES, SPLITS
+from editing.core.errors import EditingError
+from editing.core.files import write_bytes
+from editing.core.paths import cache_dir
+from editing.rules.tasks import BUILTIN_TASKS, ROLES, SPLITS
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/john-hewitt/model-editing-canonical-examples/main/data"
 GENERAL_SOURCE = "val100-val.jsonl"

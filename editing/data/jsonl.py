@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from editing.errors import DataFormatError
-from editing.textfiles import SURROGATE_FIX, decode_line, not_text
+from editing.core.errors import DataFormatError
+from editing.core.textfiles import SURROGATE_FIX, decode_line, not_text
 
 
 @dataclass(frozen=True)

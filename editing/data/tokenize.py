@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from editing.core.errors import DataFormatError
 from editing.data.jsonl import Record
-from editing.errors import DataFormatError
 
 GPT2_SEPARATOR = "<|endoftext|>"
 

@@ -30,12 +30,12 @@ served from the cache.
   of the target code (``editing.methods.memit.compute``), the exact rows (token ids and positions), the loss and the
   target settings; entries holding NaN/Inf are never served.
 
-Every entry is one safetensors file written and read by ``editing.cache_files``: its material and the content hash of
+Every entry is one safetensors file written and read by ``editing.caches.entries``: its material and the content hash of
 its tensors are in its metadata and checked when it is read, so an entry damaged, truncated or changed since it was
 written is a miss (recomputed, with a warning naming the file), and a full or read-only cache folder costs the entry,
 never the run.
 
-Entries are single files written atomically (``editing.files``): concurrent workers may both compute an entry and
+Entries are single files written atomically (``editing.core.files``): concurrent workers may both compute an entry and
 write it, and either copy is the same; an interrupted writer leaves nothing behind, so a half-written entry is never
 read. Under DDP the first process decides whether the entry exists and reads or writes it.
 
@@ -58,9 +58,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editing.cache_files import read_entry, write_entry
-from editing.cache_keys import numerics
-from editing.digests import code_digest, library_versions
+from editing.caches.entries import read_entry, write_entry
+from editing.caches.keys import numerics
+from editing.core.digests import code_digest, library_versions
+from editing.core.paths import evaluation_cache_dir
 from editing.evaluation.evaluator import Evaluator
 from editing.evaluation.incremental import (
     COUNTERS,
@@ -76,7 +77,6 @@ from editing.evaluation.incremental import (
 )
 from editing.evaluation.scorer import TokenScorer
 from editing.models.architecture import base_model
-from editing.paths import evaluation_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class CacheEntry:
 
     def load_tensors(self) -> dict[str, torch.Tensor] | None:
         """The cached tensors, or None (absent, unreadable, made for other material, or changed since written:
-        ``editing.cache_files.read_entry`` checks the content hash and says why it misses)."""
+        ``editing.caches.entries.read_entry`` checks the content hash and says why it misses)."""
         return read_entry(self.path, self.material, what=f"{self.kind} cache entry", finite=self.finite)
 
     def store_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

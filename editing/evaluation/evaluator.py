@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
 from editing.evaluation.scorer import TokenScorer, example_nll, sequence_nll
-from editing.losses import example_score
-from editing.tasks import TaskSpec
+from editing.rules.losses import example_score
+from editing.rules.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ PRACTITIONER_NAMES = ("reliability", "reliability_mean_score", "generalization_m
 
 class Evaluable(Protocol):
     """What ``evaluate`` needs: a model with its tokenizer and context length (an ``EditingModule``, a
-    ``LoadedModel``, an edited model from ``editing.edits.load_edited``)."""
+    ``LoadedModel``, an edited model from ``editing.edits.load.load_edited``)."""
 
     model: nn.Module
     tokenizer: object

@@ -15,7 +15,7 @@ A method says what its edit leaves alone (``EditingModule.evaluation_shortcut``)
   their p0 hidden state and ``W`` row. Each later evaluation recomputes only those rows (one small matmul, then the
   LM head); every other position's NLL is p0's, bit for bit (its terms are the same products as p0's).
 
-Results equal a full evaluation to fp32 rounding (tests/test_eval_caches.py checks every method, every epoch).
+Results equal a full evaluation to fp32 rounding (tests/caches/test_eval_caches.py checks every method, every epoch).
 What is captured lives in a ``BatchStore``: in this process's memory while the memory budget allows, else on disk.
 """
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editing.cache_files import read_entry, write_entry
+from editing.caches.entries import read_entry, write_entry
+from editing.core.digests import tensor_sha256
+from editing.core.errors import ConfigError
 from editing.data.batching import IGNORE
-from editing.digests import tensor_sha256
-from editing.errors import ConfigError
 from editing.evaluation.scorer import capture_final_hidden, head_nll, scored_nll, token_nll
 from editing.models.architecture import backpack_of, blocks
 

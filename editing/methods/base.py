@@ -16,23 +16,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
+from editing.core.files import write_text
+from editing.core.types import MethodName
 from editing.evaluation.evaluator import METRIC_NAMES, Evaluator
 from editing.evaluation.incremental import FrozenPrefix, Shortcut, first_changed_block
 from editing.evaluation.scorer import example_nll, sequence_nll
-from editing.files import write_text
-from editing.losses import training_loss
-from editing.methods.registry import spec_of
+from editing.methods.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.models.loading import LoadedModel, ModelConfig, load_model
-from editing.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
-from editing.tasks import TaskSpec
-from editing.types import MethodName
+from editing.rules.losses import training_loss
+from editing.rules.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,9 @@ class EditingModule(L.LightningModule):
     method: MethodName = MethodName.NONE
     """The method's name in results and checkpoints; set by ``editing.methods.registry.register`` (``none``: the
     unedited model)."""
+    registered: ClassVar[Any] = None
+    """The method's registered parts (``editing.methods.registry.MethodSpec``: its edit writer and kind), set with
+    ``method`` by ``register``. The registry imports this module, never the other way round."""
     reuse_base_numbers: bool = False
     """Whether a method may read (and store) what it computes from the base model alone in the caches of
     ``editing.evaluation.caching`` (MEMIT's target vectors). The degradation budget sets it from its p0 cache
@@ -163,7 +165,7 @@ class EditingModule(L.LightningModule):
     def export_edit(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write an edit (the deltas ``state``, default: current) as files a user can apply elsewhere: the tensor
         files by the method's registered ``write_edit``, then the base model's identity and the manifest recording
-        the edit's kind (``editing.edits.load_edited`` reads all three).
+        the edit's kind (``editing.edits.load.load_edited`` reads all three).
 
         Args:
             folder: the edit folder (made if missing).
@@ -172,8 +174,8 @@ class EditingModule(L.LightningModule):
         Returns:
             The folder.
         """
-        spec = spec_of(self)
-        if spec is None:
+        spec = self.registered
+        if spec is None or spec.name != self.method:
             raise NotImplementedError(f"{type(self).__name__} has no edit to export")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -183,9 +185,9 @@ class EditingModule(L.LightningModule):
 
     def write_base_identity(self, folder: str | Path, kind: str) -> None:
         """Record beside an edit which base model it applies to, and the edit's kind and the hashes of its tensors
-        (``editing.edits.load_edited`` checks them); ``export_edit`` calls it once the tensor files are written.
+        (``editing.edits.load.load_edited`` checks them); ``export_edit`` calls it once the tensor files are written.
         """
-        from editing.integrity import write_edit_manifest
+        from editing.runs.manifest import write_edit_manifest
 
         write_text(Path(folder) / "base_model.json", json.dumps(self.identity, indent=2) + "\n", overwrite=True)
         write_edit_manifest(folder, kind=kind, method=self.method.value)

@@ -9,10 +9,10 @@ Each method sub-package registers itself, with one call in its ``__init__.py``::
 ``editing.methods`` imports every sub-package of ``editing/methods/`` (``import_method_packages``), so a method added
 there is registered with no other edit; a method in a package of one's own is registered when that package is
 imported (a config's ``class_path`` does it). Registering sets the class's ``method`` (the name it reports in results
-and checkpoints) and declares a new name in ``editing.types.MethodName``.
+and checkpoints) and declares a new name in ``editing.core.types.MethodName``.
 
 Every saved edit records its ``kind`` in ``edit_manifest.json`` (``EditingModule.export_edit`` writes it), and
-``editing.edits.load_edited`` applies it with the loader registered for that kind. Several methods may write one
+``editing.edits.load.load_edited`` applies it with the loader registered for that kind. Several methods may write one
 kind (full finetuning and MEMIT both save changed tensors, ``editing.methods.tensor_edit``) if they register the same
 loader for it.
 """
@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
-from editing.types import MethodName
+from editing.core.errors import ConfigError
+from editing.core.types import MethodName
 
 if TYPE_CHECKING:
     from editing.methods.base import EditingModule
@@ -117,6 +117,7 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise
     spec = replace(spec, name=name)
     spec.module.method = name
+    spec.module.registered = spec  # so the base class finds its writer without importing this module (no cycle)
     _METHODS[name] = spec
     return spec
 
@@ -153,6 +154,7 @@ def unregister(name: MethodName | str) -> None:
         from editing.methods.base import EditingModule
 
         spec.module.method = EditingModule.method
+        spec.module.registered = EditingModule.registered
     MethodName.forget(str(name))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 """The config fields that hold the number of transformer layers, in the order they are looked for."""

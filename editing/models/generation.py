@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
+from editing.core.textfiles import not_text
 from editing.models.architecture import capture_final_hidden, head_logits
-from editing.textfiles import not_text
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def continue_module(module, prompt: str, max_new_tokens: int = 20, sampling: Sam
     ``reference()``, where the edit is off).
 
     Args:
-        module: an ``EditingModule`` (e.g. an edit loaded by ``editing.edits.load_edited``).
+        module: an ``EditingModule`` (e.g. an edit loaded by ``editing.edits.load.load_edited``).
         prompt: the text to continue.
         max_new_tokens: the most tokens to add.
         sampling: greedy (default) or sampling settings.

@@ -13,14 +13,14 @@ from typing import Any, Literal
 
 import torch
 
-from editing.cache_files import canonical_json, write_errors
-from editing.digests import bytes_sha256, code_digest, file_sha256, library_versions, tensor_sha256
-from editing.errors import ConfigError, ModelNotAvailableError
-from editing.files import save_atomically
+from editing.caches.entries import canonical_json, write_errors
+from editing.core.digests import bytes_sha256, code_digest, file_sha256, library_versions, tensor_sha256
+from editing.core.errors import ConfigError, ModelNotAvailableError
+from editing.core.files import save_atomically
+from editing.core.paths import cache_dir
 from editing.models import tokenizers as offline
 from editing.models.backpack import BackpackConfig, BackpackLMHeadModel, is_backpack_config
 from editing.models.tiny import TINY_MODELS, TINY_TOKENIZERS, build_tiny
-from editing.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ CACHE_MANIFEST = "cache-manifest.json"
 """The file of a cached model or tokenizer folder that lists its files (size, SHA-256) and its material."""
 FULL_HASH_LIMIT = 64 << 20
 """Files up to this size are hashed whole when a cached folder is checked; larger ones (the 540 MB weights) by their
-size and the hash of their first MiB (their safetensors header): a whole file hash cost 1.4 s here, more than the check is
-worth on every load (the weights' content hash is the model's fingerprint, computed anyway by ``load_model``)."""
+size and the hash of their first MiB (their safetensors header): a whole file hash cost 1.4 s here, more than the
+check is worth on every load (the weights' content hash is the model's fingerprint, computed anyway by
+``load_model``)."""
 
 
 def _embedded_material(kind: str) -> dict:
@@ -357,7 +358,7 @@ FINGERPRINT_PREFIX = "sha256:"
 
 def fingerprint(model) -> str:
     """The model's weights as a content hash: SHA-256 of every state-dict entry's name, dtype, shape and bytes
-    (``editing.digests.tensor_sha256``; tied weights hashed once). Any change of any value gives another
+    (``editing.core.digests.tensor_sha256``; tied weights hashed once). Any change of any value gives another
     fingerprint; about 0.4 s per 540 MB of weights here."""
     return FINGERPRINT_PREFIX + tensor_sha256(model.state_dict())[:32]
 

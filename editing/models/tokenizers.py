@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from editing.errors import ModelNotAvailableError
+from editing.core.errors import ModelNotAvailableError
 
 
 def package_dir(name: str, pip_name: str) -> Path:

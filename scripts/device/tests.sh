@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (see prepare.sh): install the carried wheels and run the `gpu`-marked tests that need no GGUF
-# (tests/test_gpu.py but the SmolLM2 precision test, and tests/test_fsdp.py, which skips on fewer than two GPUs).
+# (tests/gpu/test_gpu.py but the SmolLM2 precision test, and tests/commands/test_fsdp.py, which skips on fewer than two GPUs).
 # Extra arguments go to pytest (e.g. -k memit).
 set -u
 PY="${DEVICE_PY:-python3}"
@@ -16,5 +16,5 @@ export PYTHONPATH="$PWD:$SITE" PYTHONUNBUFFERED=1 EDITING_DATA_ROOT="$C/data"
 if [ ! -f ../shared/data/general/degradation.jsonl ]; then mkdir -p ../shared && ln -sfn "$C/data" ../shared/data; fi
 "$PY" -c 'import torch; print("tests.sh: torch", torch.__version__, "on",
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'
-"$PY" -m pytest -q -ra -m gpu tests/test_gpu.py tests/test_fsdp.py -p no:cacheprovider \
+"$PY" -m pytest -q -ra -m gpu tests/gpu/test_gpu.py tests/commands/test_fsdp.py -p no:cacheprovider \
     -k "not evaluation_precision" "$@"

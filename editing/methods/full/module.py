@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.models.architecture import blocks
 from editing.models.loading import ModelConfig

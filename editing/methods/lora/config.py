@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.models.architecture import ARCHITECTURES, mlp_modules
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.methods.lora.module import LoRAEditor
 from editing.methods.registry import AppliedEdit
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editing.losses import training_loss
+from editing.core.types import LossType
 from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.layers import add_to_block_output, forward_until, hooks
 from editing.methods.memit.requests import Request, Row, RowBuilder, pad_rows
 from editing.models.architecture import capture_final_hidden, head_logits
-from editing.types import LossType
+from editing.rules.losses import training_loss
 
 BATCH_ROWS = 64  # rows per forward pass reading activations
 KEY_CHUNK = 256

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 
 Supervision = Literal["standard", "oracle"]
 

@@ -5,7 +5,7 @@ They depend only on the model, the layer and the tokens fed, so they are compute
 batches of R in float64; the partial sums are saved every few batches so that an interrupted computation resumes
 where it stopped.
 
-Every file is a checked cache entry (``editing.cache_files``): its material and content hash are verified when it is
+Every file is a checked cache entry (``editing.caches.entries``): its material and content hash are verified when it is
 read, so an entry that is damaged, changed, of other settings or holding NaN is a miss (recomputed, with a warning
 naming the file), and a full or read-only cache folder costs the cache, never the run.
 
@@ -34,13 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editing.cache_files import canonical_json, read_entry, write_entry
-from editing.cache_keys import computation_material
+from editing.caches.entries import canonical_json, read_entry, write_entry
+from editing.caches.keys import computation_material
+from editing.core.errors import ConfigError
+from editing.core.paths import cache_dir
 from editing.data.batching import collate
 from editing.data.tokenize import TokenizedExample
-from editing.errors import ConfigError
 from editing.methods.memit.layers import forward_until
-from editing.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

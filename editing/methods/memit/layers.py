@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.models.architecture import blocks, down_projection, down_projection_name, located_types
 from editing.models.architecture import model_type as architecture_model_type
 

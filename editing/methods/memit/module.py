@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from editing.digests import code_digest
-from editing.errors import ConfigError
+from editing.core.digests import code_digest
+from editing.core.errors import ConfigError
 from editing.evaluation.caching import CacheEntry, model_material
 from editing.evaluation.incremental import COUNTERS, FrozenPrefix, key_of
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from editing.core.errors import ConfigError, DataFormatError
 from editing.data.jsonl import Record
 from editing.data.tokenize import ExampleTokenizer
-from editing.errors import ConfigError, DataFormatError
 from editing.methods.memit.config import ORACLE_DEFAULTS, MEMITConfig
 
 log = logging.getLogger(__name__)

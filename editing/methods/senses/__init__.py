@@ -1,5 +1,6 @@
 """Sense finetuning of Backpack language models."""
 
+from editing.core.types import MethodName
 from editing.methods.registry import MethodSpec, register
 from editing.methods.senses.config import SensesConfig
 from editing.methods.senses.deltas import SenseDeltas
@@ -11,7 +12,6 @@ from editing.methods.senses.edit import (
     write_senses_edit,
 )
 from editing.methods.senses.module import SensesEditor
-from editing.types import MethodName
 
 register(MethodSpec(MethodName.SENSES, SensesEditor, SensesConfig, edit_kind=SENSES_KIND,
                     write_edit=write_senses_edit, load_edit=apply_sense_edit))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.models.architecture import backpack_of
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
-from editing.files import write_text
+from editing.core.errors import ConfigError
+from editing.core.files import write_text
 from editing.methods.registry import AppliedEdit
 from editing.methods.senses.deltas import SenseDeltas, install_sense_deltas
 from editing.methods.senses.module import SensesEditor
@@ -42,9 +42,9 @@ def load_sense_edit(path: str | Path, model, tensors: dict[str, torch.Tensor] | 
     Args:
         path: the ``senses.safetensors`` file.
         model: the Backpack.
-        tensors: the file's tensors when already read (and verified, see ``editing.edits.load_edited``).
+        tensors: the file's tensors when already read (and verified, see ``editing.edits.load.load_edited``).
     """
-    from editing.integrity import read_safetensors
+    from editing.runs.manifest import read_safetensors
 
     tensors = read_safetensors(path) if tensors is None else tensors
     missing = {"vocab_ids", "sense_ids", "vectors"} - set(tensors)

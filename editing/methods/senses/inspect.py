@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.methods.senses.edit import SENSES_KIND
 from editing.models.architecture import backpack_of
 
@@ -24,7 +24,7 @@ def inspect_edit(module, top: int = 5, limit: int | None = None) -> list[dict]:
     """Rows describing each selected sense of a loaded sense edit, largest change first.
 
     Args:
-        module: the edit applied to its base model (``editing.edits.load_edited``, which checked its hashes and
+        module: the edit applied to its base model (``editing.edits.load.load_edited``, which checked its hashes and
             values).
         top: words listed per sense, before and after.
         limit: list only the N senses whose vectors changed most.

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from editing.errors import ConfigError
+from editing.core.errors import ConfigError
 from editing.evaluation.incremental import SenseEdit
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.senses.config import SensesConfig

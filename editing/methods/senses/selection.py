@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from editing.cache_files import canonical_json, expect_shapes, read_entry, write_entry
-from editing.cache_keys import computation_material
+from editing.caches.entries import canonical_json, expect_shapes, read_entry, write_entry
+from editing.caches.keys import computation_material
+from editing.core.errors import ConfigError
+from editing.core.paths import cache_dir
+from editing.core.types import LossType
 from editing.data.batching import IGNORE, collate
 from editing.data.tokenize import TokenizedExample
-from editing.errors import ConfigError
-from editing.paths import cache_dir
-from editing.types import LossType
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def background_usage(model, texts: list[TokenizedExample], vocab_size: int, num_
 
 BACKGROUND_CODE = ("editing.methods.senses.selection",)
 """The code that computes a background (``background_usage`` and what it imports); the model's own package code is
-added from the model (``editing.cache_keys.model_code_modules``)."""
+added from the model (``editing.caches.keys.model_code_modules``)."""
 
 
 def _texts_digest(texts: list[TokenizedExample]) -> str:

@@ -18,9 +18,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from editing.cache_keys import model_code_modules
-from editing.errors import ConfigError
-from editing.files import ensure_writable, save_atomically
+from editing.caches.keys import model_code_modules
+from editing.core.errors import ConfigError
+from editing.core.files import ensure_writable, save_atomically
 from editing.models.architecture import LAYER_KEYS, num_layers
 from editing.models.backpack.configuration import BackpackConfig
 from editing.models.backpack.head_log_probs import compute_dtype, head_log_probs
@@ -416,7 +416,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, overwrite:
     """
     from dataclasses import fields
 
-    from editing.checkpoints import load_checkpoint_file
+    from editing.runs.checkpoints import load_checkpoint_file
 
     ensure_writable(Path(output_dir).expanduser() / "config.json", overwrite, "--overwrite true")
     # never unpickled with code: a checkpoint is a file anyone may hand over

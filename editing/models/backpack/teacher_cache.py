@@ -14,7 +14,7 @@ and the student over ``top_k + 1`` outcomes: each of the teacher's top-k tokens,
 ``top_k`` equal to the vocabulary size it is the full KL exactly.
 
 The cache lives in one folder per key (its manifest), in shards of ``shard_blocks`` blocks, each a checked cache entry
-(``editing.cache_files``) written atomically: an interrupted pass resumes at the first missing shard, and concurrent
+(``editing.caches.entries``) written atomically: an interrupted pass resumes at the first missing shard, and concurrent
 writers of one shard keep one copy.
 
 Key covers (the manifest): the teacher's weights (its content fingerprint) and name, the token blocks' bytes (which
@@ -50,11 +50,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from editing.cache_files import ENTRY_FORMAT, canonical_json, write_entry
-from editing.digests import code_digest, library_versions, tensor_sha256
-from editing.errors import ConfigError
-from editing.files import save_atomically
-from editing.paths import cache_dir
+from editing.caches.entries import ENTRY_FORMAT, canonical_json, write_entry
+from editing.core.digests import code_digest, library_versions, tensor_sha256
+from editing.core.errors import ConfigError
+from editing.core.files import save_atomically
+from editing.core.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
