@@ -1,9 +1,9 @@
 """Bad inputs a user can give the ``editing`` command, each with the clear error it must end in.
 
-One table shared by ``tests/commands/test_bad_inputs.py`` (one test per case) and ``benchmarks/bad_inputs.py`` (prints the
-counts). Every case runs the real command in a subprocess (``python -m editing.cli ...``) in its own folder and must
-end in a non-zero exit, with no Python traceback on stderr, and a message that names the file, line or setting at
-fault (``expect``: every fragment must appear) and says how to fix it (``fix``: at least one must appear).
+One table shared by ``tests/commands/test_bad_inputs.py`` (one test per case) and ``benchmarks/bad_inputs.py``
+(prints the counts). Every case runs the real command in a subprocess (``python -m editing.cli ...``) in its own
+folder and must end in a non-zero exit, with no Python traceback on stderr, and a message that names the file, line
+or setting at fault (``expect``: every fragment must appear) and says how to fix it (``fix``: at least one must appear).
 
 Cases share a few artifacts built once (``build_artifacts``): the checkpoint and LoRA edits of a real tiny fit, a
 full-finetuning edit, and LoRA adapters of other architectures.
@@ -587,8 +587,8 @@ def _cases() -> list[Case]:
            ["fix it and run the command again"]))
 
     # --- issue 34, items 9-12: runs that survive interruption -------------------------------------------------------
-    # (the kills themselves, SIGTERM and Ctrl-C, and the resumes are in tests/core/test_interruption.py: a case here runs one
-    # command and must end non-zero)
+    # (the kills themselves, SIGTERM and Ctrl-C, and the resumes are in tests/core/test_interruption.py: a case here
+    # runs one command and must end non-zero)
     def interrupted_evaluate(d: Path, a: Artifacts) -> list[str]:
         import socket
 
