@@ -95,12 +95,13 @@ def test_a_changed_scoring_function_misses_the_p0_cache(data_root, counters, mon
     evaluate_epoch(module, dm, 0, announce=False)
     assert counters["p0_computed"] == 1
     original = evaluator_module.example_score
-    monkeypatch.setattr(evaluator_module, "example_score", lambda sums, loss: original(sums, loss) + 1.0)
-    patched = evaluate_epoch(module, dm, 0, announce=False)
-    assert counters["p0_computed"] == 2 and counters["p0_reused"] == 0
-    fresh = evaluate(module, dm)  # the plain loop, with the patched code
-    assert [e["score"] for e in patched["per_example"]] == [e["score"] for e in fresh["per_example"]]
-    monkeypatch.undo()
+    # a context of its own: monkeypatch.undo() would also undo the autouse fixture's private cache folder
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluator_module, "example_score", lambda sums, loss: original(sums, loss) + 1.0)
+        patched = evaluate_epoch(module, dm, 0, announce=False)
+        assert counters["p0_computed"] == 2 and counters["p0_reused"] == 0
+        fresh = evaluate(module, dm)  # the plain loop, with the patched code
+        assert [e["score"] for e in patched["per_example"]] == [e["score"] for e in fresh["per_example"]]
     evaluate_epoch(module, dm, 0, announce=False)  # back to the original code: its entry is still good
     assert counters["p0_reused"] == 1
 
