@@ -592,8 +592,17 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
         NoEditError: the search ended without an edit inside the ball (``auto.json`` is written first).
         ResultsExistError: ``output_dir`` holds a finished search, or files of something else.
     """
-    start_clock = clock or time.monotonic
-    started = start_clock()
+    search = _open_search(task=task, methods=methods, ball=ball, trials=trials, minutes=minutes, model=model,
+                          output_dir=output_dir, holdout=holdout, explore=explore, epochs=epochs, patience=patience,
+                          args=args, loss=loss, threshold=threshold, evaluation=evaluation,
+                          hard_negatives=hard_negatives, seed=seed, overwrite=overwrite, clock=clock, runner=runner)
+    search.run_trials()
+    return search.finish()
+
+
+def _checked_inputs(trials: int | None, minutes: float | None, explore: int, ball: float,
+                    methods: list[str] | None) -> tuple[Ball, list[str], dict[str, dict[str, Parameter]]]:
+    """The budget, the ball and the methods (with their search spaces), checked before anything is written."""
     if trials is None and minutes is None:
         raise ConfigError("give a budget: --trials N (search trials) and/or --minutes M (the whole command)")
     if trials is not None and trials < 1:
@@ -603,7 +612,6 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     if explore < 1:
         raise ConfigError(f"--explore {explore}: give at least one exploring trial per method")
     the_ball = Ball(float(ball))
-    key = ball_key(the_ball)
     names = [MethodName(m).value for m in (methods or DEFAULT_METHODS)]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"--methods {methods}: list each method once")
@@ -611,6 +619,20 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     for m in names:
         if not (FIT_DIR / f"{m}.yaml").is_file():
             raise ConfigError(f"method {m!r} has no fit config {FIT_DIR / (m + '.yaml')}")
+    return the_ball, names, spaces
+
+
+def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: int | None, minutes: float | None,
+                 model: str, output_dir: str | None, holdout: float, explore: int, epochs: int | None,
+                 patience: int | None, args: str | None, loss: str, threshold: float | None, evaluation: str | None,
+                 hard_negatives: str | None, seed: int, overwrite: bool, clock: Callable[[], float] | None,
+                 runner: Callable[[list[str], Path, float | None], int] | None) -> _Search:
+    """``auto_edit``'s first steps: check its inputs, claim the folder (an interrupted search in it is resumed), plan
+    the data and print the plan. The budget's clock starts here, before anything else."""
+    start_clock = clock or time.monotonic
+    started = start_clock()
+    the_ball, names, spaces = _checked_inputs(trials, minutes, explore, ball, methods)
+    key = ball_key(the_ball)
     deadline = None if minutes is None else started + 60.0 * minutes
     runner = runner or (lambda a, p, d: run_fit_until(a, p, d, start_clock))
 
@@ -632,122 +654,186 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     print(_plan_text(plan, small), flush=True)
     if kept:
         print(f"resuming the interrupted search in {folder}: its {len(kept)} finished trial(s) are kept", flush=True)
+    return _Search(task=task, names=names, spaces=spaces, key=key, model=model, args=args, folder=folder, plan=plan,
+                   small=small, fixed=fixed, explore=explore, trials=trials, minutes=minutes, kept=kept,
+                   progress=progress, started=started, deadline=deadline, clock=start_clock, runner=runner,
+                   rng=random.Random(seed))
 
-    rng = random.Random(seed)
-    orders = {m: explore_orders(spaces[m], explore, rng) for m in names}
-    done: list[Trial] = []
-    queue = [(m, i) for i in range(explore) for m in names]  # one of each method first, then the second of each
-    narrowing: dict[str, int] = {m: 0 for m in names}
-    step_backs: dict[str, int] = {m: 0 for m in names}
 
-    def remaining() -> float:
-        return math.inf if deadline is None else deadline - start_clock()
+@dataclass
+class _Search:
+    """A search under way (``auto_edit``'s state): its settings, the plan of its data, its draws and its trials.
 
-    def final_reserve() -> float:
-        best = _best(done)
-        if best is None or best.seconds is None or not plan.retrain:
+    ``run_trials`` runs the search's trials (taking those of an interrupted search as they were), ``finish`` the
+    final fit and the record (``auto.json``) and the summary.
+    """
+
+    task: str
+    names: list[str]
+    spaces: dict[str, dict[str, Parameter]]
+    key: str
+    model: str
+    args: str | None
+    folder: Path
+    plan: Plan
+    small: SmallData
+    fixed: list[str]
+    explore: int
+    trials: int | None
+    minutes: float | None
+    kept: list[Trial]
+    progress: dict
+    started: float
+    deadline: float | None
+    clock: Callable[[], float]
+    runner: Callable[[list[str], Path, float | None], int]
+    rng: random.Random
+    done: list[Trial] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.orders = {m: explore_orders(self.spaces[m], self.explore, self.rng) for m in self.names}
+        # one of each method first, then the second of each
+        self.queue = [(m, i) for i in range(self.explore) for m in self.names]
+        self.narrowing: dict[str, int] = {m: 0 for m in self.names}
+        self.step_backs: dict[str, int] = {m: 0 for m in self.names}
+
+    def remaining(self) -> float:
+        """Seconds left of the whole command's budget (infinite without ``minutes``)."""
+        return math.inf if self.deadline is None else self.deadline - self.clock()
+
+    def final_reserve(self) -> float:
+        """Seconds kept for the final fit: the best trial's time, scaled to the final fit's examples, plus 20%."""
+        best = _best(self.done)
+        if best is None or best.seconds is None or not self.plan.retrain:
             return 0.0
-        return 1.2 * best.seconds * plan.final_examples / plan.train_examples
+        return 1.2 * best.seconds * self.plan.final_examples / self.plan.train_examples
 
-    def typical_seconds(method: str) -> float:
-        seen = [t.seconds for t in done if t.method == method and t.seconds is not None]
-        seen = seen or [t.seconds for t in done if t.seconds is not None]
+    def typical_seconds(self, method: str) -> float:
+        """The mean time of the method's trials so far (of any trial when it has none yet; 0 before the first)."""
+        seen = [t.seconds for t in self.done if t.method == method and t.seconds is not None]
+        seen = seen or [t.seconds for t in self.done if t.seconds is not None]
         return sum(seen) / len(seen) if seen else 0.0
 
-    number = 0
-    while trials is None or number < trials:
-        last = done[-1] if done else None
-        if last is not None and last.strong and step_backs[last.method] < MAX_STEP_BACKS:
+    def fit_args_of(self, method: str) -> list[str]:
+        """The arguments of every fit of ``method``: the fixed ones, and the small-data defaults if it trains by
+        gradient."""
+        return self.fixed + (self.small.args() if trains_by_gradient(method) else [])
+
+    def next_draw(self, number: int) -> tuple[str, dict[str, Any], str]:
+        """The method, settings and phase of trial ``number``: a step back after an overshoot, else the next
+        exploring trial, else a narrowing around the best trial."""
+        last = self.done[-1] if self.done else None
+        if last is not None and last.strong and self.step_backs[last.method] < MAX_STEP_BACKS:
             # step back on a method that overshot before exploring the next: it showed that the method moves the
             # examples; what it needs is less strength, found in a step or two
             method = last.method
-            step_backs[method] += 1
-            params = narrowed_draw(spaces[method], last.params, OVERSHOOT_LEVEL, -1, rng)
-            phase = "step back (weaker)"
-        elif queue:
-            method, index = queue.pop(0)
-            params = explore_draw(spaces[method], index, explore, rng, orders[method])
-            phase = "explore"
-        else:
-            best = _best(done)
-            if best is None:  # every trial failed: explore again
-                method = names[number % len(names)]
-                params = explore_draw(spaces[method], number % explore, explore, rng, orders[method])
-                phase = "explore"
-            else:
-                method = best.method
-                narrowing[method] += 1
-                params = narrowed_draw(spaces[method], best.params, narrowing[method], best.direction, rng)
-                phase = f"narrow {narrowing[method]}" + {1: " (stronger)", -1: " (weaker)", 0: ""}[best.direction]
-        if number < len(kept):
-            # the same settings and seed draw the same trials in the same order: this one finished before the
-            # interruption, so its outcome is taken as it was (no budget spent on it)
-            trial = _kept_trial(kept[number], number, method, params, phase, folder)
-            done.append(trial)
-            print(_trial_line(trial, plan.search_generalization_measured) + " (kept)", flush=True)
-            _keep_best_edit(done, key)
-            number += 1
-            continue
-        left = remaining() - final_reserve()
-        if left < max(30.0, 0.5 * typical_seconds(method)):
-            print(f"budget: {max(0.0, remaining()):.0f}s left, {final_reserve():.0f}s of them kept for the final "
-                  "fit: no more trials", flush=True)
-            break
-        trial = Trial(number, method, params, phase, str((folder / f"trial_{number}").resolve()))
-        _set_aside(Path(trial.folder))
-        fit = _fit_args(method, plan.search_task, plan.search_split, model, Path(trial.folder), params,
-                        fixed + (small.args() if trains_by_gradient(method) else []),
-                        None if deadline is None else FIT_TIME_SHARE * left)
-        _run(trial, fit, runner, None if deadline is None else start_clock() + left, key, start_clock)
-        if not plan.search_generalization_measured:
-            _drop_training_generalization(trial)
-        done.append(trial)
-        print(_trial_line(trial, plan.search_generalization_measured), flush=True)
-        _keep_best_edit(done, key)
-        progress["trials"].append(trial.to_dict())
-        write_json(folder / PROGRESS_FILE, progress, overwrite=True)
-        number += 1
+            self.step_backs[method] += 1
+            params = narrowed_draw(self.spaces[method], last.params, OVERSHOOT_LEVEL, -1, self.rng)
+            return method, params, "step back (weaker)"
+        if self.queue:
+            method, index = self.queue.pop(0)
+            params = explore_draw(self.spaces[method], index, self.explore, self.rng, self.orders[method])
+            return method, params, "explore"
+        best = _best(self.done)
+        if best is None:  # every trial failed: explore again
+            method = self.names[number % len(self.names)]
+            params = explore_draw(self.spaces[method], number % self.explore, self.explore, self.rng,
+                                  self.orders[method])
+            return method, params, "explore"
+        method = best.method
+        self.narrowing[method] += 1
+        params = narrowed_draw(self.spaces[method], best.params, self.narrowing[method], best.direction, self.rng)
+        turn = {1: " (stronger)", -1: " (weaker)", 0: ""}[best.direction]
+        return method, params, f"narrow {self.narrowing[method]}{turn}"
 
-    best = _best(done)
-    final: Trial | None = None
-    edit: str | None = None
-    config: dict = {}
-    if best is None:
-        print("no trial finished: no edit (see the trials' fit.log)", flush=True)
-    else:
+    def run_trials(self) -> None:
+        """The search: trials until ``trials`` are done or the time left (less the final fit's) is too short."""
+        number = 0
+        while self.trials is None or number < self.trials:
+            method, params, phase = self.next_draw(number)
+            if number < len(self.kept):
+                # the same settings and seed draw the same trials in the same order: this one finished before the
+                # interruption, so its outcome is taken as it was (no budget spent on it)
+                trial = _kept_trial(self.kept[number], number, method, params, phase, self.folder)
+                self.done.append(trial)
+                print(_trial_line(trial, self.plan.search_generalization_measured) + " (kept)", flush=True)
+                _keep_best_edit(self.done, self.key)
+                number += 1
+                continue
+            left = self.remaining() - self.final_reserve()
+            if left < max(30.0, 0.5 * self.typical_seconds(method)):
+                print(f"budget: {max(0.0, self.remaining()):.0f}s left, {self.final_reserve():.0f}s of them kept for "
+                      "the final fit: no more trials", flush=True)
+                break
+            self.run_trial(Trial(number, method, params, phase, str((self.folder / f"trial_{number}").resolve())),
+                           left)
+            number += 1
+
+    def run_trial(self, trial: Trial, left: float) -> None:
+        """Fit one trial in the ``left`` seconds it may take, record it (``auto.progress.json``) and keep only the
+        best trial's edit."""
+        _set_aside(Path(trial.folder))
+        fit = _fit_args(trial.method, self.plan.search_task, self.plan.search_split, self.model, Path(trial.folder),
+                        trial.params, self.fit_args_of(trial.method),
+                        None if self.deadline is None else FIT_TIME_SHARE * left)
+        _run(trial, fit, self.runner, None if self.deadline is None else self.clock() + left, self.key, self.clock)
+        if not self.plan.search_generalization_measured:
+            _drop_training_generalization(trial)
+        self.done.append(trial)
+        print(_trial_line(trial, self.plan.search_generalization_measured), flush=True)
+        _keep_best_edit(self.done, self.key)
+        self.progress["trials"].append(trial.to_dict())
+        write_json(self.folder / PROGRESS_FILE, self.progress, overwrite=True)
+
+    def final_fit(self, best: Trial) -> tuple[Trial, dict]:
+        """The final edit with the best trial's configuration (the best trial itself when the final fit would read
+        the same data) and that configuration."""
         config = {"method": best.method, "params": best.params,
-                  "fit_args": ([*small.args()] if trains_by_gradient(best.method) else []) + split_args(args),
-                  "base_config": str(FIT_DIR / f"{best.method}.yaml"), "model": model, "ball": key}
-        if plan.retrain:
-            final = Trial(-1, best.method, best.params, "final", str((folder / "final").resolve()))
-            _set_aside(Path(final.folder))
-            time_left = remaining()
-            # The test rule (SPEC section 6), as `editing test-runs` applies it: the final fit reports the last epoch
-            # inside the ball among epochs 0..v, v the best trial's ball epoch (the epoch chosen at validation)
-            config["max_epoch"] = {key: best.epoch}
-            fit = _fit_args(best.method, plan.final_task, plan.final_split, model, Path(final.folder), best.params,
-                            fixed + (small.args() if trains_by_gradient(best.method) else []),
-                            None if deadline is None else max(1.0, FIT_TIME_SHARE * time_left),
-                            max_epoch=config["max_epoch"])
-            _run(final, fit, runner, None, key, start_clock)
-            if not plan.generalization_measured:
-                _drop_training_generalization(final)
-            print(_trial_line(final, plan.generalization_measured), flush=True)
+                  "fit_args": ([*self.small.args()] if trains_by_gradient(best.method) else []) + split_args(self.args),
+                  "base_config": str(FIT_DIR / f"{best.method}.yaml"), "model": self.model, "ball": self.key}
+        if not self.plan.retrain:
+            return best, config
+        final = Trial(-1, best.method, best.params, "final", str((self.folder / "final").resolve()))
+        _set_aside(Path(final.folder))
+        time_left = self.remaining()
+        # The test rule (SPEC section 6), as `editing test-runs` applies it: the final fit reports the last epoch
+        # inside the ball among epochs 0..v, v the best trial's ball epoch (the epoch chosen at validation)
+        config["max_epoch"] = {self.key: best.epoch}
+        fit = _fit_args(best.method, self.plan.final_task, self.plan.final_split, self.model, Path(final.folder),
+                        best.params, self.fit_args_of(best.method),
+                        None if self.deadline is None else max(1.0, FIT_TIME_SHARE * time_left),
+                        max_epoch=config["max_epoch"])
+        _run(final, fit, self.runner, None, self.key, self.clock)
+        if not self.plan.generalization_measured:
+            _drop_training_generalization(final)
+        print(_trial_line(final, self.plan.generalization_measured), flush=True)
+        return final, config
+
+    def finish(self) -> AutoResult:
+        """The final fit, then ``auto.json`` (in place of ``auto.progress.json``) and the summary; ``NoEditError``
+        when there is no edit inside the ball."""
+        best = _best(self.done)
+        final: Trial | None = None
+        edit: str | None = None
+        config: dict = {}
+        if best is None:
+            print("no trial finished: no edit (see the trials' fit.log)", flush=True)
         else:
-            final = best
-        edit_path = Path(final.folder) / "edits" / edit_folder_name(key)
-        # an edit at epoch 0 is the unedited model: no edit stayed inside the ball
-        edit = str(edit_path) if final.ok and final.epoch and edit_path.is_dir() else None
-    result = AutoResult(folder=str(folder), task=task, model=model, ball=key, methods=names,
-                        budget={"trials": trials, "minutes": minutes}, plan=asdict(plan), small_data=asdict(small),
-                        trials=done, best=None if best is None else best.number, final=final, edit=edit,
-                        config=config, seconds=round(start_clock() - started, 1))
-    write_json(folder / AUTO_FILE, result.to_dict(), overwrite=True)
-    (folder / PROGRESS_FILE).unlink(missing_ok=True)  # auto.json now marks the search finished
-    print(summary_text(result), flush=True)
-    if edit is None:
-        raise NoEditError(_no_edit_reason(result), result)
-    return result
+            final, config = self.final_fit(best)
+            edit_path = Path(final.folder) / "edits" / edit_folder_name(self.key)
+            # an edit at epoch 0 is the unedited model: no edit stayed inside the ball
+            edit = str(edit_path) if final.ok and final.epoch and edit_path.is_dir() else None
+        result = AutoResult(folder=str(self.folder), task=self.task, model=self.model, ball=self.key,
+                            methods=self.names, budget={"trials": self.trials, "minutes": self.minutes},
+                            plan=asdict(self.plan), small_data=asdict(self.small), trials=self.done,
+                            best=None if best is None else best.number, final=final, edit=edit, config=config,
+                            seconds=round(self.clock() - self.started, 1))
+        write_json(self.folder / AUTO_FILE, result.to_dict(), overwrite=True)
+        (self.folder / PROGRESS_FILE).unlink(missing_ok=True)  # auto.json now marks the search finished
+        print(summary_text(result), flush=True)
+        if edit is None:
+            raise NoEditError(_no_edit_reason(result), result)
+        return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
