@@ -183,6 +183,17 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         DataFormatError: a JSONL file of examples with a malformed line (the message names the file and line).
         ModelNotAvailableError: a model that cannot be loaded here (a hub id without network).
     """
+    method, keys = _checked_arguments(model, method, ball, balls, epochs, settings)
+    out = _unfinished_folder(output_dir, overwrite)
+    task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
+    _fit(fit_args(method, model, task, keys, out, epochs=epochs, settings=settings, data_root=data_root, seed=seed,
+                  overwrite=overwrite))
+    return load_result(out, keys[0])
+
+
+def _checked_arguments(model: str, method: MethodName | str, ball: float, balls: Sequence[float] | None,
+                       epochs: int | None, settings: Mapping[str, Any] | None) -> tuple[MethodName, list[str]]:
+    """``edit``'s arguments checked before anything is written: the method and the ball keys."""
     if not isinstance(model, str) or not model:
         raise ConfigError(f"edit(model={model!r}): give a model name (e.g. 'smollm2-135m'), folder or hub id")
     if _names_a_path(model) and not Path(model).expanduser().exists():
@@ -195,14 +206,21 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
     if settings is not None and not isinstance(settings, Mapping):
         raise ConfigError(f"edit(settings={settings!r}): give a dict of dotted `editing fit` keys to values, e.g. "
                           "{'model.init_args.optimizer.lr': 0.001}")
-    out = _run_folder(output_dir)
+    return method, keys
+
+
+def _unfinished_folder(output_dir: str | Path | None, overwrite: bool) -> Path:
+    """The run folder, refused when it holds a finished run (without ``overwrite``) before the task files are
+    written into it, so a finished run there keeps its own."""
     from editing.runs.run_folder import check_folder
 
-    # refused before the task files are written into the folder, so a finished run there keeps its own
+    out = _run_folder(output_dir)
     check_folder(out, resuming=False, overwrite=overwrite, flag="edit(..., overwrite=True)")
-    task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
-    args = fit_args(method, model, task, keys, out, epochs=epochs, settings=settings, data_root=data_root, seed=seed,
-                    overwrite=overwrite)
+    return out
+
+
+def _fit(args: list[str]) -> None:
+    """``editing fit <args>`` in this process; a refused setting ends in the ConfigError ``editing fit`` prints."""
     from editing.commands.lightning import run_lightning_cli
 
     try:
@@ -220,7 +238,6 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         if cause is None:
             raise
         raise cause from None
-    return load_result(out, keys[0])
 
 
 @dataclass
