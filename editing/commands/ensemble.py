@@ -34,23 +34,17 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     Returns:
         The results written.
     """
-    from callbacks.evaluation_writer import default_output_dir
-    from editing.commands import DEFAULT_ROOT
     from editing.commands.devices import resolve_device
-    from editing.core.files import ensure_writable, write_json
+    from editing.core.files import write_json
     from editing.data.datamodule import TaskDataModule
     from editing.edits.load import load_edited
     from editing.models.loading import ModelConfig, load_model
     from editing.protocol.ensemble_search import ball_results, edit_folders, results_table, search
     from editing.rules.budget import parse_balls
-    from editing.rules.tasks import get_task
 
     balls = parse_balls(balls, "--balls")
     where = resolve_device(device, "--device")
-    out = Path(output_dir) if output_dir else default_output_dir(DEFAULT_ROOT, large, get_task(task).name, split,
-                                                                  "ensemble")
-    target = out / "results.json"
-    ensure_writable(target, overwrite)
+    target = _results_file(output_dir, large, task, split, overwrite)
     folders = edit_folders(backpack_edits, balls)
     large_model = load_model(ModelConfig(name=large, tokenizer=large_tokenizer))
     large_model.model.to(where)  # the search moves each Backpack edit to the large model's device
@@ -68,3 +62,18 @@ def run_ensemble(large: str, backpack_edits: str, task: str = "country_capital",
     write_json(target, summary)
     print(f"results: {target}")
     return summary
+
+
+def _results_file(output_dir: str | None, large: str, task: str, split: str, overwrite: bool) -> Path:
+    """``<output_dir>/results.json`` (default: the layout of ``editing validate``), refused when an earlier result is
+    there (without ``overwrite``) before any model is loaded."""
+    from callbacks.evaluation_writer import default_output_dir
+    from editing.commands import DEFAULT_ROOT
+    from editing.core.files import ensure_writable
+    from editing.rules.tasks import get_task
+
+    out = Path(output_dir) if output_dir else default_output_dir(DEFAULT_ROOT, large, get_task(task).name, split,
+                                                                  "ensemble")
+    target = out / "results.json"
+    ensure_writable(target, overwrite)
+    return target
