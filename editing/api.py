@@ -316,7 +316,8 @@ def fit_args(method: MethodName, model: str, task: str, balls: Sequence[str], ou
              epochs: int | None = None, settings: Mapping[str, Any] | None = None,
              data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False) -> list[str]:
     """The ``editing fit`` command line (without ``fit``) that ``edit`` runs."""
-    from editing.protocol.sweep import FIT_DIR, overrides
+    from editing.core.paths import FIT_DIR
+    from editing.protocol.trials import overrides
     from editing.rules.budget import key_eps
 
     shipped = FIT_DIR / f"{method.value}.yaml"

@@ -252,7 +252,7 @@ def _space(folder: Path, text: bytes) -> str:
 
 def _study(folder: Path, name: str = "known") -> None:
     """A sweep root holding one study (so that messages can list it)."""
-    from editing.protocol.sweep import default_storage, make_storage
+    from editing.protocol.storage import default_storage, make_storage
 
     make_storage(default_storage(folder / "sweeps", name), None)
     import optuna

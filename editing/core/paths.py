@@ -1,4 +1,4 @@
-"""Where things live on disk: the data root and the cache folder."""
+"""Where things live on disk: the checkout's shipped configs, the data root and the cache folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from editing.core.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # editing/, this file being editing/core/paths.py
 REPO_DIR = PACKAGE_DIR.parent
+CONFIGS_DIR = REPO_DIR / "lightning_configs"
+FIT_DIR = CONFIGS_DIR / "fit"
+"""The shipped ``editing fit`` config of each method (``<method>.yaml``): the base of its sweeps, auto and the API."""
+SPACE_DIR = CONFIGS_DIR / "sweeps"
+"""The shipped search space of each method (``<method>.yaml``), read by ``editing sweep``."""
 EVALUATION_CACHE_ENV = "EDITING_EVAL_CACHE_DIR"
 
 

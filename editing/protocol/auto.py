@@ -1,7 +1,7 @@
 """``editing auto``: find an edit inside a ball within a budget of trials or minutes (issue 14 item 5).
 
 Given a task (a built-in task, a task YAML, or a JSONL of canonical examples), one or several methods, a ball and a
-budget, it searches the hyperparameters with the sweep's machinery (``editing.protocol.sweep``: the search spaces of
+budget, it searches the hyperparameters with the sweep's machinery (``editing.protocol.space``: the search spaces of
 ``lightning_configs/sweeps/<method>.yaml``, SPEC section 6; each trial one ``editing fit`` subprocess of
 ``lightning_configs/fit/<method>.yaml``) and returns the best edit inside the ball, its numbers and the configuration
 that made it.
@@ -80,10 +80,12 @@ from typing import Any
 
 from editing.core.errors import ConfigError, EditingError
 from editing.core.files import ResultsExistError, write_json, write_jsonl, write_text
+from editing.core.paths import FIT_DIR
 from editing.core.textfiles import load_yaml
 from editing.core.types import LossType, MethodName
 from editing.data.jsonl import read_jsonl
-from editing.protocol.sweep import FIT_DIR, Parameter, load_space, run_fit, split_args
+from editing.protocol.space import Parameter, load_space
+from editing.protocol.trials import run_fit, split_args
 from editing.rules.budget import Ball, ball_key, edit_folder_name
 from editing.rules.tasks import TaskSpec, get_task
 from editing.runs.records import RESULTS_FILE, RecordError, RunRecord
@@ -966,7 +968,7 @@ def _no_edit_reason(result: AutoResult) -> str:
 
 def _fit_args(method: str, task: str, split: str, model: str, out: Path, params: dict, fixed: list[str],
               max_seconds: float | None, save_edits: bool = True, max_epoch: dict[str, int] | None = None) -> list[str]:
-    from editing.protocol.sweep import FitSettings
+    from editing.protocol.trials import FitSettings
 
     extra = () if max_seconds is None else ("--trainer.max_time", _max_time(max_seconds))
     return FitSettings(config=FIT_DIR / f"{method}.yaml", task=task, model=model, output_dir=out, fixed=tuple(fixed),

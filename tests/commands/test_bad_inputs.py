@@ -181,7 +181,8 @@ def test_edit_digests_tell_edits_apart(artifacts) -> None:
 
 # --- sweeps ---------------------------------------------------------------------------------------------------------
 def test_space_takes_one_path_or_a_list(tmp_path) -> None:
-    from editing.protocol.sweep import SPACE_DIR, make_definition
+    from editing.core.paths import SPACE_DIR
+    from editing.protocol.sweep import make_definition
 
     path = str(SPACE_DIR / "lora.yaml")
     one = make_definition("country_capital", "lora", "tiny-gpt2", space=path)

@@ -371,7 +371,7 @@ def test_memits_search_space_is_written_once() -> None:
 
     import editing.methods.memit as memit_package
     from editing.core.paths import PACKAGE_DIR
-    from editing.protocol.sweep import load_space
+    from editing.protocol.space import load_space
 
     space = load_space("memit")
     assert {k: (p.kind, list(p.args)) for k, p in space.items()} == {

@@ -201,10 +201,10 @@ def _interrupt(*_args, **_kwargs):
 
 
 def test_ctrl_c_on_sweep_prints_one_line_with_the_resume_command(tmp_path, monkeypatch, capsys) -> None:
-    import editing.protocol.sweep
+    import editing.protocol.trials
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(editing.protocol.sweep.subprocess, "Popen", _interrupt)  # Ctrl-C while a trial's fit starts
+    monkeypatch.setattr(editing.protocol.trials.subprocess, "Popen", _interrupt)  # Ctrl-C while a trial's fit starts
     args = ["sweep", "--task", "country_capital", "--method", "lora", "--model", "tiny-gpt2", "--n_trials", "2",
             "--root", "sweeps", "--args", "--data.eval_limit 2 --trainer.max_epochs 1"]
     with pytest.raises(SystemExit) as info:
@@ -315,14 +315,16 @@ def test_sweep_whose_trials_all_fail_says_why_and_exits_non_zero(tmp_path, data_
 def test_test_runs_reruns_a_seed_whose_results_cannot_be_read(tmp_path, capsys) -> None:
     from fakes import FakeFit, fake_results
 
-    from editing.protocol import sweep
-    from editing.protocol.sweep import make_definition, make_storage, open_study, run_worker
+    from editing.protocol.select import select
+    from editing.protocol.storage import make_storage, open_study
+    from editing.protocol.sweep import make_definition, run_worker
+    from editing.protocol.test_runs import test_runs
 
     root = tmp_path / "sweeps"
     definition = make_definition("country_capital", "lora", "tiny-gpt2", args=["--trainer.max_epochs", "3"])
     study = open_study(make_storage(f"sqlite:///{root / 'st' / 'study.db'}", None), "st", definition)
     run_worker(study, definition, root / "st", n_trials=2, runner=FakeFit(0), log=lambda m: None)
-    sweep.select("st", root=str(root))
+    select("st", root=str(root))
     calls = []
 
     def runner(args, log_path):
@@ -333,13 +335,13 @@ def test_test_runs_reruns_a_seed_whose_results_cannot_be_read(tmp_path, capsys) 
         (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (2, 5.0), "1e-05": (1, 1.0)}, seed)))
         return 0
 
-    paths = sweep.test_runs("st", root=str(root), seeds=2, runner=runner)
+    paths = test_runs("st", root=str(root), seeds=2, runner=runner)
     assert len(calls) == 2
     damaged = paths[1]
     text = damaged.read_text()
     damaged.write_text(text[: len(text) // 2])
     capsys.readouterr()
-    sweep.test_runs("st", root=str(root), seeds=2, runner=runner)
+    test_runs("st", root=str(root), seeds=2, runner=runner)
     out = capsys.readouterr().out
     assert len(calls) == 3 and "seed 1: done already" not in out, out
     assert json.loads(damaged.read_text())["seed"] == 1  # rerun, readable

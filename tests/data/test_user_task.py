@@ -131,7 +131,7 @@ def _study(root, task_path: str, with_runs: bool):
     """A sweep folder as `editing select` leaves it (and, with ``with_runs``, with one test run per ball)."""
     from fakes import fake_results
 
-    from editing.protocol.sweep import select_best
+    from editing.protocol.select import select_best
     from editing.runs.records import Selection, TrialRecord
 
     study = root / "mystudy"
@@ -160,7 +160,7 @@ def _study(root, task_path: str, with_runs: bool):
 def test_test_runs_refuse_a_task_whose_files_do_not_depend_on_the_split(tmp_path, user_task, templated):
     """Without ``{split}`` the test pair would silently be the validation files: test-runs refuses to start."""
     from editing.core.errors import ConfigError
-    from editing.protocol.sweep import test_runs
+    from editing.protocol.test_runs import test_runs
 
     if not templated:
         user_task.write_text(user_task.read_text().replace("{split}", "val"))

@@ -30,7 +30,7 @@ from editing.protocol.auto import (
     plan_data,
     run_fit_until,
 )
-from editing.protocol.sweep import load_space
+from editing.protocol.space import load_space
 from editing.rules.tasks import get_task
 
 TINY_ARGS = "--data.eval_limit 4 --data.general_limit 4"

@@ -13,7 +13,7 @@ from fakes import fake_results
 
 from editing.cli import main
 from editing.protocol.report import Cell, average_cells, mean_se
-from editing.protocol.sweep import select_best
+from editing.protocol.select import select_best
 from editing.runs.records import Selection, TrialRecord
 
 # validation outcome per (task, method): trial -> {ball: (epoch, gain)}

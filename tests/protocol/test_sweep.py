@@ -19,20 +19,13 @@ from fakes import FakeFit, fake_results
 
 from editing.cli import main
 from editing.core.errors import ConfigError
-from editing.protocol import sweep
-from editing.protocol.sweep import (
-    SPACE_DIR,
-    load_space,
-    make_definition,
-    make_sampler,
-    make_storage,
-    open_study,
-    overrides,
-    parse_space,
-    run_worker,
-    select_best,
-    study_status,
-)
+from editing.core.paths import SPACE_DIR
+from editing.protocol import select, storage, test_runs
+from editing.protocol.select import select_best
+from editing.protocol.space import load_space, make_sampler, parse_space
+from editing.protocol.storage import make_storage, open_study
+from editing.protocol.sweep import make_definition, run_worker, study_status
+from editing.protocol.trials import overrides
 from editing.runs.records import Selection, TrialRecord
 
 SPACES = sorted(SPACE_DIR.glob("*.yaml"))
@@ -257,7 +250,7 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     winner = min(lrs, key=lrs.get)
     assert {b["trial"] for b in selection["balls"].values()} == {winner}
     assert {k: b["epoch"] for k, b in selection["balls"].items()} == {"1e-03": 2, "1e-05": 1}
-    assert sweep.test_run_plan(Selection.from_dict(selection)) == {
+    assert test_runs.test_run_plan(Selection.from_dict(selection)) == {
         winner: {"params": selection["balls"]["1e-03"]["params"], "max_epoch": {"1e-03": 2, "1e-05": 1}}}
 
     calls = []
@@ -270,7 +263,7 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
         (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (2, 5.0), "1e-05": (1, 1.0)}, seed)))
         return 0
 
-    paths = sweep.test_runs("st", root=str(root), seeds=2, runner=runner)
+    paths = test_runs.test_runs("st", root=str(root), seeds=2, runner=runner)
     assert len(paths) == 2 and len(calls) == 2
     for seed, args in enumerate(calls):
         assert args[args.index("--data.split") + 1] == "test"
@@ -284,13 +277,13 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     partial = root / "st" / "test" / f"trial_{winner}" / "seed_2"
     partial.mkdir()
     (partial / "config.yaml").write_text("interrupted\n")
-    assert sweep.test_runs("st", root=str(root), seeds=3, runner=runner) and len(calls) == 3
+    assert test_runs.test_runs("st", root=str(root), seeds=3, runner=runner) and len(calls) == 3
     assert (partial / "results.json").is_file() and not (partial / "config.yaml").exists()
     assert [p.name.split(".")[1].split("-")[0] for p in partial.parent.glob("seed_2.*")] == ["interrupted"]
     # without a study name: every sweep under the root, or in the storage
-    assert sweep.study_names(str(root)) == ["st"] == sweep.study_names(storage=url)
-    assert sweep.select(root=str(root))["st"].to_dict()["balls"] == selection["balls"]
-    assert len(sweep.test_runs(root=str(root), seeds=3, runner=runner)) == 3 and len(calls) == 3
+    assert storage.study_names(str(root)) == ["st"] == storage.study_names(storage=url)
+    assert select.select(root=str(root))["st"].to_dict()["balls"] == selection["balls"]
+    assert len(test_runs.test_runs(root=str(root), seeds=3, runner=runner)) == 3 and len(calls) == 3
 
 
 def test_fit_settings_spell_the_trial_and_test_run_command_lines(tmp_path) -> None:
