@@ -102,17 +102,9 @@ class Evaluator(nn.Module):
         else:
             raise ValueError(f"unknown evaluation role {role!r}")
 
-    def summary(self, reset: bool = True) -> dict:
-        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics.
-
-        Every process computes every metric in the same order (each compute is a collective under DDP), also a
-        process whose shard of a set was empty; a metric is None when no process saw any example of its set.
-
-        Besides the paper's metrics (``METRIC_NAMES``) it holds ``reliability`` (the success rate on the canonical
-        examples, when the ``canonical`` role was evaluated) with ``reliability_mean_score``, the evaluation set's
-        ``generalization_mean_score``, and ``per_example_hard_negatives`` (``{"index", "value"}`` per hard negative,
-        the value of ``hard_negative_nll``), from which ``editing.evaluation.locality`` measures the preserved rate.
-        """
+    def _update_unseen_with_nothing(self) -> None:
+        """Update every metric that saw no example with an empty batch, so that each process's compute (a collective
+        under DDP) runs, also on a process whose shard of a set was empty."""
         m = self.metrics
         empty = torch.zeros(0, device=m["general_nll"].nll.device)
         if m["success_rate"].update_count == 0:
@@ -127,6 +119,20 @@ class Evaluator(nn.Module):
         for name in PRACTITIONER_NAMES:
             if m[name].update_count == 0:
                 m[name].update(empty)
+
+    def summary(self, reset: bool = True) -> dict:
+        """Computed metrics (synchronised across processes) and per-example scores; resets the metrics.
+
+        Every process computes every metric in the same order (each compute is a collective under DDP), also a
+        process whose shard of a set was empty; a metric is None when no process saw any example of its set.
+
+        Besides the paper's metrics (``METRIC_NAMES``) it holds ``reliability`` (the success rate on the canonical
+        examples, when the ``canonical`` role was evaluated) with ``reliability_mean_score``, the evaluation set's
+        ``generalization_mean_score``, and ``per_example_hard_negatives`` (``{"index", "value"}`` per hard negative,
+        the value of ``hard_negative_nll``), from which ``editing.evaluation.locality`` measures the preserved rate.
+        """
+        m = self.metrics
+        self._update_unseen_with_nothing()
         # sizes, then the non-finite values each metric saw (scores; general, targeted, hard-negative NLLs)
         sizes = torch.stack([m["success_rate"].total, m["general_nll"].tokens, m["targeted_nll"].tokens,
                              m["hard_negative_nll"].count, *(m[name].nonfinite for name in METRIC_NAMES)]).clone()
