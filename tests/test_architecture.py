@@ -175,3 +175,41 @@ def test_no_two_modules_import_each_other():
         graph[_module_name(path)] = {n for _, n in imports_of(path) if n in names and n != _module_name(path)}
     pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())})
     assert not pairs, f"modules that import each other: {pairs}"
+
+
+# A function longer than this many lines (decorators excluded) gives the reason in its docstring (issue 35).
+LONG_FUNCTION_LINES = 60
+
+
+def long_functions_without_a_reason(paths: list[Path], root: Path = REPO) -> list[str]:
+    """``file:line name length`` of every function or method over LONG_FUNCTION_LINES lines whose docstring has no
+    "Long because"."""
+    found = []
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            if length > LONG_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} {length}")
+    return found
+
+
+def test_a_long_function_says_why_in_its_docstring():
+    # a function over about 60 lines is split into named steps, or its docstring says why it stays one piece
+    found = long_functions_without_a_reason(package_files())
+    assert not found, (f"functions over {LONG_FUNCTION_LINES} lines without 'Long because' in their docstring "
+                       f"(split them, or say why they stay one piece):\n" + "\n".join(found))
+
+
+def test_the_long_function_check_can_fail(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f'@staticmethod\ndef f():\n    """Short."""\n{body}\n', encoding="utf-8")
+    (tmp_path / "ok.py").write_text(f'def g():\n    """Long because a reason.\n    """\n{body}\n', encoding="utf-8")
+    (tmp_path / "short.py").write_text('def h():\n    """Short."""\n' + "\n".join(f"    x{i} = {i}" for i in range(
+        LONG_FUNCTION_LINES - 2)) + "\n", encoding="utf-8")
+    # def + docstring + 60 lines is 62 (the decorator does not count); the 60-line function and the one that says
+    # why are not reported
+    found = long_functions_without_a_reason(sorted(tmp_path.glob("*.py")), root=tmp_path)
+    assert found == [f"long.py:2 f {LONG_FUNCTION_LINES + 2}"]

@@ -89,6 +89,12 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     at the subject's last token of its "<subject> is a" prompt, plus ``weight_decay * |delta| / |h|``; after each
     step |delta| is clamped to ``clamp_norm_factor * |h|``.
 
+    Long because it is one Adam loop over delta whose every step (the length groups' forward passes with delta
+    injected, the task loss scattered back to (request, template, slot) cells, the KL term against the first step's
+    log-probabilities, the decay, the clamp) shares delta, the groups, the cells and the first step's
+    log-probabilities: it reads as SPEC section 10's objective, term by term, and pieces would pass that state around
+    and invite a change in the order of the terms, which changes the targets.
+
     Args:
         model: the model with no edit applied.
         rewrite: rows (request, template, suffix) with suffixes, request indices in ``0..n_requests-1``.

@@ -144,6 +144,12 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
                       max_length: int | None = None) -> CovarianceStats:
     """E[k k^T] of each layer's down-projection input over the first ``samples`` tokens of ``texts``.
 
+    Long because the cache read, the resume from partial sums, the one pass over R that accumulates every missing
+    layer's sum (saving partial sums every ``SAVE_EVERY`` batches) and the final write share the layers' cache
+    materials and paths and the pass's running state (sums, tokens done, next text). Split into pieces, that state
+    would travel between them, and a slip would change the cache keys or the float32-products/float64-sum order the
+    cached statistics were computed with; the steps are marked by comments instead.
+
     Args:
         model: the unedited model (p0).
         layers: layers whose statistics are wanted.

@@ -226,6 +226,11 @@ class BackpackDistillation(L.LightningModule):
         ``batch`` is a tensor of token blocks (the teacher runs now), or a dict with the blocks' ``input_ids`` and
         their ``index`` in the teacher cache (the teacher's outputs are read; the KL is over its top-k tokens plus
         one "any other token" outcome).
+
+        Long because the teacher's source (a pass now, or the top-k cache) and the seeded choice of positions decide
+        the shapes every later line uses (the next tokens, the teacher's rows, the student's rows and slots), and the
+        chunked loop sums the KL and the NLL in a fixed order over them; pieces would pass that state between them,
+        and the seeded picks (the same positions on a resumed run) would be easy to change by accident.
         """
         cached = None
         if isinstance(batch, dict):
