@@ -28,7 +28,7 @@ from editing.models.loading import ModelConfig
 from editing.runs.records import BallRecord, EpochRecord, Metrics, RunRecord, TaskRef
 
 
-# from tests/test_budget.py
+# from tests/rules/test_budget.py
 def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **budget_kw) -> dict:
     """A tiny LoRA fit whose general NLL after epoch e is ``factors[e]`` x the real epoch-0 value (the training and
     the rest of the evaluation are real)."""
@@ -60,7 +60,7 @@ def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **bud
     return json.loads((tmp_path / "run" / "results.json").read_text())
 
 
-# from tests/test_spec_numbers.py
+# from tests/rules/test_spec_numbers.py
 def ref_example(tok, record: dict) -> list[tuple[list[int], int]]:
     """SPEC 3: per suffix, (prefix ids + separately tokenized suffix ids, index of the first scored token)."""
     prefix = tok(record["prefix"])["input_ids"]
@@ -68,7 +68,7 @@ def ref_example(tok, record: dict) -> list[tuple[list[int], int]]:
     return [(prefix + tok(s, add_special_tokens=False)["input_ids"], len(prefix)) for s in suffixes]
 
 
-# from tests/test_devices.py
+# from tests/commands/test_devices.py
 def _dm(module, task: str = "country_capital") -> TaskDataModule:
     dm = TaskDataModule(task=task, eval_limit=4, general_limit=5)
     dm.attach(module.tokenizer, module.max_length)
@@ -95,7 +95,7 @@ def _backpack_edit(kind: str, folder, data_root) -> None:
     module.export_edit(folder)
 
 
-# from tests/test_sweep.py
+# from tests/protocol/test_sweep.py
 def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, initial: float = 0.5,
                  task: str = "country_capital") -> dict:
     """A results.json as DegradationBudget writes it, with made-up numbers: per ball (epoch, success change in pp)."""
@@ -116,7 +116,7 @@ def fake_results(gain_by_ball: dict[str, tuple[int, float]], seed: int = 0, init
                      balls=balls).to_dict()
 
 
-# from tests/test_sweep.py
+# from tests/protocol/test_sweep.py
 class FakeFit:
     """Stands for `editing fit`: writes a results.json whose gains come from the sampled learning rate."""
 
