@@ -7,8 +7,9 @@ An old module whose names were split between several new modules (``editing.swee
 the sweep, selection, test runs) is answered by a module of its own whose PEP 562 ``__getattr__`` gives each name
 from the first new module that has it, with a FutureWarning naming that module (a monkeypatch must then go to the
 new module, where the name is looked up).
-``editing.edits`` is a folder now; the names of the old ``editing.edits`` module are answered by
-:func:`moved_attribute`. This table is the only place that knows the old names; drop it in the next release.
+``editing.edits`` is a folder now; the names of the old ``editing.edits`` module are answered by the same
+:func:`split_attribute`, with one new module. This table is the only place that knows the old names; drop it in the
+next release.
 """
 
 from __future__ import annotations
@@ -97,30 +98,6 @@ def install() -> None:
     """Put the finder on ``sys.meta_path`` once (idempotent)."""
     if not any(isinstance(finder, MovedFinder) for finder in sys.meta_path):
         sys.meta_path.append(MovedFinder())
-
-
-def moved_attribute(package: str, new_module: str) -> Callable[[str], Any]:
-    """A PEP 562 ``__getattr__`` for a package that replaced a module of the same name.
-
-    Args:
-        package: The package's dotted name (the old module's name).
-        new_module: Where the old module's contents live now.
-
-    Returns:
-        A function that answers a public name of ``new_module`` with a FutureWarning, and raises AttributeError for
-        anything else.
-    """
-
-    def __getattr__(name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        module = importlib.import_module(new_module)
-        if not hasattr(module, name):
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        _warn(f"{package}.{name}", f"{new_module}.{name}")
-        return getattr(module, name)
-
-    return __getattr__
 
 
 def split_attribute(old: str, new_modules: Sequence[str]) -> Callable[[str], Any]:

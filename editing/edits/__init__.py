@@ -5,6 +5,6 @@ one release, with a FutureWarning naming the new path (``from editing.edits.load
 ``from editing import load_edited``).
 """
 
-from editing.core.moved import moved_attribute
+from editing.core.moved import split_attribute
 
-__getattr__ = moved_attribute(__name__, "editing.edits.load")
+__getattr__ = split_attribute(__name__, ("editing.edits.load",))
