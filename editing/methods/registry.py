@@ -176,11 +176,6 @@ def get_method(name: MethodName | str) -> type[EditingModule]:
     return method_spec(name).module
 
 
-def spec_of(module: EditingModule) -> MethodSpec | None:
-    """The registered method a module belongs to (by its ``method``), or None (the unedited model)."""
-    return _METHODS.get(module.method)
-
-
 def edit_kinds() -> dict[str, EditLoader]:
     """Edit kind -> its loader, over the registered methods."""
     return {spec.edit_kind: spec.load_edit for spec in _METHODS.values()}
