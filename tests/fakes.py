@@ -135,3 +135,20 @@ class FakeFit:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (2, gain), "1e-05": (1, gain / 2)})))
         return 0
+
+
+class FakeTestRun:
+    """A test run's fit: writes ``fake_results`` of the seed on its command line into its output folder and records
+    every command line in ``calls`` (shared by the sweep and interruption tests of ``editing test-runs``)."""
+
+    def __init__(self, balls: dict[str, tuple[int, float]] | None = None) -> None:
+        self.balls = balls or {"1e-03": (2, 5.0), "1e-05": (1, 1.0)}
+        self.calls: list[list[str]] = []
+
+    def __call__(self, args: list[str], log_path) -> int:
+        self.calls.append(args)
+        out = Path(args[args.index("--budget.output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        seed = int(args[args.index("--seed_everything") + 1])
+        (out / "results.json").write_text(json.dumps(fake_results(self.balls, seed)))
+        return 0

@@ -313,7 +313,7 @@ def test_sweep_whose_trials_all_fail_says_why_and_exits_non_zero(tmp_path, data_
 
 
 def test_test_runs_reruns_a_seed_whose_results_cannot_be_read(tmp_path, capsys) -> None:
-    from fakes import FakeFit, fake_results
+    from fakes import FakeFit, FakeTestRun
 
     from editing.protocol.select import select
     from editing.protocol.storage import make_storage, open_study
@@ -325,15 +325,8 @@ def test_test_runs_reruns_a_seed_whose_results_cannot_be_read(tmp_path, capsys) 
     study = open_study(make_storage(f"sqlite:///{root / 'st' / 'study.db'}", None), "st", definition)
     run_worker(study, definition, root / "st", n_trials=2, runner=FakeFit(0), log=lambda m: None)
     select("st", root=str(root))
-    calls = []
-
-    def runner(args, log_path):
-        calls.append(args)
-        out = Path(args[args.index("--budget.output_dir") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        seed = int(args[args.index("--seed_everything") + 1])
-        (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (2, 5.0), "1e-05": (1, 1.0)}, seed)))
-        return 0
+    runner = FakeTestRun()
+    calls = runner.calls
 
     paths = test_runs("st", root=str(root), seeds=2, runner=runner)
     assert len(calls) == 2

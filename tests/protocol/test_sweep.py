@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO_DIR
-from fakes import FakeFit, fake_results
+from fakes import FakeFit, FakeTestRun
 
 from editing.cli import main
 from editing.core.errors import ConfigError
@@ -253,15 +253,8 @@ def test_select_and_test_runs_from_a_study(tmp_path, capsys) -> None:
     assert test_runs.test_run_plan(Selection.from_dict(selection)) == {
         winner: {"params": selection["balls"]["1e-03"]["params"], "max_epoch": {"1e-03": 2, "1e-05": 1}}}
 
-    calls = []
-
-    def runner(args, log_path):
-        calls.append(args)
-        out = Path(args[args.index("--budget.output_dir") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        seed = int(args[args.index("--seed_everything") + 1])
-        (out / "results.json").write_text(json.dumps(fake_results({"1e-03": (2, 5.0), "1e-05": (1, 1.0)}, seed)))
-        return 0
+    runner = FakeTestRun()
+    calls = runner.calls
 
     paths = test_runs.test_runs("st", root=str(root), seeds=2, runner=runner)
     assert len(paths) == 2 and len(calls) == 2
