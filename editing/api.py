@@ -16,6 +16,7 @@ can be repeated from the command line: ``editing fit --config <run>/config.yaml 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from editing.core.errors import ConfigError, user_error
 from editing.core.types import LossType, MethodName
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from editing.edits.combine import CombinedRecord, EditPart
@@ -317,16 +320,22 @@ def fit_args(method: MethodName, model: str, task: str, balls: Sequence[str], ou
              data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False) -> list[str]:
     """The ``editing fit`` command line (without ``fit``) that ``edit`` runs."""
     from editing.core.paths import FIT_DIR
+    from editing.methods.registry import get_method
     from editing.protocol.trials import overrides
     from editing.rules.budget import key_eps
 
     shipped = FIT_DIR / f"{method.value}.yaml"
+    cls = get_method(method)
     if shipped.is_file():
         args = ["--config", str(shipped), "--model.init_args.base.name", model]
+    elif cls.__module__.startswith("editing."):
+        # a method of this package has its config shipped: its absence is a broken install, and the class defaults
+        # (e.g. another learning rate, no accumulation) would give other numbers than `editing fit`
+        raise ConfigError(f"edit(method={method.value!r}): its shipped config {shipped} is missing; reinstall the "
+                          "package (`pip install --force-reinstall canonical_editing-*.whl`) or run from a checkout")
     else:
-        from editing.methods.registry import get_method
-
-        cls = get_method(method)
+        log.warning("edit(method=%r): no shipped config %s for a method of one's own; its class defaults apply (pass "
+                    "settings=... to change them)", method.value, shipped)
         args = ["--model", f"{cls.__module__}.{cls.__qualname__}", "--model.init_args.base.name", model]
     args += ["--data.task", task, "--budget.balls", json.dumps([key_eps(k) for k in balls]),
              "--seed_everything", str(seed), "--data.seed", str(seed),

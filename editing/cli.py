@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         from editing.runs.console import quiet_dependencies
 
         quiet_dependencies()
+        rest = shipped_configs(rest)
         check_config_files(rest)
         import importlib
 
@@ -170,6 +171,20 @@ def join_negative_values(args: list[str]) -> list[str]:
             continue
         out.append(arg)
         i += 1
+    return out
+
+
+def shipped_configs(args: list[str]) -> list[str]:
+    """``--config lightning_configs/...`` read from the shipped configs when the current folder has no such file
+    (an installed wheel, run outside the checkout): ``editing.core.paths.shipped_config_path``."""
+    from editing.core.paths import shipped_config_path
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = shipped_config_path(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + shipped_config_path(arg[len("--config="):])
     return out
 
 

