@@ -70,6 +70,10 @@ def test_the_installed_package_is_the_wheels_and_finds_its_configs(installed):
     out = json.loads(_run([str(installed["python"]), "-c", probe], installed["work"], installed["env"]).stdout)
     venv = installed["venv"].resolve()
     assert Path(out["file"]).resolve().is_relative_to(venv), f"editing imported from {out['file']}, not the wheel"
+    # every module of the checkout is in the wheel (setup.cfg's `find:` once left editing/runs/ out)
+    installed_package = Path(out["file"]).parent
+    modules = sorted(p.relative_to(REPO_DIR / "editing") for p in (REPO_DIR / "editing").rglob("*.py"))
+    assert [m for m in modules if not (installed_package / m).is_file()] == []
     configs = Path(out["configs"]).resolve()
     assert configs.is_relative_to(venv) and configs.name == "lightning_configs"
     shipped = sorted(p.relative_to(REPO_DIR / "lightning_configs") for p in (REPO_DIR / "lightning_configs").rglob("*")
