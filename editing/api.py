@@ -123,6 +123,25 @@ class EditResult:
 
         return save_atomically(folder, copy, folder=True, overwrite=overwrite, flag="save(..., overwrite=True)")
 
+    def export(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write the edit merged into its base model as a plain transformers folder (safetensors in fp32, config,
+        tokenizer, generation config), which ``AutoModelForCausalLM.from_pretrained(folder)`` loads without this
+        package: ``editing export --edit <this edit> --merged <folder>``.
+
+        Args:
+            folder: the model folder to write (must not exist unless ``overwrite``).
+            overwrite: replace an existing folder.
+
+        Returns:
+            The folder.
+
+        Raises:
+            ConfigError: the method's edit is not a weight change (a sense edit, a codebook), with the reason.
+        """
+        from editing.edits.export import export_merged
+
+        return export_merged(self.edit_folder(), folder, overwrite=overwrite)
+
     def generate(self, prompt: str, max_new_tokens: int = 20, sampling: Sampling | None = None,
                  base: bool = False) -> str:
         """The continuation of ``prompt`` by the edited model (greedy unless ``sampling`` says otherwise).
@@ -177,8 +196,8 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         overwrite: replace a finished run in ``output_dir``.
 
     Returns:
-        An ``EditResult``: the typed per-ball results (``.balls``), the edited model (``.model``), ``.save(folder)``
-        and ``.generate(prompt)``.
+        An ``EditResult``: the typed per-ball results (``.balls``), the edited model (``.model``), ``.save(folder)``,
+        ``.export(folder)`` (a merged transformers model) and ``.generate(prompt)``.
 
     Raises:
         ConfigError: an argument or setting that does not fit (the message names it and how to fix it: the error

@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
                         "evaluate a model on several tasks, loaded once (one table)"),
     "apply": Command("editing.commands.apply", "apply_edit",
                      "apply a saved edit (or several, combined) to its base model; evaluate it beside the base"),
+    "export": Command("editing.commands.export", "export",
+                      "write an edit merged into its base model as a plain transformers folder (fp32 safetensors)"),
     "generate": Command("editing.commands.generate", "generate",
                         "continue prompts with the base model and with an edit of it, side by side"),
     "cache list": Command("editing.commands.cache", "cache_list",

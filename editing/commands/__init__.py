@@ -34,6 +34,7 @@ apply               ``<edit>/eval-<task>-<split>``; several      ``--output_dir 
 generate            (prints only)
 ensemble            ``runs/<large>/<task>-<split>/ensemble``     ``--output_dir DIR``
 backpack export     (required)                                   ``--output_dir DIR``
+export              (required)                                   ``--merged DIR`` (a transformers model folder)
 (backpack)          ``<cache>/teacher_cache/<key>``              ``--model.teacher_cache.folder ROOT`` (a cache
  cache-teacher                                                   per key under it)
 report              ``runs/report``                              ``--output_dir DIR``

@@ -4,7 +4,11 @@ its edit is written and loaded.
 Each method sub-package registers itself, with one call in its ``__init__.py``::
 
     register(MethodSpec(MethodName.LORA, LoRAEditor, LoRAConfig, edit_kind="lora", write_edit=write_lora_edit,
-                        load_edit=load_lora_edit))
+                        load_edit=load_lora_edit, merge_edit=merge_lora_edit))
+
+A method whose edit is a weight change passes ``merge_edit`` (``editing export --merged`` then writes the edit merged
+into the base model as a plain transformers folder); a method of changed tensors passes
+``editing.methods.tensor_edit.merge_tensor_edit``.
 
 ``editing.methods`` imports every sub-package of ``editing/methods/`` (``import_method_packages``), so a method added
 there is registered with no other edit; a method in a package of one's own is registered when that package is
@@ -67,6 +71,11 @@ verified: file name -> tensors) onto ``model``, a fresh copy of the base model n
 ``ConfigError`` for an edit that does not fit the model."""
 
 
+EditMerger = Callable[[AppliedEdit], nn.Module]
+"""``merge_edit(applied)``: the base model's own architecture with the edit written into its weights, from the edit as
+its loader applied it (``editing export --merged`` saves it as a plain transformers folder)."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """What a method provides to the package.
@@ -87,6 +96,10 @@ class MethodSpec:
     """Writes an edit's tensor files."""
     load_edit: EditLoader
     """Applies a saved edit of ``edit_kind`` onto a base model."""
+    merge_edit: EditMerger | None = None
+    """Merges an applied edit into the base model's weights, for methods whose edit is a weight change (full, LoRA,
+    MEMIT); None: the edit is something else (sense deltas, a codebook consulted at run time), which a plain
+    transformers model cannot carry, and ``editing export --merged`` refuses it."""
 
 
 _METHODS: dict[MethodName, MethodSpec] = {}

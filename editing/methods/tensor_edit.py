@@ -62,6 +62,12 @@ class AppliedTensors(AppliedEdit):
                     params[n].copy_(value)
 
 
+def merge_tensor_edit(applied: AppliedEdit) -> nn.Module:
+    """The model with the changed tensors (the ``merge_edit`` of kind ``tensors``): the loader wrote the new values
+    into the base model's own parameters, so the applied model is the merged one."""
+    return applied.model
+
+
 def load_tensor_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str, torch.Tensor]],
                      base_name: str) -> AppliedTensors:
     """Replace the model's parameters named in ``edit.safetensors`` (the ``load_edit`` of kind ``tensors``)."""

@@ -66,3 +66,9 @@ def load_lora_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str, 
                           f"{base_name!r} ({len(unknown)} unknown, {len(missing)} missing, e.g. {example}); {other}")
     model.eval()
     return AppliedAdapter(model)
+
+
+def merge_lora_edit(applied: AppliedEdit) -> nn.Module:
+    """The base model with ``W + (alpha / r) B A`` in each adapted weight (the ``merge_edit`` of kind ``lora``);
+    the adapter's modules are removed, so the result is the base architecture itself."""
+    return applied.model.merge_and_unload()
