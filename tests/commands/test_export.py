@@ -211,3 +211,18 @@ def test_the_embedded_gguf_base_exports_fp32_weights(tmp_path):
     # x (W + s B A) and x W + s (x A) B round differently in fp32: over 30 layers, logits of size ~15 differ by about
     # 2e-5 (measured), so the bound here is 1e-5 relative to the logits' size (the tiny models meet 1e-5 absolute)
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_every_method_of_a_weight_change_kind_registers_its_merge():
+    """A method added later (ROME, AlphaEdit, ...) that saves changed tensors or a LoRA adapter is a weight change:
+    it must opt in by registering ``merge_edit``, or `editing export` would refuse its edits."""
+    import editing.methods  # noqa: F401 - registers every method of the package
+    from editing.methods.lora.edit import load_lora_edit
+    from editing.methods.registry import METHODS
+    from editing.methods.tensor_edit import load_tensor_edit
+
+    weight_changes = [spec for spec in METHODS.values() if spec.load_edit in (load_tensor_edit, load_lora_edit)]
+    assert {s.name.value for s in weight_changes} >= {"full", "lora", "memit"}
+    missing = [s.name.value for s in weight_changes if s.merge_edit is None]
+    assert missing == [], (f"methods {missing} save a weight change but register no merge_edit: pass "
+                           "merge_edit=merge_tensor_edit (editing.methods.tensor_edit) to register(MethodSpec(...))")
