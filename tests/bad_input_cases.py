@@ -550,6 +550,18 @@ def _cases() -> list[Case]:
 
     add(_c("generate_prompt_not_utf8", prompt_not_utf8, ["--prompt 2", "0xe7", "character 5"], ["UTF-8"]))
 
+    # --- editing export (issue 36 item 3): an existing folder is kept, a run folder names its edits ------------------
+    def export_over_a_folder(d: Path, a: Artifacts) -> list[str]:
+        _copy(a.full_edit, d / "edit")
+        (d / "shipped").mkdir()
+        (d / "shipped" / "mine.txt").write_text("kept")
+        return ["export", "--edit", "edit", "--merged", "shipped"]
+
+    add(_c("export_into_an_existing_folder", export_over_a_folder, ["shipped", "already exists"],
+           ["--overwrite true"]))
+    add(_c("export_a_run_folder", lambda d, a: ["export", "--edit", str(a.lora_edit.parent.parent), "--merged", "out"],
+           ["is a run folder", "ball_1e-03"], ["pass one of its edits"], absent=("out",)))
+
     # --- editing auto (issue 34 items 11 and 17) ------------------------------------------------------------------
     auto = ["auto", "--task", "country_capital", "--methods", "[lora]", "--trials", "1", "--model", "tiny-gpt2",
             "--output_dir", "out"]
