@@ -84,3 +84,22 @@ class PauseAfterFirstEpoch(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
         self._pause(trainer.current_epoch)
+
+
+class DevicesSeen(L.Callback):
+    """Record under ``key`` (``CAPTURED[key]["devices"]``) the device types of the module's tensors at the end of
+    each training epoch (Lightning moves the module back to the CPU when the fit ends): its parameters and buffers,
+    the L2/EWC start values, MEMIT's statistics and full finetuning's frozen p0 copy where the method has them."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        tensors = list(pl_module.parameters()) + list(pl_module.buffers())
+        tensors += list(getattr(pl_module, "_initial", {}).values())
+        stats = getattr(pl_module, "covariance_stats", None)
+        if stats is not None:
+            tensors += list(stats.moments.values())
+        if getattr(pl_module, "_p0", None):
+            tensors += list(pl_module._p0[0].parameters())
+        CAPTURED.setdefault(self.key, {}).setdefault("devices", set()).update(t.device.type for t in tensors)

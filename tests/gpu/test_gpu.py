@@ -1,8 +1,9 @@
-"""On a CUDA GPU: a fit of each method, the ensemble's beta search, the MEMIT statistics and the evaluation's
+"""On a CUDA GPU: the ensemble's beta search, the MEMIT statistics and the evaluation's
 precision, each run on the GPU and compared with the same computation on the CPU.
 
 Marked ``gpu``: skipped without CUDA. ``scripts/gpu_check.sh`` runs them; ``GPU_CHECK_DEVICE=cpu`` runs them on the
-CPU instead (its dry mode), which checks the tests themselves but not the GPU.
+CPU instead (its dry mode), which checks the tests themselves but not the GPU. The tiny fit of each registered
+method on the GPU is the method contract's (``tests/methods/test_contract.py::test_the_tiny_fit_runs_on_the_gpu``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ from editing.edits.load import load_edited
 from editing.evaluation import evaluate
 from editing.methods import (
     EditingModule,
-    FullEditor,
     LoRAConfig,
     LoRAEditor,
     MEMITConfig,
     MEMITEditor,
-    SensesConfig,
-    SensesEditor,
 )
 from editing.methods.base import OptimizerConfig
 from editing.methods.memit.compute import layer_update
@@ -50,64 +48,12 @@ def _accelerator(device: torch.device) -> str:
     return "gpu" if device.type == "cuda" else "cpu"
 
 
-def _method(name: str):
-    if name == "lora":
-        return LoRAEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), lora=LoRAConfig(rank=4),
-                          optimizer=OptimizerConfig(lr=1e-3))
-    if name == "full":
-        return FullEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), optimizer=OptimizerConfig(lr=1e-3))
-    if name == "memit":
-        return MEMITEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), MEMITConfig(**MEMIT_FAST))
-    return SensesEditor(ModelConfig(name="tiny-backpack", precision="fp32"),
-                        senses=SensesConfig(senses_per_example=3, background_limit=8),
-                        optimizer=OptimizerConfig(lr=1e-2))
-
-
-class _DevicesSeen(L.Callback):
-    """The devices of the module's tensors at the end of each training epoch (Lightning moves the module back to
-    the CPU when the fit ends)."""
-
-    def __init__(self) -> None:
-        self.devices: set[str] = set()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        tensors = list(pl_module.parameters()) + list(pl_module.buffers())
-        tensors += list(getattr(pl_module, "_initial", {}).values())
-        stats = getattr(pl_module, "covariance_stats", None)
-        if stats is not None:
-            tensors += list(stats.moments.values())
-        if getattr(pl_module, "_p0", None):
-            tensors += list(pl_module._p0[0].parameters())
-        self.devices |= {t.device.type for t in tensors}
-
-
 def _short_trainer(device: torch.device, tmp_path, *callbacks: L.Callback) -> L.Trainer:
     """One epoch of 3 batches on ``device``, with the budget callback writing to ``tmp_path / "run"``."""
     return L.Trainer(accelerator=_accelerator(device), devices=1, max_epochs=1, limit_train_batches=3, logger=False,
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                      use_distributed_sampler=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
                      callbacks=[DegradationBudget(output_dir=str(tmp_path / "run"), p0_cache=False), *callbacks])
-
-@pytest.mark.parametrize("method", ["lora", "full", "memit", "senses"])
-def test_fit_of_each_method_runs_on_the_gpu(method, tmp_path, data_root, gpu_device) -> None:
-    L.seed_everything(0)
-    module = _method(method)
-    dm = TaskDataModule(task="country_capital", **LIMITS)
-    seen = _DevicesSeen()
-    trainer = _short_trainer(gpu_device, tmp_path, seen)
-    trainer.fit(module, dm)
-    assert seen.devices == {gpu_device.type}
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["status"] == "finished"
-    assert [e["epoch"] for e in results["epochs"]] == [0, 1]
-    assert set(results["balls"]) == {"1e-03", "1e-04", "1e-05"}
-    # epoch 0 is the base model: the GPU's evaluation equals the CPU's
-    base = "tiny-backpack" if method == "senses" else "tiny-gpt2"
-    cpu = evaluate(EditingModule(ModelConfig(name=base, precision="fp32")),
-                   TaskDataModule(task="country_capital", **LIMITS))
-    assert results["epochs"][0]["general_nll"] == pytest.approx(cpu["general_nll"], rel=1e-5)
-    assert results["epochs"][0]["success_rate"] == cpu["success_rate"]
-
 
 def test_ensemble_beta_search_on_the_gpu(tmp_path, data_root, gpu_device) -> None:
     _backpack_edit("senses", tmp_path / "edit", data_root)

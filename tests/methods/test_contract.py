@@ -324,12 +324,17 @@ def test_the_applied_edit_runs_on_the_modules_device(fitted, exported) -> None:
 
 
 @pytest.mark.gpu
-def test_the_tiny_fit_runs_on_the_gpu(fitted, tmp_path, gpu_device) -> None:
+def test_the_tiny_fit_runs_on_the_gpu(fitted, tmp_path, gpu_device, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     accelerator = "gpu" if gpu_device.type == "cuda" else "cpu"
     run = tmp_path / "run"
-    main(fit_args(fitted["path"], run, "--trainer.accelerator", accelerator))
+    key = f"gpu-{fitted['results']['method']}"
+    main(fit_args(fitted["path"], run, "--trainer.accelerator", accelerator, callback_arg("DevicesSeen", key=key)))
+    assert CAPTURED.pop(key)["devices"] == {gpu_device.type}
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished"
+    assert [e["epoch"] for e in results["epochs"]] == [e["epoch"] for e in fitted["results"]["epochs"]]
+    # epoch 0 is the base model: the GPU's evaluation equals the CPU's
     cpu = fitted["results"]["epochs"][0]
     assert results["epochs"][0]["general_nll"] == pytest.approx(cpu["general_nll"], rel=1e-5)
     assert results["epochs"][0]["success_rate"] == cpu["success_rate"]
