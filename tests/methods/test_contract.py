@@ -16,9 +16,10 @@ runs in this process (module-scoped, ``fitted``) and the tests below read it:
   results, redoing no epoch (a closed-form method's one epoch is that first epoch);
 - a type-invalid value of each of the method's own settings is refused by ``editing fit`` with a message naming the
   setting and no traceback;
-- the applied edit runs on the module's device (the fake accelerator of ``tests/fake_device.py``: no floating-point
-  operation left on the CPU, the CPU's logits), and (``gpu``-marked, skipped without CUDA) the tiny fit on a GPU gives
-  the CPU fit's epoch 0 and an edit that loads there.
+- the fit's ``setup`` and its first step's task loss, regularization term and gradients run on the module's device,
+  and so does the applied edit (the fake accelerator of ``tests/fake_device.py``: no floating-point operation left on
+  the CPU, the CPU's numbers); and (``gpu``-marked, skipped without CUDA) the tiny fit on a GPU keeps every tensor
+  there, gives the CPU fit's epoch 0 and an edit that loads there.
 """
 
 from __future__ import annotations
@@ -343,3 +344,62 @@ def test_the_tiny_fit_runs_on_the_gpu(fitted, tmp_path, gpu_device, monkeypatch)
     applied.model.to(gpu_device)
     logits = probe_logits(applied.model, fitted["probes"])
     assert all(torch.isfinite(t).all() for t in logits)
+
+
+def fresh_module(config: dict):
+    """The method's module as the tiny config builds it, before any fit (jsonargparse, as ``editing fit`` does)."""
+    from jsonargparse import ArgumentParser
+    from lightning import LightningModule
+
+    torch.manual_seed(int(config.get("seed_everything", 0)))  # random delta initialisations (LoRA's A) match
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=LightningModule)
+    return parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
+
+
+def _setup_and_training_loss(module, device_run: bool) -> dict[str, torch.Tensor]:
+    """What a fit computes before and in its first step, outside Lightning: ``setup("fit")`` (a Trainer whose
+    strategy puts the module on the fake device, or on the CPU), the task loss of one canonical batch, the
+    regularization term, and their gradients."""
+    from types import SimpleNamespace
+
+    from editing.data.datamodule import TaskDataModule
+    from editing.evaluation.scorer import example_nll
+    from editing.rules.losses import training_loss
+
+    dm = TaskDataModule(task="country_capital", eval_limit=4, general_limit=5)
+    dm.attach(module.tokenizer, module.max_length)
+    dm.setup("fit")
+    root = FAKE if device_run else torch.device("cpu")
+    module.trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(root_device=root), world_size=1,
+                                     global_step=0, accumulate_grad_batches=1)
+    module.setup("fit")
+    module.on_train_batch_start({}, 0)
+    batch = module._to_device(next(iter(dm.train_dataloader())))
+    sums, counts = example_nll(module.model, batch)
+    out = {"task_loss": training_loss(sums / counts.clamp(min=1), module.task.loss).mean().float()}
+    if module.reg_config.kind == "kl":
+        out["regularization"] = module.regularization_loss().float()
+    params = module.trainable_parameters()
+    if any(p.requires_grad for p in params.values()):
+        sum(out.values()).backward()
+        out.update({f"grad {n}": p.grad for n, p in params.items() if p.grad is not None})
+    return {k: v.detach().cpu() if on_fake_device(v) else v.detach() for k, v in out.items()}
+
+
+def test_setup_and_the_first_steps_loss_run_on_the_modules_device(method, data_root, tmp_path, monkeypatch) -> None:
+    _, config = tiny_config(method)
+    monkeypatch.setenv("EDITING_CACHE", str(tmp_path / "cache"))  # a cached background would skip the computation
+    module = fresh_module(config)
+    module.trainer = None
+    from fake_device import to_fake_device
+
+    to_fake_device(module)  # where Lightning's strategy moves a module before the fit (setup runs before the move)
+    with FakeDevice() as device:
+        got = _setup_and_training_loss(module, device_run=True)
+    assert device.cpu_ops == [], device.cpu_ops[:5]
+    monkeypatch.setenv("EDITING_CACHE", str(tmp_path / "cpu-cache"))
+    want = _setup_and_training_loss(fresh_module(config), device_run=False)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
