@@ -321,8 +321,9 @@ def test_the_applied_edit_runs_on_the_modules_device(fitted, exported) -> None:
             got_p0 = probe_logits(p0, probes)
     assert device.cpu_ops == [], device.cpu_ops[:5]
     assert all(on_fake_device(p) for p in applied.model.parameters())
+    # fp32 forward passes: another device type may take another (equivalent) attention path, so equal to rounding
     for a, b in zip(got + got_p0, want + want_p0, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
