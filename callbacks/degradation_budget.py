@@ -5,6 +5,7 @@ stopping early is an option (``patience``)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from editing.core.errors import ConfigError
 from editing.core.files import save_atomically, write_json
+from editing.core.interruption import SOFT_STOP, soft_stop_requested
 from editing.core.types import MethodName, Metric, RunStatus
 from editing.evaluation.caching import CacheSettings, evaluate_epoch
 from editing.evaluation.locality import hard_negative_values, preserved_rate
@@ -28,7 +30,7 @@ from editing.rules.budget import (
 )
 from editing.runs.console import epoch_line, small_data_warning
 from editing.runs.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
-from editing.runs.run_folder import Claim, ResultsWriteError, check_folder, claim_folder
+from editing.runs.run_folder import PARTIAL_DIR, Claim, ResultsWriteError, check_folder, claim_folder
 from editing.runs.tables import balls_table
 
 OVERWRITE_FLAG = "--budget.overwrite true"
@@ -80,11 +82,20 @@ class DegradationBudget(L.Callback):
             rounding. ``$EDITING_EVAL_CACHES=off`` turns this and ``p0_cache`` off.
         cache_memory_mb: memory (MiB) the incremental evaluation may keep per process; what does not fit goes to
             disk (``$EDITING_EVAL_CACHE_DIR``, default ``<cache>/evaluation``), where later fits find it too.
+        partial: after every evaluated epoch whose edit a ball now reports, write it and the record so far into
+            ``<run folder>/partial/`` (``edits/ball_<eps>``, ``results.json``), so that a fit killed later keeps
+            its best edit (``editing auto``'s trials under a deadline). The run folder itself does not look
+            finished; the finished results replace the partial record.
+
+    A fit asked to stop softly (``editing.core.interruption.SOFT_STOP``, SIGUSR1: ``editing auto``'s time share of
+    a trial ended) stops after the epoch it is in has been evaluated, and writes its results as usual; the record
+    says so in ``stopped_early``.
     """
 
     def __init__(self, balls: list[float] | None = None, patience: int | None = None, output_dir: str | None = None,
                  overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None,
-                 p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0) -> None:
+                 p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0,
+                 partial: bool = False) -> None:
         self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
@@ -98,6 +109,7 @@ class DegradationBudget(L.Callback):
             raise ConfigError(f"--budget.cache_memory_mb={cache_memory_mb!r}: give a size in MiB >= 0 (0 keeps every "
                               "incremental-evaluation entry on disk)")
         self.caches = CacheSettings(p0=p0_cache, incremental=incremental, memory_mb=cache_memory_mb)
+        self.partial = partial
         self.history: list[dict] = []
         self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
         self.outside = 0
@@ -189,15 +201,43 @@ class DegradationBudget(L.Callback):
         if message:
             print(message, file=sys.stderr, flush=True)
 
-    def _update_balls(self, module, record: dict) -> None:
+    def _update_balls(self, module, record: dict) -> list[str]:
         # Keep, per ball, the deltas of the epoch the ball reports (choose_epochs, with the test rule's caps): this
-        # epoch, once it is in the history, when it is that choice.
+        # epoch, once it is in the history, when it is that choice. Returns the balls whose edit changed.
         chosen = choose_epochs(self.history, self.balls, self.max_epoch)
         state = None
+        changed = []
         for ball in self.balls:
             if chosen[ball.key] == record["epoch"]:
                 state = state if state is not None else module.delta_state()
                 self.ball_states[ball.key] = state
+                changed.append(ball.key)
+        return changed
+
+    def _write_partial(self, trainer: L.Trainer, pl_module, changed: list[str]) -> None:
+        """The record so far and the edits of the balls that now report this epoch, into ``partial/`` (atomically:
+        a fit killed while writing leaves the previous edit and record whole)."""
+        if not trainer.is_global_zero:
+            return
+        folder = self.run_dir(trainer) / PARTIAL_DIR
+        record = self.record(trainer, pl_module)
+        try:
+            self._write_results(folder, record, pl_module, only=set(changed), keep=folder / "edits")
+        except OSError as err:  # the partial record is a safeguard: the fit goes on without it
+            print(f"warning: could not write the partial record into {folder}: {err.strerror or err}",
+                  file=sys.stderr, flush=True)
+
+    def _stop_softly(self, trainer: L.Trainer, epoch: int) -> None:
+        trainer.should_stop = True
+        last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch
+        if last:
+            return  # the fit ends here anyway: nothing was cut short
+        self.stopped_early = {
+            "epoch": epoch,
+            "reason": f"the fit's time share ended (asked to stop by {SOFT_STOP.name}, editing auto's budget): "
+                      f"epochs {epoch + 1}..{trainer.max_epochs} were not trained",
+        }
+        self._say(trainer, f"stopped after epoch {epoch}: {self.stopped_early['reason']}")
 
     # hooks -----------------------------------------------------------------------------------------------
     def claim_run_folder(self, trainer: L.Trainer, resuming: bool, also: tuple[Path, ...] = (),
@@ -291,8 +331,13 @@ class DegradationBudget(L.Callback):
         record = self._evaluate(trainer, pl_module, epoch)
         self.history.append(record)
         self._log(pl_module, record)
-        self._update_balls(pl_module, record)
+        changed = self._update_balls(pl_module, record)
         self._say(trainer, self._line(trainer, record, self._epoch_loss()))
+        if self.partial and not self._catching_up:
+            self._write_partial(trainer, pl_module, changed)
+        if soft_stop_requested() and not trainer.should_stop:
+            self._stop_softly(trainer, epoch)
+            return
         largest = max(self.balls, key=lambda b: b.eps)
         if largest.inside(record[GENERAL_NLL], self.history[0][GENERAL_NLL]):
             self.outside = 0
@@ -346,15 +391,22 @@ class DegradationBudget(L.Callback):
                 f"could not write the results into {run_dir}: {err.strerror or err}; {saved}. Free space or fix the "
                 "folder, then copy them there (or resume with --ckpt_path last, which writes them again)"
             ) from None
+        # the finished results hold everything the partial record did
+        shutil.rmtree(run_dir / PARTIAL_DIR, ignore_errors=True)
         self.release_run_folder()
         print(balls_table(record))
         if self.stopped_early is not None:
             # the reason was printed when the run stopped; the summary only recalls that the table ends there
             epoch = self.stopped_early["epoch"]
-            print(f"(the run stopped early after epoch {epoch}, --budget.patience {self.patience})")
+            why = ("its time share ended" if "time share" in self.stopped_early["reason"]
+                   else f"--budget.patience {self.patience}")
+            print(f"(the run stopped early after epoch {epoch}: {why})")
         print(f"results: {self.results_path}")
 
-    def _write_results(self, run_dir: Path, record: RunRecord, pl_module) -> Path:
+    def _write_results(self, run_dir: Path, record: RunRecord, pl_module, only: set[str] | None = None,
+                       keep: Path | None = None) -> Path:
+        """``results.json`` and each ball's edit into ``run_dir``; ``only``: write just these balls' edits, and name
+        those already in ``keep`` for the others (the partial record, whose unchanged edits stay as written)."""
         edits = {}
         if self.save_edits:
             current = pl_module.delta_state()
@@ -362,6 +414,10 @@ class DegradationBudget(L.Callback):
                 for key, ball in record.balls.items():
                     state = self.ball_states.get(key)
                     if state is None or ball.epoch != self._state_epoch(key):
+                        continue
+                    if only is not None and (key not in only or ball.epoch == 0):  # epoch 0: the unedited model
+                        if keep is not None and (keep / edit_folder_name(key)).is_dir():
+                            edits[key] = str(keep / edit_folder_name(key))
                         continue
                     # the edit's folder appears complete or not at all (a resumed run writes it again)
                     folder = save_atomically(run_dir / "edits" / edit_folder_name(key),

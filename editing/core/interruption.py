@@ -7,11 +7,16 @@ into one line, ``interrupted by ...: <what was kept>; resume with: editing <comm
 signal's number. A command says what it keeps as it goes with ``keep`` (the fit: its checkpoint; evaluate: its
 finished tasks), and how it resumes when that is not the same command line again.
 
+A third signal asks without interrupting: SIGUSR1 (``SOFT_STOP``), which ``editing auto`` sends a trial's fit when
+the trial's time share ends. ``install`` records it (``soft_stop_requested``); the fit then stops at its next epoch
+boundary, after that epoch's evaluation, and writes its results as usual (``callbacks.degradation_budget``).
+
 A leaf module (standard library only): every layer may report its progress.
 """
 
 from __future__ import annotations
 
+import atexit
 import shlex
 import signal
 import threading
@@ -88,10 +93,36 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+SOFT_STOP = signal.SIGUSR1
+"""The signal asking a fit to stop at its next epoch boundary (a time share ended), not to stop now."""
+_SOFT_STOP: list[bool] = [False]
+
+
+def _record_soft_stop(signum: int, frame) -> None:
+    _SOFT_STOP[0] = True
+    # asked once is enough; the sender repeats it until the process ends, and Python's shutdown would restore the
+    # default action (ending the process) for a signal it handles, but not for one it ignores
+    signal.signal(SOFT_STOP, signal.SIG_IGN)
+
+
+def soft_stop_requested() -> bool:
+    """Whether this process was asked (``SOFT_STOP``) to stop at its next epoch boundary."""
+    return _SOFT_STOP[0]
+
+
+def request_soft_stop(requested: bool = True) -> None:
+    """Record (or, with False, forget) a request to stop at the next epoch boundary, as ``SOFT_STOP`` does."""
+    _SOFT_STOP[0] = requested
+
+
 def install() -> None:
     """SIGTERM raises ``Interrupted`` (in the main thread; a SIGTERM the process was started to ignore stays
-    ignored). Ctrl-C keeps Python's ``KeyboardInterrupt``."""
+    ignored). Ctrl-C keeps Python's ``KeyboardInterrupt``. ``SOFT_STOP`` is recorded (``soft_stop_requested``),
+    also when the process was started ignoring it: ``editing auto`` starts its fits so, so that a request arriving
+    before this runs is dropped (and sent again) instead of killing the fit."""
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(SOFT_STOP, _record_soft_stop)
+    atexit.register(signal.signal, SOFT_STOP, signal.SIG_IGN)  # a request arriving while the process exits

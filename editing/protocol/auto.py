@@ -48,9 +48,14 @@ How it searches:
   strength: when it never left the ball (its ball epoch is its last epoch) and is not yet fully reliable, the edit
   was too weak and the windows of the ``STRONGER`` settings lie on the stronger side; when it left the ball in its
   first epoch (its ball epoch is 0: no edited epoch inside), it was too strong and they lie on the weaker side.
-- **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command: a trial starts only when
-  the time left, less the final fit's estimated time, allows, and every fit is given Lightning's ``max_time`` so
-  that it stops (and writes its results) in time. A trial past the deadline is killed.
+- **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command, and the search returns
+  the best edit it has seen by then (issue 36 item 7). A trial starts only when the time left, less the final fit's
+  estimated time, allows; it writes its record and in-ball edits after every evaluated epoch (``--budget.partial``,
+  into ``trial_<n>/partial/``); when its share (``FIT_TIME_SHARE`` of the time it was given) ends it is asked
+  (SIGUSR1) to stop at its next epoch boundary and write its results; only at the whole command's deadline is a fit
+  killed, and a killed trial counts with its partial record (status ``partial``). When too little time is left for
+  the final fit (``MIN_FINAL_SECONDS``, or half its estimate), or the final fit ends without an edit, the best
+  trial's own edit is returned with a note saying on what it was trained (``auto.json``'s ``note``).
 - **Resuming.** ``PROGRESS_FILE`` records the settings and each finished trial; the same command on the folder of an
   interrupted search replays the search's draws, takes the finished trials as they were and runs the rest. A
   finished search (``auto.json``) is refused without ``overwrite``. A search that ends without an edit raises
@@ -67,6 +72,7 @@ Folder (``output_dir``, default ``runs/auto/<task>/version_N``)::
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -89,6 +95,7 @@ from editing.protocol.trials import run_fit, split_args
 from editing.rules.budget import Ball, ball_key, edit_folder_name
 from editing.rules.tasks import TaskSpec, get_task
 from editing.runs.records import RESULTS_FILE, RecordError, RunRecord
+from editing.runs.run_folder import PARTIAL_DIR
 from editing.runs.tables import markdown_table, value_text
 
 AUTO_FILE = "auto.json"
@@ -136,6 +143,11 @@ FIRST_STRATA = 4
 """A ``FIRST_STRATUM`` setting has at least this many strata: the first trial draws from the extreme quarter."""
 
 DEFAULT_METHODS = ("lora", "full", "memit")
+MIN_TRIAL_SECONDS = 30.0
+"""A trial starts only with at least this much time left (and half the method's typical trial time)."""
+MIN_FINAL_SECONDS = 30.0
+"""The final fit runs only with at least this much time left (and half its estimated time): else the best trial's
+edit is the result."""
 FIT_TIME_SHARE = 0.75
 """The share of the time left that a fit's Lightning ``max_time`` gets: the rest covers loading the model and the
 evaluations before and after training, which ``max_time`` does not count."""
@@ -455,7 +467,7 @@ class Trial:
     @property
     def ok(self) -> bool:
         """Whether the fit finished with results."""
-        return self.status in ("finished", "diverged")
+        return self.status in ("finished", "diverged", "partial")
 
     @property
     def weak(self) -> bool:
@@ -479,12 +491,13 @@ class Trial:
                 -score if score is not None and math.isfinite(score) else -math.inf,
                 -(self.degradation if self.degradation is not None else math.inf), -self.number)
 
-    def read_results(self, key: str) -> None:
-        """Fill the outcome from the fit's ``results.json`` at ball ``key``."""
-        run = RunRecord.read(Path(self.folder) / RESULTS_FILE)
+    def read_results(self, key: str, partial: bool = False) -> None:
+        """Fill the outcome from the fit's ``results.json`` at ball ``key`` (``partial``: from the record it wrote
+        after its last evaluated epoch before it was killed; status ``partial``)."""
+        run = RunRecord.read(Path(self.folder) / (PARTIAL_DIR if partial else ".") / RESULTS_FILE)
         ball = run.balls[key]
         m = ball.metrics
-        self.status = run.status.value
+        self.status = "partial" if partial else run.status.value
         self.epoch, self.last_epoch = ball.epoch, run.epochs[-1].epoch
         self.reliability, self.reliability_mean_score = m.reliability, m.reliability_mean_score
         self.generalization, self.generalization_mean_score = m.success_rate, m.generalization_mean_score
@@ -495,12 +508,33 @@ class Trial:
         """JSON form."""
         return asdict(self)
 
+    def edit_folder(self, key: str) -> Path:
+        """Where its edit at ball ``key`` is (the partial record's, for a trial killed at the deadline)."""
+        return Path(self.folder) / (PARTIAL_DIR if self.status == "partial" else ".") / "edits" / edit_folder_name(key)
+
+    def has_edit(self, key: str) -> bool:
+        """Whether it holds an edit inside ball ``key`` (an edited epoch: epoch 0 is the unedited model)."""
+        return self.ok and bool(self.epoch) and self.edit_folder(key).is_dir()
+
 
 def run_fit_until(args: Sequence[str], log_path: Path, deadline: float | None,
-                  clock: Callable[[], float] = time.monotonic) -> int:
-    """``editing fit <args>`` in a subprocess (this checkout's code), output to ``log_path``; killed at ``deadline``
-    (a ``clock`` time; None: never). Returns the exit code (-9 when killed)."""
-    return run_fit(args, log_path, deadline=deadline, clock=clock)
+                  clock: Callable[[], float] = time.monotonic, soft_deadline: float | None = None) -> int:
+    """``editing fit <args>`` in a subprocess (this checkout's code), output to ``log_path``; asked to stop at its
+    next epoch boundary from ``soft_deadline`` on, killed at ``deadline`` (``clock`` times; None: never). Returns the
+    exit code (-9 when killed)."""
+    return run_fit(args, log_path, deadline=deadline, clock=clock, soft_deadline=soft_deadline)
+
+
+def _with_soft_deadline(runner: Callable, soft_deadline: float | None) -> Callable:
+    """The runner, given the soft deadline when it takes one (a runner of three arguments, as tests write, runs its
+    fits without)."""
+    try:
+        takes = "soft_deadline" in inspect.signature(runner).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes or soft_deadline is None:
+        return runner
+    return lambda a, p, d: runner(a, p, d, soft_deadline=soft_deadline)
 
 
 def _max_time(seconds: float) -> str:
@@ -530,6 +564,8 @@ class AutoResult:
     edit: str | None
     config: dict
     seconds: float
+    note: str | None = None
+    """Set when the edit is not the final fit's: on what it was trained (the best trial's training split)."""
 
     def to_dict(self) -> dict:
         """The layout of ``auto.json``."""
@@ -636,7 +672,7 @@ def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: i
     the_ball, names, spaces = _checked_inputs(trials, minutes, explore, ball, methods)
     key = ball_key(the_ball)
     deadline = None if minutes is None else started + 60.0 * minutes
-    runner = runner or (lambda a, p, d: run_fit_until(a, p, d, start_clock))
+    runner = runner or (lambda a, p, d, soft_deadline=None: run_fit_until(a, p, d, start_clock, soft_deadline))
 
     name = Path(task).stem if task.endswith(".jsonl") else get_task(task).name
     folder = Path(output_dir) if output_dir else _default_folder(name)
@@ -648,7 +684,7 @@ def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: i
     plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives)
     small = SmallData.of(plan.train_examples, epochs)
     fixed = [*split_args(args), "--budget.balls", f"[{the_ball.eps!r}]", "--seed_everything", str(seed),
-             "--data.seed", str(seed)]
+             "--data.seed", str(seed), "--budget.partial", "true"]
     if patience is not None:
         fixed += ["--budget.patience", str(patience)]
     print(f"editing auto: {plan.name} on {model}, methods {', '.join(names)}, ball {key}; budget "
@@ -691,6 +727,7 @@ class _Search:
     runner: Callable[[list[str], Path, float | None], int]
     rng: random.Random
     done: list[Trial] = field(default_factory=list)
+    note: str | None = None
 
     def __post_init__(self) -> None:
         self.orders = {m: explore_orders(self.spaces[m], self.explore, self.rng) for m in self.names}
@@ -763,7 +800,7 @@ class _Search:
                 number += 1
                 continue
             left = self.remaining() - self.final_reserve()
-            if left < max(30.0, 0.5 * self.typical_seconds(method)):
+            if left < max(MIN_TRIAL_SECONDS, 0.5 * self.typical_seconds(method)):
                 print(f"budget: {max(0.0, self.remaining()):.0f}s left, {self.final_reserve():.0f}s of them kept for "
                       "the final fit: no more trials", flush=True)
                 break
@@ -775,10 +812,13 @@ class _Search:
         """Fit one trial in the ``left`` seconds it may take, record it (``auto.progress.json``) and keep only the
         best trial's edit."""
         _set_aside(Path(trial.folder))
+        share = None if self.deadline is None else FIT_TIME_SHARE * left
         fit = _fit_args(trial.method, self.plan.search_task, self.plan.search_split, self.model, Path(trial.folder),
-                        trial.params, self.fit_args_of(trial.method),
-                        None if self.deadline is None else FIT_TIME_SHARE * left)
-        _run(trial, fit, self.runner, None if self.deadline is None else self.clock() + left, self.key, self.clock)
+                        trial.params, self.fit_args_of(trial.method), share)
+        # past its share the trial is asked to stop at its next epoch boundary; only the command's own deadline
+        # kills it, and what it wrote by then (its partial record) still counts
+        soft = None if share is None else self.clock() + share
+        _run(trial, fit, _with_soft_deadline(self.runner, soft), self.deadline, self.key, self.clock)
         if not self.plan.search_generalization_measured:
             _drop_training_generalization(trial)
         self.done.append(trial)
@@ -795,9 +835,15 @@ class _Search:
                   "base_config": str(FIT_DIR / f"{best.method}.yaml"), "model": self.model, "ball": self.key}
         if not self.plan.retrain:
             return best, config
+        time_left = self.remaining()
+        estimate = self.final_reserve() / 1.2
+        if time_left < max(MIN_FINAL_SECONDS, 0.5 * estimate) and best.has_edit(self.key):
+            self.note = self._trial_edit_note(best, f"no time was left for the final fit ({max(0.0, time_left):.0f}s "
+                                                    f"of the budget, about {estimate:.0f}s needed)")
+            print(f"budget: {self.note}", flush=True)
+            return best, config
         final = Trial(-1, best.method, best.params, "final", str((self.folder / "final").resolve()))
         _set_aside(Path(final.folder))
-        time_left = self.remaining()
         # The test rule (SPEC section 6), as `editing test-runs` applies it: the final fit reports the last epoch
         # inside the ball among epochs 0..v, v the best trial's ball epoch (the epoch chosen at validation)
         config["max_epoch"] = {self.key: best.epoch}
@@ -805,11 +851,30 @@ class _Search:
                         best.params, self.fit_args_of(best.method),
                         None if self.deadline is None else max(1.0, FIT_TIME_SHARE * time_left),
                         max_epoch=config["max_epoch"])
-        _run(final, fit, self.runner, None, self.key, self.clock)
+        soft = None if self.deadline is None else self.clock() + FIT_TIME_SHARE * max(0.0, time_left)
+        _run(final, fit, _with_soft_deadline(self.runner, soft), self.deadline, self.key, self.clock)
         if not self.plan.generalization_measured:
             _drop_training_generalization(final)
         print(_trial_line(final, self.plan.generalization_measured), flush=True)
+        if not final.has_edit(self.key) and best.has_edit(self.key):
+            why = f"the final fit {final.status}" + (f" ({final.error})" if final.error else " without an edit")
+            self.note = self._trial_edit_note(best, why)
+            print(f"budget: {self.note}", flush=True)
+            return best, config
         return final, config
+
+    def _trial_edit_note(self, best: Trial, why: str) -> str:
+        """What the result says when it is a trial's edit, not the final fit's: why, and on what it was trained."""
+        if self.plan.holdout:
+            data = (f"the search's training split ({self.plan.train_examples} of {self.plan.final_examples} canonical "
+                    f"examples; the {len(self.plan.holdout)} held out were not trained on), and its numbers are on "
+                    "those held-out examples, not on the task's evaluation set")
+        else:
+            data = (f"the search's training split (the validation pair's {self.plan.train_examples} canonical "
+                    f"examples, not the test pair's {self.plan.final_examples}), and its numbers are on the "
+                    "validation pair")
+        partial = " (its partial record: the fit was killed at the deadline)" if best.status == "partial" else ""
+        return f"{why}: the edit is trial {best.number}'s{partial}, trained on {data}"
 
     def finish(self) -> AutoResult:
         """The final fit, then ``auto.json`` (in place of ``auto.progress.json``) and the summary; ``NoEditError``
@@ -822,14 +887,13 @@ class _Search:
             print("no trial finished: no edit (see the trials' fit.log)", flush=True)
         else:
             final, config = self.final_fit(best)
-            edit_path = Path(final.folder) / "edits" / edit_folder_name(self.key)
             # an edit at epoch 0 is the unedited model: no edit stayed inside the ball
-            edit = str(edit_path) if final.ok and final.epoch and edit_path.is_dir() else None
+            edit = str(final.edit_folder(self.key)) if final.has_edit(self.key) else None
         result = AutoResult(folder=str(self.folder), task=self.task, model=self.model, ball=self.key,
                             methods=self.names, budget={"trials": self.trials, "minutes": self.minutes},
                             plan=asdict(self.plan), small_data=asdict(self.small), trials=self.done,
                             best=None if best is None else best.number, final=final, edit=edit, config=config,
-                            seconds=round(self.clock() - self.started, 1))
+                            seconds=round(self.clock() - self.started, 1), note=self.note)
         write_json(self.folder / AUTO_FILE, result.to_dict(), overwrite=True)
         (self.folder / PROGRESS_FILE).unlink(missing_ok=True)  # auto.json now marks the search finished
         print(summary_text(result), flush=True)
@@ -953,7 +1017,14 @@ class NoEditError(EditingError):
 def _no_edit_reason(result: AutoResult) -> str:
     record = Path(result.folder) / AUTO_FILE
     final = result.final
-    if final is None:
+    if final is None and not result.trials:
+        minutes = result.budget.get("minutes")
+        reason = (f"no trial could start within the budget of {minutes:g} minutes (a trial needs at least "
+                  f"{MIN_TRIAL_SECONDS:.0f}s), so there is no edit; give a larger --minutes")
+    elif final is None and result.trials and all(t.status == "killed" for t in result.trials):
+        reason = ("every trial was killed at the deadline before it had evaluated an edited epoch, so there is no "
+                  "edit; give a larger --minutes, or a smaller evaluation (--args \"--data.general_limit N\")")
+    elif final is None:
         reason = (f"no trial finished, so there is no edit; see the trials' fit.log under {result.folder} (the first "
                   "error is usually the same in every trial), fix it and run the command again")
     elif not final.ok:
@@ -982,6 +1053,14 @@ def _run(trial: Trial, args: list[str], runner, deadline: float | None, key: str
     if code != 0 or not (Path(trial.folder) / RESULTS_FILE).is_file():
         trial.status = "killed" if code == -9 else "failed"
         trial.error = f"editing fit exited with {code}; see {Path(trial.folder) / 'fit.log'}"
+        if (Path(trial.folder) / PARTIAL_DIR / RESULTS_FILE).is_file():
+            # what the fit wrote after its last evaluated epoch: the edit it had found is not lost with it
+            error = trial.error
+            try:
+                trial.read_results(key, partial=True)
+                trial.error = f"{error}; its record after epoch {trial.last_epoch} is used"
+            except (RecordError, KeyError):
+                pass
         return
     try:
         trial.read_results(key)
@@ -1000,6 +1079,7 @@ def _keep_best_edit(done: list[Trial], key: str) -> None:
     for t in done:
         if best is None or t.number != best.number:
             shutil.rmtree(Path(t.folder) / "edits", ignore_errors=True)
+            shutil.rmtree(Path(t.folder) / PARTIAL_DIR / "edits", ignore_errors=True)
 
 
 def _budget_text(trials: int | None, minutes: float | None) -> str:
@@ -1070,6 +1150,7 @@ def summary_text(result: AutoResult) -> str:
              f"{' '.join(result.config.get('fit_args', []))}".rstrip(),
              table,
              f"edit: {result.edit or 'none (no edited epoch stayed inside the ball)'}",
+             *([f"note: {result.note}"] if result.note else []),
              f"record: {Path(result.folder) / AUTO_FILE}"]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from editing.core.interruption import SOFT_STOP
 from editing.core.paths import REPO_DIR
 from editing.rules.budget import MAX_EPOCH_SETTING
 from editing.runs.tables import value_text
@@ -137,16 +138,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def _start_fit() -> None:
+    # The soft stop's default action is to end the process: until the fit's CLI records it (interruption.install),
+    # it is ignored (an ignored signal stays ignored across exec), and run_fit sends it again each second.
+    signal.signal(SOFT_STOP, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        _die_with_parent()
+
+
 def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None, deadline: float | None = None,
-            clock: Callable[[], float] = time.monotonic) -> int:
+            clock: Callable[[], float] = time.monotonic, soft_deadline: float | None = None) -> int:
     """Run ``editing fit <args>`` in a subprocess with the same code as this process; output goes to ``log_path``.
 
     Args:
         args: the fit's command line (after ``fit``).
         log_path: the log file (appended to).
         env: the environment (default: this process's).
-        deadline: a ``clock`` time at which the fit is killed (None: never); ``editing auto``'s time budget.
-        clock: the clock ``deadline`` is read on.
+        deadline: a ``clock`` time at which the fit is killed (None: never): the last resort of ``editing auto``'s
+            time budget, whose trials keep what they wrote by then (their partial record).
+        clock: the clock ``deadline`` and ``soft_deadline`` are read on.
+        soft_deadline: a ``clock`` time from which the fit is asked (``interruption.SOFT_STOP``, sent each second
+            until it ends) to stop at its next epoch boundary and write its results (None: never); a trial's share.
 
     Returns:
         The exit code (-9 when killed at the deadline).
@@ -155,22 +167,31 @@ def run_fit(args: Sequence[str], log_path: Path, env: dict | None = None, deadli
     # the subprocess must import this checkout's package, not another installed copy
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR), *filter(None, [env.get("PYTHONPATH")])])
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    timed = deadline is not None or soft_deadline is not None
+    asked = False
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ editing fit {' '.join(args)}\n")
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "editing.cli", "fit", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=_start_fit)
         try:
             while True:
                 try:
-                    return proc.wait(timeout=None if deadline is None else 1.0)
+                    return proc.wait(timeout=1.0 if timed else None)
                 except subprocess.TimeoutExpired:
-                    if clock() >= deadline:
+                    now = clock()
+                    if deadline is not None and now >= deadline:
                         proc.kill()
                         proc.wait()
                         log.write("\n[editing auto: killed at the budget's deadline]\n")
                         return -9
+                    if soft_deadline is not None and now >= soft_deadline:
+                        if not asked:
+                            log.write("\n[editing auto: the trial's time share ended: asked to stop at the next "
+                                      "epoch boundary]\n")
+                            log.flush()
+                            asked = True
+                        proc.send_signal(SOFT_STOP)
         finally:
             if proc.poll() is None:  # interrupted: do not leave the fit running
                 proc.kill()

@@ -24,7 +24,10 @@ from editing.core.files import ResultsExistError, create_exclusive
 CLAIM_NAME = "run.lock"
 # Files a fit leaves in its folder before its results exist: a folder holding any of them belongs to a run that
 # did not finish (or to a logger version in use), which a new fit must not clobber unless asked to.
-RUN_FILES = ("metrics.csv", "config.yaml", "edits")
+RUN_FILES = ("metrics.csv", "config.yaml", "edits", "partial")
+PARTIAL_DIR = "partial"
+"""Where a fit writes its record so far and its in-ball edits after each epoch (``--budget.partial``): a run that
+did not finish, never mistaken for a finished one (its ``results.json`` is not the run folder's)."""
 
 
 class RunFolderError(EditingError, RuntimeError):
@@ -226,7 +229,7 @@ def clear_previous_run(folder: str | Path) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             (folder / name).unlink()
             removed.append(name)
-    for path in [*folder.glob("edits/ball_*"), *folder.glob("checkpoints/*.ckpt")]:
+    for path in [*folder.glob("edits/ball_*"), *folder.glob("checkpoints/*.ckpt"), *folder.glob(PARTIAL_DIR)]:
         if path.is_dir():
             shutil.rmtree(path)
         else:
