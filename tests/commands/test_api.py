@@ -131,7 +131,7 @@ def test_an_edit_through_the_api_equals_the_same_edit_through_editing_fit(method
 def test_bad_arguments_are_clear_errors_naming_the_argument(tmp_path) -> None:
     from editing import edit
     cases = [
-        ({"method": "rome"}, r"edit\(method='rome'\): expected one of .*lora"),
+        ({"method": "nosuch"}, r"edit\(method='nosuch'\): expected one of .*lora"),
         ({"loss": "good_v_bad"}, r"edit\(loss='good_v_bad'\): expected one of .*good-v-bad"),
         ({"ball": 2.0}, r"ball"),
         ({"ball": 1e-4, "balls": [1e-3]}, r"edit\(ball=0.0001\) is not among balls"),

@@ -76,4 +76,4 @@ def test_methods_are_typed_and_registered_under_their_name() -> None:
     for name, spec in METHODS.items():
         assert isinstance(spec.module.method, MethodName) and spec.module.method is name
     with pytest.raises(ConfigError, match="expected one of none, full, lora, senses, memit"):
-        MethodName("rome")
+        MethodName("nosuch")

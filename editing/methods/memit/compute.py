@@ -10,12 +10,17 @@ from tqdm.auto import tqdm
 
 from editing.core.types import LossType
 from editing.methods.memit.config import MEMITConfig
-from editing.methods.memit.layers import add_to_block_output, forward_until, hooks
+from editing.methods.memit.layers import add_to_block_output, add_to_down_output, forward_until, hooks
 from editing.methods.memit.requests import Request, Row, RowBuilder, pad_rows
 from editing.models.architecture import capture_final_hidden, head_logits
 from editing.rules.losses import training_loss
 
 BATCH_ROWS = 64  # rows per forward pass reading activations
+HOOK_OF = {"key": "on_down_input", "output": "on_block_output", "value": "on_down_output"}
+"""``subject_activations``'s sites: the ``forward_until`` argument that reads each."""
+INJECT_AT = {"output": add_to_block_output, "value": add_to_down_output}
+"""``optimize_targets``'s sites: where delta is added (MEMIT: the residual stream after the block; ROME: the down
+projection's output)."""
 KEY_CHUNK = 256
 """Requests whose key rows are tokenized and run at a time by ``request_keys``: a multiple of ``BATCH_ROWS``, so the
 forward passes see the same batches as with all requests at once (the same bits), and small enough that a chunk's
@@ -26,7 +31,8 @@ activations (chunk x templates x d_mlp floats) stay far below the edit's own (n,
 def subject_activations(model: nn.Module, rows: list[Row], layer: int, where: str, pad_id: int,
                         batch_rows: int = BATCH_ROWS) -> torch.Tensor:
     """Activations at each row's subject token: ``where="key"`` the down-projection input of ``layer``,
-    ``where="output"`` the block output of ``layer``. Returns (rows, width) in float64."""
+    ``where="output"`` the block output of ``layer``, ``where="value"`` the down-projection output of ``layer`` (as
+    edited, when the model carries an edit's hooks). Returns (rows, width) in float64."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(rows), batch_rows):
@@ -39,7 +45,7 @@ def subject_activations(model: nn.Module, rows: list[Row], layer: int, where: st
         def grab(x, store=store, index=index, pos=pos):
             store["x"] = x[index, pos].to(torch.float64)
 
-        hook = {"on_down_input" if where == "key" else "on_block_output": {layer: grab}}
+        hook = {HOOK_OF[where]: {layer: grab}}
         forward_until(model, ids, mask, layer, **hook)
         out.append(store["x"])
     return torch.cat(out)
@@ -81,8 +87,10 @@ def request_keys(model: nn.Module, builder: RowBuilder, requests: list[Request],
 
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
                      layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
-                     progress: bool | str = False, trace: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10).
+                     progress: bool | str = False, trace: list[torch.Tensor] | None = None, site: str = "output",
+                     decay_power: int = 1) -> torch.Tensor:
+    """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10; with ``site="value"`` and
+    ``decay_power=2``, ROME's target values v*, SPEC section 11).
 
     A vector delta per request is added to the residual stream at the subject's last token (after block ``layer``)
     of its rows and optimized by Adam for the task loss over the templates, plus ``kl_factor`` times KL(p0 || p)
@@ -107,6 +115,10 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         pad_id: padding token id.
         progress: show a progress bar over the steps (a string: the bar's label, e.g. which requests of how many).
         trace: if given, the task loss per request (n_requests,) at each step is appended to it (for diagnostics).
+        site: where delta is added and h read: ``"output"`` the block output (MEMIT), ``"value"`` the down
+            projection's output (ROME).
+        decay_power: the penalty is ``weight_decay * |delta| / |h| ** decay_power`` (MEMIT 1; ROME's reference
+            divides by the square, 2).
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -114,7 +126,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     loss = LossType(loss)
     device = next(model.parameters()).device
     bare = [r for r in rewrite if r.template == 0 and r.slot == 0]
-    h = subject_activations(model, bare, layer, "output", pad_id).float()  # (n, d), request order
+    h = subject_activations(model, bare, layer, site, pad_id).float()  # (n, d), request order
     h_norm = h.norm(dim=1)
     n_slots = max(r.slot for r in rewrite) + 1
     # (request, template, slot) cell of each rewrite row
@@ -135,7 +147,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
             def inject(hidden: torch.Tensor, g=g) -> torch.Tensor:
                 return hidden.index_put((g["row"], g["pos"]), delta[g["req"]].to(hidden.dtype), accumulate=True)
 
-            with hooks([add_to_block_output(model, layer, inject)]), capture_final_hidden(model) as store:
+            with hooks([INJECT_AT[site](model, layer, inject)]), capture_final_hidden(model) as store:
                 model(input_ids=g["ids"], attention_mask=g["mask"], use_cache=False)
             hidden = store["hidden"]
             if g["scored"].any():
@@ -161,7 +173,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
             init_logp = kl_logp.detach()
         kl_term = torch.zeros(n_requests, device=device).index_add(
             0, kl_req, (init_logp.exp() * (init_logp - kl_logp)).sum(-1))
-        decay = cfg.weight_decay * delta.norm(dim=1) / h_norm
+        decay = cfg.weight_decay * delta.norm(dim=1) / (h_norm if decay_power == 1 else h_norm ** decay_power)
         total = (task + cfg.kl_factor * kl_term + decay).sum()
         total.backward()
         if trace is not None:

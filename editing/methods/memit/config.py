@@ -4,7 +4,7 @@ in ``lightning_configs/sweeps/memit.yaml``, which the sweep and ``editing auto``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from editing.core.errors import ConfigError
 
@@ -39,6 +39,10 @@ class MEMITConfig:
 
     Sweep ranges: ``lightning_configs/sweeps/memit.yaml`` (SPEC section 6).
     """
+
+    section: ClassVar[str] = "memit"
+    """The settings' group under ``model.init_args`` (messages name ``<section>.<setting>``); the MEMIT family's
+    other methods (ROME, AlphaEdit) read the same requests and targets under their own group."""
 
     layers: list[int] | None = None
     """Edited layers, 0-based and ascending (default, None: per model, ``DEFAULT_LAYERS``, e.g. 3..8 for GPT-2 small,
@@ -96,15 +100,32 @@ class MEMITConfig:
             ("context_template_length", self.context_template_length >= 1, "at least 1"),
             ("request_batch_size", self.request_batch_size >= 1, "at least 1"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"memit.{name}={getattr(self, name)!r} must be {expected}")
-        if self.supervision not in ("standard", "oracle"):
-            raise ConfigError(f"memit.supervision={self.supervision!r}; expected 'standard' or 'oracle'")
-        if self.oracle_field is not None and self.oracle_pattern is not None:
-            raise ConfigError("set only one of memit.oracle_field and memit.oracle_pattern")
+        check_ranges(self, checks)
+        check_supervision(self)
         if self.layers is not None and (not self.layers or sorted(set(self.layers)) != list(self.layers)):
-            raise ConfigError(f"memit.layers={self.layers!r} must be a non-empty ascending list of distinct layers")
+            raise ConfigError(f"{self.section}.layers={self.layers!r} must be a non-empty ascending list of distinct "
+                              "layers")
+
+
+def check_ranges(cfg, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ``ConfigError`` ``<section>.<name>=<value> must be <expected>`` for the first failed check.
+
+    Args:
+        cfg: the settings (a dataclass with a ``section``).
+        checks: ``(setting, holds, what it must be)`` in the order they are reported.
+    """
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{cfg.section}.{name}={getattr(cfg, name)!r} must be {expected}")
+
+
+def check_supervision(cfg) -> None:
+    """The subject settings every method of the MEMIT family shares (``supervision``, ``oracle_field``,
+    ``oracle_pattern``): a known supervision and at most one oracle rule."""
+    if cfg.supervision not in ("standard", "oracle"):
+        raise ConfigError(f"{cfg.section}.supervision={cfg.supervision!r}; expected 'standard' or 'oracle'")
+    if cfg.oracle_field is not None and cfg.oracle_pattern is not None:
+        raise ConfigError(f"set only one of {cfg.section}.oracle_field and {cfg.section}.oracle_pattern")
 
 
 def default_layers(model_type: str | None, total: int) -> list[int]:
@@ -124,9 +145,10 @@ def resolve_layers(cfg: MEMITConfig, model_type: str | None, total: int) -> list
     if cfg.layers is not None:
         bad = [layer for layer in cfg.layers if not 0 <= layer < total]
         if bad:
-            raise ConfigError(f"model.init_args.memit.layers={list(cfg.layers)} names layer(s) {bad}, but the model "
+            group = f"model.init_args.{cfg.section}.layers"
+            raise ConfigError(f"{group}={list(cfg.layers)} names layer(s) {bad}, but the model "
                               f"({model_type or 'this model'}) has {total} layers (0..{total - 1}): leave "
-                              f"model.init_args.memit.layers out for the model's default "
+                              f"{group} out for the model's default "
                               f"{default_layers(model_type, total)}, or give layers below {total}")
         return list(cfg.layers)
     return default_layers(model_type, total)

@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class CovarianceStats:
     """Layers computed (in full or resumed) by this call; the others came from the cache."""
     seconds: float = 0.0
     """Time spent computing (0 when everything was cached)."""
+    materials: dict[int, dict] = field(default_factory=dict)
+    """layer -> the statistics' cache key (``stats_material``), for the caches of numbers derived from them
+    (AlphaEdit's null-space projector)."""
 
 
 STATS_CODE = ("editing.methods.memit.covariance",)
@@ -187,7 +190,7 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
             moments[layer] = moment
     missing = [layer for layer in layers if layer not in moments]
     if not missing:
-        return CovarianceStats(moments, [], 0.0)
+        return CovarianceStats(moments, [], 0.0, materials)
 
     # Resume from the partial sums of the missing layers when they all stopped at the same place; otherwise
     # start these layers over (they are computed in one pass, so they normally share their progress).
@@ -251,4 +254,4 @@ def layer_covariances(model: nn.Module, layers: list[int], texts: list[Tokenized
         with contextlib.suppress(OSError):  # a read-only folder: the partial sums stay, harmless
             partials[layer].unlink(missing_ok=True)
         moments[layer] = moment
-    return CovarianceStats(moments, missing, time.perf_counter() - start)
+    return CovarianceStats(moments, missing, time.perf_counter() - start, materials)

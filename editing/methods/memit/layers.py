@@ -13,8 +13,8 @@ from editing.core.errors import ConfigError
 from editing.models.architecture import blocks, down_projection, down_projection_name, located_types
 from editing.models.architecture import model_type as architecture_model_type
 
-__all__ = ["add_to_block_output", "blocks", "down_projection", "down_projection_name", "forward_until", "hooks",
-           "is_transposed", "model_type", "projection_shape"]
+__all__ = ["add_to_block_output", "add_to_down_output", "blocks", "down_projection", "down_projection_name",
+           "forward_until", "hooks", "is_transposed", "model_type", "projection_shape"]
 
 
 def model_type(model: nn.Module) -> str:
@@ -54,7 +54,8 @@ def hooks(handles: list) -> Iterator[None]:
 
 def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_block: int | None,
                   on_block_output: dict[int, Callable] | None = None,
-                  on_down_input: dict[int, Callable] | None = None) -> None:
+                  on_down_input: dict[int, Callable] | None = None,
+                  on_down_output: dict[int, Callable] | None = None) -> None:
     """Run the model on a batch, calling the given functions on block outputs and down-projection inputs, and stop
     after block ``last_block`` (None: run the whole model) since later blocks cannot change what was captured.
 
@@ -65,6 +66,8 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         last_block: the deepest block whose activations are needed.
         on_block_output: layer -> function of the block's hidden-state output (b, s, d).
         on_down_input: layer -> function of the down projection's input (b, s, d_mlp).
+        on_down_output: layer -> function of the down projection's output (b, s, d), after the hooks registered
+            before it (an edit's hooks: the output of the projection as edited).
     """
     handles = []
     for layer, fn in (on_block_output or {}).items():
@@ -72,6 +75,8 @@ def forward_until(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             lambda _m, _a, out, fn=fn: fn(out[0] if isinstance(out, tuple) else out)))
     for layer, fn in (on_down_input or {}).items():
         handles.append(down_projection(model, layer).register_forward_pre_hook(lambda _m, args, fn=fn: fn(args[0])))
+    for layer, fn in (on_down_output or {}).items():
+        handles.append(down_projection(model, layer).register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
     if last_block is not None:
         def stop(_module, _args, _out):
             raise _Stop
@@ -93,3 +98,9 @@ def add_to_block_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor
         return fn(out)
 
     return blocks(model)[layer].register_forward_hook(hook)
+
+
+def add_to_down_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Register a hook replacing the down projection of ``layer``'s output ``v`` by ``fn(v)`` (ROME's value site);
+    returns its handle."""
+    return down_projection(model, layer).register_forward_hook(lambda _m, _a, out: fn(out))

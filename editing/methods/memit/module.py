@@ -52,13 +52,22 @@ class MEMITEditor(EditingModule):
     key_chunk = KEY_CHUNK
     """Requests whose keys are computed at a time while spreading (``compute.request_keys``): it bounds the memory,
     not the result."""
+    config_class: type = MEMITConfig
+    """The settings' class (the MEMIT family's other methods, subclasses of this one, have their own)."""
+    settings_name = "memit"
+    """The settings' constructor argument and hyperparameter group."""
+    label = "MEMIT"
+    """The method's name in progress messages."""
+    solve_settings = frozenset({"covariance_weight", "covariance_samples", "covariance_batch_size",
+                                "request_batch_size"})
+    """Settings that do not change the target vectors (so they are left out of the targets' cache key)."""
 
     def __init__(self, base: ModelConfig | None = None, memit: MEMITConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
-        self.memit_config = memit or MEMITConfig()
+        self.memit_config = memit or self.config_class()
         self.memit_config.validate()
         super().__init__(base=base, optimizer=optimizer, regularization=regularization or RegularizationConfig("none"))
-        self.hparams["memit"] = asdict(self.memit_config)
+        self.hparams[self.settings_name] = asdict(self.memit_config)
         # the edit is one closed-form computation, not optimizer steps over batches
         self.automatic_optimization = False
         self.edit_timings: dict[str, float] = {}
@@ -71,9 +80,7 @@ class MEMITEditor(EditingModule):
 
     # deltas ------------------------------------------------------------------------------------------------
     def _prepare_deltas(self) -> None:
-        cfg = self.memit_config
-        kind = model_type(self.model)
-        self.memit_layers = resolve_layers(cfg, kind, num_layers(self.model.config))
+        self.memit_layers = self._edited_layers(model_type(self.model), num_layers(self.model.config))
         self.memit_u = nn.ParameterDict()
         self.memit_v = nn.ParameterDict()
         self._deltas_on = True
@@ -87,6 +94,10 @@ class MEMITEditor(EditingModule):
             self.memit_v[str(layer)] = nn.Parameter(torch.zeros(0, in_features), requires_grad=False)
             self._handles.append(module.register_forward_hook(self._make_hook(str(layer))))
         self.edited = False
+
+    def _edited_layers(self, kind: str, total: int) -> list[int]:
+        """The layers whose down projections the edit changes (``memit.layers`` or the model's default)."""
+        return resolve_layers(self.memit_config, kind, total)
 
     def _make_hook(self, key: str):
         def hook(_module, args, output):
@@ -237,7 +248,7 @@ class MEMITEditor(EditingModule):
             self.model.train(was_training)
         self.edit_timings["edit_s"] = time.perf_counter() - start
         if progress:
-            rank_zero_info(f"MEMIT: {len(requests)} requests, layers {self.memit_layers}, statistics "
+            rank_zero_info(f"{self.label}: {len(requests)} requests, layers {self.memit_layers}, statistics "
                            f"{self.edit_timings['statistics_s']:.1f}s, edit {self.edit_timings['edit_s']:.1f}s")
 
     def _compute_deltas(self, requests: list[Request], cfg: MEMITConfig, progress: bool) -> None:
@@ -289,7 +300,7 @@ class MEMITEditor(EditingModule):
         """
         if not self.reuse_base_numbers:
             return None
-        solve_only = {"covariance_weight", "covariance_samples", "covariance_batch_size", "request_batch_size"}
+        solve_only = self.solve_settings
         material = {"kind": "memit_targets", "model": model_material(self.model, self.identity),
                     "code": code_digest(*TARGET_CODE),
                     "rows": key_of({"rows": [asdict(r) for r in rows], "kl": [asdict(r) for r in kl_rows]}),
@@ -301,7 +312,6 @@ class MEMITEditor(EditingModule):
     def spread_targets(self, requests: list[Request], templates: list[str], z: torch.Tensor) -> None:
         """Step 2: spread the change toward ``z`` over the edited layers in ascending order, each seeing the edits
         below it (replaces any edit already there); records per layer what its update realises."""
-        cfg = self.memit_config
         self.clear_edit()
         builder = RowBuilder(self.tokenizer, self.max_length)
         last = self.memit_layers[-1]
@@ -312,13 +322,18 @@ class MEMITEditor(EditingModule):
                                          self.key_chunk)
             residual = (z.to(current.device) - current) / (len(self.memit_layers) - i)
             moment = self.covariance_stats.moments[layer]
-            u, v = layer_update(keys, residual, moment, cfg.covariance_weight)
+            u, v = self._layer_update(layer, keys, residual)
             self.edit_diagnostics["layers"].append({
                 "layer": layer, **_realised(keys, residual, u, v), **_key_geometry(keys, moment)})
             with torch.no_grad():
                 self.memit_u[str(layer)].data = u.float().to(self.device)
                 self.memit_v[str(layer)].data = v.float().to(self.device)
         self.edited = True
+
+    def _layer_update(self, layer: int, keys: torch.Tensor,
+                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's update as factors (u, v), Delta W = u @ v: MEMIT's R K^T (lambda C + K K^T)^-1."""
+        return layer_update(keys, residual, self.covariance_stats.moments[layer], self.memit_config.covariance_weight)
 
 
 def _realised(keys: torch.Tensor, residual: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, float]:

@@ -43,9 +43,10 @@ def oracle_rule(cfg: MEMITConfig, task_name: str) -> tuple[str, str]:
         return "pattern", cfg.oracle_pattern
     default = ORACLE_DEFAULTS.get(task_name)
     if default is None:
-        raise ConfigError(f"memit.supervision='oracle' needs the subject span of task {task_name!r}: set "
-                          "memit.oracle_field (a field of each canonical line that occurs in its prefix) or "
-                          "memit.oracle_pattern (a regular expression whose first group is the subject)")
+        group = cfg.section
+        raise ConfigError(f"{group}.supervision='oracle' needs the subject span of task {task_name!r}: set "
+                          f"{group}.oracle_field (a field of each canonical line that occurs in its prefix) or "
+                          f"{group}.oracle_pattern (a regular expression whose first group is the subject)")
     kind, value = next(iter(default.items()))
     return kind, value
 
