@@ -861,6 +861,11 @@ class _Search:
             self.note = self._trial_edit_note(best, why)
             print(f"budget: {self.note}", flush=True)
             return best, config
+        if final.status == "partial":
+            self.note = (f"the final fit was killed at the deadline: the edit is its record after epoch "
+                         f"{final.last_epoch} (of {self.small.max_epochs} planned), trained on all "
+                         f"{self.plan.final_examples} canonical examples")
+            print(f"budget: {self.note}", flush=True)
         return final, config
 
     def _trial_edit_note(self, best: Trial, why: str) -> str:
@@ -1137,7 +1142,10 @@ def summary_text(result: AutoResult) -> str:
     if not f.ok:
         return (f"editing auto: the final fit of {f.method} {_params_text(f.params)} {f.status} ({f.error}): no edit "
                 f"({len(result.trials)} trials, {result.seconds:.0f}s; record: {Path(result.folder) / AUTO_FILE})")
-    generalization = _rate(f.generalization) if result.plan["generalization_measured"] else NOT_MEASURED
+    # a trial's edit (no final fit) was scored on the search's evaluation set (the held-out examples)
+    measured = result.plan.get("search_generalization_measured", True) if f.number >= 0 and result.plan.get(
+        "retrain") else result.plan["generalization_measured"]
+    generalization = _rate(f.generalization) if measured else NOT_MEASURED
     rows = [["reliability (canonical examples)", _rate(f.reliability), _score(f.reliability_mean_score)],
             ["generalization (evaluation set)", generalization, _score(f.generalization_mean_score)],
             ["locality (hard negatives preserved)", _rate(f.locality), ""],

@@ -58,6 +58,11 @@ def test_a_trial_killed_at_the_deadline_still_yields_its_in_ball_edit(tmp_path, 
     trial = result.trials[0]
     assert "killed at the budget's deadline" in (out / "trial_0" / "fit.log").read_text()
     assert not (out / "trial_0" / "results.json").exists()  # the folder does not look finished
+    # ... nor is it taken for an empty one: a new fit there is refused, one started over clears the partial record
+    from editing.runs.run_folder import RunFolderError, check_folder, clear_previous_run
+
+    with pytest.raises(RunFolderError, match="interrupted|did not finish"):
+        check_folder(out / "trial_0", resuming=False, overwrite=False)
     assert trial.status == "partial" and trial.epoch == 1 and trial.last_epoch == 1, trial
     # the record the trial wrote after epoch 1, recomputed: epoch 1's general NLL inside (1 + 0.5) x p0's
     record = json.loads((out / "trial_0" / "partial" / "results.json").read_text())
@@ -68,13 +73,18 @@ def test_a_trial_killed_at_the_deadline_still_yields_its_in_ball_edit(tmp_path, 
 
     assert result.edit == str(out / "trial_0" / "partial" / "edits" / "ball_5e-01")
     assert load_edited(result.edit).model is not None
+    assert "partial" in clear_previous_run(out / "trial_0") and not (out / "trial_0" / "partial").exists()
 
 
 def test_a_trial_past_its_share_stops_at_the_next_epoch_boundary(tmp_path, data_root) -> None:
     # the share ends at once (soft deadline 0 on a clock at 1): the fit gets the soft signal, trains and evaluates
     # the epoch it is in, writes finished results and exits 0, long before its 6 epochs of 2 s sleep each
     out = tmp_path / "fit"
-    args = ["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task", "country_capital",
+    facts = _facts(tmp_path / "t")  # 8 examples: an epoch of 118 would make the test slow
+    task = tmp_path / "t" / "task.yaml"
+    task.write_text(f"name: facts\nloss: good\nthreshold: 1.6094379124341003\ncanonical: {facts}\n"
+                    f"evaluation: {facts}\n")
+    args = ["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task", str(task),
             *TINY.split(), "--trainer.max_epochs", "6", "--trainer.logger", "false", "--trainer.enable_progress_bar",
             "false", "--budget.output_dir", str(out), "--budget.balls", "[0.5]",
             *SLOW.format(s=2, e=0).split()]
@@ -84,6 +94,8 @@ def test_a_trial_past_its_share_stops_at_the_next_epoch_boundary(tmp_path, data_
     record = json.loads((out / "results.json").read_text())
     assert record["status"] == "finished" and len(record["epochs"]) < 7
     assert record["stopped_early"] and "time share" in record["stopped_early"]["reason"]
+    assert record["stopped_early"]["epoch"] == record["epochs"][-1]["epoch"] < 6  # stopped at an epoch's end
+    assert "asked to stop at the next epoch boundary" in log and "killed" not in log
     assert not (out / "partial").exists()  # the finished results replace the partial record
 
 
@@ -118,6 +130,11 @@ def test_no_time_for_the_final_fit_returns_the_best_trials_edit_with_a_note(tmp_
     assert result.note and "6 of 8" in result.note and "training split" in result.note
     record = json.loads((out / "auto.json").read_text())
     assert record["note"] == result.note and record["edit"] == result.edit
+    # the summary says so, and reports the trial's generalization, measured on the held-out examples
+    from editing.protocol.auto import summary_text
+
+    text = summary_text(result)
+    assert f"note: {result.note}" in text and "not measured" not in text
 
 
 def test_a_search_that_found_nothing_exits_non_zero_with_the_reason(tmp_path, data_root) -> None:
