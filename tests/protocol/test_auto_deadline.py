@@ -150,3 +150,25 @@ def test_a_search_that_found_nothing_exits_non_zero_with_the_reason(tmp_path, da
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no trial could start" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and time.monotonic() - start < 120
+
+
+def test_a_fit_killed_after_its_partial_record_resumes_and_replaces_it(tmp_path, data_root) -> None:
+    # killed in epoch 2 once epoch 1's partial record and checkpoint are written; resumed with --ckpt_path last it
+    # writes epoch 2's record over the partial one, then finished results, and the partial record goes
+    out = tmp_path / "fit"
+    facts = _facts(tmp_path / "t")
+    task = tmp_path / "t" / "task.yaml"
+    task.write_text(f"name: facts\nloss: good\nthreshold: 1.6094379124341003\ncanonical: {facts}\n"
+                    f"evaluation: {facts}\n")
+    args = ["--model", "LoRAEditor", "--model.base.name", "tiny-gpt2", "--data.task", str(task), *TINY.split(),
+            "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--budget.output_dir", str(out), "--budget.balls", "[0.5]", "--budget.partial", "true"]
+    partial = out / "partial" / "results.json"
+    ready = lambda: 1.0 if partial.is_file() and (out / "checkpoints" / "last.ckpt").is_file() else 0.0  # noqa: E731
+    code = run_fit([*args, *SLOW.format(s=120, e=1).split()], out / "fit.log", env=_env(), deadline=0.5, clock=ready)
+    assert code == -9 and not (out / "results.json").exists()
+    assert [e["epoch"] for e in json.loads(partial.read_text())["epochs"]] == [0, 1]
+    code = run_fit([*args, "--ckpt_path", "last"], out / "fit.log", env=_env())
+    assert code == 0, (out / "fit.log").read_text()[-2000:]
+    record = json.loads((out / "results.json").read_text())
+    assert [e["epoch"] for e in record["epochs"]] == [0, 1, 2] and not (out / "partial").exists()
