@@ -9,9 +9,11 @@ never written, so ``reference()`` is exact; rank = the number of requests).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from editing.methods.base import OptimizerConfig, RegularizationConfig
 from editing.methods.memit.compute import mean_over_templates, optimize_targets, subject_activations
@@ -85,13 +87,13 @@ class ROMEEditor(MEMITEditor):
         layer = self.memit_layers[0]
         builder = RowBuilder(self.tokenizer, self.max_length)
         moment = self.covariance_stats.moments[layer]
-        for index, request in enumerate(requests):
+        # one bar over the requests, not one per request's steps: a fit's stderr stays short (a parent reading it
+        # through a pipe only at the end would otherwise block the fit once the pipe is full)
+        for request in tqdm(requests, desc="ROME requests", disable=not progress, file=sys.stderr, leave=False):
             trace: list[torch.Tensor] = []
-            label = f"ROME value, request {index + 1} of {len(requests)}"
             target = optimize_targets(self.model, builder.rows([request], templates, with_suffixes=True),
                                       builder.kl_rows([request]), 1, len(templates), layer, self.task.loss, cfg,
-                                      self._pad_id, progress=progress and label, trace=trace, site="value",
-                                      decay_power=2)
+                                      self._pad_id, trace=trace, site="value", decay_power=2)
             key_rows = builder.rows([request], templates, with_suffixes=False)
             key = mean_over_templates(subject_activations(self.model, key_rows, layer, "key", self._pad_id),
                                       key_rows, 1)
