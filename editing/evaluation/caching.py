@@ -52,6 +52,7 @@ import json
 import logging
 import os
 from array import array
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +293,11 @@ def evaluate_epoch(subject, datamodule, epoch: int, settings: CacheSettings | No
     if settings.incremental:
         shortcut = getattr(subject, "evaluation_shortcut", lambda: None)()
         scorer = make_scorer(model, shortcut, subject.identity, data, settings)
-    if epoch != 0 or not settings.p0 or not getattr(subject, "p0_is_base", False):
+    if epoch != 0:
+        # a method may offer faster weights of the same function for a pass without gradients (LoRA: merged)
+        with getattr(subject, "evaluation_weights", nullcontext)():
+            return evaluator.run(model, datamodule, roles, progress=progress, scorer=scorer)
+    if not settings.p0 or not getattr(subject, "p0_is_base", False):
         return evaluator.run(model, datamodule, roles, progress=progress, scorer=scorer)
     rank, world = _process()
     # the number of processes orders the sums of the reduction, so a cached p0 equals a fresh one bit for bit

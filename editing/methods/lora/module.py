@@ -9,6 +9,7 @@ from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
 from editing.methods.lora.config import LoRAConfig, lora_layers, mlp_target_modules
+from editing.methods.lora.merged import merged_adapters
 from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
 
@@ -49,6 +50,13 @@ class LoRAEditor(EditingModule):
     def reference(self) -> Iterator[nn.Module]:
         with self.model.disable_adapter():
             yield self.model
+
+    @contextmanager
+    def evaluation_weights(self) -> Iterator[nn.Module]:
+        """The adapter merged into the base weights for an epoch's evaluation (one product per adapted layer instead
+        of the rank-r branch beside it); the base weights are back bit for bit on exit (``merged_adapters``)."""
+        with merged_adapters(self.model) as model:
+            yield model
 
     def train_mode_modules(self) -> list[nn.Module]:
         return [m for n, m in self.model.named_modules() if n.endswith("lora_dropout")]
