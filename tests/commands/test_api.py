@@ -186,9 +186,10 @@ def test_edits_made_through_the_api_combine_and_are_measured_on_their_own_tasks(
     record = both.record
     assert [t.task for t in record.tasks] == ["zorbia", "plimsk"]  # each edit's own task, found from its run
     for run, outcome in zip(runs, record.tasks, strict=True):
-        # an edit alone measures what its own fit measured for the ball
+        # an edit alone measures what its own fit measured for the ball, to fp32 rounding: the fit evaluates a LoRA
+        # epoch with the adapter merged into W (issue 37), the combination runs peft's rank-r branch
         assert outcome.alone.success_rate == run.result.metrics.success_rate
-        assert outcome.alone.general_nll == pytest.approx(run.result.metrics.general_nll, rel=1e-9)
+        assert outcome.alone.general_nll == pytest.approx(run.result.metrics.general_nll, rel=1e-6)
         assert outcome.base.general_nll == pytest.approx(run.run.initial.metrics.general_nll, rel=1e-9)
     assert record.joint_degradation == pytest.approx(record.combined_general_nll / record.base_general_nll - 1)
     ids = torch.tensor([[464, 3139, 286, 4881]])
