@@ -31,6 +31,7 @@ def default_storage(root: str | Path, study: str) -> str:
 
 STORAGE_EXAMPLES = ("e.g. sqlite:////abs/path/study.db or postgresql+psycopg2://user:password@host:5432/db, or leave "
                     "--storage out for the SQLite file under --root")
+SQLITE_PATIENCE = 60.0  # seconds a worker waits for another to release a SQLite file before it gives up
 CONNECT_TIMEOUT = 10  # seconds: an unreachable database server is reported at once, not after minutes of retries
 
 
@@ -93,11 +94,36 @@ def _prepare_sqlite(url: str, create: bool = True) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path, timeout=60) as con:
-            con.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(path)
     except (OSError, sqlite3.Error) as err:
         raise ConfigError(f"--storage {url!r}: cannot create or open the SQLite file {path} ({err}); choose a "
                           "writable place (--root or --storage)") from None
+
+
+def _switch_to_wal(path: Path) -> None:
+    """Set WAL on ``path`` unless it is set already, retrying while other workers hold the file.
+
+    SQLite answers "database is locked" at once, without waiting out the busy timeout, when two connections both
+    try to upgrade their shared lock to change the journal mode (waiting could deadlock), so several workers
+    starting together need the retry; a worker that finds WAL already set takes no write lock at all.
+    """
+    patience = SQLITE_PATIENCE
+    deadline = time.monotonic() + patience
+    delay = 0.05
+    while True:
+        con = sqlite3.connect(path, timeout=patience)
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err) or time.monotonic() > deadline:
+                raise
+        finally:
+            con.close()
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
 
 
 def _probe(url: str, engine_kwargs: dict) -> None:
