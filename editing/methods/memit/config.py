@@ -34,7 +34,72 @@ ORACLE_DEFAULTS: dict[str, dict[str, str]] = {
 
 
 @dataclass
-class MEMITConfig:
+class TargetSettings:
+    """The settings the MEMIT family (MEMIT, ROME, AlphaEdit) shares: how the requests' subjects are found, how each
+    target (value) vector is optimized, and over what the key statistics and context templates are computed.
+
+    Each method's settings class derives from it, with its own ``section`` and defaults where SPEC gives others;
+    ``family_checks`` holds the range checks of these fields, written once.
+    """
+
+    section: ClassVar[str] = "memit"
+    """The settings' group under ``model.init_args`` (messages name ``<section>.<setting>``)."""
+
+    kl_factor: float = 0.0625
+    """Weight of KL(p0 || p) at the subject's last token of an "<subject> is a" prompt while optimizing the
+    targets (swept, lightning_configs/sweeps/<method>.yaml)."""
+    steps: int = 20
+    """Adam steps optimizing each target vector."""
+    lr: float = 0.5
+    """Adam learning rate of the target optimization."""
+    supervision: Supervision = "standard"
+    """``standard``: the subject is the whole prefix; ``oracle``: an entity span of the prefix, from
+    ``oracle_field`` or ``oracle_pattern`` (defaults exist for the built-in tasks except temporal)."""
+    oracle_field: str | None = None
+    """Oracle supervision: the field of each canonical line holding the subject (e.g. ``country``, ``company``,
+    ``target``), found in the prefix ignoring case; a line whose prefix lacks it keeps the whole prefix (a warning
+    counts them: a few country_capital lines put the country in the suffix)."""
+    oracle_pattern: str | None = None
+    """Oracle supervision: a regular expression searched in the prefix; its first group (or the whole match) is
+    the subject, e.g. ``^The (.+) said`` for the career noun of pronoun_gender_bias."""
+    covariance_samples: int = 100000
+    """Tokens of the general set R over which C = E[k k^T] is estimated (cached on disk per model, layer, corpus
+    and count, and shared by the methods of the family)."""
+    covariance_batch_size: int = 16
+    """Texts of R per forward pass while estimating C."""
+    context_templates: int = 5
+    """Model-generated prefixes the keys are averaged over, besides the bare prompt (0: the bare prompt only)."""
+    context_template_length: int = 10
+    """Tokens per generated prefix."""
+
+    def family_checks(self) -> list[tuple[str, bool, str]]:
+        """The range checks of the shared settings, in ``check_ranges``'s form."""
+        return [
+            ("kl_factor", self.kl_factor >= 0, "a number >= 0"),
+            ("steps", self.steps >= 1, "at least 1"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("covariance_samples", self.covariance_samples >= 1, "at least 1 token"),
+            ("covariance_batch_size", self.covariance_batch_size >= 1, "at least 1"),
+            ("context_templates", self.context_templates >= 0, "0 or more"),
+            ("context_template_length", self.context_template_length >= 1, "at least 1"),
+        ]
+
+    def check(self, own: list[tuple[str, bool, str]]) -> None:
+        """Raise ``ConfigError`` for the first failed check: the method's ``own`` first, then the shared ones and
+        the subject rules."""
+        check_ranges(self, own + self.family_checks())
+        check_supervision(self)
+
+
+def check_layer_list(cfg) -> None:
+    """``<section>.layers``, when set, is a non-empty ascending list of distinct layers."""
+    if cfg.layers is not None and (not cfg.layers or sorted(set(cfg.layers)) != list(cfg.layers)):
+        raise ConfigError(f"{cfg.section}.layers={cfg.layers!r} must be a non-empty ascending list of distinct "
+                          "layers")
+
+
+@dataclass
+class MEMITConfig(TargetSettings):
     """MEMIT: closed-form updates of the MLP down projections of a block of layers (SPEC section 10).
 
     Sweep ranges: ``lightning_configs/sweeps/memit.yaml`` (SPEC section 6).
@@ -54,57 +119,20 @@ class MEMITConfig:
     covariance_weight: float = 15000.0
     """lambda: weight of the covariance statistics C against the new keys in (lambda C + K K^T)
     (swept, lightning_configs/sweeps/memit.yaml)."""
-    kl_factor: float = 0.0625
-    """Weight of KL(p0 || p) at the subject's last token of an "<subject> is a" prompt while optimizing the
-    targets (swept, lightning_configs/sweeps/memit.yaml)."""
-    steps: int = 20
-    """Adam steps optimizing each target vector."""
-    lr: float = 0.5
-    """Adam learning rate of the target optimization."""
     weight_decay: float = 0.5
     """Weight of the penalty |delta| / |h| on the residual change (SPEC section 10)."""
-    supervision: Supervision = "standard"
-    """``standard``: the subject is the whole prefix; ``oracle``: an entity span of the prefix, from
-    ``oracle_field`` or ``oracle_pattern`` (defaults exist for the built-in tasks except temporal)."""
-    oracle_field: str | None = None
-    """Oracle supervision: the field of each canonical line holding the subject (e.g. ``country``, ``company``,
-    ``target``), found in the prefix ignoring case; a line whose prefix lacks it keeps the whole prefix (a warning
-    counts them: a few country_capital lines put the country in the suffix)."""
-    oracle_pattern: str | None = None
-    """Oracle supervision: a regular expression searched in the prefix; its first group (or the whole match) is
-    the subject, e.g. ``^The (.+) said`` for the career noun of pronoun_gender_bias."""
-    covariance_samples: int = 100000
-    """Tokens of the general set R over which C = E[k k^T] is estimated (cached on disk per model, layer, corpus
-    and count)."""
-    covariance_batch_size: int = 16
-    """Texts of R per forward pass while estimating C."""
-    context_templates: int = 5
-    """Model-generated prefixes the keys are averaged over, besides the bare prompt (0: the bare prompt only)."""
-    context_template_length: int = 10
-    """Tokens per generated prefix."""
     request_batch_size: int = 32
     """Requests whose target vectors are optimized together in one batch."""
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the setting at fault."""
-        checks = [
+        self.check([
             ("clamp_norm_factor", self.clamp_norm_factor > 0, "a positive number"),
             ("covariance_weight", self.covariance_weight >= 0, "a number >= 0"),
-            ("kl_factor", self.kl_factor >= 0, "a number >= 0"),
-            ("steps", self.steps >= 1, "at least 1"),
-            ("lr", self.lr > 0, "a positive number"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
-            ("covariance_samples", self.covariance_samples >= 1, "at least 1 token"),
-            ("covariance_batch_size", self.covariance_batch_size >= 1, "at least 1"),
-            ("context_templates", self.context_templates >= 0, "0 or more"),
-            ("context_template_length", self.context_template_length >= 1, "at least 1"),
             ("request_batch_size", self.request_batch_size >= 1, "at least 1"),
-        ]
-        check_ranges(self, checks)
-        check_supervision(self)
-        if self.layers is not None and (not self.layers or sorted(set(self.layers)) != list(self.layers)):
-            raise ConfigError(f"{self.section}.layers={self.layers!r} must be a non-empty ascending list of distinct "
-                              "layers")
+        ])
+        check_layer_list(self)
 
 
 def check_ranges(cfg, checks: list[tuple[str, bool, str]]) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from editing.core.errors import ConfigError
-from editing.methods.memit.config import Supervision, check_ranges, check_supervision, default_layers
+from editing.methods.memit.config import TargetSettings, default_layers
 
 # The edited layer per (model type, number of layers) where the reference chose one (GPT-2 XL: 17, GPT-J: 5);
 # otherwise the last of MEMIT's default layers (for GPT-2 XL that is the same 17).
@@ -15,9 +15,9 @@ DEFAULT_LAYER: dict[tuple[str, int], int] = {("gpt2", 48): 17, ("gptj", 28): 5}
 
 
 @dataclass
-class ROMEConfig:
+class ROMEConfig(TargetSettings):
     """ROME: one rank-one closed-form update of one layer's MLP down projection per request, requests one after
-    another (SPEC section 11).
+    another (SPEC section 11). The requests, values and statistics settings are MEMIT's (``TargetSettings``).
 
     Sweep ranges: ``lightning_configs/sweeps/rome.yaml`` (SPEC section 11).
     """
@@ -34,31 +34,10 @@ class ROMEConfig:
     clamp_norm_factor: float = 4.0
     """The change delta of the value is clamped to this times the norm of the unedited value v0
     (swept, lightning_configs/sweeps/rome.yaml)."""
-    kl_factor: float = 0.0625
-    """Weight of KL(p0 || p) at the subject's last token of an "<subject> is a" prompt while optimizing the value
-    (swept)."""
-    steps: int = 20
-    """Adam steps optimizing each value v*."""
-    lr: float = 0.5
-    """Adam learning rate of the value optimization."""
     v_weight_decay: float = 0.5
     """Weight of the penalty |delta| / |v0|^2 on the value's change (the reference divides by the square)."""
     use_statistics: bool = True
     """u = C^-1 k* with C = E[k k^T] over the general set R (SPEC section 10's statistics); false: C = I."""
-    supervision: Supervision = "standard"
-    """``standard``: the subject is the whole prefix; ``oracle``: an entity span of the prefix (as MEMIT's)."""
-    oracle_field: str | None = None
-    """Oracle supervision: the field of each canonical line holding the subject (as ``memit.oracle_field``)."""
-    oracle_pattern: str | None = None
-    """Oracle supervision: a regular expression whose first group is the subject (as ``memit.oracle_pattern``)."""
-    covariance_samples: int = 100000
-    """Tokens of R over which C is estimated (cached on disk, shared with MEMIT's statistics of that layer)."""
-    covariance_batch_size: int = 16
-    """Texts of R per forward pass while estimating C."""
-    context_templates: int = 5
-    """Model-generated prefixes the key k* is averaged over, besides the bare prompt (0: the bare prompt only)."""
-    context_template_length: int = 10
-    """Tokens per generated prefix."""
 
     @property
     def weight_decay(self) -> float:
@@ -67,22 +46,14 @@ class ROMEConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the setting at fault."""
-        check_ranges(self, [
+        self.check([
             ("clamp_norm_factor", self.clamp_norm_factor > 0, "a positive number"),
-            ("kl_factor", self.kl_factor >= 0, "a number >= 0"),
-            ("steps", self.steps >= 1, "at least 1"),
-            ("lr", self.lr > 0, "a positive number"),
             ("v_weight_decay", self.v_weight_decay >= 0, "a number >= 0"),
-            ("covariance_samples", self.covariance_samples >= 1, "at least 1 token"),
-            ("covariance_batch_size", self.covariance_batch_size >= 1, "at least 1"),
-            ("context_templates", self.context_templates >= 0, "0 or more"),
-            ("context_template_length", self.context_template_length >= 1, "at least 1"),
             ("layer", self.layer is None or self.layer >= 0, "a layer index >= 0"),
             ("layer_fraction", self.layer_fraction is None or (math.isfinite(self.layer_fraction)
                                                                and 0 <= self.layer_fraction < 1),
              "a fraction in [0, 1)"),
         ])
-        check_supervision(self)
         if self.layer is not None and self.layer_fraction is not None:
             raise ConfigError(f"set only one of rome.layer={self.layer} and rome.layer_fraction="
                               f"{self.layer_fraction}")
