@@ -46,10 +46,15 @@ def gpu_device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _own_evaluation_caches(tmp_path_factory, monkeypatch):
     """Each test has its own evaluation caches (p0 and incremental, ``editing.evaluation.caching``), on disk and in
-    memory: what one test cached is never another test's result. Subprocesses inherit the folder."""
+    memory: what one test cached is never another test's result. Subprocesses inherit the folder.
+
+    The product mode is pinned to ``default`` (``editing.evaluation.products``): with a fresh cache folder per test,
+    the machine's choice would be measured again (seconds) in every test that evaluates, and the suite's numbers
+    would depend on the machine's timing. ``tests/evaluation/test_products.py`` tests the choice itself."""
     from editing.evaluation.incremental import clear_memory
 
     monkeypatch.setenv("EDITING_EVAL_CACHE_DIR", str(tmp_path_factory.mktemp("eval-cache")))
+    monkeypatch.setenv("EDITING_PRODUCTS", "default")
     clear_memory()
     yield
     clear_memory()

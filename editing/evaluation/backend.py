@@ -20,6 +20,11 @@ import torch
 EXACT_FACTOR = 8.0
 """A mode is exact when its relative RMS error against float64 is at most this many times the default fp32
 product's on the same operands (fp32 differs from fp32 by a small factor; tf32 and bf16 are 100x-10,000x off)."""
+EXACT_CAP = 1e-5
+"""And never above this relative error, whatever the default's: bf16 rounding gives about 2e-3, tf32 about 2e-4."""
+MARGIN = 0.05
+"""A mode other than ``default`` is chosen only when it is at least this fraction faster than ``default``: a tie
+within timing noise must not flip the choice (and with it the last bits of every number) between machines alike."""
 
 
 @contextmanager
@@ -109,8 +114,44 @@ def measure_mode(mode: str, x: torch.Tensor, w: torch.Tensor, exact: torch.Tenso
 
 
 def is_exact(error: float, default_error: float) -> bool:
-    """Whether an error is fp32's (within ``EXACT_FACTOR`` of the default product's), not tf32's or bf16's."""
-    return error <= EXACT_FACTOR * max(default_error, 1e-9)
+    """Whether an error is fp32's (within ``EXACT_FACTOR`` of the default product's and below ``EXACT_CAP``), not
+    tf32's or bf16's."""
+    return error == error and error <= min(EXACT_FACTOR * max(default_error, 1e-9), EXACT_CAP)
+
+
+def _attention_products(seed: int = 0) -> list[tuple[Callable[[], torch.Tensor], torch.Tensor]]:
+    """The attention's own products (``bmm`` of scores, causal ``scaled_dot_product_attention``) with their float64
+    results: a math mode may route them through other kernels than the linear layers'."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 9, 96, 64, generator=gen) for _ in range(3))
+    a, b = torch.randn(9, 96, 64, generator=gen), torch.randn(9, 64, 96, generator=gen) / 8.0
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return [(lambda: torch.bmm(a, b), torch.bmm(a.double(), b.double())),
+            (lambda: sdpa(q, k, v, is_causal=True), sdpa(q.double(), k.double(), v.double(), is_causal=True))]
+
+
+CHECK_SHAPES: list[tuple[int, int, int]] = [(1, 64, 96), (7, 576, 192), (64, 576, 1536), (300, 1536, 576)]
+"""Products whose error (not speed) every mode must pass besides the timed ones: one row (a single scored
+position), odd row counts, the model's widths; a library may pick another kernel for a small product."""
+
+
+def check_errors(modes: dict[str, Callable[[], object]] | None = None) -> dict[str, tuple[float, bool]]:
+    """Each mode's worst relative error over ``CHECK_SHAPES`` and the attention products, and whether it is exact
+    (``is_exact`` against the default's error on the same product) on every one of them."""
+    modes = modes or MODES
+    products = [(lambda x=x, w=w: torch.nn.functional.linear(x, w), exact)
+                for x, w, exact in (operands(*shape) for shape in CHECK_SHAPES)]
+    products += _attention_products()
+    found: dict[str, tuple[float, bool]] = {}
+    for fn, exact in products:
+        with modes["default"]():
+            reference = relative_error(fn(), exact)
+        for mode in modes:
+            with modes[mode]():
+                error = relative_error(fn(), exact)
+            worst, exact_so_far = found.get(mode, (0.0, True))
+            found[mode] = (max(worst, error), exact_so_far and is_exact(error, reference))
+    return found
 
 
 @dataclass
@@ -124,7 +165,8 @@ class Choice:
 
 def choose_mode(shapes: list[tuple[int, int, int]], repeat: int = 3,
                 modes: dict[str, Callable[[], object]] | None = None,
-                faster: dict[str, float] | None = None) -> Choice:
+                faster: dict[str, float] | None = None, weights: list[float] | None = None,
+                margin: float = 0.0, checks: bool = False) -> Choice:
     """The fastest mode whose error is fp32's on every ``(tokens, k, n)`` shape; ``default`` when none beats it.
 
     Args:
@@ -132,17 +174,29 @@ def choose_mode(shapes: list[tuple[int, int, int]], repeat: int = 3,
         repeat: timed calls per mode and shape (median).
         modes: the candidates (default ``MODES``); must include ``default``.
         faster: seconds that replace a mode's measured total (tests: a mode that would win on speed).
+        weights: how many times each shape's product runs per pass (default 1 each): the totals compared.
+        margin: a mode other than ``default`` must be this fraction faster than it (``MARGIN`` for a machine's
+            choice; 0 picks the fastest).
+        checks: also require fp32's error on ``check_errors``'s products (small shapes, attention).
     """
     modes = modes or MODES
+    weights = weights or [1.0] * len(shapes)
     seconds: dict[str, float] = {}
     rejected: dict[str, float] = {}
-    for shape in shapes:
+    for shape, weight in zip(shapes, weights, strict=True):
         x, w, exact = operands(*shape)
         reference = measure_mode("default", x, w, exact, repeat, modes)
         for mode in modes:
             result = reference if mode == "default" else measure_mode(mode, x, w, exact, repeat, modes)
             if not is_exact(result.error, reference.error):
                 rejected[mode] = max(rejected.get(mode, 0.0), result.error)
-            seconds[mode] = seconds.get(mode, 0.0) + result.seconds
+            seconds[mode] = seconds.get(mode, 0.0) + weight * result.seconds
+    if checks:
+        for mode, (error, exact) in check_errors(modes).items():
+            if not exact:
+                rejected[mode] = max(rejected.get(mode, 0.0), error)
     exact_modes = {m: (faster or {}).get(m, s) for m, s in seconds.items() if m not in rejected}
-    return Choice(min(exact_modes, key=exact_modes.get), exact_modes, rejected)
+    best = min(exact_modes, key=exact_modes.get)
+    if best != "default" and exact_modes[best] > (1.0 - margin) * exact_modes.get("default", float("inf")):
+        best = "default"
+    return Choice(best, exact_modes, rejected)

@@ -76,6 +76,7 @@ from editing.evaluation.incremental import (
     prefix_digest,
     tensor_digest,
 )
+from editing.evaluation.products import chosen_mode
 from editing.evaluation.scorer import TokenScorer
 from editing.models.architecture import base_model
 
@@ -125,6 +126,8 @@ def model_material(model: nn.Module, identity: dict) -> dict:
         "fingerprint": identity.get("fingerprint"), "model_type": identity.get("model_type"),
         "precision": identity.get("precision"), "dtype": str(param.dtype), "device": param.device.type,
         "numerics": numerics(param.device),
+        # the product mode changes the last bits of every evaluation (editing.evaluation.products)
+        "products": chosen_mode(param.device),
         "config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
         "attention": getattr(inner.config, "_attn_implementation", None),
         "libraries": library_versions(), "code": code_digest(*EVALUATION_CODE),

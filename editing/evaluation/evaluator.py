@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
 from editing.evaluation.precision import full_precision
+from editing.evaluation.products import evaluation_products
 from editing.evaluation.scorer import TokenScorer, example_nll, sequence_nll
 from editing.rules.losses import example_score
 from editing.rules.tasks import TaskSpec
@@ -68,12 +69,12 @@ class Evaluator(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, batch: dict) -> None:
-        """Score one evaluation batch with ``model`` (in full fp32, see ``full_precision``) and update the metric of
-        its role."""
+        """Score one evaluation batch with ``model`` (in full fp32, see ``full_precision``, with the machine's
+        fastest exact products, see ``editing.evaluation.products``) and update the metric of its role."""
         if batch["input_ids"].numel() == 0:  # an empty shard under DDP (fewer examples than processes)
             return
         # under --trainer.precision bf16-mixed, Lightning runs validation/test steps in autocast
-        with full_precision():
+        with full_precision(), evaluation_products(batch["input_ids"].device):
             self._update(model, batch)
 
     def _update(self, model: nn.Module, batch: dict) -> None:
@@ -203,7 +204,7 @@ class Evaluator(nn.Module):
         model.eval()
         self.scorer = scorer
         try:
-            with full_precision():
+            with full_precision(), evaluation_products(device):
                 for role in roles or datamodule.eval_roles():
                     loader = datamodule.eval_dataloader(role)
                     # a sharded model's forward passes gather weights from every process: all run as many
