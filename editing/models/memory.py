@@ -60,9 +60,36 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _dequantized_gguf(model: torch.nn.Module) -> bool:
+    """Whether the model was read from a GGUF file: transformers dequantizes its tensors on load (plain floating
+    weights) but leaves the model marked quantized."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def _quantized(model: torch.nn.Module) -> bool:
+    if _dequantized_gguf(model):
+        return any(not p.is_floating_point() for p in model.parameters())
+    return getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None or \
+        any(not p.is_floating_point() for p in model.parameters())
+
+
+def _unmark_gguf(model: torch.nn.Module) -> None:
+    """Drop the GGUF marks of a dequantized model (as ``editing.models.loading`` does for the embedded model), so
+    that its export is a plain fp32 folder."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
 def _snapshot(model: torch.nn.Module, where: str) -> torch.nn.Module:
     """A copy of ``model`` in fp32 on the CPU (a peft model: its active adapters merged), the caller's untouched."""
-    if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+    if _quantized(model):
         raise ConfigError(f"{where}: the model is quantized ({type(model).__name__} with a quantization_config), and "
                           "an edit trains and measures weights in fp32; load it without quantization (e.g. "
                           "AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)) and pass that")
@@ -79,6 +106,8 @@ def _snapshot(model: torch.nn.Module, where: str) -> torch.nn.Module:
             raise ConfigError(f"{where}: a peft model is edited on top of its active adapters merged into the base "
                               f"weights, and these cannot be merged ({first}); merge or remove them yourself and "
                               "pass the plain model") from None
+    if _dequantized_gguf(snapshot):
+        _unmark_gguf(snapshot)
     snapshot = snapshot.to("cpu", torch.float32)
     snapshot.requires_grad_(False)
     snapshot.eval()
@@ -116,7 +145,7 @@ def hold_model(model: Any, tokenizer: Any, where: str = "edit(model=...)") -> Lo
                           "with transformers (AutoModelForCausalLM.from_pretrained), a peft model of one, or a model "
                           "name or folder")
     source_of = getattr(model.config, "_name_or_path", "") or "?"
-    direct = not is_peft_model(model) and _plain_fp32_cpu(model)
+    direct = not is_peft_model(model) and not _dequantized_gguf(model) and _plain_fp32_cpu(model)
     snapshot = None if direct else _snapshot(model, where)
     weights = fingerprint(model if direct else snapshot)
     digests = {"fingerprint": weights, "config_sha256": config_sha256(snapshot or model),
