@@ -116,6 +116,9 @@ class DegradationBudget(L.Callback):
         self.diverged_epoch: int | None = None
         self.stopped_early: dict | None = None
         self.p0_hard_negatives: dict[int, float] | None = None  # p0's value per hard negative, for locality
+        # a fit on top of an earlier edit (--base_edit): the original base model's evaluation, which the balls, the
+        # degradation and the locality are measured against (epoch 0 is then the model the fit started from)
+        self.original: dict | None = None
         self.resolved_config: dict | None = None
         self.results_path: Path | None = None
         self._catching_up = False
@@ -127,7 +130,7 @@ class DegradationBudget(L.Callback):
     def state_dict(self) -> dict:
         return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
                 "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early,
-                "p0_hard_negatives": self.p0_hard_negatives}
+                "p0_hard_negatives": self.p0_hard_negatives, "original": self.original}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = True  # a resumed run: epoch 0's row is in the log already
@@ -137,24 +140,40 @@ class DegradationBudget(L.Callback):
         self.diverged_epoch = state.get("diverged_epoch")
         self.stopped_early = state.get("stopped_early")
         self.p0_hard_negatives = state.get("p0_hard_negatives")  # None in checkpoints older than locality
+        self.original = state.get("original")
 
     # helpers ---------------------------------------------------------------------------------------------
     def run_dir(self, trainer: L.Trainer) -> Path:
         """Where results and edits go."""
         return Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
 
-    def _evaluate(self, trainer: L.Trainer, module, epoch: int) -> dict:
+    def initial_nll(self) -> float | None:
+        """The general NLL the balls are around: p0's (epoch 0's; the original base model's under a base edit)."""
+        if self.original is not None:
+            return self.original[GENERAL_NLL]
+        return self.history[0][GENERAL_NLL] if self.history else None
+
+    def _evaluate(self, trainer: L.Trainer, module, epoch: int, subject=None) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         dm = trainer.datamodule
-        summary = evaluate_epoch(module, dm, epoch, self.caches, roles=dm.eval_roles(canonical=True), progress=show,
-                                 announce=trainer.is_global_zero)
+        summary = evaluate_epoch(subject or module, dm, epoch, self.caches, roles=dm.eval_roles(canonical=True),
+                                 progress=show, announce=trainer.is_global_zero)
         values = hard_negative_values(summary["per_example_hard_negatives"])
-        if epoch == 0:
+        if epoch == 0 and (subject is not None or self.original is None):
             self.p0_hard_negatives = values
         summary[Metric.LOCALITY.value] = (None if self.p0_hard_negatives is None
                                           else preserved_rate(self.p0_hard_negatives, values))
         # the history holds plain dicts (the layout of results.json's epochs): checkpoints store it
-        return EpochRecord.of(epoch, summary, self.history[0][GENERAL_NLL] if self.history else None).to_dict()
+        return EpochRecord.of(epoch, summary, self.initial_nll()).to_dict()
+
+    def _evaluate_original(self, trainer: L.Trainer, module) -> dict:
+        """The original base model's evaluation, for a fit on top of a base edit (its ``reference()``)."""
+        with module.reference() as model:
+            record = self._evaluate(trainer, module, 0, subject=Original(module, model))
+        self._say(trainer, f"original base model (p0 of the balls; the fit starts from --base_edit "
+                           f"{module.base_edit.folder}): general NLL {record[GENERAL_NLL]:.6g}, generalization "
+                           f"{record[Metric.SUCCESS_RATE.value]:.3f}")
+        return record
 
     def _log(self, module, record: dict) -> None:
         # The epoch's row goes to the loggers at once rather than through module.log, which writes it only after
@@ -180,7 +199,9 @@ class DegradationBudget(L.Callback):
             print(text, flush=True)
 
     def _line(self, trainer: L.Trainer, record: dict, train_loss: float | None = None) -> str:
-        return epoch_line(record, self.history[0], self.balls, trainer.max_epochs, train_loss)
+        # the balls around the original model's general NLL under a base edit (initial_nll)
+        initial = {**self.history[0], GENERAL_NLL: self.initial_nll()}
+        return epoch_line(record, initial, self.balls, trainer.max_epochs, train_loss)
 
     def _epoch_loss(self) -> float | None:
         losses, self._losses = self._losses, []
@@ -204,7 +225,7 @@ class DegradationBudget(L.Callback):
     def _update_balls(self, module, record: dict) -> list[str]:
         # Keep, per ball, the deltas of the epoch the ball reports (choose_epochs, with the test rule's caps): this
         # epoch, once it is in the history, when it is that choice. Returns the balls whose edit changed.
-        chosen = choose_epochs(self.history, self.balls, self.max_epoch)
+        chosen = choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll())
         state = None
         changed = []
         for ball in self.balls:
@@ -279,6 +300,8 @@ class DegradationBudget(L.Callback):
         pl_module.reuse_base_numbers = self.caches.effective().p0
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
             return
+        if getattr(pl_module, "base_edit", None) is not None:
+            self.original = self._evaluate_original(trainer, pl_module)
         record = self._evaluate(trainer, pl_module, 0)
         self.history.append(record)
         self.ball_states = {ball.key: pl_module.delta_state() for ball in self.balls}
@@ -339,7 +362,7 @@ class DegradationBudget(L.Callback):
             self._stop_softly(trainer, epoch)
             return
         largest = max(self.balls, key=lambda b: b.eps)
-        if largest.inside(record[GENERAL_NLL], self.history[0][GENERAL_NLL]):
+        if largest.inside(record[GENERAL_NLL], self.initial_nll()):
             self.outside = 0
             return
         self.outside += 1
@@ -359,15 +382,19 @@ class DegradationBudget(L.Callback):
 
     def summary(self) -> dict[str, BallRecord]:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""
-        return ball_records([EpochRecord.from_dict(e) for e in self.history], self.balls, self.max_epoch)
+        return ball_records([EpochRecord.from_dict(e) for e in self.history], self.balls, self.max_epoch,
+                            self.initial_nll())
 
     def record(self, trainer: L.Trainer, pl_module) -> RunRecord:
         """The run's record as it stands (``results.json`` without its edits)."""
         dm = trainer.datamodule
         stopped = None if self.stopped_early is None else StoppedEarly(**self.stopped_early)
+        model = dict(pl_module.identity)
+        if self.original is not None:  # what the balls were measured against
+            model["base_edit"] = {**model.get("base_edit", {}), "original": self.original}
         return RunRecord(
             method=MethodName(pl_module.method).value, task=TaskRef.of(dm.task), split=dm.split,
-            model=pl_module.identity, seed=dm.seed, config=self.resolved_config,
+            model=model, seed=dm.seed, config=self.resolved_config,
             hyperparameters=dict(pl_module.hparams),
             status=RunStatus.DIVERGED if self.diverged_epoch is not None else RunStatus.FINISHED,
             diverged_at_epoch=self.diverged_epoch, stopped_early=stopped,
@@ -444,5 +471,27 @@ class DegradationBudget(L.Callback):
     def _state_epoch(self, key: str) -> int:
         # The saved state of a ball is the one of the last epoch inside it up to the ball's max_epoch cap, which is
         # the epoch choose_epochs reports; an edit is exported only when the two agree.
-        return choose_epochs(self.history, self.balls, self.max_epoch)[key]
+        return choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll())[key]
 
+
+
+class Original:
+    """The original base model as an evaluation subject (``editing.evaluation.caching.evaluate_epoch``), for a fit on
+    top of a base edit: the module's ``reference()`` model, whose epoch-0 numbers are the base model's (its p0
+    cache applies), with a full evaluation (the method's shortcut describes its own edit, not this model).
+
+    Args:
+        module: the editing module.
+        model: the model its ``reference()`` yielded.
+    """
+
+    p0_is_base = True
+
+    def __init__(self, module, model) -> None:
+        self.model = model
+        self.identity = module.identity
+        self.tokenizer = module.tokenizer
+        self.max_length = module.max_length
+
+    def evaluation_shortcut(self) -> None:
+        return None

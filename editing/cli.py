@@ -63,6 +63,8 @@ COMMANDS: dict[str, Command] = {
                          "rerun the selected configurations on the test pair with several seeds"),
     "report": Command("editing.commands.protocol", "report",
                       "tables (Markdown, LaTeX) and plots (PNG) from the test runs"),
+    "sequence": Command("editing.commands.sequence", "sequence",
+                        "edit a task's canonical examples in chunks, each on top of the last edit (lifelong editing)"),
     "auto": Command("editing.commands.auto", "auto",
                     "search hyperparameters for the best edit inside a ball, within a budget of trials or minutes"),
 }

@@ -200,7 +200,7 @@ class EditingCLI(ProjectCLI):
         "fit": ("model.base.name", "model.base.precision", "model.optimizer.lr", "model.lora.rank",
                 "model.regularization.kind", "model.regularization.weight", "trainer.max_epochs",
                 "trainer.accumulate_grad_batches", "budget.balls", "data.task", "data.split", "data.eval_limit",
-                "data.general_limit", "budget.output_dir", "trainer.default_root_dir", "ckpt_path"),
+                "data.general_limit", "budget.output_dir", "trainer.default_root_dir", "ckpt_path", "base_edit"),
         "validate": ("model.base.name", "model.base.precision", "data.task", "data.eval_limit",
                      "data.general_limit", "data.max_tokens", "report.output_dir", "report.overwrite",
                      "trainer.default_root_dir", "trainer.accelerator", "trainer.devices"),
@@ -216,6 +216,12 @@ class EditingCLI(ProjectCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            parser.add_argument("--base_edit", type=str | None, default=None,
+                                help="an edit folder (<run>/edits/ball_<eps>) to fit on top of: the fit starts from "
+                                     "the base model with that edit and saves the cumulative edit, while p0 (the "
+                                     "balls, the KL term) stays the original base model; a sequence of edits "
+                                     "(editing sequence)")
         if subcommand != "fit":
             # an evaluation's results go to report.output_dir; a CSV log of it would be a stray run folder.
             # Lightning's own tables (one per dataloader, metric names cut short) give way to the EvaluationWriter's
@@ -266,8 +272,19 @@ class EditingCLI(ProjectCLI):
 
     def before_fit(self) -> None:
         self._attach_config()
+        self._apply_base_edit()
         self._prepare_run_folders()
         tidy_progress_bar(self.trainer)
+
+    def _apply_base_edit(self) -> None:
+        """``--base_edit DIR``: the fit continues that edit (``editing.methods.base_edit``); before the run folder
+        is claimed and a checkpoint checked against it (which compares the base edit the checkpoint was made on)."""
+        folder = self.config[self.subcommand].get("base_edit")
+        if folder is None:
+            return
+        from editing.edits.base_edit import read_base_edit
+
+        self.model.set_base_edit(read_base_edit(folder, self.model))
 
     def _prepare_run_folders(self) -> None:
         """Before the fit touches any file: resolve and check the checkpoint to resume, claim the run folders

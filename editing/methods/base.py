@@ -28,6 +28,7 @@ from editing.core.types import MethodName
 from editing.evaluation.evaluator import METRIC_NAMES, Evaluator
 from editing.evaluation.incremental import FrozenPrefix, Shortcut, first_changed_block
 from editing.evaluation.scorer import example_nll, sequence_nll
+from editing.methods.base_edit import BaseEdit
 from editing.methods.regularizers import REGULARIZERS, ewc_penalty, kl_to_reference, l2_to_reference
 from editing.models.loading import LoadedModel, ModelConfig, load_model
 from editing.rules.losses import training_loss
@@ -114,6 +115,8 @@ class EditingModule(L.LightningModule):
         self._prepare_deltas()
         self._initial: dict[str, torch.Tensor] = {}
         self._fisher: dict[str, torch.Tensor] = {}
+        self.base_edit: BaseEdit | None = None
+        """The earlier edit this fit continues (``set_base_edit``); None: a fit on the base model."""
 
     # what a method defines ----------------------------------------------------------------------------------
     def _prepare_deltas(self) -> None:
@@ -123,6 +126,58 @@ class EditingModule(L.LightningModule):
     def reference(self) -> Iterator[nn.Module]:
         """A context in which the yielded model computes p0 (the unedited model)."""
         yield self.model
+
+    can_continue: ClassVar[bool] = False
+    """Whether a fit of this method can start from an earlier edit (``editing fit --base_edit``, the rule in
+    ``editing.methods.base_edit``): its edit is a weight change that ``edited_tensors`` writes as plain weights."""
+    cannot_continue: ClassVar[str] = "its edit is not a weight change of the model"
+    """Why not, for the message when ``can_continue`` is false."""
+    reference_shares_weights: ClassVar[bool] = True
+    """Whether ``reference()`` computes p0 with the model's own base weights (an adapter or hooks switched off), so
+    that under a base edit the original weights must be swapped back in; false when p0 is a separate copy."""
+
+    def set_base_edit(self, base_edit: BaseEdit) -> None:
+        """Continue the sequence of edits ending in ``base_edit``: write its weights into the frozen base weights
+        (the model the fit starts from), and keep p0 (``reference()``) the original base model (see
+        ``editing.methods.base_edit`` for the rule). Call it before the fit starts.
+
+        Raises:
+            ConfigError: the method cannot continue a sequence, a base edit was set already, or the edit's tensors
+                do not fit the model (each naming ``--base_edit`` and the fix).
+        """
+        from editing.methods.base_edit import write_into
+
+        where = f"--base_edit {base_edit.folder}"
+        if not self.can_continue:
+            raise ConfigError(f"{where}: method {self.method.value!r} cannot continue a sequence of edits "
+                              f"({self.cannot_continue}); fit it on the base model without --base_edit, or continue "
+                              "the sequence with a weight-change method (full, lora, memit, rome, alphaedit)")
+        if self.base_edit is not None:
+            raise ConfigError(f"{where}: this fit continues {self.base_edit.folder} already; give one --base_edit")
+        self._continue_sequence(base_edit)
+        swap = write_into(self.loaded.model, base_edit, where)
+        self.base_edit = base_edit
+        self.p0_is_base = False  # the model before the first step carries the base edit: never p0's cache
+        if self.reference_shares_weights:
+            method_reference = type(self).reference
+
+            @contextmanager
+            def reference() -> Iterator[nn.Module]:
+                with swap.original(), method_reference(self) as model:
+                    yield model
+
+            self.reference = reference  # this instance's p0: the method's, with the original weights back
+        step = base_edit.step()
+        self.hparams["base_edit"] = step
+        self.loaded.identity = {**self.loaded.identity, "base_edit": {**step, "sequence": base_edit.sequence}}
+
+    def _continue_sequence(self, base_edit: BaseEdit) -> None:
+        """What a method carries over from the base edit besides its weights (AlphaEdit: its keys, as Kp)."""
+
+    def edited_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The parameters the edit ``state`` (default: the current deltas) changes, at their edited values, by the
+        base model's parameter names: what a fit under ``--base_edit`` saves (with the base edit's own)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write its edit as plain weights")
 
     p0_is_base: bool = False
     """True when the model before the first step computes the base model as loaded bit for bit (deltas that start
@@ -179,18 +234,30 @@ class EditingModule(L.LightningModule):
             raise NotImplementedError(f"{type(self).__name__} has no edit to export")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        spec.write_edit(self, folder, state)
-        self.write_base_identity(folder, spec.edit_kind)
+        if self.base_edit is None:
+            spec.write_edit(self, folder, state)
+            self.write_base_identity(folder, spec.edit_kind)
+            return folder
+        from editing.methods.tensor_edit import TENSORS_KIND, write_tensor_edit
+
+        # on top of a base edit: the cumulative weights, as a changed-tensors edit (editing.methods.base_edit)
+        if spec.edit_kind == TENSORS_KIND:
+            spec.write_edit(self, folder, state)  # the method's own extra files (AlphaEdit's keys) come along
+        tensors = {**self.base_edit.tensors, **self.edited_tensors(state)}
+        write_tensor_edit(folder, {n: t.detach().cpu().contiguous() for n, t in tensors.items()}, self.method.value,
+                          self.identity["fingerprint"])
+        self.write_base_identity(folder, TENSORS_KIND, sequence=self.base_edit.chain())
         return folder
 
-    def write_base_identity(self, folder: str | Path, kind: str) -> None:
+    def write_base_identity(self, folder: str | Path, kind: str, sequence: list[dict] | None = None) -> None:
         """Record beside an edit which base model it applies to, and the edit's kind and the hashes of its tensors
         (``editing.edits.load.load_edited`` checks them); ``export_edit`` calls it once the tensor files are written.
+        ``sequence``: the earlier edits it was fitted on top of, oldest first (``--base_edit``).
         """
         from editing.runs.manifest import write_edit_manifest
 
         write_text(Path(folder) / "base_model.json", json.dumps(self.identity, indent=2) + "\n", overwrite=True)
-        write_edit_manifest(folder, kind=kind, method=self.method.value)
+        write_edit_manifest(folder, kind=kind, method=self.method.value, sequence=sequence)
 
     @property
     def tokenizer(self):
@@ -368,6 +435,16 @@ class EditingModule(L.LightningModule):
                 f"but this run loads {self.identity['name']!r} (fingerprint {self.identity['fingerprint']}); "
                 "resume with the same --model.base settings"
             )
+        theirs = ((checkpoint.get("hyper_parameters") or {}).get("base_edit") or {}).get("manifest_sha256")
+        ours = (self.base_edit.manifest_sha256 if self.base_edit is not None else None)
+        if theirs != ours:
+            made = f"on top of the edit {checkpoint['hyper_parameters']['base_edit'].get('edit')}" if theirs else \
+                "on the base model alone"
+            now = f"--base_edit {self.base_edit.folder}" if self.base_edit is not None else "no --base_edit"
+            raise ConfigError(f"{where} was made {made} (manifest sha256 {str(theirs)[:12]}), but this run has {now} "
+                              f"(manifest sha256 {str(ours)[:12]}): the base edit differs or its folder changed since; "
+                              "resume with the --base_edit the checkpoint was made with, or start a new run without "
+                              "--ckpt_path")
         self._check_checkpoint_deltas(checkpoint, where)
 
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:

@@ -174,7 +174,7 @@ def parse_max_epoch(max_epoch: Mapping[str, int] | None, balls: Iterable[Ball],
 
 
 def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = None,
-                  max_epoch: Mapping[str, int] | None = None) -> dict[str, int]:
+                  max_epoch: Mapping[str, int] | None = None, initial: float | None = None) -> dict[str, int]:
     """The reported epoch per ball (SPEC section 6): the LAST evaluated epoch whose general NLL is inside the ball
     around epoch 0's; epoch 0 always qualifies (zero improvement).
 
@@ -185,13 +185,17 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
             then the last epoch inside the ball among epochs 0..cap, as the reference's test report computes it (it
             walks the epochs up to the one chosen at validation and keeps the last one inside), so a reported epoch is
             always inside its ball.
+        initial: the general NLL the balls are around (default: epoch 0's). A fit on top of an earlier edit
+            (``--base_edit``) passes the original base model's, so that a sequence of edits stays inside the balls of
+            the model it started from; epoch 0 (the model the fit started from) is then inside only if that is, and
+            is still reported when no epoch is (nothing this fit trained can be kept).
 
     Returns:
         Ball key -> chosen epoch, in the order of ``balls``.
     """
     balls = parse_balls(balls)
     caps = parse_max_epoch(max_epoch, balls) or {}
-    initial = history[0][Metric.GENERAL_NLL]
+    initial = history[0][Metric.GENERAL_NLL] if initial is None else initial
     chosen = {}
     for ball in balls:
         limit = caps.get(ball.key)

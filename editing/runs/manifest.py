@@ -75,7 +75,8 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
                           "edit of another ball or epoch, or rerun the fit (e.g. with a lower learning rate)")
 
 
-def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str | None = None) -> Path:
+def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str | None = None,
+                        sequence: list[dict] | None = None) -> Path:
     """Write ``edit_manifest.json`` for the tensor files (and adapter config) in ``folder``, atomically.
 
     Args:
@@ -83,6 +84,8 @@ def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str
         kind: the edit's kind, which says how it is loaded (``editing.methods.registry``); None keeps the kind of
             the folder's present manifest (rewriting the hashes of an edit does not change what it is).
         method: the method that made it (kept from the present manifest likewise).
+        sequence: the edits it was fitted on top of, oldest first (``editing fit --base_edit``): each one's folder,
+            manifest SHA-256 and method; None keeps the present manifest's (none for a fit on the base model).
 
     Returns:
         The manifest's path.
@@ -90,6 +93,8 @@ def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str
     folder = Path(folder)
     if kind is None and (folder / MANIFEST).is_file():
         kind, method = recorded_kind(folder)
+    if sequence is None and (folder / MANIFEST).is_file():
+        sequence = recorded_sequence(folder) or None
     files = {}
     for path in sorted(folder.glob("*.safetensors")):
         tensors = read_safetensors(path)
@@ -98,6 +103,8 @@ def write_edit_manifest(folder: str | Path, kind: str | None = None, method: str
     manifest = {"format": MANIFEST_FORMAT, "files": files, "config_files": configs}
     if kind is not None:
         manifest = {"format": MANIFEST_FORMAT, "kind": kind, "method": method, **manifest}
+    if sequence:
+        manifest["sequence"] = list(sequence)
     return write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n", overwrite=True)
 
 
@@ -127,6 +134,22 @@ def recorded_kind(folder: str | Path) -> tuple[str | None, str | None]:
     if kind is not None and (not isinstance(kind, str) or not kind):
         raise ConfigError(f"{path}: 'kind' must name the edit's kind (e.g. \"lora\"), not {kind!r}; {REEXPORT}")
     return kind, method if isinstance(method, str) else None
+
+
+def recorded_sequence(folder: str | Path) -> list[dict]:
+    """The edits an edit was fitted on top of, as its manifest records them (oldest first; empty for a fit on the
+    base model or an edit without a manifest).
+
+    Raises:
+        ConfigError: the manifest is unreadable, or its ``sequence`` is not a list of objects.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return []
+    sequence = _read_manifest(path).get("sequence", [])
+    if not isinstance(sequence, list) or not all(isinstance(s, dict) for s in sequence):
+        raise ConfigError(f"{path}: 'sequence' must be a list of the earlier edits (objects); {REEXPORT}")
+    return sequence
 
 
 def verify_edit(folder: str | Path, allow_unverified: bool = False) -> dict[str, dict[str, torch.Tensor]]:

@@ -303,7 +303,8 @@ class BallRecord:
 
 
 def ball_records(epochs: Sequence[EpochRecord], balls: Iterable[float | Ball] | None = None,
-                 max_epoch: Mapping[str, int] | None = None) -> dict[str, BallRecord]:
+                 max_epoch: Mapping[str, int] | None = None,
+                 initial_general_nll: float | None = None) -> dict[str, BallRecord]:
     """Per ball: the reported epoch (``editing.rules.budget.choose_epochs``), its metrics, and the success change from
     epoch 0 in percentage points.
 
@@ -311,8 +312,10 @@ def ball_records(epochs: Sequence[EpochRecord], balls: Iterable[float | Ball] | 
         epochs: the evaluated epochs, epoch 0 first.
         balls: the balls (default ``DEFAULT_BALLS``).
         max_epoch: per ball key, an epoch not to go past (the test pair's rule).
+        initial_general_nll: the general NLL the balls are around (default: epoch 0's; a fit on top of an earlier
+            edit passes the original base model's, ``choose_epochs``).
     """
-    chosen = choose_epochs([e.to_dict() for e in epochs], balls, max_epoch)
+    chosen = choose_epochs([e.to_dict() for e in epochs], balls, max_epoch, initial_general_nll)
     by_epoch = {e.epoch: e for e in epochs}
     initial = epochs[0].metrics.success_rate
     return {key: BallRecord(epoch, by_epoch[epoch].metrics,

@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 
 from editing.core.errors import ConfigError
-from editing.methods.alphaedit.module import AlphaEditEditor
+from editing.methods.alphaedit.module import KEYS_FILE, AlphaEditEditor
 from editing.methods.memit.edit import write_memit_edit
 from editing.runs.manifest import read_safetensors
-
-KEYS_FILE = "alphaedit_keys.safetensors"
 
 
 def write_alphaedit_edit(module: AlphaEditEditor, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:

@@ -19,6 +19,10 @@ from editing.methods.memit.module import MEMITEditor
 from editing.methods.memit.requests import Request
 from editing.models.loading import ModelConfig
 
+KEYS_FILE = "alphaedit_keys.safetensors"
+"""The saved edit's file of sequence keys (``layer.<l>``: (m, d_in) float64), written by
+``editing.methods.alphaedit.edit``."""
+
 
 class AlphaEditEditor(MEMITEditor):
     """Edit with AlphaEdit (SPEC section 12): MEMIT's targets and residuals, the update of each layer confined to
@@ -62,6 +66,13 @@ class AlphaEditEditor(MEMITEditor):
             raise ConfigError(f"previous AlphaEdit keys of layers {sorted(unknown)}, but this edit changes layers "
                               f"{self.memit_layers}; pass the keys of an edit of the same alphaedit.layers")
         self.previous_keys = {int(layer): k.detach().double().cpu() for layer, k in keys.items()}
+
+    def _continue_sequence(self, base_edit) -> None:
+        """A fit on top of an AlphaEdit edit (``--base_edit``) keeps its Kp: the keys of every earlier step (the
+        base edit's keys file) join the preserved keys. A base edit of another method brings none."""
+        keys = base_edit.files.get(KEYS_FILE)
+        if keys is not None:
+            self.set_previous_keys({int(name.split(".", 1)[1]): k for name, k in keys.items()})
 
     def sequence_keys(self, state: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """Kp for the next step of a sequence: per layer the previous keys followed by this edit's, or the previous

@@ -41,6 +41,8 @@ class FullEditor(EditingModule):
     """
 
     p0_is_base = True  # the model before the first step is the base model (p0 is a frozen copy of it)
+    can_continue = True
+    reference_shares_weights = False  # p0 is the copy taken before a base edit was written: the original
 
     def __init__(self, base: ModelConfig | None = None, gradient_checkpointing: bool = True,
                  layers: list[int] | None = None, optimizer: OptimizerConfig | None = None,
@@ -120,6 +122,10 @@ class FullEditor(EditingModule):
         if p0.device != self.device:  # the frozen copy follows the module across devices
             p0.to(self.device)
         yield p0
+
+    def edited_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors that differ from p0 (the original base model, under a base edit too)."""
+        return self.changed_tensors(state)
 
     def changed_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Tensors of the edit that differ from p0, by the base model's parameter names."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
@@ -25,6 +26,7 @@ class LoRAEditor(EditingModule):
     """
 
     p0_is_base = True  # LoRA B starts at zero: the model before the first step is the base model
+    can_continue = True
 
     def __init__(self, base: ModelConfig | None = None, lora: LoRAConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -57,6 +59,23 @@ class LoRAEditor(EditingModule):
         of the rank-r branch beside it); the base weights are back bit for bit on exit (``merged_adapters``)."""
         with merged_adapters(self.model) as model:
             yield model
+
+    def edited_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each adapted weight merged, W + scale * B A (W: the frozen weight, a base edit's under ``--base_edit``),
+        by the base model's parameter names, for the adapter ``state`` (default: the current one)."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        current = None
+        if state is not None:
+            current = self.delta_state()
+            self.load_delta_state(state)
+        try:
+            with merged_adapters(self.model):
+                return {f"{name}.weight": module.get_base_layer().weight.detach().to("cpu", copy=True)
+                        for name, module in self.loaded.model.named_modules() if isinstance(module, LoraLayer)}
+        finally:
+            if current is not None:
+                self.load_delta_state(current)
 
     def train_mode_modules(self) -> list[nn.Module]:
         return [m for n, m in self.model.named_modules() if n.endswith("lora_dropout")]

@@ -24,7 +24,7 @@ from editing.methods.base import EditingModule, OptimizerConfig, RegularizationC
 from editing.methods.memit.compute import KEY_CHUNK, layer_update, optimize_targets, request_keys
 from editing.methods.memit.config import MEMITConfig, resolve_layers
 from editing.methods.memit.covariance import CovarianceStats, layer_covariances
-from editing.methods.memit.layers import down_projection, is_transposed, model_type
+from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
 from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
@@ -49,6 +49,7 @@ class MEMITEditor(EditingModule):
     """
 
     p0_is_base = True  # the factors start at rank 0: the model before the first step is the base model
+    can_continue = True
     key_chunk = KEY_CHUNK
     """Requests whose keys are computed at a time while spreading (``compute.request_keys``): it bounds the memory,
     not the result."""
@@ -160,6 +161,17 @@ class MEMITEditor(EditingModule):
         return {layer: state[f"memit_u.{layer}"].float() @ state[f"memit_v.{layer}"].float()
                 for layer in self.memit_layers}
 
+    def edited_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """W + Delta W of every edited layer (W: the frozen weight, a base edit's under ``--base_edit``), float32,
+        by the base model's parameter names."""
+        tensors = {}
+        for layer, delta in self.weight_deltas(state).items():
+            projection = down_projection(self.model, layer)
+            weight = projection.weight.detach().float().cpu()
+            tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
+                weight + (delta.T if is_transposed(projection) else delta)).contiguous()
+        return tensors
+
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
         # the factors' rank is the number of requests, so only their names must match
         state = checkpoint.get("state_dict") or {}
@@ -207,7 +219,8 @@ class MEMITEditor(EditingModule):
         path = datamodule.path("regularization")
         texts, _ = ExampleTokenizer(self.tokenizer, self.max_length).examples(
             datamodule.records("regularization", all_lines=True), str(path))
-        with self.deltas_off():
+        # on p0: under a base edit the original model, whose fingerprint keys the cached statistics
+        with self.reference():
             return layer_covariances(
                 self.model, self.memit_layers, texts, fingerprint=self.identity["fingerprint"],
                 corpus_sha=datamodule.sha256("regularization"), samples=self.memit_config.covariance_samples,
@@ -298,8 +311,8 @@ class MEMITEditor(EditingModule):
         loss and the target settings, not on the covariance settings that sweeps vary: trials that differ only in
         ``covariance_weight``, seeds, and a second fit share them.
         """
-        if not self.reuse_base_numbers:
-            return None
+        if not self.reuse_base_numbers or self.base_edit is not None:
+            return None  # under a base edit the targets are computed on the edited model, not the base model
         solve_only = self.solve_settings
         material = {"kind": "memit_targets", "model": model_material(self.model, self.identity),
                     "code": code_digest(*TARGET_CODE),

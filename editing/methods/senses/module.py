@@ -37,6 +37,8 @@ class SensesEditor(EditingModule):
     """
 
     p0_is_base = True  # the sense deltas start at zero: the model before the first step is the base model
+    cannot_continue = ("its edit is sense deltas added to a Backpack's senses, not a weight change; to use two sense "
+                       "edits together, combine them: editing apply --edit A --edit B")
 
     def __init__(self, base: ModelConfig | None = None, senses: SensesConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
