@@ -17,7 +17,7 @@ from editing.commands import DEFAULT_ROOT, repeatable
 def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split: str = "val",
                data_root: str | None = None, eval_limit: int | None = None, general_limit: int | None = None,
                output_dir: str | None = None, overwrite: bool = False, allow_unverified: bool = False,
-               alone: bool = True) -> dict:
+               alone: bool = True, chat_template: bool | str | None = None) -> dict:
     """Load a base model plus saved edits and evaluate them on a task, beside the base model.
 
     Args:
@@ -35,12 +35,15 @@ def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split
         allow_unverified: apply an edit saved without ``edit_manifest.json`` (by an older version), whose tensors
             cannot be checked against the hashes recorded at saving.
         alone: with several edits, also measure each edit by itself on its task.
+        chat_template: ask the task's prefixes through a chat template (``--data.chat_template`` of ``editing
+            fit``); default: the setting the (first) edit was fitted with, read from its run folder (false outside
+            one).
 
     Returns:
         One edit: the evaluation summary. Several: the ``combined.json`` record as a dict.
     """
     from editing.core.errors import ConfigError
-    from editing.edits.combine import edit_task
+    from editing.edits.combine import edit_task, fitted_chat_template
 
     edits = [edit] if isinstance(edit, str) else list(edit or [])
     if not edits:
@@ -48,22 +51,25 @@ def apply_edit(edit: str | list[str], task: str | list[str] | None = None, split
     tasks = [task] if isinstance(task, str) else list(task or [])
     if not tasks:
         tasks = [edit_task(e) for e in edits]
+    if chat_template is None:
+        chat_template = fitted_chat_template(edits[0])
     if len(edits) == 1:
         if len(tasks) != 1:
             raise ConfigError(f"one --edit but {len(tasks)} --task options; evaluate on one task at a time")
         return _apply_one(edits[0], tasks[0], split, data_root, eval_limit, general_limit, output_dir, overwrite,
-                          allow_unverified)
+                          allow_unverified, chat_template)
     if len(tasks) == 1:
         tasks = tasks * len(edits)
     if len(tasks) != len(edits):
         raise ConfigError(f"{len(edits)} --edit options but {len(tasks)} --task options: give one --task per --edit "
                           "(in the same order), or one task for all")
     return _apply_several(edits, tasks, split, data_root, eval_limit, general_limit, output_dir, overwrite,
-                          allow_unverified, alone)
+                          allow_unverified, alone, chat_template)
 
 
 def _apply_one(edit: str, task: str, split: str, data_root: str | None, eval_limit: int | None,
-               general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool) -> dict:
+               general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool,
+               chat_template: bool | str = False) -> dict:
     from editing.core.types import Stage
     from editing.data.datamodule import TaskDataModule
     from editing.edits.load import load_edited
@@ -72,7 +78,7 @@ def _apply_one(edit: str, task: str, split: str, data_root: str | None, eval_lim
 
     module = load_edited(edit, allow_unverified=allow_unverified)
     dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
-                        general_limit=general_limit)
+                        general_limit=general_limit, chat_template=chat_template)
     out = Path(output_dir) if output_dir else Path(edit) / f"eval-{dm.task.name}-{split}"
     from editing.core.files import ensure_writable
 
@@ -115,7 +121,7 @@ def _num(value: float | None) -> str:
 
 def _apply_several(edits: list[str], tasks: list[str], split: str, data_root: str | None, eval_limit: int | None,
                    general_limit: int | None, output_dir: str | None, overwrite: bool, allow_unverified: bool,
-                   alone: bool) -> dict:
+                   alone: bool, chat_template: bool | str = False) -> dict:
     from editing.core.files import ensure_writable
     from editing.edits.combine import combine_edits, evaluate_combined, write_combined
     from editing.runs.tables import markdown_table
@@ -124,7 +130,7 @@ def _apply_several(edits: list[str], tasks: list[str], split: str, data_root: st
     ensure_writable(out / "combined.json", overwrite, "--overwrite true")
     module, parts = combine_edits(edits, allow_unverified=allow_unverified)
     record = evaluate_combined(module, parts, tasks, split, data_root, eval_limit, general_limit, alone=alone,
-                               progress=True)
+                               progress=True, chat_template=chat_template)
     path = write_combined(out, record, overwrite=overwrite)
     print(f"{len(parts)} edits combined on {module.identity['name']}: "
           + ", ".join(f"{p.folder} ({p.method})" for p in parts))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from editing.core.errors import ConfigError
 from editing.core.paths import resolve_data_root
 from editing.data.batching import TokenBudgetBatchSampler, collate
+from editing.data.chat import ChatTemplate, load_chat_template
 from editing.data.jsonl import Record, read_jsonl
 from editing.data.resume import ResumableLoader, TrainPositionState
 from editing.data.tokenize import ExampleTokenizer, TokenizationStats, TokenizedExample
@@ -77,12 +78,17 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
         regularization_batch_size: texts of the general set R per regularization batch (one per optimizer step).
         seed: training shuffle seed (and the seed of the regularization batches).
         num_workers: dataloader workers.
+        chat_template: ask the prefixes of the canonical, evaluation and hard-negative examples through a chat
+            template, the prefix as the user's turn and the suffix as the start of the assistant's reply
+            (``editing.data.chat``): true for the tokenizer's own, or a Jinja template (its text or a file) for a
+            tokenizer without one; texts (R, G, targeted texts) stay bare. For chat models deployed behind their
+            template (SmolLM2-Instruct, Llama-2-chat); false (default) for the paper's bare prefixes.
     """
 
     def __init__(self, task: str = "country_capital", split: str = "val", data_root: str | None = None,
                  eval_limit: int | None = None, general_limit: int | None = None, max_tokens: int = 1024,
                  max_examples: int = 64, batch_size: int = 1, regularization_batch_size: int = 2, seed: int = 0,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, chat_template: bool | str = False) -> None:
         super().__init__()
         if split not in SPLITS:
             raise ConfigError(f"data.split={split!r} is not valid; expected 'val' or 'test'")
@@ -101,6 +107,8 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
         self.regularization_batch_size = regularization_batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.chat_template = chat_template
+        self.chat: ChatTemplate | None = None
         self.tokenizer = None
         self.max_length: int | None = None
         self.sets: dict[str, LoadedSet] = {}
@@ -110,6 +118,7 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
         """Give the DataModule the model's tokenizer and context length (done by the CLI or ``setup``)."""
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
+        self.chat = load_chat_template(tokenizer, self.chat_template)
 
     def path(self, role: str) -> Path | None:
         """The file serving ``role`` (task roles, or ``general``/``regularization``)."""
@@ -163,7 +172,7 @@ class TaskDataModule(TrainPositionState, L.LightningDataModule):
         if path is None:
             return None
         records = self.records(role)
-        examples, stats = ExampleTokenizer(self.tokenizer, self.max_length).examples(records, str(path))
+        examples, stats = ExampleTokenizer(self.tokenizer, self.max_length, chat=self.chat).examples(records, str(path))
         for note in stats.notes:
             log.warning(note)
         self.sets[role] = LoadedSet(role, path, examples, stats, file_sha256(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from editing.core.errors import DataFormatError
+from editing.data.chat import ChatTemplate
 from editing.data.jsonl import Record
 
 GPT2_SEPARATOR = "<|endoftext|>"
@@ -68,10 +69,14 @@ class ExampleTokenizer:
         max_length: the model's context; longer examples lose tokens from the start of the prefix.
         strip_suffix_space: strip spaces from both ends of a suffix (``suffix.strip(' ')``, SPEC section 3); None
             decides from the tokenizer.
+        chat: ask prefixes through this chat template (``editing.data.chat``): the prefix as the user's turn, the
+            suffix, without its leading spaces, as the start of the assistant's reply; texts stay bare.
     """
 
-    def __init__(self, tokenizer, max_length: int, strip_suffix_space: bool | None = None) -> None:
+    def __init__(self, tokenizer, max_length: int, strip_suffix_space: bool | None = None,
+                 chat: ChatTemplate | None = None) -> None:
         self.tokenizer = tokenizer
+        self.chat = chat
         self.max_length = int(max_length)
         self.strip_suffix_space = strips_suffix_space(tokenizer) if strip_suffix_space is None else strip_suffix_space
         vocab = tokenizer.get_vocab()
@@ -85,6 +90,8 @@ class ExampleTokenizer:
         return list(self.tokenizer(text)["input_ids"])
 
     def _encode_suffix(self, text: str) -> list[int]:
+        if self.chat is not None:
+            text = text.lstrip(" ")
         if self.strip_suffix_space:
             # only the space character, as the reference does: tabs and newlines are kept
             text = text.strip(" ")
@@ -122,7 +129,7 @@ class ExampleTokenizer:
                 stats.truncated_examples += 1
                 stats.truncated_tokens += cut
             return TokenizedExample(record.index, [Sequence(ids, 1)], truncated=cut, is_text=True)
-        prefix = self._encode_prefix(record.prefix)
+        prefix = self._encode_prefix(record.prefix) if self.chat is None else self.chat.encode(record.prefix)
         suffixes = [self._encode_suffix(s) for s in record.suffixes]
         for s, ids in zip(record.suffixes, suffixes, strict=True):
             if not ids:
@@ -139,6 +146,12 @@ class ExampleTokenizer:
                 "empty prefix and the tokenizer adds no BOS token: the first suffix token cannot be scored",
             )
         cut = max(0, len(prefix) + max(len(s) for s in suffixes) - self.max_length)
+        if cut and self.chat is not None:  # cutting from the start would cut the template's head, not the question
+            raise DataFormatError(
+                path, record.line,
+                f"the prefix in its chat template and the suffix are {cut} token(s) longer than the model's context "
+                f"({self.max_length}); shorten the prefix, or set data.chat_template false",
+            )
         if cut:
             prefix = prefix[cut:]
             stats.truncated_examples += 1

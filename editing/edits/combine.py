@@ -10,6 +10,7 @@ The rule, written once here and in the README:
 - Two edits by **different methods** that touch the same tensor are refused, with a message naming both edits and the
   tensor: their changes were each computed against the base model and neither knows of the other, so no order of
   applying them is right.
+- A **GRACE codebook** (kind ``grace_codebook``) is applied alone, never combined (``NOT_COMBINABLE`` says why).
 - Edits by the **same method** add: changed tensors add their deltas (base + sum of (new - base)); LoRA adapters
   are loaded through peft as separate adapters, all active at once (the model computes W + sum of B_i A_i); sense
   edits are merged into one set of sense deltas (the vectors of a (word, sense) pair both edits chose add).
@@ -41,6 +42,11 @@ from editing.runs.records import Metrics, now
 SENSES = "<the Backpack's senses>"
 """What a sense edit touches (it adds to sense vectors, not to a parameter)."""
 COMBINABLE = ("lora", "tensors", "senses")
+NOT_COMBINABLE = {"grace_codebook": "its keys are the base model's activations at its layer and its values were "
+                                    "trained against the layers above as they were, so another edit moves the queries "
+                                    "off the keys or changes what the values do (and two codebooks' radii were never "
+                                    "made apart); grow one codebook over a sequence of edits instead"}
+"""Kinds refused in a combination, with the reason the message gives."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,9 @@ def read_parts(edits: Sequence[str | Path], allow_unverified: bool = False) -> l
     if len(parts) > 1:
         for part in parts:
             if part.kind not in COMBINABLE:
+                why = f": {NOT_COMBINABLE[part.kind]}" if part.kind in NOT_COMBINABLE else ""
                 raise ConfigError(f"edit {part.folder} is of kind {part.kind!r}, which cannot be combined with other "
-                                  f"edits (combinable kinds: {', '.join(COMBINABLE)}); apply it alone")
+                                  f"edits{why} (combinable kinds: {', '.join(COMBINABLE)}); apply it alone")
     for i, a in enumerate(parts):
         for b in parts[i + 1:]:
             if a.method == b.method:
@@ -291,7 +298,8 @@ def _metrics(summary: dict, base_nll: float | None) -> Metrics:
 
 def evaluate_combined(module: EditedModule, parts: list[EditPart], tasks: Sequence[str], split: str = "val",
                       data_root: str | None = None, eval_limit: int | None = None, general_limit: int | None = None,
-                      alone: bool = True, progress: bool = False) -> CombinedRecord:
+                      alone: bool = True, progress: bool = False,
+                      chat_template: bool | str = False) -> CombinedRecord:
     """Measure the combined model on each edit's task against the base model (and, with ``alone``, each edit
     applied by itself), and the joint degradation on the general set.
 
@@ -305,6 +313,7 @@ def evaluate_combined(module: EditedModule, parts: list[EditPart], tasks: Sequen
         general_limit: first N texts of the general set.
         alone: also load and measure each edit by itself on its task.
         progress: show progress bars.
+        chat_template: ask the tasks' prefixes through a chat template (``editing.data.chat``).
 
     Returns:
         The record; each metric set carries its degradation against the base model's general NLL.
@@ -322,7 +331,7 @@ def evaluate_combined(module: EditedModule, parts: list[EditPart], tasks: Sequen
     for part, task in zip(parts, tasks, strict=True):
         if task not in measured:
             dm = TaskDataModule(task=task, split=split, data_root=data_root, eval_limit=eval_limit,
-                                general_limit=general_limit)
+                                general_limit=general_limit, chat_template=chat_template)
             with module.reference():
                 base = evaluate(module, dm, progress=progress)
             measured[task] = (dm, base, evaluate(module, dm, progress=progress))
@@ -370,6 +379,18 @@ def edit_task(folder: str | Path) -> str:
         return run.task.name
     raise ConfigError(f"the task of edit {folder} ({run.task.name}, given as {given!r}) is not a built-in task and "
                       f"its YAML is not found from here; {fix}")
+
+
+def fitted_chat_template(folder: str | Path) -> bool | str:
+    """The ``data.chat_template`` an edit was fitted with, read from its run's ``results.json``; false for an edit
+    outside a run folder (saved by the Python API or copied elsewhere: pass the setting then)."""
+    from editing.runs.records import RESULTS_FILE, RunRecord
+
+    results = Path(folder).resolve().parent.parent / RESULTS_FILE
+    if not results.is_file():
+        return False
+    setting = ((RunRecord.read(results).config or {}).get("data") or {}).get("chat_template", False)
+    return setting if isinstance(setting, (bool, str)) else False
 
 
 def write_combined(folder: str | Path, record: CombinedRecord, overwrite: bool = False) -> Path:

@@ -64,7 +64,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 @torch.no_grad()
 def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sampling: Sampling = GREEDY,
-                    max_length: int | None = None) -> str:
+                    max_length: int | None = None, chat=None) -> str:
     """The text ``model`` generates after ``prompt``.
 
     Args:
@@ -74,6 +74,8 @@ def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sam
         max_new_tokens: the most tokens to add (generation also stops at the tokenizer's end-of-text token).
         sampling: greedy (default) or sampling settings.
         max_length: the model's context; a longer sequence keeps its last ``max_length`` tokens.
+        chat: an ``editing.data.chat.ChatTemplate``: the prompt is the user's turn and the continuation the
+            assistant's reply (generation also stops at the end of the turn).
 
     Returns:
         The continuation alone (decoded new tokens, without the prompt).
@@ -83,12 +85,14 @@ def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sam
     problem = not_text(prompt)
     if problem is not None:
         raise ConfigError(f"prompt {prompt!r}: {problem}; give the prompt as UTF-8 text")
-    ids = list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(prompt)["input_ids"]) if chat is None else chat.encode(prompt)
     if not ids:
         raise ConfigError(f"prompt {prompt!r} has no tokens: give some text to continue")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.sample else None
-    eos = tokenizer.eos_token_id
+    stops = {tokenizer.eos_token_id}
+    if chat is not None:  # a chat model ends its turn with its own token (e.g. <|im_end|>), often not the EOS
+        stops |= set(chat.turn_end_ids())
     was_training = model.training
     model.eval()
     new: list[int] = []
@@ -101,7 +105,7 @@ def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sam
             with capture_final_hidden(model) as store:
                 model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
             token = next_token(head_logits(model, store["hidden"][0, -1:])[0], sampling, generator)
-            if token == eos:
+            if token in stops:
                 break
             new.append(token)
     finally:
@@ -110,7 +114,7 @@ def continue_prompt(model, tokenizer, prompt: str, max_new_tokens: int = 20, sam
 
 
 def continue_module(module, prompt: str, max_new_tokens: int = 20, sampling: Sampling = GREEDY,
-                    base: bool = False) -> str:
+                    base: bool = False, chat=None) -> str:
     """``prompt`` continued by an ``EditingModule``'s model, or by its base model (``base``: within its
     ``reference()``, where the edit is off).
 
@@ -120,15 +124,17 @@ def continue_module(module, prompt: str, max_new_tokens: int = 20, sampling: Sam
         max_new_tokens: the most tokens to add.
         sampling: greedy (default) or sampling settings.
         base: continue with p0, the model without the edit.
+        chat: a chat template the prompt is asked through (``continue_prompt``).
 
     Returns:
         The continuation alone.
     """
     loaded = module.loaded
     if not base:
-        return continue_prompt(module.model, loaded.tokenizer, prompt, max_new_tokens, sampling, loaded.max_length)
+        return continue_prompt(module.model, loaded.tokenizer, prompt, max_new_tokens, sampling, loaded.max_length,
+                               chat)
     with module.reference() as model:
-        return continue_prompt(model, loaded.tokenizer, prompt, max_new_tokens, sampling, loaded.max_length)
+        return continue_prompt(model, loaded.tokenizer, prompt, max_new_tokens, sampling, loaded.max_length, chat)
 
 
 __all__ = ["GREEDY", "Sampling", "continue_module", "continue_prompt", "next_token"]
