@@ -179,7 +179,7 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
          loss: LossType | str | None = None, threshold: float | None = None, name: str = "my_edit",
          epochs: int | None = None, settings: Mapping[str, Any] | None = None, output_dir: str | Path | None = None,
          data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False,
-         tokenizer: Any = None, inplace: bool = False) -> EditResult:
+         tokenizer: Any = None, inplace: bool = False, base_edit: str | Path | None = None) -> EditResult:
     """Edit ``model`` on canonical ``examples`` with ``method``, inside the degradation ball ``ball``.
 
     Args:
@@ -212,6 +212,8 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
         tokenizer: the tokenizer of a loaded ``model``.
         inplace: write the chosen ball's edit into the caller's loaded model (merged into its weights; a weight
             change only, not a peft model); by default the caller's model is left untouched.
+        base_edit: an edit folder of the same base model to fit on top of (``editing fit --base_edit``): the
+            result is the cumulative edit, with the balls still around the original model's general NLL.
 
     Returns:
         An ``EditResult``: the typed per-ball results (``.balls``), the edited model (``.model``), ``.save(folder)``,
@@ -229,6 +231,8 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
     held = None if loaded is None else _hold(loaded, tokenizer, method, inplace)
     out = _unfinished_folder(output_dir, overwrite)
     task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
+    if base_edit is not None:
+        settings = {**(settings or {}), "base_edit": str(base_edit)}
     _fit(fit_args(method, model if held is None else held.identity["name"], task, keys, out, epochs=epochs,
                   settings=settings, data_root=data_root, seed=seed, overwrite=overwrite))
     return _held_result(load_result(out, keys[0]), held, loaded if inplace else None)

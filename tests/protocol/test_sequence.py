@@ -47,6 +47,13 @@ def alphaedit_sequence(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def rome_sequence(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rome_sequence")
+    _run(out, "lightning_configs/tiny/rome.yaml", [])
+    return out
+
+
 # --- plain-loop references -------------------------------------------------------------------------------------
 def _model_with(name: str, edit: Path | None):
     """A fresh base model with the edit's tensors copied in by name (no package loader; a LoRA adapter by peft)."""
@@ -134,12 +141,12 @@ def test_base_edit_fit_measures_against_the_original_model(lora_sequence):
         assert [s["edit"] for s in manifest["sequence"]] == steps[: k - 1]
 
 
-@pytest.mark.parametrize("which", ["lora", "alphaedit"])
+@pytest.mark.parametrize("which", ["lora", "rome", "alphaedit"])
 def test_sequence_table_equals_each_saved_edit_reevaluated(which, request):
     """Every row of the table (success and mean score on chunks 1..k, general NLL, degradation vs the original)
     equals plain loops over the step's saved edit applied by hand to a fresh base model."""
     out = request.getfixturevalue(f"{which}_sequence")
-    name = "tiny-gpt2" if which == "lora" else "tiny-llama"
+    name = "tiny-llama" if which == "alphaedit" else "tiny-gpt2"
     rows = _state(out)["rows"]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for row in rows:
@@ -151,7 +158,7 @@ def test_sequence_table_equals_each_saved_edit_reevaluated(which, request):
             success, score = _chunk_numbers(loaded, out / "chunks" / f"chunk_{k:02d}.jsonl")
             assert row["chunks"][str(k)] == pytest.approx(success), (row["step"], k)
             assert row["chunk_scores"][str(k)] == pytest.approx(score, rel=1e-5), (row["step"], k)
-        if which == "lora":
+        if name == "tiny-gpt2":
             assert row["general_nll"] == pytest.approx(_general_nll(loaded, LIMITS["general_limit"]), rel=1e-6)
         assert row["degradation"] == pytest.approx(row["general_nll"] / rows[0]["general_nll"] - 1, abs=1e-12)
         if row["step"]:
@@ -240,3 +247,18 @@ def test_a_method_that_cannot_continue_and_a_changed_base_edit_on_resume_are_ref
         "method": "lora", "base_edit": {"edit": str(edit), "manifest_sha256": "f" * 64}}, "state_dict": {}}
     with pytest.raises(ConfigError, match=r"base edit differs or its folder changed.*--base_edit the checkpoint"):
         module.check_checkpoint(checkpoint)
+
+
+def test_api_edit_takes_a_base_edit(lora_sequence, tmp_path):
+    """``editing.api.edit(..., base_edit=DIR)`` fits on top of the edit, its balls around the original model."""
+    from editing.api import edit
+
+    base = lora_sequence / "step_01" / "edits" / "ball_5e-01"
+    result = edit("tiny-gpt2", [{"prefix": "The capital of France is", "suffix": " Paris"}], method="lora", ball=0.5,
+                  epochs=1, output_dir=tmp_path / "run", base_edit=base,
+                  settings={"data.general_limit": LIMITS["general_limit"], "data.data_root": str(DATA)})
+    record = result.run.model["base_edit"]
+    assert record["edit"] == str(base)
+    original = _results(lora_sequence, 1)["epochs"][0]["general_nll"]
+    assert record["original"]["general_nll"] == pytest.approx(original, rel=1e-9)
+    assert json.loads((result.edit_folder() / "edit_manifest.json").read_text())["sequence"][0]["edit"] == str(base)
