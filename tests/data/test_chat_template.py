@@ -148,3 +148,50 @@ def test_a_chat_fit_applies_and_generates_with_its_own_setting(tmp_path, data_ro
     capsys.readouterr()
     main(["generate", "--edit", folder, "--prompt", "The capital of France is", "--max_new_tokens", "3"])
     assert "in the chat template" in capsys.readouterr().out
+
+
+def test_memit_rows_ask_the_prompt_in_the_template_and_find_the_subject_there(llama) -> None:
+    from editing.methods.memit.requests import Request, RowBuilder
+
+    tok = llama.tokenizer
+    chat = load_chat_template(tok, True)
+    request = Request("The capital of Mauritius is", (" Port Louis",), (15, 24))  # subject: "Mauritius"
+    rows = RowBuilder(tok, llama.max_length, chat=chat).rows([request], ["", "Once upon a time. "], with_suffixes=True)
+    for row, template in zip(rows, ["", "Once upon a time. "], strict=True):
+        ids, score_from = by_hand(tok, SMOL_HEAD, SMOL_TAIL, template + request.prefix, request.suffixes[0])
+        assert (row.ids, row.score_from) == (ids, score_from)
+        # the subject's last token: the last one of the turn's text up to the end of "Mauritius"
+        upto = tok(SMOL_HEAD + template + "The capital of Mauritius", add_special_tokens=False)["input_ids"]
+        assert row.subject_pos == len(upto) - 1
+        assert tok.decode(row.ids[row.subject_pos]).strip() in "Mauritius"
+
+
+def test_a_memit_fit_in_the_template_asks_its_requests_there_and_applies_to_its_numbers(tmp_path, data_root,
+                                                                                         monkeypatch) -> None:
+    from editing.commands.apply import apply_edit
+    from editing.methods.memit import requests as memit_requests
+
+    seen = []
+    original = memit_requests.RowBuilder.rows
+
+    def spy(self, requests, templates, with_suffixes):
+        rows = original(self, requests, templates, with_suffixes)
+        seen.extend(self.tokenizer.decode(r.ids) for r in rows)
+        return rows
+
+    monkeypatch.setattr(memit_requests.RowBuilder, "rows", spy)
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "lightning_configs", "tiny", "memit.yaml")
+    run = tmp_path / "run"
+    main(["fit", "--config", config, "--model.init_args.base.name", "tiny-llama", "--data.chat_template", "true",
+          "--data.data_root", str(data_root), "--budget.output_dir", str(run)])
+    assert seen and all(text.startswith(SMOL_HEAD) and SMOL_TAIL in text for text in seen)
+    results = json.loads((run / "results.json").read_text())
+    key, folder = max(results["edits"].items(), key=lambda kv: results["balls"][kv[0]]["epoch"])
+    ball = results["balls"][key]
+    assert ball["epoch"] > 0
+    data = results["config"]["data"]
+    got = apply_edit(edit=folder, output_dir=str(tmp_path / "applied"), data_root=str(data_root),
+                     task=data["task"], eval_limit=data.get("eval_limit"), general_limit=data.get("general_limit"))
+    for name in ("success_rate", "general_nll", "hard_negative_nll"):
+        if ball["metrics"].get(name) is not None:
+            assert got[name] == pytest.approx(ball["metrics"][name], rel=1e-6, abs=1e-9), name

@@ -85,6 +85,7 @@ class MEMITEditor(EditingModule):
         self.memit_u = nn.ParameterDict()
         self.memit_v = nn.ParameterDict()
         self._deltas_on = True
+        self.chat = None  # the task data's chat template, set by compute_edit (editing.data.chat)
         self._handles = []
         for layer in self.memit_layers:
             module = down_projection(self.model, layer)
@@ -243,6 +244,7 @@ class MEMITEditor(EditingModule):
         """
         if datamodule.tokenizer is None:
             datamodule.attach(self.tokenizer, self.max_length)
+        self.chat = getattr(datamodule, "chat", None)  # the prompts are asked as the task data is
         if self.task != datamodule.task:
             self.bind_task(datamodule.task)
         cfg = self.memit_config
@@ -275,7 +277,7 @@ class MEMITEditor(EditingModule):
         """Step 1 of the edit: the target hidden states z (n, d) at the last edited layer, a batch of requests at a
         time, on p0; records them, the templates and the task loss per step in ``edit_diagnostics``."""
         cfg = self.memit_config
-        builder = RowBuilder(self.tokenizer, self.max_length)
+        builder = RowBuilder(self.tokenizer, self.max_length, chat=self.chat)
         last = self.memit_layers[-1]
         targets, traces = [], []
         with self.deltas_off():
@@ -326,7 +328,7 @@ class MEMITEditor(EditingModule):
         """Step 2: spread the change toward ``z`` over the edited layers in ascending order, each seeing the edits
         below it (replaces any edit already there); records per layer what its update realises."""
         self.clear_edit()
-        builder = RowBuilder(self.tokenizer, self.max_length)
+        builder = RowBuilder(self.tokenizer, self.max_length, chat=self.chat)
         last = self.memit_layers[-1]
         self.edit_diagnostics.setdefault("layers", []).clear()
         for i, layer in enumerate(self.memit_layers):

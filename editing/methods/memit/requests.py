@@ -11,6 +11,7 @@ from torch import nn
 
 from editing.core.errors import ConfigError, DataFormatError
 from editing.data.jsonl import Record
+from editing.data.chat import ChatTemplate
 from editing.data.tokenize import ExampleTokenizer
 from editing.methods.memit.config import ORACLE_DEFAULTS, MEMITConfig
 
@@ -144,14 +145,19 @@ class Row:
 
 
 class RowBuilder:
-    """Tokenizes prompts exactly as the task data is (SPEC section 3) and finds the subject's last token."""
+    """Tokenizes prompts exactly as the task data is (SPEC section 3) and finds the subject's last token.
 
-    def __init__(self, tokenizer, max_length: int) -> None:
+    With a chat template (``--data.chat_template``) a prompt (context template + prefix) is the user's turn, as the
+    task data's prefixes are; the "<subject> is a" prompts of the KL term stay bare text.
+    """
+
+    def __init__(self, tokenizer, max_length: int, chat: ChatTemplate | None = None) -> None:
         self.tokenizer = tokenizer
-        self.examples = ExampleTokenizer(tokenizer, max_length)
+        self.chat = chat
+        self.examples = ExampleTokenizer(tokenizer, max_length, chat=chat)
 
-    def _subject_pos(self, text: str, end: int, ids: list[int]) -> int:
-        enc = self.tokenizer(text, return_offsets_mapping=True)
+    def _subject_pos(self, text: str, end: int, ids: list[int], special: bool = True) -> int:
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=special)
         if list(enc["input_ids"]) != ids:
             raise RuntimeError("tokenizing with offsets gave different ids; MEMIT needs a fast tokenizer")
         positions = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end]
@@ -170,7 +176,12 @@ class RowBuilder:
                 if example.truncated:
                     raise ConfigError(f"MEMIT prompt {text!r} is longer than the model's context")
                 seq0 = example.sequences[0]
-                pos = self._subject_pos(text, len(template) + req.span[1], seq0.ids[: seq0.score_from])
+                if self.chat is None:
+                    pos = self._subject_pos(text, len(template) + req.span[1], seq0.ids[: seq0.score_from])
+                else:  # the prompt is the user's turn: the subject sits after the template's head
+                    rendered, start = self.chat.render(text)
+                    pos = self._subject_pos(rendered, start + len(template) + req.span[1],
+                                            seq0.ids[: seq0.score_from], special=False)
                 if not with_suffixes:
                     out.append(Row(r, t, -1, seq0.ids[: seq0.score_from], seq0.score_from, pos))
                     continue

@@ -85,7 +85,7 @@ class ROMEEditor(MEMITEditor):
         for the next, so every request sees the earlier ones."""
         cfg = self.memit_config
         layer = self.memit_layers[0]
-        builder = RowBuilder(self.tokenizer, self.max_length)
+        builder = RowBuilder(self.tokenizer, self.max_length, chat=self.chat)
         moment = self.covariance_stats.moments[layer]
         # one bar over the requests, not one per request's steps: a fit's stderr stays short (a parent reading it
         # through a pipe only at the end would otherwise block the fit once the pipe is full)
