@@ -2,7 +2,8 @@
 
 The edit is loaded onto a fresh copy of its (held) base model and merged by the method's registered ``merge_edit``
 (as ``editing export --merged`` does); the merged weights are then copied into the caller's tensors, which keep their
-dtype and device, so the caller's model object, its hooks and its other references stay what they were.
+dtype and device (a bf16 model gets the fp32 merged weights rounded to bf16), so the caller's model object, its
+hooks and its other references stay what they were.
 """
 
 from __future__ import annotations

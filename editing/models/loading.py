@@ -423,9 +423,10 @@ def _copy_held(name: str) -> tuple[Any, Any, dict]:
     if held is None:
         raise ConfigError(
             f"model.name={name!r} names a model held in memory by the process that made the edit (edit(model=<a "
-            "loaded model>)); it is not held in this one. Save that model with save_pretrained and pass its folder "
-            "instead (CLI: --model.base.name FOLDER; Python: load_edited(edit, base=ModelConfig(name=FOLDER))): its "
-            "weights' fingerprint is checked against the edit's")
+            "loaded model>)); it is not held in this one. In that session, use result.model or export it merged "
+            "(result.export(FOLDER), a plain transformers folder); elsewhere, save the base model with "
+            "save_pretrained and name its folder instead (load_edited(edit, base=ModelConfig(name=FOLDER)), or "
+            "--model.init_args.base.name FOLDER to fit again): its weights' fingerprint is checked against the edit's")
     model = copy.deepcopy(held.model)
     model._content_fingerprint = held.identity["fingerprint"]
     extra = {k: held.identity[k] for k in ("config_sha256", "tokenizer_sha256") if k in held.identity}

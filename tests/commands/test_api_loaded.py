@@ -33,13 +33,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_folder(tmp_path) -> Path:
-    """tiny-llama written by ``save_pretrained`` (model and tokenizer), as a practitioner's model folder."""
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """tiny-llama written by ``save_pretrained`` (model and tokenizer), as a practitioner's model folder (read
+    only)."""
     from editing.models.loading import load_model
 
     loaded = load_model(name="tiny-llama")
-    folder = tmp_path / "tiny-llama"
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
     loaded.model.save_pretrained(str(folder))
     loaded.tokenizer.save_pretrained(str(folder))
     return folder
@@ -123,6 +124,15 @@ def test_a_loaded_model_is_edited_in_this_process_with_the_numbers_of_editing_fi
     assert identity["fingerprint"] == cli_identity["fingerprint"]
     assert identity["name"].startswith("memory:") and str(tiny_folder) not in identity["name"]
     assert {"config_sha256", "tokenizer_sha256"} <= identity.keys()
+    # elsewhere, the edit loads onto the model's folder (its fingerprint checked)
+    from editing.edits.load import load_edited
+    from editing.models.loading import ModelConfig
+
+    elsewhere = load_edited(first.edit_folder(), base=ModelConfig(name=str(tiny_folder)))
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        torch.testing.assert_close(elsewhere.model(input_ids=ids).logits, first.model(input_ids=ids).logits,
+                                   rtol=0, atol=1e-6)
 
     # a second edit of the same model: the held base and the p0 cache are reused (p0 computed zero times)
     COUNTERS.clear()
@@ -234,7 +244,7 @@ def test_the_example_script_runs_on_the_tiny_model(tmp_path, data_root, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["edit_loaded_model.py", "--model", "tiny-llama", "--out", str(tmp_path / "out"),
-                                      "--data_root", str(data_root)])
+                                      "--data_root", str(data_root), "--epochs", "1"])
     runpy.run_path(str(REPO / "examples" / "edit_loaded_model.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert out.count("before:") == 3 and out.count("after:") == 3, out
