@@ -262,3 +262,41 @@ def test_api_edit_takes_a_base_edit(lora_sequence, tmp_path):
     original = _results(lora_sequence, 1)["epochs"][0]["general_nll"]
     assert record["original"]["general_nll"] == pytest.approx(original, rel=1e-9)
     assert json.loads((result.edit_folder() / "edit_manifest.json").read_text())["sequence"][0]["edit"] == str(base)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "rome"])
+def test_a_module_on_a_base_edit_starts_edited_keeps_p0_and_saves_the_cumulative_edit(method, lora_sequence,
+                                                                                      tmp_path):
+    """Before any step: the module computes the base edit's model, its ``reference()`` the original model bit for
+    bit, and its exported edit (nothing trained: the base edit itself) loads with ``load_edited`` alone to the same
+    logits, whose ``reference()`` is the original again."""
+    from editing.edits.base_edit import read_base_edit
+    from editing.edits.load import load_edited
+    from editing.methods.full import FullEditor
+    from editing.methods.lora import LoRAEditor
+    from editing.methods.rome import ROMEConfig, ROMEEditor
+    from editing.models.loading import ModelConfig
+
+    base = ModelConfig(name="tiny-gpt2", precision="fp32")
+    module = {"full": lambda: FullEditor(base, layers=[1]), "lora": lambda: LoRAEditor(base),
+              "rome": lambda: ROMEEditor(base, ROMEConfig(layer=2))}[method]()
+    edit = lora_sequence / "step_02" / "edits" / "ball_5e-01"
+    module.set_base_edit(read_base_edit(edit, module))
+    ids = torch.tensor([[464, 3139, 286, 4881, 318, 6342, 13, 383]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.double()
+
+    original = logits(_model_with("tiny-gpt2", None).model)
+    edited = logits(_model_with("tiny-gpt2", edit).model)
+    assert not torch.allclose(original, edited, atol=1e-9)
+    assert torch.allclose(logits(module.model), edited, atol=1e-5)
+    with module.reference() as p0:
+        assert torch.equal(logits(p0), original)
+    assert torch.allclose(logits(module.model), edited, atol=1e-5)  # the base edit is back after reference()
+    saved = module.export_edit(tmp_path / "edit")
+    again = load_edited(saved)
+    assert torch.allclose(logits(again.model), edited, atol=1e-5)
+    with again.reference() as p0:
+        assert torch.equal(logits(p0), original)
