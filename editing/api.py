@@ -157,7 +157,8 @@ class EditResult:
 
     def generate(self, prompt: str, max_new_tokens: int = 20, sampling: Sampling | None = None,
                  base: bool = False) -> str:
-        """The continuation of ``prompt`` by the edited model (greedy unless ``sampling`` says otherwise).
+        """The continuation of ``prompt`` by the edited model (greedy unless ``sampling`` says otherwise), asked
+        through the chat template when the edit was fitted with one (``edit(..., chat_template=...)``).
 
         Args:
             prompt: the text to continue.
@@ -168,9 +169,12 @@ class EditResult:
         Returns:
             The new text alone.
         """
+        from editing.data.chat import load_chat_template
         from editing.models.generation import GREEDY, continue_module
 
-        return continue_module(self.module, prompt, max_new_tokens, sampling or GREEDY, base)
+        setting = ((self.run.config or {}).get("data") or {}).get("chat_template", False)
+        chat = load_chat_template(self.tokenizer, setting if isinstance(setting, (bool, str)) else False)
+        return continue_module(self.module, prompt, max_new_tokens, sampling or GREEDY, base, chat=chat)
 
 
 def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *, method: MethodName | str = "lora",
@@ -179,7 +183,8 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
          loss: LossType | str | None = None, threshold: float | None = None, name: str = "my_edit",
          epochs: int | None = None, settings: Mapping[str, Any] | None = None, output_dir: str | Path | None = None,
          data_root: str | Path | None = None, seed: int = 0, overwrite: bool = False,
-         tokenizer: Any = None, inplace: bool = False, base_edit: str | Path | None = None) -> EditResult:
+         tokenizer: Any = None, inplace: bool = False, base_edit: str | Path | None = None,
+         chat_template: bool | str = False) -> EditResult:
     """Edit ``model`` on canonical ``examples`` with ``method``, inside the degradation ball ``ball``.
 
     Args:
@@ -214,6 +219,9 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
             change only, not a peft model); by default the caller's model is left untouched.
         base_edit: an edit folder of the same base model to fit on top of (``editing fit --base_edit``): the
             result is the cumulative edit, with the balls still around the original model's general NLL.
+        chat_template: ask the examples through a chat template (``editing fit --data.chat_template``): True for
+            the tokenizer's own (a chat model such as SmolLM2-Instruct), or a Jinja template (text or file); the
+            prefix is the user's turn and the suffix the start of the reply; ``result.generate`` asks the same way.
 
     Returns:
         An ``EditResult``: the typed per-ball results (``.balls``), the edited model (``.model``), ``.save(folder)``,
@@ -233,6 +241,11 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
     task = _task(out, examples, evaluation, hard_negatives, targeted, loss, threshold, name)
     if base_edit is not None:
         settings = {**(settings or {}), "base_edit": str(base_edit)}
+    if chat_template is not False:
+        if not isinstance(chat_template, (bool, str)):
+            raise ConfigError(f"edit(chat_template={chat_template!r}): give True (the tokenizer's template), False, "
+                              "or a Jinja chat template (its text or a file)")
+        settings = {**(settings or {}), "data.chat_template": chat_template}
     _fit(fit_args(method, model if held is None else held.identity["name"], task, keys, out, epochs=epochs,
                   settings=settings, data_root=data_root, seed=seed, overwrite=overwrite))
     return _held_result(load_result(out, keys[0]), held, loaded if inplace else None)

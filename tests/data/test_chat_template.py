@@ -195,3 +195,22 @@ def test_a_memit_fit_in_the_template_asks_its_requests_there_and_applies_to_its_
     for name in ("success_rate", "general_nll", "hard_negative_nll"):
         if ball["metrics"].get(name) is not None:
             assert got[name] == pytest.approx(ball["metrics"][name], rel=1e-6, abs=1e-9), name
+
+
+def test_the_python_api_fits_and_generates_in_the_template(tmp_path, data_root) -> None:
+    from editing import edit
+
+    examples = [{"prefix": "The capital of Zorbia is", "suffix": " Quentaville"},
+                {"prefix": "Zorbia's capital city is called", "suffix": " Quentaville"}]
+    with pytest.raises(ConfigError, match=r"edit\(chat_template=1\)"):
+        edit("tiny-llama", examples, chat_template=1, output_dir=tmp_path / "bad")
+    result = edit("tiny-llama", examples, ball=0.5, epochs=1, chat_template=True, output_dir=tmp_path / "api",
+                  data_root=data_root, settings={"data.general_limit": 4, "trainer.accelerator": "cpu",
+                                                 "model.init_args.optimizer.lr": 0.05,
+                                                 "trainer.accumulate_grad_batches": 1})
+    assert result.run.config["data"]["chat_template"] is True
+    chat = load_chat_template(result.tokenizer, True)
+    prompt = "The capital of Zorbia is"
+    want = continue_prompt(result.model, result.tokenizer, prompt, 4, chat=chat)
+    assert result.generate(prompt, max_new_tokens=4) == want
+    assert want != continue_prompt(result.model, result.tokenizer, prompt, 4)  # so the template was used
