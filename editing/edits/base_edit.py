@@ -3,7 +3,8 @@
 The edit is verified as ``load_edited`` verifies it (manifest hashes, NaN/Inf, its kind), checked to be an edit of
 the fit's own base model, and turned into the weights it gives the base model: a changed-tensors edit (every step of
 a sequence after the first) holds them already; a LoRA adapter (a sequence's first step) is merged into the weights
-it adapts. Every refusal names ``--base_edit`` and the fix.
+it adapts; an edit of another form (a GRACE codebook) is passed on as it is, for a fit of its own method. Every
+refusal names ``--base_edit`` and the fix.
 """
 
 from __future__ import annotations
@@ -46,20 +47,25 @@ def read_base_edit(folder: str | Path, module: EditingModule) -> BaseEdit:
                           f"{ours.get('fingerprint')}); continue a sequence on the model it started from "
                           f"(--model.init_args.base.name {identity.get('name')}), or {FIX}")
     method = method or kind
+    weights = True
     if kind == TENSORS_KIND:
         tensors = dict(files[TENSOR_EDIT_FILE])
-    else:
-        tensors = _merged_weights(path, kind, method, identity, where)
-    return BaseEdit(str(folder), file_sha256(path / MANIFEST), method, tensors, files, recorded_sequence(path))
+    elif _merger(kind) is not None:
+        tensors = _merged_weights(path, kind, identity)
+    else:  # e.g. a GRACE codebook: only a fit of its own method can continue it (set_base_edit says so otherwise)
+        tensors, weights = {}, False
+    return BaseEdit(str(folder), file_sha256(path / MANIFEST), method, tensors, files, recorded_sequence(path), kind,
+                    weights)
 
 
-def _merged_weights(folder: Path, kind: str, method: str, identity: dict, where: str) -> dict[str, torch.Tensor]:
+def _merger(kind: str):
+    """The registered method that merges edits of ``kind`` into weights, or None."""
+    return next((s for s in METHODS.values() if s.edit_kind == kind and s.merge_edit is not None), None)
+
+
+def _merged_weights(folder: Path, kind: str, identity: dict) -> dict[str, torch.Tensor]:
     """The weights an edit of another kind gives the base model (its registered ``merge_edit``), those it changes."""
-    spec = next((s for s in METHODS.values() if s.edit_kind == kind and s.merge_edit is not None), None)
-    if spec is None:
-        raise ConfigError(f"{where} is a {kind!r} edit (method {method!r}), which is not a weight change of the model, "
-                          "so no fit can start from it; a sequence continues from the edits of full, lora, memit, "
-                          f"rome or alphaedit fits: {FIX}")
+    spec = _merger(kind)
     edited = load_edited(folder, ModelConfig(name=identity["name"], precision="fp32"))
     original = {}
     with edited.reference() as model:

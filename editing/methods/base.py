@@ -132,6 +132,9 @@ class EditingModule(L.LightningModule):
     ``editing.methods.base_edit``): its edit is a weight change that ``edited_tensors`` writes as plain weights."""
     cannot_continue: ClassVar[str] = "its edit is not a weight change of the model"
     """Why not, for the message when ``can_continue`` is false."""
+    continues_from: ClassVar[tuple[str, ...]] = ("weights",)
+    """Which base edits it continues (``BaseEdit.continues``): ``weights`` (any weight-change edit), or an edit kind
+    of its own (GRACE: ``grace_codebook``)."""
     reference_shares_weights: ClassVar[bool] = True
     """Whether ``reference()`` computes p0 with the model's own base weights (an adapter or hooks switched off), so
     that under a base edit the original weights must be swapped back in; false when p0 is a separate copy."""
@@ -154,11 +157,21 @@ class EditingModule(L.LightningModule):
                               "the sequence with a weight-change method (full, lora, memit, rome, alphaedit)")
         if self.base_edit is not None:
             raise ConfigError(f"{where}: this fit continues {self.base_edit.folder} already; give one --base_edit")
+        if base_edit.continues not in self.continues_from:
+            ours = self.method.value
+            raise ConfigError(
+                f"{where} is a {base_edit.kind!r} edit of method {base_edit.method!r}, which a {ours!r} fit cannot "
+                "continue: " + (f"it is not a weight change; continue it with a {base_edit.method!r} fit" if
+                                not base_edit.weights else
+                                f"a {ours!r} fit continues only an edit of its own ({', '.join(self.continues_from)})"
+                                "; fit it on the base model without --base_edit, or continue this edit with a "
+                                "weight-change method (full, lora, memit, rome, alphaedit)"))
         self._continue_sequence(base_edit)
         swap = write_into(self.loaded.model, base_edit, where)
         self.base_edit = base_edit
-        self.p0_is_base = False  # the model before the first step carries the base edit: never p0's cache
-        if self.reference_shares_weights:
+        if base_edit.weights:
+            self.p0_is_base = False  # the model before the first step carries the base edit: never p0's cache
+        if self.reference_shares_weights and base_edit.tensors:
             method_reference = type(self).reference
 
             @contextmanager
@@ -234,9 +247,11 @@ class EditingModule(L.LightningModule):
             raise NotImplementedError(f"{type(self).__name__} has no edit to export")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.base_edit is None:
+        if self.base_edit is None or not self.base_edit.weights:
+            # on a base edit of its own form (GRACE's codebook) the method's edit is the cumulative one already
             spec.write_edit(self, folder, state)
-            self.write_base_identity(folder, spec.edit_kind)
+            chain = self.base_edit.chain() if self.base_edit is not None else None
+            self.write_base_identity(folder, spec.edit_kind, sequence=chain)
             return folder
         from editing.methods.tensor_edit import TENSORS_KIND, write_tensor_edit
 

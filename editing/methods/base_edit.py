@@ -12,8 +12,10 @@ The rule, for the weight-change methods (full, LoRA, MEMIT, ROME, AlphaEdit):
   step k of a sequence alone, onto the original base model. Its manifest records the chain (``sequence``: each
   earlier step's folder, manifest SHA-256 and method, oldest first).
 
-A method whose edit is no weight change (sense deltas, a codebook) cannot continue a sequence this way and is
-refused with the reason (``can_continue`` false).
+A method whose edit is no weight change continues only an edit of its own kind (``continues_from``): GRACE grows
+one codebook over the sequence (the base edit's entries, then the new fit's), and saves the whole codebook in its
+own format, p0 being the model with the codebook off. Sense edits cannot be continued (``can_continue`` false); each
+refusal gives the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class BaseEdit:
         tensors: the base model's parameters it changes, at their edited values, by the base model's names.
         files: its verified tensor files (file name -> tensors): AlphaEdit reads its sequence keys there.
         sequence: the steps before it (each ``{"edit", "manifest_sha256", "method"}``), oldest first.
+        kind: its edit kind (as its manifest records it).
+        weights: whether ``tensors`` is the whole edit (a weight change); False for an edit of another form (a GRACE
+            codebook), which only a fit of its own method continues.
     """
 
     folder: str
@@ -50,6 +55,13 @@ class BaseEdit:
     tensors: dict[str, torch.Tensor] = field(repr=False)
     files: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     sequence: list[dict] = field(default_factory=list)
+    kind: str = "tensors"
+    weights: bool = True
+
+    @property
+    def continues(self) -> str:
+        """What a fit continuing it must accept (``EditingModule.continues_from``): ``weights``, or its kind."""
+        return "weights" if self.weights else self.kind
 
     def step(self) -> dict:
         """This edit as an entry of a later step's ``sequence``."""

@@ -300,3 +300,36 @@ def test_a_module_on_a_base_edit_starts_edited_keeps_p0_and_saves_the_cumulative
     assert torch.allclose(logits(again.model), edited, atol=1e-5)
     with again.reference() as p0:
         assert torch.equal(logits(p0), original)
+
+
+@pytest.fixture(scope="module")
+def grace_sequence(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grace_sequence")
+    _run(out, "lightning_configs/tiny/grace.yaml", [])
+    return out
+
+
+def test_grace_grows_one_codebook_across_the_sequence(grace_sequence, lora_sequence, tmp_path):
+    """Step k's saved codebook holds step k-1's entries (their keys bit for bit) and this chunk's; its p0 is the
+    original model (the same numbers as step 1's epoch 0); GRACE and the weight-change methods refuse each other's
+    base edits, naming --base_edit and the fix."""
+    previous = None
+    for step in (1, 2, 3):
+        book = load_file(str(grace_sequence / f"step_{step:02d}" / "edits" / "ball_5e-01" /
+                             "grace_codebook.safetensors"))
+        assert book["keys"].shape[0] == 2 * step
+        if previous is not None:
+            assert torch.equal(book["keys"][: previous["keys"].shape[0]], previous["keys"])
+        previous = book
+    for step in (2, 3):
+        assert _results(grace_sequence, step)["model"]["base_edit"]["original"]["general_nll"] == pytest.approx(
+            _results(grace_sequence, 1)["epochs"][0]["general_nll"], rel=1e-9)
+    rows = _state(grace_sequence)["rows"]
+    assert rows[0]["general_nll"] == pytest.approx(_general_nll(_model_with("tiny-gpt2", None), 4), rel=1e-6)
+    codebook = grace_sequence / "step_01" / "edits" / "ball_5e-01"
+    with pytest.raises(ConfigError, match=r"--base_edit .*'grace_codebook' edit of method 'grace'.*continue it with "
+                                          r"a 'grace' fit"):
+        _fit(tmp_path, "lightning_configs/tiny/lora.yaml", codebook)
+    with pytest.raises(ConfigError, match=r"--base_edit .*a 'grace' fit continues only an edit of its own.*without "
+                                          r"--base_edit"):
+        _fit(tmp_path, "lightning_configs/tiny/grace.yaml", lora_sequence / "step_01" / "edits" / "ball_5e-01")

@@ -38,6 +38,7 @@ from editing.methods.base import EditingModule, OptimizerConfig, RegularizationC
 from editing.methods.grace.codebook import (
     BUFFERS,
     CHILD,
+    CODEBOOK_FILE,
     SEPARATOR,
     Codebook,
     attach,
@@ -74,6 +75,9 @@ class GRACEEditor(EditingModule):
         optimizer: unused (the value's gradient descent is ``grace.lr``/``grace.steps``); kept for the configs' shape.
         regularization: unused (SPEC 13 trains the value on the task loss alone).
     """
+
+    can_continue = True
+    continues_from = ("grace_codebook",)  # one codebook grows over a sequence (editing fit --base_edit)
 
     def __init__(self, base: ModelConfig | None = None, grace: GRACEConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -151,6 +155,11 @@ class GRACEEditor(EditingModule):
     def start_from_edit(self, folder: str | Path) -> None:
         """``start_from`` the codebook of a saved GRACE edit folder (its tensors verified against its manifest)."""
         self.start_from(read_codebook_file(folder))
+
+    def _continue_sequence(self, base_edit) -> None:
+        """``--base_edit`` of a GRACE edit: ``start_from`` its codebook (verified with the edit), so that one codebook
+        grows over the sequence; the saved edit is then the whole codebook."""
+        self.start_from(base_edit.files[CODEBOOK_FILE])
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
