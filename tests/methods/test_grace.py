@@ -78,7 +78,7 @@ class RefBook:
         return "new", len(self.keys) - 1
 
     def _add(self, q, label, radius, value) -> None:
-        self.keys.append(q)
+        self.keys.append(torch.as_tensor(q, dtype=torch.float64))
         self.labels.append(label)
         self.eps.append(radius)
         self.values.append(value.detach().clone())
@@ -100,7 +100,7 @@ def _replacing_hook(book: RefBook, span: str, live: tuple[int, torch.Tensor] | N
     ``following`` also at every later position (the value of the last match)."""
 
     def hook(_module, args, output):
-        x = args[0].detach().float()
+        x = args[0].detach().double()
         rows = []
         for b in range(len(x)):
             current = None
@@ -186,12 +186,12 @@ def _rule_examples(model, path, canonical: list[TokenizedExample],
     """Four examples made from the task's canonical ones so that SPEC 13's rules fire in the order new, grow, new,
     split: a; b's prefix with a's targets; c, a prefix far from a (a canonical one or the start of a general text)
     with a's targets; b's prefix with other targets (a's, in the other order, or c's). Returns them and init_eps."""
-    pool = canonical[:40]
+    pool = canonical[:24]
     prefixes = [ex.sequences[0].ids[: ex.sequences[0].score_from] for ex in pool]
     far = prefixes + [ids[:k] for ids in texts for k in (4, 9, 16) if len(ids) > k]
 
-    def query(prefix: list[int]) -> list[float]:
-        return _capture(model, path, prefix)[0][-1].tolist()
+    def query(prefix: list[int]) -> torch.Tensor:
+        return _capture(model, path, prefix)[0][-1].double()
 
     qs, fq = [query(p) for p in prefixes], [query(p) for p in far]
     pairs = sorted((_dist(qs[i], qs[j]), i, j) for i in range(len(pool)) for j in range(i + 1, len(pool)))
@@ -238,7 +238,7 @@ def test_edit_and_outputs_match_a_plain_loop_reference(model_name, task, span, v
 
     got = module.codebook
     assert len(got) == len(book.keys) == 3
-    torch.testing.assert_close(got.keys, torch.tensor(book.keys), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.keys, torch.stack(book.keys).float(), rtol=1e-5, atol=1e-6)
     assert got.eps.tolist() == pytest.approx(book.eps, rel=2e-5)  # a grown radius is 1e-5 above the distance
     assert [got.label(i) for i in range(len(got))] == [module_label(ex) for ex in (examples[0], examples[2],
                                                                                     examples[3])]
@@ -411,7 +411,7 @@ def test_generation_consults_the_codebook_at_each_new_position(span, tmp_path, d
     got = continue_module(applied, prompt, max_new_tokens=6)
 
     book = RefBook()
-    book.keys, book.values, book.eps, book.labels = [x[-1].tolist()], [value], [1e-3], [(5,)]
+    book.keys, book.values, book.eps, book.labels = [x[-1].double()], [value], [1e-3], [(5,)]
     new: list[int] = []
     with applied.reference() as base:
         handle = base.get_submodule(path).register_forward_hook(_replacing_hook(book, span))
@@ -446,3 +446,14 @@ def test_export_merged_and_combination_refuse_a_codebook(tmp_path, data_root) ->
     with pytest.raises(ConfigError, match="grace_codebook.*keys are the base model's activations"):
         read_parts([one, two])
     assert len(read_parts([one])) == 1  # alone it applies
+
+
+def test_several_processes_and_a_backpack_are_refused(data_root) -> None:
+    from types import SimpleNamespace
+
+    module = GRACEEditor(ModelConfig(name="tiny-gpt2", precision="fp32"), grace=GRACEConfig(layer=LAYER))
+    module.trainer = SimpleNamespace(world_size=2, datamodule=None)
+    with pytest.raises(ConfigError, match="GRACE runs in one process.*--trainer.devices 1"):
+        module.setup("fit")
+    with pytest.raises(ConfigError, match="blocks of model type 'backpack-gpt2' are not located"):
+        GRACEEditor(ModelConfig(name="tiny-backpack", precision="fp32"))

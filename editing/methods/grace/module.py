@@ -47,7 +47,7 @@ from editing.methods.grace.codebook import (
     read_codebook_file,
 )
 from editing.methods.grace.config import GRACEConfig, resolve_layer
-from editing.models.architecture import down_projection, down_projection_name, num_layers
+from editing.models.architecture import blocks, down_projection, down_projection_name, num_layers
 from editing.models.loading import ModelConfig
 from editing.rules.losses import training_loss
 
@@ -98,6 +98,7 @@ class GRACEEditor(EditingModule):
     def _prepare_deltas(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
+        blocks(self.model)  # a family whose blocks are not located (a Backpack) is refused here, naming the supported
         self.grace_layer = resolve_layer(self.grace_config, num_layers(self.model.config))
         module = down_projection(self.model, self.grace_layer)
         d_in, d_out = projection_widths(module)
