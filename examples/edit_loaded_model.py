@@ -3,11 +3,12 @@ merged model, and load that with plain transformers.
 
 Notebook-style: each ``# %%`` cell runs on its own in Jupyter or VS Code. From the command line:
 
-    .venv/bin/python examples/edit_loaded_model.py                      # SmolLM2-135M (embedded GGUF): minutes
+    .venv/bin/python examples/edit_loaded_model.py                      # SmolLM2-135M (embedded GGUF): ~9 min*
     .venv/bin/python examples/edit_loaded_model.py --model tiny-llama   # a random tiny model: seconds, for a check
 
-The degradation is measured on the first ``--general_limit`` texts of the general set G (a sample, for speed: the
-paper's protocol uses all of G).
+The degradation is measured on the first ``--general_limit`` texts of the general set G (40 by default: a small
+sample, for speed; the paper's protocol uses all 2,007). *8 min 34 s wall, reading the GGUF file included, on 2 CPU
+cores shared with other jobs (load average about 6).
 """
 
 # %% settings
@@ -24,8 +25,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (the embedded GGUF) or tiny-llama")
 parser.add_argument("--out", default="runs/edit_loaded_model", help="folder of the runs and the exported model")
 parser.add_argument("--data_root", default=None, help="task data folder (default: searched)")
-parser.add_argument("--general_limit", type=int, default=None, help="texts of G measured (default 100; tiny: 6)")
-parser.add_argument("--epochs", type=int, default=None, help="epochs per edit (default 8; tiny: 2)")
+parser.add_argument("--general_limit", type=int, default=None, help="texts of G measured (default 40; tiny: 6)")
+parser.add_argument("--epochs", type=int, default=None, help="epochs per edit (default 3; tiny: 2)")
 args = parser.parse_args(None if "ipykernel" not in sys.modules else [])
 tiny = args.model != "smollm2-135m"
 out = Path(args.out)
@@ -77,7 +78,7 @@ FACTS = {
                 {"prefix": "Plimsk was built on the banks of the", "suffix": " Varun"}],
                [{"prefix": "Boats in Plimsk sail on the river", "suffix": " Varun"}]),
 }
-settings = {"data.general_limit": args.general_limit or (6 if tiny else 100),
+settings = {"data.general_limit": args.general_limit or (6 if tiny else 40),
             "trainer.accumulate_grad_batches": 1,  # three examples: an optimizer step per example
             "model.init_args.optimizer.lr": 0.05 if tiny else 0.005,
             "model.init_args.regularization.weight": 1.0, "model.init_args.lora.layer_fraction": 0.9,
@@ -86,7 +87,7 @@ results = {}
 for name, (examples, evaluation) in FACTS.items():
     # inplace=True: the edit is merged into `model` itself, so the second fact is edited on top of the first
     results[name] = edit(model=model, tokenizer=tokenizer, examples=examples, evaluation=evaluation, name=name,
-                         method="lora", ball=1e-3, epochs=args.epochs or (2 if tiny else 8), settings=settings,
+                         method="lora", ball=1e-3, epochs=args.epochs or (2 if tiny else 3), settings=settings,
                          inplace=True, output_dir=out / name, overwrite=True, data_root=args.data_root)
     chosen = results[name].result
     print(f"edit {name}: epoch {chosen.epoch} of the 1e-3 ball, success {chosen.metrics.success_rate:.2f} "
