@@ -187,6 +187,8 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
          chat_template: bool | str = False) -> EditResult:
     """Edit ``model`` on canonical ``examples`` with ``method``, inside the degradation ball ``ball``.
 
+    Long because its docstring documents every argument of the public API; the body is a dozen lines of calls.
+
     Args:
         model: the base model: ``smollm2-135m`` (embedded), a tiny test model (``tiny-gpt2``, ``tiny-llama``), a
             model folder, a ``.gguf`` file or a hub id; or a loaded transformers or peft model (with ``tokenizer``,
