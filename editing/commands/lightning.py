@@ -21,7 +21,7 @@ from pathlib import Path
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from editing.commands import DEFAULT_ROOT, parses_own_arguments
 from editing.commands.parsing import ClearErrorsMixin
@@ -291,14 +291,15 @@ class EditingCLI(ProjectCLI):
         (refusing a fit that would clobber another run, or that cannot write), and keep the metrics log of a run
         being resumed. A fit refused here has changed nothing on disk."""
         from callbacks.degradation_budget import DegradationBudget
-        from editing.runs.metrics_log import keep_metrics_log
+        from editing.runs.metrics_log import keep_metrics_log, keep_tensorboard_history
 
         trainer = self.trainer
         config = self.config_init[self.subcommand]
         path = _resolve_ckpt_path(trainer, config.get("ckpt_path"))
         restarting = config.get("ckpt_path") == "last" and path is None
-        if path is not None:
-            self.model.check_checkpoint(_read_checkpoint(path), str(path))
+        checkpoint = _read_checkpoint(path) if path is not None else None
+        if checkpoint is not None:
+            self.model.check_checkpoint(checkpoint, str(path))
             config["ckpt_path"] = str(path)  # resume the very file that was checked
         elif restarting:
             config["ckpt_path"] = None
@@ -308,15 +309,26 @@ class EditingCLI(ProjectCLI):
             return
         budget.claim_run_folder(trainer, resuming, also=(Path(trainer.log_dir),), restarting=restarting)
         if resuming:
+            step = _resumed_logging_step(checkpoint or {})
             for logger in trainer.loggers:
                 if isinstance(logger, CSVLogger):
                     keep_metrics_log(logger)
+                elif isinstance(logger, TensorBoardLogger):
+                    keep_tensorboard_history(logger, step)
 
     def before_validate(self) -> None:
         self._attach_config()
 
     def before_test(self) -> None:
         self._attach_config()
+
+
+def _resumed_logging_step(state: dict) -> int:
+    """The first step a run resumed from checkpoint ``state`` logs at: Lightning's count of batches that stepped
+    the optimizer (the step of its logged rows), saved in the fit loop's state."""
+    loops = (state.get("loops") or {}).get("fit_loop") or {}
+    stepped = (loops.get("epoch_loop.state_dict") or {}).get("_batches_that_stepped")
+    return int(stepped if stepped is not None else state.get("global_step", 0))
 
 
 COMPOSE = ("Configs compose (later --config files override earlier ones key by key; options override both):\n"

@@ -25,10 +25,32 @@ from editing.rules.budget import MAX_EPOCH_SETTING
 from editing.runs.tables import value_text
 
 # Arguments every trial and test run gets: no CSV logs or checkpoints (a sweep runs thousands of fits; the results
-# file is the outcome), no progress bars in the logs.
+# file is the outcome), no progress bars in the logs. A logger the sweep's arguments name is kept (names_a_logger).
 HOUSEKEEPING = ("--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--trainer.enable_model_summary", "false", "--checkpoint.save_top_k", "0",
                 "--checkpoint.save_last", "false")
+
+
+def names_a_logger(args: Sequence[str]) -> bool:
+    """Whether ``editing fit`` arguments set a logger: a ``--trainer.logger`` option, or a ``--config`` file whose
+    ``trainer.logger`` is set (unreadable files are left to the fit to report)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        if arg == "--trainer.logger" or arg.startswith(("--trainer.logger=", "--trainer.logger.")):
+            return True
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else \
+            args[i + 1] if arg == "--config" and i + 1 < len(args) else None
+        if path is None:
+            continue
+        try:
+            config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        trainer = config.get("trainer") if isinstance(config, dict) else None
+        if isinstance(trainer, dict) and trainer.get("logger") not in (None, False):
+            return True
+    return False
 
 
 def split_args(args: str | Sequence[str] | None) -> list[str]:
@@ -91,7 +113,9 @@ class FitSettings:
         if self.max_epoch is not None:
             args += [MAX_EPOCH_SETTING, json.dumps(dict(self.max_epoch))]
         if self.housekeeping:
-            args += HOUSEKEEPING
+            # a logger the sweep's own arguments name (e.g. --config lightning_configs/loggers/tensorboard.yaml)
+            # is kept: a user who asks for trial logs gets them
+            args += HOUSEKEEPING[2:] if names_a_logger([*self.fixed, *self.extra]) else HOUSEKEEPING
         args += ["--trainer.default_root_dir", str(self.output_dir), "--budget.output_dir", str(self.output_dir)]
         if self.save_edits is not None:
             args += ["--budget.save_edits", value_text(self.save_edits)]

@@ -1,4 +1,5 @@
-"""Keeps a fit's CSV metrics log whole across a resume: every row of the run, none twice.
+"""Keeps a fit's metrics log whole across a resume: every row of the run, none twice (CSV), or every event, with
+what the interrupted run logged after its checkpoint purged from view (TensorBoard).
 
 Lightning's CSVLogger deletes ``metrics.csv`` whenever it opens a folder that holds one, so a resumed run's log
 would start at the resume. ``keep_metrics_log`` makes the logger append to the log instead. The interrupted run may
@@ -78,4 +79,28 @@ def keep_metrics_log(logger: CSVLogger) -> bool:
     if not os.path.isfile(path) or logger._experiment is not None:
         return False
     logger._experiment = _ContinuingWriter(logger.log_dir)
+    return True
+
+
+def keep_tensorboard_history(logger, resumed_step: int) -> bool:
+    """Make a TensorBoard logger of a resumed run purge from view what the interrupted run logged from
+    ``resumed_step`` on: its new event file starts with a session-start marker at that step, which TensorBoard's
+    readers take to hide the earlier files' events at or after it. The old event files are kept (Lightning never
+    deletes them), so the history reads as an uninterrupted run's.
+
+    Call before the fit starts (before the logger's writer is made).
+
+    Args:
+        logger: a ``lightning.pytorch.loggers.TensorBoardLogger``.
+        resumed_step: the first logging step of the resumed run (the checkpoint's count of batches that stepped).
+
+    Returns:
+        Whether the purge was set (False when the writer exists already).
+    """
+    if getattr(logger, "_experiment", None) is not None:
+        return False
+    # the event file is named by the second and host it was begun on: a suffix keeps a resume begun in the same
+    # second as the interrupted run from writing over its file
+    suffix = f"{logger._kwargs.get('filename_suffix', '')}.resumed-{int(resumed_step)}-{os.getpid()}"
+    logger._kwargs = {**logger._kwargs, "purge_step": int(resumed_step), "filename_suffix": suffix}
     return True

@@ -37,13 +37,23 @@ MODELS = _of("models")
 WHOLE = _of("main", "tiny", "validate", "fit")
 DISTILL = _of("distill")
 ENSEMBLE = _of("ensemble")
+LOGGERS = _of("loggers")
 # every kind of file has a test here, except the search spaces (tests/protocol/test_sweep.py parses those)
-TESTED_KINDS = {"fit", "tasks", "models", "main", "tiny", "validate", "distill", "ensemble", "sweeps"}
+TESTED_KINDS = {"fit", "tasks", "models", "main", "tiny", "validate", "distill", "ensemble", "sweeps", "loggers"}
 
 
 def test_every_config_folder_is_tested() -> None:
     assert {_kind(p) for p in ALL_CONFIGS} <= TESTED_KINDS
-    assert FIT and TASKS and MODELS and DISTILL and ENSEMBLE
+    assert FIT and TASKS and MODELS and DISTILL and ENSEMBLE and LOGGERS
+
+
+@pytest.mark.parametrize("preset", LOGGERS, ids=_ids(LOGGERS))
+def test_logger_preset_composes_after_a_fit_file_and_holds_only_the_logger(preset: Path, capsys, monkeypatch):
+    data = yaml.safe_load(preset.read_text())
+    assert set(data) == {"trainer"} and set(data["trainer"]) == {"logger"}
+    monkeypatch.chdir(REPO_DIR)
+    printed = _printed(capsys, ["fit", "--config", str(FIT[0]), "--config", str(preset)])
+    assert printed["trainer"]["logger"]["class_path"] == data["trainer"]["logger"]["class_path"]
 
 
 def test_the_per_task_copies_are_gone() -> None:
