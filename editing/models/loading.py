@@ -186,18 +186,23 @@ def _smollm2_tokenizer():
     return tok
 
 
-def _load_gguf(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    # The GGUF loader leaves a quantization_config; the weights are plain dequantized tensors now.
+def unmark_gguf(model: torch.nn.Module) -> None:
+    """Drop the marks transformers' GGUF loader leaves on a model (a quantization_config, a quantizer): its weights
+    are plain dequantized tensors, and its export is then a plain fp32 folder."""
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if getattr(model, "is_quantized", False):
         model.is_quantized = False
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    unmark_gguf(model)
     return model, tok
 
 

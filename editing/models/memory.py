@@ -23,7 +23,15 @@ from typing import Any
 import torch
 
 from editing.core.errors import ConfigError
-from editing.models.loading import HELD_PREFIX, LoadedModel, context_length, fingerprint, held_model, hold_loaded
+from editing.models.loading import (
+    HELD_PREFIX,
+    LoadedModel,
+    context_length,
+    fingerprint,
+    held_model,
+    hold_loaded,
+    unmark_gguf,
+)
 
 # entries that name where the config was read from or how it was stored, not what the model computes
 UNNAMED_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash")
@@ -76,17 +84,6 @@ def _quantized(model: torch.nn.Module) -> bool:
         any(not p.is_floating_point() for p in model.parameters())
 
 
-def _unmark_gguf(model: torch.nn.Module) -> None:
-    """Drop the GGUF marks of a dequantized model (as ``editing.models.loading`` does for the embedded model), so
-    that its export is a plain fp32 folder."""
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-
-
 def _snapshot(model: torch.nn.Module, where: str) -> torch.nn.Module:
     """A copy of ``model`` in fp32 on the CPU (a peft model: its active adapters merged), the caller's untouched."""
     if _quantized(model):
@@ -107,7 +104,7 @@ def _snapshot(model: torch.nn.Module, where: str) -> torch.nn.Module:
                               f"weights, and these cannot be merged ({first}); merge or remove them yourself and "
                               "pass the plain model") from None
     if _dequantized_gguf(snapshot):
-        _unmark_gguf(snapshot)
+        unmark_gguf(snapshot)
     snapshot = snapshot.to("cpu", torch.float32)
     snapshot.requires_grad_(False)
     snapshot.eval()

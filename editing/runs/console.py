@@ -14,8 +14,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from editing.rules.budget import Ball, degradation, key_label, success_change_pp
 from editing.core.types import Metric
+from editing.rules.budget import Ball, degradation, key_label, success_change_pp
 
 MIN_STEPS_PER_EPOCH = 5
 """Below this many optimizer steps per epoch a fit warns at its start: with the paper's cosine schedule and a few

@@ -3,9 +3,9 @@
 Every method's export ends in ``EditingModule.write_base_identity``, which writes ``edit_manifest.json``: the edit's
 ``kind`` (which registered loader applies it, see ``editing.methods.registry``) and ``method``; for each
 ``*.safetensors`` file of the folder a SHA-256 of its tensors (names, dtypes, shapes and bytes, in name order), and
-for the adapter's ``adapter_config.json`` (its rank and alpha scale the update) a SHA-256 of the file. Loading an edit
-(``editing.edits.load.load_edited``) recomputes them and refuses an edit whose numbers changed after it was saved, and any
-tensor holding NaN or infinite values: a number reported from such an edit could not be trusted.
+for the adapter's ``adapter_config.json`` (its rank and alpha scale the update) a SHA-256 of the file. Loading an
+edit (``editing.edits.load.load_edited``) recomputes them and refuses an edit whose numbers changed after it was
+saved, and any tensor holding NaN or infinite values: a number reported from such an edit could not be trusted.
 
 Edits saved before manifests existed are refused too, unless the user says they trust them
 (``allow_unverified=True``, ``--allow_unverified true`` on the command line); their NaN/Inf check still runs.

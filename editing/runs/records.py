@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from editing import __version__
-from editing.rules.budget import Ball, choose_epochs, degradation, key_eps, success_change_pp
 from editing.core.errors import ConfigError
 from editing.core.files import ensure_writable, write_json, write_jsonl
 from editing.core.textfiles import read_text
 from editing.core.types import EVALUATED_METRICS, PRACTITIONER_METRICS, LossType, Metric, RunStatus, Stage
+from editing.rules.budget import Ball, choose_epochs, degradation, key_eps, success_change_pp
 
 SCHEMA_VERSION = 2
 """The layout written now. 1: files written before ``schema_version`` existed (the same fields, without it)."""

@@ -11,9 +11,9 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from editing.core.types import Metric
 from editing.rules.budget import success_change_pp
 from editing.runs.records import Metrics, RunRecord, SelectedBall, Selection
-from editing.core.types import Metric
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

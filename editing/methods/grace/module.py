@@ -47,6 +47,7 @@ from editing.methods.grace.codebook import (
     read_codebook_file,
 )
 from editing.methods.grace.config import GRACEConfig, resolve_layer
+from editing.methods.one_shot import OneShotFit
 from editing.models.architecture import blocks, down_projection, down_projection_name, num_layers
 from editing.models.loading import ModelConfig
 from editing.rules.losses import training_loss
@@ -65,7 +66,7 @@ def query_position(example: TokenizedExample) -> int:
     return example.sequences[0].score_from - 1
 
 
-class GRACEEditor(EditingModule):
+class GRACEEditor(OneShotFit, EditingModule):
     """Edit with GRACE (SPEC section 13): a codebook at one layer's MLP down projection, one entry rule and one
     value training per canonical example, in file order.
 
@@ -78,6 +79,9 @@ class GRACEEditor(EditingModule):
 
     can_continue = True
     continues_from = ("grace_codebook",)  # one codebook grows over a sequence (editing fit --base_edit)
+    label = "GRACE"
+    one_process_reason = ("its entries are trained one after another, each on its own example, so there is nothing "
+                          "for DDP to average")
 
     def __init__(self, base: ModelConfig | None = None, grace: GRACEConfig | None = None,
                  optimizer: OptimizerConfig | None = None, regularization: RegularizationConfig | None = None) -> None:
@@ -193,28 +197,6 @@ class GRACEEditor(EditingModule):
         self.start_entries = int(extra.get("start_entries", 0))
 
     # fitting ---------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self._trainer is not None and getattr(self.trainer, "world_size", 1) > 1:
-            raise ConfigError(
-                f"GRACE runs in one process (this fit has {self.trainer.world_size}): its entries are trained one "
-                "after another, each on its own example, so there is nothing for DDP to average. Use "
-                "--trainer.devices 1")
-
-    def configure_optimizers(self):
-        return None
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> int:
-        return -1  # the edit was made at the start of the epoch; the canonical batches are not iterated
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        return None
-
-    def on_train_epoch_start(self) -> None:
-        if not self.edited:
-            self.compute_edit(self.trainer.datamodule)
-        self.trainer.should_stop = True  # one edit: the callback evaluates after this epoch, then the run ends
-
     def compute_edit(self, datamodule, examples: list[TokenizedExample] | None = None, progress: bool = True) -> None:
         """Add the canonical examples (or ``examples``) to the codebook, one after another, and train each one's
         entry.

@@ -26,6 +26,7 @@ from editing.methods.memit.config import MEMITConfig, resolve_layers
 from editing.methods.memit.covariance import CovarianceStats, layer_covariances
 from editing.methods.memit.layers import down_projection, down_projection_name, is_transposed, model_type
 from editing.methods.memit.requests import Request, RowBuilder, build_requests, context_templates
+from editing.methods.one_shot import OneShotFit
 from editing.models.architecture import num_layers
 from editing.models.loading import ModelConfig
 
@@ -33,7 +34,7 @@ TARGET_CODE = ("editing.methods.memit.compute",)
 """The code that computes the cached target vectors (``optimize_targets`` and what it imports)."""
 
 
-class MEMITEditor(EditingModule):
+class MEMITEditor(OneShotFit, EditingModule):
     """Edit with MEMIT (SPEC section 10): target vectors by gradient steps, layer updates in closed form.
 
     Fitting computes the whole edit at the start of the first epoch from all canonical examples of the split (the
@@ -59,6 +60,8 @@ class MEMITEditor(EditingModule):
     """The settings' constructor argument and hyperparameter group."""
     label = "MEMIT"
     """The method's name in progress messages."""
+    one_process_reason = ("it takes no gradient steps, so there is nothing for DDP to average and no optimizer state "
+                          "to shard, and a model that fits one device for a forward and backward pass fits it")
     solve_settings = frozenset({"covariance_weight", "covariance_samples", "covariance_batch_size",
                                 "request_batch_size"})
     """Settings that do not change the target vectors (so they are left out of the targets' cache key)."""
@@ -121,14 +124,6 @@ class MEMITEditor(EditingModule):
         finally:
             self._deltas_on = previous
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self._trainer is not None and getattr(self.trainer, "world_size", 1) > 1:
-            raise ConfigError(
-                f"MEMIT runs in one process (this fit has {self.trainer.world_size}): it takes no gradient steps, so "
-                "there is nothing for DDP to average and no optimizer state to shard, and a model that fits one "
-                "device for a forward and backward pass fits MEMIT. Use --trainer.devices 1")
-
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
         with self.deltas_off():
@@ -190,21 +185,6 @@ class MEMITEditor(EditingModule):
         self.edited = any(state[n].numel() > 0 for n in self.trainable_parameters() if n in state)
 
     # fitting -----------------------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        return None
-
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> int:
-        return -1  # the edit was made at the start of the epoch; the canonical batches are not iterated
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        return None
-
-    def on_train_epoch_start(self) -> None:
-        if not self.edited:
-            datamodule = self.trainer.datamodule
-            self.compute_edit(datamodule)
-        self.trainer.should_stop = True  # one edit: the callback evaluates after this epoch, then the run ends
-
     def canonical_requests(self, datamodule) -> list[Request]:
         """The requests of the DataModule's canonical examples (its records, with all their fields) under the
         configured supervision."""

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from editing.core.errors import ConfigError, DataFormatError
-from editing.data.jsonl import Record
 from editing.data.chat import ChatTemplate
+from editing.data.jsonl import Record
 from editing.data.tokenize import ExampleTokenizer
 from editing.methods.memit.config import ORACLE_DEFAULTS, MEMITConfig
 
