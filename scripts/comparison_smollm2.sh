@@ -8,6 +8,8 @@
 #                                         # minutes, pronoun_gender_bias 45, verb_conjugation (240 canonical
 #                                         # examples) about 4 hours
 #   TASKS=country_capital TRIALS=2 SEEDS=3 bash scripts/comparison_smollm2.sh
+#   METHODS="rome alphaedit grace" TRIALS=6 COMPARE_OUT=runs/comparison_new bash scripts/comparison_smollm2.sh
+#                                         # the field's newer methods on SmolLM2 (issue 38; no epochs of training)
 #   METHODS=senses BACKPACK=<another Backpack> COMPARE_OUT=runs/comparison_b2 bash scripts/comparison_smollm2.sh
 #                                         # only the Backpack's rows (senses, then the ensemble on its edits), e.g.
 #                                         # for a newly distilled Backpack; LoRA and full finetuning need no Backpack
@@ -37,17 +39,18 @@ wants_senses=false
 n_methods=0
 for method in $METHODS; do
     case "$method" in
-        lora | full) ;;
+        lora | full | memit | rome | alphaedit | grace) ;;
         senses) wants_senses=true ;;
         *)
-            echo "comparison_smollm2: METHODS names '$method'; use some of: lora full senses (the ensemble runs" \
-                 "with senses)" >&2
+            echo "comparison_smollm2: METHODS names '$method'; use some of: lora full memit rome alphaedit grace" \
+                 "senses (the ensemble runs with senses)" >&2
             exit 2
             ;;
     esac
     n_methods=$((n_methods + 1))
 done
-[ "$n_methods" -gt 0 ] || { echo "comparison_smollm2: METHODS is empty; use some of: lora full senses" >&2; exit 2; }
+[ "$n_methods" -gt 0 ] || { echo "comparison_smollm2: METHODS is empty; use some of: lora full memit rome alphaedit" \
+    "grace senses" >&2; exit 2; }
 
 if $wants_senses && [ ! -f "$BACKPACK/config.json" ]; then
     echo "comparison_smollm2: no distilled Backpack at $BACKPACK; run scripts/backpack_smollm2.sh first (or set" \

@@ -29,13 +29,13 @@ def test_comparison_names_the_missing_backpack_before_any_work(tmp_path) -> None
     assert not (tmp_path / "out").exists()  # nothing started
 
 
-@pytest.mark.parametrize("methods", ["lora memit", "  "])
+@pytest.mark.parametrize("methods", ["lora wise", "  "])
 def test_comparison_refuses_a_methods_list_it_cannot_run(tmp_path, methods: str) -> None:
     script = next(p for p in SCRIPTS if p.name == "comparison_smollm2.sh")
     env = {**os.environ, "METHODS": methods, "COMPARE_OUT": str(tmp_path / "out")}
     done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
-    assert "METHODS" in done.stderr and "lora full senses" in done.stderr
+    assert "METHODS" in done.stderr and "lora full memit rome alphaedit" in done.stderr
     if methods.strip():
-        assert "'memit'" in done.stderr
+        assert "'wise'" in done.stderr
     assert not (tmp_path / "out").exists()
