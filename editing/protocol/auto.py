@@ -234,6 +234,22 @@ class Plan:
     generalization_measured: bool = True
     retrain: bool = True
     search_generalization_measured: bool = True
+    selection: str = "validation pair"
+    """What the trials are selected on (``SELECTION_RULES``): the validation pair, held-out canonical examples,
+    held-out evaluation prompts per canonical example or a seeded fraction of them, or none (``--holdout 0``)."""
+    selection_prompts: list[int] = field(default_factory=list)
+    """The evaluation file's line indices (0-based) the trials are scored on (held-out prompts only)."""
+    report_prompts: int = 0
+    """How many evaluation prompts the final edit is reported on (held-out prompts only: the rest)."""
+
+
+SELECTIONS = ("auto", "examples", "prompts")
+"""``--selection``: ``auto`` holds out evaluation prompts when the task has its own evaluation set and canonical
+examples otherwise; ``examples`` always holds out canonical examples (the rule before issue 36); ``prompts``
+requires evaluation prompts."""
+BY_EXAMPLE = "evaluation prompts per canonical example (by suffix)"
+BY_FRACTION = "evaluation prompts, seeded fraction"
+BY_EXAMPLES = "canonical examples"
 
 
 def _has_validation_pair(task: TaskSpec) -> bool:
@@ -248,22 +264,30 @@ def _task_yaml(path: Path, name: str, loss: LossType, threshold: float, files: d
 
 def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, loss: str = "good",
               threshold: float | None = None, evaluation: str | None = None,
-              hard_negatives: str | None = None) -> Plan:
+              hard_negatives: str | None = None, selection: str = "auto") -> Plan:
     """Decide (and write, under ``folder``) the data of the search and of the final fit.
+
+    Without a validation pair, a task with evaluation prompts of its own (a task YAML whose evaluation file is not
+    its canonical file, or plain examples with ``--evaluation``) is searched on a held-out part of those prompts
+    (``selected_prompts``), trained on every canonical example, and reported on the other prompts; without them
+    (or with ``selection="examples"``) whole canonical examples are held out, as before.
 
     Args:
         task: a built-in task, a task YAML, or a JSONL of canonical examples.
         folder: where the held-out split and the task YAMLs go.
-        holdout: the fraction of canonical examples held out when there is no validation pair (0: none; the
-            trials are then scored on the task's own evaluation set, which the final numbers reuse: optimistic).
+        holdout: the fraction of the evaluation prompts (or canonical examples) held out without a validation pair
+            (0: none; the trials are scored on the task's evaluation set, reused by the final: optimistic).
         seed: the seed of the held-out choice.
         loss: the loss type of plain examples.
         threshold: the threshold of plain examples (default: -ln 0.2 for ``good``; required otherwise).
         evaluation: plain examples' evaluation set (JSONL), if any.
         hard_negatives: plain examples' hard negatives (JSONL), if any.
+        selection: one of ``SELECTIONS``.
     """
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout {holdout}: give the fraction of canonical examples to hold out, in [0, 1)")
+    if selection not in SELECTIONS:
+        raise ConfigError(f"--selection {selection!r}: expected one of {', '.join(SELECTIONS)} (auto: the default)")
     folder.mkdir(parents=True, exist_ok=True)
     if task.endswith(".jsonl"):
         spec, written = _examples_task(task, folder, loss, threshold, evaluation, hard_negatives)
@@ -285,9 +309,25 @@ def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, los
     path = spec.file("canonical", "val", None)
     records = read_jsonl(path, _kind(spec))
     n = len(records)
+    if holdout == 0 and selection == "prompts":
+        raise ConfigError("--selection prompts with --holdout 0 holds nothing out: give --holdout in (0, 1)")
     if holdout == 0:
         return Plan(spec.name, source, "val", source, "val", n, n, generalization_measured=measured, retrain=False,
-                    search_generalization_measured=measured)
+                    search_generalization_measured=measured, selection="none")
+    prompts = spec.file("evaluation", "val", None)
+    has_prompts = prompts is not None and prompts.resolve() != path.resolve()
+    if selection == "prompts" and not has_prompts:
+        raise ConfigError(f"--selection prompts: {spec.name} has no evaluation prompts of its own (its evaluation "
+                          "file is its canonical file); give --evaluation FILE, or --selection auto")
+    if has_prompts and selection != "examples":
+        return _plan_on_prompts(spec, folder, records, prompts, holdout, seed)
+    return _plan_on_examples(spec, folder, records, path, holdout, seed, source, measured)
+
+
+def _plan_on_examples(spec: TaskSpec, folder: Path, records: list, path: Path, holdout: float, seed: int,
+                      source: str, measured: bool) -> Plan:
+    """The search on held-out canonical examples, the final fit on all of them (see ``plan_data``)."""
+    n = len(records)
     if n < 2:
         raise ConfigError(f"{path}: one canonical example cannot be split into training and held-out examples; give "
                           "more examples, a task with a validation pair ({split} in its paths), or --holdout 0")
@@ -304,7 +344,72 @@ def plan_data(task: str, folder: Path, holdout: float = 0.25, seed: int = 0, los
     search = _task_yaml(folder / "search_task.yaml", spec.name, spec.loss, spec.threshold, files)
     return Plan(spec.name, str(search.resolve()), "val", source, "val", n - held, n, holdout=chosen,
                 holdout_files={"train": str(train_file), "heldout": str(held_file)},
-                generalization_measured=measured, retrain=True)
+                generalization_measured=measured, retrain=True, selection=BY_EXAMPLES)
+
+
+def _held_count(holdout: float, k: int) -> int:
+    return max(1, min(k - 1, round(holdout * k)))
+
+
+def selected_prompts(canonical: list, prompts: list, holdout: float, seed: int) -> tuple[str, list[int]]:
+    """The rule and the evaluation prompts (0-based indices) the search is scored on (``plan_data``'s rule).
+
+    When every prompt has the suffixes of exactly one canonical example, the prompts are held out per canonical
+    example: of an example's ``k >= 2`` prompts, ``max(1, min(k - 1, round(holdout * k)))`` drawn by
+    ``random.Random(seed)`` (the examples in file order, one generator); an example with one prompt keeps it in the
+    reported part. Otherwise a seeded fraction of all ``m`` prompts: ``max(1, min(m - 1, round(holdout * m)))``.
+
+    Args:
+        canonical: the canonical records.
+        prompts: the evaluation records.
+        holdout: the fraction held out.
+        seed: the seed of the choice.
+
+    Returns:
+        ``(BY_EXAMPLE or BY_FRACTION, sorted indices)``.
+    """
+    owners: dict[tuple, list[int]] = {}
+    for r in canonical:
+        owners.setdefault(tuple(r.suffixes), []).append(r.index)
+    groups: dict[int, list[int]] = {}
+    for j, p in enumerate(prompts):
+        owner = owners.get(tuple(p.suffixes), [])
+        if len(owner) != 1:  # no canonical example, or several, share its target: no mapping
+            groups = {}
+            break
+        groups.setdefault(owner[0], []).append(j)
+    rng = random.Random(seed)
+    if any(len(g) >= 2 for g in groups.values()):
+        chosen = []
+        for i in sorted(groups):
+            if len(groups[i]) >= 2:
+                chosen += rng.sample(groups[i], _held_count(holdout, len(groups[i])))
+        return BY_EXAMPLE, sorted(chosen)
+    if len(prompts) < 2:
+        raise ConfigError("one evaluation prompt cannot be split into selection and reported prompts; give more "
+                          "prompts, or --selection examples")
+    return BY_FRACTION, sorted(rng.sample(range(len(prompts)), _held_count(holdout, len(prompts))))
+
+
+def _plan_on_prompts(spec: TaskSpec, folder: Path, records: list, path: Path, holdout: float, seed: int) -> Plan:
+    """The search on held-out evaluation prompts, the final fit reported on the rest (see ``plan_data``)."""
+    prompts = read_jsonl(path, _kind(spec))
+    rule, chosen = selected_prompts(records, prompts, holdout, seed)
+    picked = set(chosen)
+    selection_file = write_jsonl(folder / "evaluation-selection.jsonl",
+                                 [p.fields for p in prompts if p.index in picked], overwrite=True)
+    report_file = write_jsonl(folder / "evaluation-report.jsonl",
+                              [p.fields for p in prompts if p.index not in picked], overwrite=True)
+    base = {"canonical": str(spec.file("canonical", "val", None).resolve()), "targeted": _abs(spec, "targeted"),
+            "hard_negatives": _abs(spec, "hard_negatives")}
+    search = _task_yaml(folder / "search_task.yaml", spec.name, spec.loss, spec.threshold,
+                        {**base, "evaluation": str(selection_file.resolve())})
+    final = _task_yaml(folder / "final_task.yaml", spec.name, spec.loss, spec.threshold,
+                       {**base, "evaluation": str(report_file.resolve())})
+    n = len(records)
+    return Plan(spec.name, str(search.resolve()), "val", str(final.resolve()), "val", n, n,
+                holdout_files={"selection": str(selection_file), "report": str(report_file)}, retrain=True,
+                selection=rule, selection_prompts=chosen, report_prompts=len(prompts) - len(chosen))
 
 
 def _warn_leaks(path: Path, records: list, heldout: set[int]) -> None:
@@ -588,7 +693,7 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
               output_dir: str | None = None, holdout: float = 0.25, explore: int = 1, epochs: int | None = None,
               patience: int | None = None, args: str | None = None, loss: str = "good", threshold: float | None = None,
               evaluation: str | None = None, hard_negatives: str | None = None, seed: int = 0,
-              overwrite: bool = False, clock: Callable[[], float] | None = None,
+              overwrite: bool = False, selection: str = "auto", clock: Callable[[], float] | None = None,
               runner: Callable[[list[str], Path, float | None], int] | None = None) -> AutoResult:
     """Search hyperparameters for the best edit inside a degradation ball, within a budget of trials or minutes.
 
@@ -617,6 +722,10 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
         evaluation: plain examples' evaluation set (a JSONL), if any.
         hard_negatives: plain examples' hard negatives (a JSONL), if any.
         seed: the seed of the held-out split, the draws and every fit.
+        selection: what the search is scored on without a validation pair (``SELECTIONS``): ``auto`` holds out
+            evaluation prompts when the task has its own (per canonical example when they map to one by suffix,
+            else a seeded fraction; the final edit is reported on the rest), else canonical examples;
+            ``examples`` always holds out canonical examples; ``prompts`` requires evaluation prompts.
         overwrite: empty ``output_dir`` and search again from scratch. Without it a finished search there (its
             ``auto.json``) is refused and an interrupted one (``auto.progress.json``) is resumed: its finished trials
             are kept, the rest run (the same settings are required; the budget may change).
@@ -633,7 +742,8 @@ def auto_edit(task: str, methods: list[str] | None = None, ball: float = 1e-3,
     search = _open_search(task=task, methods=methods, ball=ball, trials=trials, minutes=minutes, model=model,
                           output_dir=output_dir, holdout=holdout, explore=explore, epochs=epochs, patience=patience,
                           args=args, loss=loss, threshold=threshold, evaluation=evaluation,
-                          hard_negatives=hard_negatives, seed=seed, overwrite=overwrite, clock=clock, runner=runner)
+                          hard_negatives=hard_negatives, seed=seed, overwrite=overwrite, clock=clock, runner=runner,
+                          selection=selection)
     search.run_trials()
     return search.finish()
 
@@ -664,7 +774,7 @@ def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: i
                  model: str, output_dir: str | None, holdout: float, explore: int, epochs: int | None,
                  patience: int | None, args: str | None, loss: str, threshold: float | None, evaluation: str | None,
                  hard_negatives: str | None, seed: int, overwrite: bool, clock: Callable[[], float] | None,
-                 runner: Callable[[list[str], Path, float | None], int] | None) -> _Search:
+                 runner: Callable[[list[str], Path, float | None], int] | None, selection: str = "auto") -> _Search:
     """``auto_edit``'s first steps: check its inputs, claim the folder (an interrupted search in it is resumed), plan
     the data and print the plan. The budget's clock starts here, before anything else."""
     start_clock = clock or time.monotonic
@@ -678,10 +788,12 @@ def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: i
     folder = Path(output_dir) if output_dir else _default_folder(name)
     settings = _search_settings(task, names, key, model, holdout, explore, epochs, patience, args, loss, threshold,
                                 evaluation, hard_negatives, seed)
+    if selection != "auto":  # a search before --selection existed resumes with its settings as they were
+        settings["selection"] = selection
     kept = _claim_folder(folder, settings, overwrite)
     progress = {"settings": settings, "trials": [t.to_dict() for t in kept]}
     write_json(folder / PROGRESS_FILE, progress, overwrite=True)
-    plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives)
+    plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives, selection)
     small = SmallData.of(plan.train_examples, epochs)
     fixed = [*split_args(args), "--budget.balls", f"[{the_ball.eps!r}]", "--seed_everything", str(seed),
              "--data.seed", str(seed), "--budget.partial", "true"]
@@ -870,7 +982,11 @@ class _Search:
 
     def _trial_edit_note(self, best: Trial, why: str) -> str:
         """What the result says when it is a trial's edit, not the final fit's: why, and on what it was trained."""
-        if self.plan.holdout:
+        if self.plan.selection_prompts:
+            data = (f"all {self.plan.train_examples} canonical examples, and its numbers are on the "
+                    f"{len(self.plan.selection_prompts)} evaluation prompts the search selected on, not on the "
+                    f"{self.plan.report_prompts} held out for the final report")
+        elif self.plan.holdout:
             data = (f"the search's training split ({self.plan.train_examples} of {self.plan.final_examples} canonical "
                     f"examples; the {len(self.plan.holdout)} held out were not trained on), and its numbers are on "
                     "those held-out examples, not on the task's evaluation set")
@@ -913,7 +1029,8 @@ class _Search:
 SETTING_OPTIONS = {"task": "--task", "methods": "--methods", "ball": "--ball", "model": "--model",
                    "holdout": "--holdout", "explore": "--explore", "epochs": "--epochs", "patience": "--patience",
                    "args": "--args", "loss": "--loss", "threshold": "--threshold", "evaluation": "--evaluation",
-                   "hard_negatives": "--hard_negatives", "seed": "--seed"}
+                   "hard_negatives": "--hard_negatives", "seed": "--seed",
+                   "selection": "--selection"}
 """The settings that decide which trials a search draws (the budget does not): a resumed search must repeat them."""
 
 
@@ -1093,7 +1210,12 @@ def _budget_text(trials: int | None, minutes: float | None) -> str:
 
 
 def _plan_text(plan: Plan, small: SmallData) -> str:
-    if plan.holdout:
+    if plan.selection_prompts:
+        data = (f"selection on held-out evaluation prompts ({plan.selection}): trials train on all "
+                f"{plan.train_examples} canonical examples and are scored on {len(plan.selection_prompts)} prompts "
+                f"(lines {[i + 1 for i in plan.selection_prompts]} of the evaluation file); the final fit is "
+                f"reported on the other {plan.report_prompts}, never seen by the search")
+    elif plan.holdout:
         data = (f"no validation pair: {len(plan.holdout)} of {plan.final_examples} canonical examples held out "
                 f"(indices {plan.holdout}); trials train on {plan.train_examples}, the final fit on all "
                 f"{plan.final_examples}")

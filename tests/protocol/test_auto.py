@@ -109,7 +109,8 @@ def _read(path: str | Path) -> list[dict]:
 @pytest.mark.parametrize("n", [2, 8, 13])
 def test_held_out_split_is_disjoint_and_covers_the_examples(tmp_path, n: int) -> None:
     task = _user_task(tmp_path / "task", n=n)
-    plan = plan_data(str(task), tmp_path / "data", holdout=0.25, seed=3)
+    # a task with evaluation prompts holds those out by default (tests/protocol/test_auto_selection.py)
+    plan = plan_data(str(task), tmp_path / "data", holdout=0.25, seed=3, selection="examples")
     train, held = _read(plan.holdout_files["train"]), _read(plan.holdout_files["heldout"])
     every = _read(tmp_path / "task" / "canonical.jsonl")
     want = max(1, min(n - 1, round(0.25 * n)))
@@ -127,7 +128,7 @@ def test_held_out_split_is_disjoint_and_covers_the_examples(tmp_path, n: int) ->
     assert plan.final_task == str(task.resolve()) and plan.retrain
     assert (plan.train_examples, plan.final_examples) == (n - want, n)
     # the same seed, the same split; another seed, (here) another one
-    again = plan_data(str(task), tmp_path / "again", holdout=0.25, seed=3)
+    again = plan_data(str(task), tmp_path / "again", holdout=0.25, seed=3, selection="examples")
     assert again.holdout == plan.holdout
 
 
@@ -150,7 +151,7 @@ def test_plain_examples_and_holdout_zero(tmp_path) -> None:
     same = plan_data(str(task), tmp_path / "d3", holdout=0)
     assert not same.retrain and same.search_task == same.final_task and same.holdout == []
     with pytest.raises(ConfigError, match="cannot be split"):
-        plan_data(str(_user_task(tmp_path / "one", n=1)), tmp_path / "d4")
+        plan_data(str(_user_task(tmp_path / "one", n=1)), tmp_path / "d4", selection="examples")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,9 +320,10 @@ def _max_time_seconds(args: list[str]) -> float:
 def test_minutes_budget_is_respected(tmp_path, data_root) -> None:
     task = _user_task(tmp_path / "task", n=8)
     clock = FakeClock(per_fit=100.0)
+    # the whole-example hold-out (trials on 6 of 8 examples) is what the arithmetic below follows
     result = auto_edit(str(task), methods=["lora"], ball=0.5, minutes=5.0, model="tiny-gpt2",
                        output_dir=str(tmp_path / "auto"), epochs=1, args=TINY_ARGS, clock=clock,
-                       runner=clock.runner)
+                       runner=clock.runner, selection="examples")
     # t=0: 300 s left, nothing yet to keep for the final fit: trial 0 runs. t=100: the final fit is expected to
     # take 1.2 x 100 s x 8/6 examples = 160 s, leaving 40 s, less than 50 s (half a trial): the search stops and
     # the final fit runs; the whole command ends at t=200 <= 300.
@@ -360,7 +362,8 @@ def test_auto_returns_the_best_edit_inside_the_ball(tmp_path, data_root) -> None
     task = _user_task(tmp_path / "task", n=8)
     out = tmp_path / "auto"
     result = auto_edit(str(task), methods=["lora", "full"], ball=1e-2, trials=3, model="tiny-gpt2",
-                       output_dir=str(out), epochs=2, patience=None, args=TINY_ARGS, seed=0)
+                       output_dir=str(out), epochs=2, patience=None, args=TINY_ARGS, seed=0,
+                       selection="examples")  # the whole-example hold-out: trials on 6 of the 8 examples
     record = json.loads((out / "auto.json").read_text())
     assert len(record["trials"]) == 3  # the budget of trials; the final fit comes on top
     assert [t["method"] for t in record["trials"][:2]] == ["lora", "full"]  # each method explored first
