@@ -139,6 +139,10 @@ class EditingModule(L.LightningModule):
     """Whether ``reference()`` computes p0 with the model's own base weights (an adapter or hooks switched off), so
     that under a base edit the original weights must be swapped back in; false when p0 is a separate copy."""
 
+    trains_behind_context_prefixes: ClassVar[bool] = False
+    """Whether the method trains on the DataModule's canonical batches (the gradient methods), so that
+    ``--data.context_prefixes`` can put generated prefixes in front of them (``use_context_prefixes``)."""
+
     def set_base_edit(self, base_edit: BaseEdit) -> None:
         """Continue the sequence of edits ending in ``base_edit``: write its weights into the frozen base weights
         (the model the fit starts from), and keep p0 (``reference()``) the original base model (see
@@ -306,6 +310,39 @@ class EditingModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and self.task != datamodule.task:
             self.bind_task(datamodule.task)
+        if datamodule is not None and stage == "fit":
+            # here, before the optimizer's schedule counts the training batches (and before a checkpoint's weights
+            # are restored: the unedited model generates the prefixes)
+            self.use_context_prefixes(datamodule)
+
+    def use_context_prefixes(self, datamodule: Any) -> None:
+        """Generate ``datamodule.context_prefixes`` prefixes with the unedited model and give them to the
+        DataModule (issue 36 item 4): MEMIT's context templates (greedy continuations of fixed first words, the same
+        in every run and on resume, since p0 generates them). A method that does not train on the canonical
+        batches refuses them.
+
+        Raises:
+            ConfigError: the method cannot use them.
+        """
+        count = int(getattr(datamodule, "context_prefixes", 0) or 0)
+        if count == 0:
+            return
+        if not self.trains_behind_context_prefixes:
+            raise ConfigError(f"--data.context_prefixes {count}: method {self.method.value!r} does not train on "
+                              "the canonical examples' batches, so it cannot train behind generated prefixes; "
+                              "use --data.context_prefixes with lora or full, or leave it at 0 (MEMIT and ROME "
+                              "average over their own context templates: --model.init_args.memit.context_templates)")
+        from editing.methods.memit.requests import context_templates
+
+        with self.reference() as model:
+            training = model.training
+            model.eval()
+            try:
+                templates = context_templates(model, self.tokenizer, count, datamodule.context_prefix_tokens)
+            finally:
+                model.train(training)
+        datamodule.set_context_prefixes(templates[1:])  # templates[0] is the bare "": the example itself
+        log.info("training behind %d context prefixes: %s", count, templates[1:])
 
     # training ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:

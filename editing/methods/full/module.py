@@ -40,6 +40,8 @@ class FullEditor(EditingModule):
         regularization: regularization toward p0.
     """
 
+    trains_behind_context_prefixes = True
+
     p0_is_base = True  # the model before the first step is the base model (p0 is a frozen copy of it)
     can_continue = True
     reference_shares_weights = False  # p0 is the copy taken before a base edit was written: the original

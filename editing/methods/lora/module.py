@@ -25,6 +25,8 @@ class LoRAEditor(EditingModule):
         regularization: regularization toward p0.
     """
 
+    trains_behind_context_prefixes = True
+
     p0_is_base = True  # LoRA B starts at zero: the model before the first step is the base model
     can_continue = True
 
