@@ -19,6 +19,7 @@ from editing.core.interruption import SOFT_STOP, soft_stop_requested
 from editing.core.types import MethodName, Metric, RunStatus
 from editing.evaluation.caching import CacheSettings, evaluate_epoch
 from editing.evaluation.locality import hard_negative_values, preserved_rate
+from editing.evaluation.sampled_general import SampledGeneral
 from editing.rules.budget import (
     DEFAULT_BALLS,
     Ball,
@@ -28,6 +29,7 @@ from editing.rules.budget import (
     parse_balls,
     parse_max_epoch,
 )
+from editing.rules.sampling import AUTO, DEFAULT_LEVEL, parse_general_sample, parse_level
 from editing.runs.console import epoch_line, small_data_warning
 from editing.runs.records import RESULTS_FILE, BallRecord, EpochRecord, RunRecord, StoppedEarly, TaskRef, ball_records
 from editing.runs.run_folder import PARTIAL_DIR, Claim, ResultsWriteError, check_folder, claim_folder
@@ -39,6 +41,7 @@ OVERWRITE_FLAG = "--budget.overwrite true"
 __all__ = ["DEFAULT_BALLS", "Ball", "DegradationBudget", "ball_key", "choose_epochs"]
 
 GENERAL_NLL = Metric.GENERAL_NLL
+GENERAL_ROLE = "general"
 LOGGED = tuple(Metric)  # logged as val/<metric>, epoch 0 included
 ALIASES = {Metric.GENERALIZATION: Metric.SUCCESS_RATE}  # logged under both names, stored once
 
@@ -86,6 +89,14 @@ class DegradationBudget(L.Callback):
             ``<run folder>/partial/`` (``edits/ball_<eps>``, ``results.json``), so that a fit killed later keeps
             its best edit (``editing auto``'s trials under a deadline). The run folder itself does not look
             finished; the finished results replace the partial record.
+        general_sample: how much of the general set G the degradation is measured on (issue 36 item 6): ``all``
+            (every text, every epoch: the paper's protocol, which sweeps and test runs pass), a number N (a seeded
+            sample of N texts, doubled until the degradation's interval clears every ball's edge or G is used up;
+            ``editing.rules.sampling``), or ``auto`` (the default: a first sample of 64 texts for a task of one's
+            own, ``all`` for a built-in task). A sampled epoch's ``general_nll`` is p0's NLL on the first sample
+            times the estimated ratio, so the ball rule reads the interval's decision; its ``general_sample`` holds
+            the sample size and interval. Under ``--base_edit`` all of G is used.
+        interval_level: the confidence level of that interval (a t-interval of the ratio estimator).
 
     A fit asked to stop softly (``editing.core.interruption.SOFT_STOP``, SIGUSR1: ``editing auto``'s time share of
     a trial ended) stops after the epoch it is in has been evaluated, and writes its results as usual; the record
@@ -95,7 +106,8 @@ class DegradationBudget(L.Callback):
     def __init__(self, balls: list[float] | None = None, patience: int | None = None, output_dir: str | None = None,
                  overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None,
                  p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0,
-                 partial: bool = False) -> None:
+                 partial: bool = False, general_sample: str | int = AUTO,
+                 interval_level: float = DEFAULT_LEVEL) -> None:
         self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
@@ -110,6 +122,11 @@ class DegradationBudget(L.Callback):
                               "incremental-evaluation entry on disk)")
         self.caches = CacheSettings(p0=p0_cache, incremental=incremental, memory_mb=cache_memory_mb)
         self.partial = partial
+        parse_general_sample(general_sample)  # checked here, resolved when the task is known (on_fit_start)
+        self.general_sample = general_sample
+        self.interval_level = parse_level(interval_level)
+        self.sampled: SampledGeneral | None = None
+        self._sampled_state: dict | None = None  # p0's per-text sums restored from a checkpoint
         self.history: list[dict] = []
         self.ball_states: dict[str, dict[str, torch.Tensor]] = {}
         self.outside = 0
@@ -130,7 +147,8 @@ class DegradationBudget(L.Callback):
     def state_dict(self) -> dict:
         return {"history": self.history, "ball_states": self.ball_states, "outside": self.outside,
                 "diverged_epoch": self.diverged_epoch, "stopped_early": self.stopped_early,
-                "p0_hard_negatives": self.p0_hard_negatives, "original": self.original}
+                "p0_hard_negatives": self.p0_hard_negatives, "original": self.original,
+                "sampled_general": None if self.sampled is None else self.sampled.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = True  # a resumed run: epoch 0's row is in the log already
@@ -141,6 +159,7 @@ class DegradationBudget(L.Callback):
         self.stopped_early = state.get("stopped_early")
         self.p0_hard_negatives = state.get("p0_hard_negatives")  # None in checkpoints older than locality
         self.original = state.get("original")
+        self._sampled_state = state.get("sampled_general")
 
     # helpers ---------------------------------------------------------------------------------------------
     def run_dir(self, trainer: L.Trainer) -> Path:
@@ -156,15 +175,62 @@ class DegradationBudget(L.Callback):
     def _evaluate(self, trainer: L.Trainer, module, epoch: int, subject=None) -> dict:
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         dm = trainer.datamodule
-        summary = evaluate_epoch(subject or module, dm, epoch, self.caches, roles=dm.eval_roles(canonical=True),
+        roles = dm.eval_roles(canonical=True)
+        if self.sampled is not None and subject is None:
+            roles = [r for r in roles if r != GENERAL_ROLE]
+        summary = evaluate_epoch(subject or module, dm, epoch, self.caches, roles=roles,
                                  progress=show, announce=trainer.is_global_zero)
+        if self.sampled is not None and subject is None:
+            summary = self._sampled_summary(module, epoch, summary)
         values = hard_negative_values(summary["per_example_hard_negatives"])
         if epoch == 0 and (subject is not None or self.original is None):
             self.p0_hard_negatives = values
         summary[Metric.LOCALITY.value] = (None if self.p0_hard_negatives is None
                                           else preserved_rate(self.p0_hard_negatives, values))
         # the history holds plain dicts (the layout of results.json's epochs): checkpoints store it
-        return EpochRecord.of(epoch, summary, self.initial_nll()).to_dict()
+        record = EpochRecord.of(epoch, summary, self.initial_nll()).to_dict()
+        if "general_sample" in summary:
+            record["general_sample"] = summary["general_sample"]
+            record[Metric.DEGRADATION.value] = summary["general_sample"]["degradation"]
+        return record
+
+    def _start_sampling(self, trainer: L.Trainer, pl_module) -> None:
+        """Resolve ``general_sample`` for this fit's task and set up the sampled measure of G."""
+        dm = trainer.datamodule
+        setting = self.general_sample
+        if setting == AUTO:
+            setting = "all" if dm.task.builtin else AUTO
+        first = parse_general_sample(setting)
+        if first is None or getattr(pl_module, "base_edit", None) is not None or trainer.world_size > 1:
+            return  # all of G: the paper's numbers (a base edit's balls and DDP's shards keep the full evaluation)
+        if dm.tokenizer is None:
+            dm.attach(pl_module.tokenizer, pl_module.max_length)
+        sampled = SampledGeneral(dm, first, seed=dm.seed, level=self.interval_level)
+        if sampled.total <= first:
+            return  # the first sample would be all of G: the full evaluation gives the same decision, exactly
+        self.sampled = sampled
+        if self._sampled_state:
+            self.sampled.load_state_dict(self._sampled_state)
+        self._say(trainer, f"the degradation is measured on a sample of G (--budget.general_sample {setting}: "
+                           f"{self.sampled.sizes[0]} of {self.sampled.total} texts first, grown until the "
+                           f"{self.interval_level:.0%} interval clears each ball's edge; 'all' for every text)")
+
+    def _sampled_summary(self, module, epoch: int, summary: dict) -> dict:
+        """The epoch's summary with the general NLL from the sample of G (see ``general_sample``): p0's NLL on the
+        first sample at epoch 0, then that times the estimated ratio, with the sample and interval."""
+        sampled = self.sampled
+        if epoch == 0:
+            n = sampled.sizes[0]
+            summary[GENERAL_NLL.value] = sampled.p0_nll(module.reference)
+            summary["general_sample"] = {"degradation": 0.0, "low": 0.0, "high": 0.0, "level": sampled.level,
+                                         "texts": n, "total": sampled.total, "interval": "p0 (the first sample)"}
+        else:
+            interval = sampled.measure(module.model, module.reference, [b.eps for b in self.balls])
+            n = interval.texts
+            summary[GENERAL_NLL.value] = self.initial_nll() * (1.0 + interval.degradation)
+            summary["general_sample"] = interval.to_dict()
+        summary["counts"]["general_tokens"] = sum(sampled.tokens[i] for i in sampled.order[:n])
+        return summary
 
     def _evaluate_original(self, trainer: L.Trainer, module) -> dict:
         """The original base model's evaluation, for a fit on top of a base edit (its ``reference()``)."""
@@ -298,6 +364,7 @@ class DegradationBudget(L.Callback):
         # a resumed run continues its own results; anything else must not replace a finished run
         self.claim_run_folder(trainer, resuming=bool(trainer.ckpt_path))
         pl_module.reuse_base_numbers = self.caches.effective().p0
+        self._start_sampling(trainer, pl_module)
         if self.history:  # resumed: epoch 0 and earlier epochs are in the restored state
             return
         if getattr(pl_module, "base_edit", None) is not None:

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from editing.commands import DEFAULT_ROOT, parses_own_arguments
 from editing.commands.parsing import ClearErrorsMixin
+from editing.commands.practitioner import SMALL_DATA_HELP, SMALL_DATA_OPTION, apply_small_data
 from editing.core import interruption
 from editing.core.errors import ConfigError
 from editing.runs.checkpoints import SafeCheckpointsMixin
@@ -222,11 +223,21 @@ class EditingCLI(ProjectCLI):
                                      "the base model with that edit and saves the cumulative edit, while p0 (the "
                                      "balls, the KL term) stays the original base model; a sequence of edits "
                                      "(editing sequence)")
+            parser.add_argument(SMALL_DATA_OPTION, type=bool | None, default=None, help=SMALL_DATA_HELP)
         if subcommand != "fit":
             # an evaluation's results go to report.output_dir; a CSV log of it would be a stray run folder.
             # Lightning's own tables (one per dataloader, metric names cut short) give way to the EvaluationWriter's
             parser.set_defaults({"trainer.logger": False, "verbose": False})
         return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        self._given = list(args or [])  # what the command line itself sets (the small-data rule reads it)
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.subcommand == "fit":
+            apply_small_data(self.config["fit"], getattr(self, "_given", []))
 
     def add_arguments_to_parser(self, parser) -> None:
         from callbacks.degradation_budget import DegradationBudget

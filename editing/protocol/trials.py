@@ -60,6 +60,11 @@ def split_args(args: str | Sequence[str] | None) -> list[str]:
     return shlex.split(args) if isinstance(args, str) else [str(a) for a in args]
 
 
+PAPER_PROTOCOL = ("--small_data", "false", "--budget.general_sample", "all")
+"""What a sweep's trial and a test run pass so that a task of one's own keeps the paper's settings: no small-data
+rule (``editing.commands.practitioner``) and every text of G (``--budget.general_sample``)."""
+
+
 def overrides(params: Mapping[str, Any]) -> list[str]:
     """``editing fit`` arguments setting the sampled values."""
     args: list[str] = []
@@ -104,8 +109,9 @@ class FitSettings:
 
     def args(self) -> list[str]:
         """The ``editing fit`` command line (without ``fit``); later arguments override earlier ones."""
+        # the paper's protocol: its config's accumulation and epochs, and all of G every epoch (issue 36 item 6)
         args = ["--config", str(self.config), "--data.task", self.task, "--model.init_args.base.name", self.model,
-                *self.fixed, *overrides(self.params)]
+                *PAPER_PROTOCOL, *self.fixed, *overrides(self.params)]
         if self.split is not None:
             args += ["--data.split", self.split]
         if self.seed is not None:

@@ -122,6 +122,13 @@ def epoch_line(record: Mapping[str, Any], initial: Mapping[str, Any], balls: Ite
         parts.append(f"general NLL {_number(nll, '.5f')}")
     else:
         parts.append(f"degradation {_number(degradation(float(nll), float(nll0)), '+.2e')}")
+        sample = record.get("general_sample")
+        if isinstance(sample, Mapping) and sample.get("texts", 0) < sample.get("total", 0):
+            # measured on a sample of G (--budget.general_sample): the interval the ball decisions read
+            parts.append(f"[{sample['low']:+.2e}, {sample['high']:+.2e}] {sample['level']:.0%} CI on "
+                         f"{sample['texts']}/{sample['total']} texts of G")
+        elif isinstance(sample, Mapping):  # the sample grew to all of G: the exact degradation
+            parts.append(f"(exact: all {sample.get('total')} texts of G)")
         inside = [key_label(b.key) for b in balls if b.inside(nll, nll0)]
         outside = [key_label(b.key) for b in balls if not b.inside(nll, nll0)]
         where = []

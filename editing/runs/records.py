@@ -257,6 +257,10 @@ class EpochRecord:
     epoch: int
     metrics: Metrics
     counts: dict[str, int]
+    general_sample: dict | None = None
+    """When the degradation was measured on a sample of G (``--budget.general_sample``, issue 36 item 6): the
+    sample size (``texts`` of ``total``), the estimate and its interval (``low``, ``high``, ``level``); None: all of
+    G."""
 
     @classmethod
     def of(cls, epoch: int, summary: Mapping[str, Any], initial_general_nll: float | None = None) -> EpochRecord:
@@ -272,6 +276,8 @@ class EpochRecord:
         out = {"epoch": self.epoch, **{k: m[k] for k in (x.value for x in EVALUATED_METRICS)}, "counts": self.counts}
         out[Metric.DEGRADATION.value] = self.metrics.degradation
         out.update(self.metrics.practitioner())
+        if self.general_sample is not None:
+            out["general_sample"] = dict(self.general_sample)
         return out
 
     @classmethod
@@ -281,7 +287,8 @@ class EpochRecord:
 
     @classmethod
     def read(cls, r: _Reader) -> EpochRecord:
-        return cls(r.whole("epoch"), Metrics.read(r, with_degradation=True), r.mapping("counts", {}))
+        return cls(r.whole("epoch"), Metrics.read(r, with_degradation=True), r.mapping("counts", {}),
+                   r.mapping("general_sample", None))
 
 
 @dataclass(frozen=True)

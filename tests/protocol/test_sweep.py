@@ -286,9 +286,10 @@ def test_fit_settings_spell_the_trial_and_test_run_command_lines(tmp_path) -> No
     base, out = tmp_path / "base.yaml", tmp_path / "trial_0"
     params = {"model.init_args.optimizer.lr": 0.001, "model.init_args.lora.rank": 4}
     trial = definition.fit_settings(base, out, params=params, save_edits=False).args()
+    # the paper's protocol: its config's accumulation and epochs, all of G (issue 36 item 6)
     shared = ["--config", str(base), "--data.task", "country_capital", "--model.init_args.base.name", "tiny-gpt2",
-              "--trainer.max_epochs", "3", "--model.init_args.optimizer.lr", "0.001",
-              "--model.init_args.lora.rank", "4"]
+              "--small_data", "false", "--budget.general_sample", "all", "--trainer.max_epochs", "3",
+              "--model.init_args.optimizer.lr", "0.001", "--model.init_args.lora.rank", "4"]
     quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
              "false", "--checkpoint.save_top_k", "0", "--checkpoint.save_last", "false"]
     folders = ["--trainer.default_root_dir", str(out), "--budget.output_dir", str(out)]
