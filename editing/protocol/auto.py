@@ -9,8 +9,12 @@ that made it.
 How it searches:
 
 - **Validation.** A task with a validation pair (a built-in task, or a task YAML whose canonical and evaluation paths
-  contain ``{split}``) is searched on its ``val`` pair and the final edit is fitted on its ``test`` pair. Otherwise
-  (a task YAML without ``{split}``, or plain examples) a part of the canonical examples is held out (``holdout``, a
+  contain ``{split}``) is searched on its ``val`` pair and the final edit is fitted on its ``test`` pair. Otherwise,
+  when the task has evaluation prompts of its own, a part of those prompts is held out (issue 36 item 4: per
+  canonical example when each prompt has one example's suffix, else a seeded fraction; ``selected_prompts``): every
+  fit trains on all canonical examples, the trials are scored on the held-out prompts and the final edit is
+  reported on the others. Without evaluation prompts (or ``selection="examples"``: a task YAML without
+  ``{split}``, or plain examples) a part of the canonical examples is held out (``holdout``, a
   seeded random choice): the trials train on the rest and are scored on the held-out examples as their evaluation
   set, and the final edit is fitted with the chosen configuration on all canonical examples and reported on the
   task's evaluation set (which the search never saw). The final fit reports, as ``editing test-runs`` does, the
