@@ -208,7 +208,11 @@ def edit(model: str | Any = "smollm2-135m", examples: Examples | None = None, *,
         threshold: an evaluation example succeeds when its score is at most this (default: the threshold of the
             built-in tasks of the same loss, e.g. good: -ln 0.2, i.e. p(suffix) >= 0.2).
         name: the task's name in the results (examples given as a list or JSONL).
-        epochs: training epochs (default: the method's shipped config).
+        epochs: training epochs (default: the method's shipped config; for examples of one's own, the small-data
+            rule of ``editing auto``, which also sets the accumulation: ``editing.commands.practitioner``). A task
+            of one's own also measures the degradation on a growing sample of G with its interval
+            (``settings={"budget.general_sample": "all"}`` for every text; README, "Defaults for a handful of
+            examples").
         settings: more ``editing fit`` options as dotted keys, e.g. ``{"model.init_args.optimizer.lr": 1e-3,
             "trainer.accumulate_grad_batches": 1}``.
         output_dir: the run folder (default: ``runs/edit/version_N`` in the current folder).
