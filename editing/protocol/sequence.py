@@ -125,7 +125,11 @@ def write_chunk_tasks(out: Path, settings: SequenceSettings, chunks: list[list[s
 def fit_command(settings: SequenceSettings, task_yaml: Path, step_dir: Path, base_edit: Path | None,
                 overwrite: bool) -> list[str]:
     """The ``editing fit`` arguments of one step."""
+    from editing.protocol.trials import PAPER_PROTOCOL
+
     args = [a for path in settings.fit_config for a in ("--config", str(path))]
+    # every step measured alike, on all of G with the config's accumulation (a base edit's steps are never sampled)
+    args += PAPER_PROTOCOL
     args += ["--data.task", str(task_yaml), "--data.split", settings.split, "--budget.output_dir", str(step_dir),
              "--budget.balls", json.dumps([settings.ball]), "--seed_everything", str(settings.seed),
              "--data.seed", str(settings.seed), "--data.eval_limit", json.dumps(settings.eval_limit),
