@@ -19,6 +19,7 @@ from editing.methods import FullEditor, LoRAConfig, LoRAEditor, OptimizerConfig,
 from editing.methods.regularizers import kl_to_reference
 from editing.models.loading import ModelConfig
 from editing.rules.tasks import BUILTIN_TASKS
+from editing.runs.checkpoints import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = {"eval_limit": 6, "general_limit": 8}
@@ -173,7 +174,7 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, data_root) 
     partial = _fit_with_checkpoints(tmp_path, "resumed", epochs=3, stop_after=2)
     assert partial == {}  # interrupted: no results yet
     last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=False)
+    checkpoint = load_checkpoint_file(last)
     assert all("lora_" in k for k in checkpoint["state_dict"])  # only the deltas
     assert checkpoint["base_identity"]["name"] == "tiny-gpt2"
     resumed = _fit_with_checkpoints(tmp_path, "resumed", epochs=3, ckpt_path=str(last))

@@ -18,6 +18,7 @@ from editing.evaluation import evaluate
 from editing.models.backpack import BackpackLMHeadModel
 from editing.models.backpack.distill import BackpackDistillation, BackpackShape, build_backpack_from
 from editing.models.loading import LoadedModel, ModelConfig, load_model
+from editing.runs.checkpoints import load_checkpoint_file
 
 
 def distiller(tmp_path: Path, **kw) -> BackpackDistillation:
@@ -134,7 +135,7 @@ def test_a_run_stopped_mid_epoch_resumes_where_it_stopped(tmp_path, corpus) -> N
     L.seed_everything(0)
     first = distiller(tmp_path)
     trainer(tmp_path / "b", epochs=1, callbacks=[checkpoints(), StopAt(), SaveLastOnStop()]).fit(first, data(corpus))
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert load_checkpoint_file(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 7
 
     resumed = distiller(tmp_path)
     seen: list[torch.Tensor] = []
