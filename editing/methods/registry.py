@@ -71,6 +71,17 @@ verified: file name -> tensors) onto ``model``, a fresh copy of the base model n
 ``ConfigError`` for an edit that does not fit the model."""
 
 
+def edit_file(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of the edit's file ``name`` among those ``load_edited`` read and verified (for loaders).
+
+    Raises:
+        ConfigError: the folder lacks the file.
+    """
+    if name not in tensors:
+        raise ConfigError(f"{folder}: the edit's tensor file ({name}) is missing; re-export the edit")
+    return tensors[name]
+
+
 EditMerger = Callable[[AppliedEdit], nn.Module]
 """``merge_edit(applied)``: the base model's own architecture with the edit written into its weights, from the edit as
 its loader applied it (``editing export --merged`` saves it as a plain transformers folder)."""

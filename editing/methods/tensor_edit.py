@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from editing.core.errors import ConfigError
-from editing.methods.registry import AppliedEdit
+from editing.methods.registry import AppliedEdit, edit_file
 
 TENSORS_KIND = "tensors"
 TENSOR_EDIT_FILE = "edit.safetensors"
@@ -71,9 +71,7 @@ def merge_tensor_edit(applied: AppliedEdit) -> nn.Module:
 def load_tensor_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str, torch.Tensor]],
                      base_name: str) -> AppliedTensors:
     """Replace the model's parameters named in ``edit.safetensors`` (the ``load_edit`` of kind ``tensors``)."""
-    if TENSOR_EDIT_FILE not in tensors:
-        raise ConfigError(f"{folder}: the edit's tensor file ({TENSOR_EDIT_FILE}) is missing; re-export the edit")
-    path, values = folder / TENSOR_EDIT_FILE, tensors[TENSOR_EDIT_FILE]
+    path, values = folder / TENSOR_EDIT_FILE, edit_file(folder, tensors, TENSOR_EDIT_FILE)
     params = dict(model.named_parameters())
     unknown = set(values) - set(params)
     if unknown:

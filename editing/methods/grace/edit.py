@@ -20,7 +20,7 @@ from torch import nn
 from editing.core.errors import ConfigError
 from editing.methods.grace.codebook import BUFFERS, CODEBOOK_FILE, SPANS, Codebook, attach, projection_widths
 from editing.methods.grace.module import GRACEEditor
-from editing.methods.registry import AppliedEdit
+from editing.methods.registry import AppliedEdit, edit_file
 from editing.models.architecture import down_projection, num_layers
 
 GRACE_KIND = "grace_codebook"
@@ -58,9 +58,7 @@ class AppliedCodebook(AppliedEdit):
 def load_grace_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str, torch.Tensor]],
                     base_name: str) -> AppliedCodebook:
     """Attach the codebook of ``folder`` to ``model`` (the ``load_edit`` of kind ``grace_codebook``)."""
-    if CODEBOOK_FILE not in tensors:
-        raise ConfigError(f"{folder}: the edit's tensor file ({CODEBOOK_FILE}) is missing; re-export the edit")
-    path, t = folder / CODEBOOK_FILE, tensors[CODEBOOK_FILE]
+    path, t = folder / CODEBOOK_FILE, edit_file(folder, tensors, CODEBOOK_FILE)
     missing = sorted((set(BUFFERS) | {"layer", "span"}) - set(t))
     if missing:
         raise ConfigError(f"{path} is not a GRACE codebook: it lacks {missing}; re-export the edit")

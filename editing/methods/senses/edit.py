@@ -13,7 +13,7 @@ from torch import nn
 
 from editing.core.errors import ConfigError
 from editing.core.files import write_text
-from editing.methods.registry import AppliedEdit
+from editing.methods.registry import AppliedEdit, edit_file
 from editing.methods.senses.deltas import SenseDeltas, install_sense_deltas
 from editing.methods.senses.module import SensesEditor
 from editing.models.architecture import backpack_of
@@ -119,7 +119,6 @@ class AppliedSenses(AppliedEdit):
 def apply_sense_edit(model: nn.Module, folder: Path, tensors: dict[str, dict[str, torch.Tensor]],
                      base_name: str) -> AppliedSenses:
     """Install the sense edit of ``folder`` into ``model`` (the ``load_edit`` of kind ``senses``)."""
-    if SENSE_EDIT_FILE not in tensors:
-        raise ConfigError(f"{folder}: the edit's tensor file ({SENSE_EDIT_FILE}) is missing; re-export the edit")
-    load_sense_edit(folder / SENSE_EDIT_FILE, model, tensors=tensors[SENSE_EDIT_FILE])
-    return AppliedSenses(model, tensors[SENSE_EDIT_FILE])
+    values = edit_file(folder, tensors, SENSE_EDIT_FILE)
+    load_sense_edit(folder / SENSE_EDIT_FILE, model, tensors=values)
+    return AppliedSenses(model, values)
