@@ -11,7 +11,7 @@ shim (``PeerScorer``). Getting ``PATH``, once:
 ``data/*-chunked.jsonl`` files does as well). Then:
 
     OMP_NUM_THREADS=1 python benchmarks/peer_eval.py --reference PATH [--model smollm2-135m] [--task country_capital]
-        [--limit 100] [--general 100] [--repeat 2] [--threads 1] [--json out.json]
+        [--limit 100] [--general 100] [--repeat 2] [--threads 1] [--float64] [--json out.json]
 
 For each task: the first ``--limit`` examples of its validation evaluation set, scored by the paper's
 ``ScoreEvaluator``/``PairEvaluator`` (one example per call, its batch size of 1, its threshold test) and by our
@@ -189,6 +189,19 @@ class PeerScorer:
         return [b["input_ids"][0].tolist() for b in self.general.batches]
 
 
+@torch.no_grad()
+def float64_general_nll(model, texts: list[list[int]]) -> float:
+    """Token-mean NLL of ``texts`` with float64 log-softmax (one text per forward pass, full logits): the yardstick
+    both fp32 figures are compared with."""
+    total, count = 0.0, 0
+    for ids in texts:
+        x = torch.tensor([ids], dtype=torch.long, device=model.device)
+        logprobs = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), dim=-1)
+        total += float(-logprobs.gather(1, x[0, 1:, None]).sum())
+        count += len(ids) - 1
+    return total / count
+
+
 def copy_lines(source: Path, lines: list[int], target: Path) -> None:
     """Write the lines numbered ``lines`` (1-based) of ``source`` to ``target``: the records our reader kept."""
     wanted = set(lines)
@@ -256,6 +269,10 @@ def run_task(task: str, loaded, peer, args, workdir: Path) -> tuple[dict, int]:
     scorer.flags.batches = scorer.batches[:1]
     scorer.flags.evaluate()
     scorer.flags.batches = scorer.batches
+    from editing.evaluation.products import chosen_mode
+
+    print(f"[{task}] our evaluator's product mode: {chosen_mode(next(loaded.model.parameters()).device)} (the peer "
+          "runs under torch's defaults)", flush=True)
     ours, theirs = Side(), Side()
     for round_ in range(args.repeat):
         order = ("ours", "peer") if round_ % 2 == 0 else ("peer", "ours")
@@ -302,6 +319,11 @@ def run_task(task: str, loaded, peer, args, workdir: Path) -> tuple[dict, int]:
           f"peer {theirs.general_nll:.9f} (relative difference {nll_rel:.2e})")
     print(f"[{task}] both: ours {ours_all:.1f} tokens/s, peer {peer_all:.1f} tokens/s, "
           f"ratio {ours_all / peer_all:.2f}x")
+    exact = None
+    if args.float64:
+        exact = float64_general_nll(loaded.model, ours_general)
+        print(f"[{task}] G in float64 (log-softmax of the fp32 logits, untimed): {exact:.9f}; relative difference "
+              f"ours {(ours.general_nll - exact) / exact:+.2e}, peer {(theirs.general_nll - exact) / exact:+.2e}")
     diff = differing(ours.failed, theirs.failed)
     print(f"[{task}] failure flags: ours {sum(ours.failed)}/{len(ours.failed)} failed, peer "
           f"{sum(theirs.failed)}/{len(theirs.failed)}; max |score difference| {score_diff:.2e}; "
@@ -320,7 +342,8 @@ def run_task(task: str, loaded, peer, args, workdir: Path) -> tuple[dict, int]:
         "tokens_per_s_both": {"ours": ours_all, "peer": peer_all}, "ratio_both": ours_all / peer_all,
         "seconds": {"ours_eval": ours.eval_seconds, "peer_eval": theirs.eval_seconds,
                     "ours_general": ours.general_seconds, "peer_general": theirs.general_seconds},
-        "general_nll": {"ours": ours.general_nll, "peer": theirs.general_nll, "relative_difference": nll_rel},
+        "general_nll": {"ours": ours.general_nll, "peer": theirs.general_nll, "relative_difference": nll_rel,
+                        "float64": exact},
         "max_score_difference": score_diff, "differing": diff,
         "per_example": [{"index": r.index, "line": r.line, "ours_score": a, "ours_failed": fa, "peer_score": b,
                          "peer_failed": fb}
@@ -341,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--general", type=int, default=100, help="first N texts of G")
     parser.add_argument("--repeat", type=int, default=2, help="timed rounds of each side, alternating")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own count)")
+    parser.add_argument("--float64", action="store_true",
+                        help="also G's NLL with float64 log-softmax (one more pass, untimed), to see whose is nearer")
     parser.add_argument("--json", default=None, help="also write the report (per-example scores and flags) here")
     args = parser.parse_args(argv)
     from editing.core.errors import ConfigError, EditingError
