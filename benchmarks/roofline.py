@@ -16,8 +16,12 @@ In one process:
    its log-sum-exp, LoRA branches (``--lora RANK``: an unmerged adapter), data movement, other operators, and Python
    (the pass's wall time not spent in any operator).
 4. The evaluator's fraction of the limit: the pass's FLOPs per second over the limit's.
+5. ``--before N``: the pass as it ran before the overheads removed in issue 37's third part (the head's
+   log-sum-exp over the whole block, an explicit padding mask; ``OVERHEADS``) against today's, N alternating
+   pairs in this process, with the general NLL of each (they must agree to fp32 rounding).
 
     OMP_NUM_THREADS=2 python benchmarks/roofline.py [--threads 2] [--texts 100 | --all] [--model smollm2-135m]
+        [--before 2]
 """
 
 from __future__ import annotations
@@ -308,6 +312,39 @@ def _subject(args):
     return module
 
 
+@contextmanager
+def overheads_back():
+    """The evaluator as it was before issue 37's third part: ``torch.logsumexp`` over each whole head block (no row
+    chunks) and the padding mask passed to every forward (``scorer.needed_mask`` keeps it)."""
+    import editing.evaluation.scorer as scorer
+
+    saved = scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask
+    scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask = 1 << 62, lambda mask: mask
+    try:
+        yield
+    finally:
+        scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask = saved
+
+
+def compare_before(module, dm, pairs: int) -> list[tuple[str, float, float]]:
+    """(which, seconds, general NLL) of ``pairs`` alternating passes: before the overheads' removal, then today."""
+    from editing.evaluation.evaluator import evaluate
+
+    out = []
+    for _ in range(pairs):
+        for which in ("before", "today"):
+            with overheads_back() if which == "before" else _nothing():
+                start = time.perf_counter()
+                nll = evaluate(module, dm, roles=["general"])["general_nll"]
+                out.append((which, time.perf_counter() - start, nll))
+    return out
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -316,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--all", action="store_true", help="all of G (2,007 texts)")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per product and way (median)")
     parser.add_argument("--lora", type=int, default=0, help="profile with an unmerged LoRA adapter of this rank")
+    parser.add_argument("--before", type=int, default=0, metavar="N",
+                        help="N alternating pairs of passes: before issue 37's overhead removals, and today")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     if args.threads:
@@ -414,6 +453,16 @@ def main(argv: list[str] | None = None) -> dict:
     print("| part | seconds | share |\n|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s:.2f} | {s / profiled_wall:.1%} |")
+    if args.before:
+        timed = compare_before(module, dm, args.before)
+        print("\npasses before the overheads' removal and today, alternating (seconds, general NLL):")
+        for which, secs, nll in timed:
+            print(f"  {which}: {secs:.2f} s, {nll:.9f}")
+        med = {w: statistics.median(s for x, s, _ in timed if x == w) for w in ("before", "today")}
+        nlls = [n for *_, n in timed]
+        print(f"today {med['before'] / med['today']:.2f}x faster (medians {med['before']:.2f} s -> "
+              f"{med['today']:.2f} s; general NLL spread {max(nlls) - min(nlls):.1e}; load average "
+              f"{os.getloadavg()[0]:.1f})")
     print(f"\n(benchmark wall time {time.perf_counter() - began:.0f} s)")
     return {"info": info, "limit": limit_rate, "limit_after": after_rate, "rate": rate,
             "fraction": rate / limit_rate, "seconds": seconds,

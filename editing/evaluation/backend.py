@@ -58,6 +58,48 @@ def _default() -> Iterator[None]:
     yield
 
 
+PACKED = "mkl-packed"
+"""The mode whose linear layers run MKL's packed-weight product (``packed_product``): each weight laid out once for
+MKL's GEMM per evaluation (``editing.evaluation.packed.packed_linears``) instead of on every call; every other
+product runs the default kernels. On the Xeon measured it was the fastest exact way for most of SmolLM2's products
+(``benchmarks/roofline.py``) and gives the default's bits."""
+PACKED_ROWS = 1024
+"""The row count MKL packs a weight for: the evaluator's tokens per batch (``max_tokens``); any row count runs."""
+
+
+def packing_available() -> bool:
+    """Whether this torch has MKL's packed linear (x86 builds with MKL)."""
+    return bool(torch.backends.mkl.is_available()) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (n, k) fp32 laid out for ``packed_product``."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACKED_ROWS)
+
+
+def packed_product(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the weight packed by ``pack``: fp32 on a CPU, a non-empty ``x`` with
+    rows in its last-but-one dimension; anything else takes ``F.linear``."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or not x.is_contiguous():
+        return torch.nn.functional.linear(x, weight, bias)
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, PACKED_ROWS)
+
+
+def product(mode: str, x: torch.Tensor, w: torch.Tensor,
+            modes: dict[str, Callable[[], object]] | None = None) -> Callable[[], torch.Tensor]:
+    """The evaluator's product ``x @ w.T`` under ``mode``, as a call (the packing done once, before it)."""
+    if mode == PACKED:
+        packed = pack(w)
+        return lambda: packed_product(x, w, packed)
+    context = (modes or MODES)[mode]
+
+    def call() -> torch.Tensor:
+        with context():
+            return torch.nn.functional.linear(x, w)
+    return call
+
+
 MODES: dict[str, Callable[[], object]] = {
     "default": _default,
     "mkldnn-off": _mkldnn_off,
@@ -67,7 +109,10 @@ MODES: dict[str, Callable[[], object]] = {
     "matmul-precision-high": lambda: _matmul_precision("high"),
     "matmul-precision-medium": lambda: _matmul_precision("medium"),
 }
-"""Each mode: a context manager factory under which torch's fp32 products take that path."""
+"""Each mode: a context manager factory under which torch's fp32 products take that path (``PACKED``: the default
+path, its linear layers packed by the evaluator)."""
+if packing_available():
+    MODES[PACKED] = _default
 
 
 @dataclass(frozen=True)
@@ -107,12 +152,10 @@ def operands(tokens: int, k: int, n: int, seed: int = 0) -> tuple[torch.Tensor, 
 
 def measure_mode(mode: str, x: torch.Tensor, w: torch.Tensor, exact: torch.Tensor, repeat: int,
                  modes: dict[str, Callable[[], object]] | None = None) -> ModeResult:
-    """Time ``torch.nn.functional.linear(x, w)`` (the evaluator's product) under ``mode`` and measure its error."""
-    with (modes or MODES)[mode]():
-        out = torch.nn.functional.linear(x, w)
-        error = relative_error(out, exact)
-        seconds = median_seconds(lambda: torch.nn.functional.linear(x, w), repeat)
-    return ModeResult(seconds, error, out)
+    """Time the evaluator's product of ``x`` and ``w`` under ``mode`` (``product``) and measure its error."""
+    call = product(mode, x, w, modes)
+    out = call()
+    return ModeResult(median_seconds(call, repeat), relative_error(out, exact), out)
 
 
 def is_exact(error: float, default_error: float) -> bool:
@@ -141,19 +184,28 @@ def check_errors(modes: dict[str, Callable[[], object]] | None = None) -> dict[s
     """Each mode's worst relative error over ``CHECK_SHAPES`` and the attention products, and whether it is exact
     (``is_exact`` against the default's error on the same product) on every one of them."""
     modes = modes or MODES
-    products = [(lambda x=x, w=w: torch.nn.functional.linear(x, w), exact)
-                for x, w, exact in (operands(*shape) for shape in CHECK_SHAPES)]
-    products += _attention_products()
+    linear = [operands(*shape) for shape in CHECK_SHAPES]
+    attention = _attention_products()
     found: dict[str, tuple[float, bool]] = {}
-    for fn, exact in products:
-        with modes["default"]():
-            reference = relative_error(fn(), exact)
+    for number in range(len(linear) + len(attention)):
+        calls: dict[str, Callable[[], torch.Tensor]] = {}
+        if number < len(linear):
+            x, w, exact = linear[number]
+            calls = {mode: product(mode, x, w, modes) for mode in modes}
+        else:
+            fn, exact = attention[number - len(linear)]
+            calls = {mode: (lambda fn=fn, mode=mode: _under(modes[mode], fn)) for mode in modes}
+        reference = relative_error(calls["default"](), exact)
         for mode in modes:
-            with modes[mode]():
-                error = relative_error(fn(), exact)
+            error = relative_error(calls[mode](), exact)
             worst, exact_so_far = found.get(mode, (0.0, True))
             found[mode] = (max(worst, error), exact_so_far and is_exact(error, reference))
     return found
+
+
+def _under(context: Callable[[], object], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with context():
+        return fn()
 
 
 @dataclass
@@ -193,9 +245,11 @@ def choose_mode(shapes: list[tuple[int, int, int]], repeat: int = 3,
         for mode in modes:
             if mode == "default":
                 result = reference
+            elif mode == PACKED:  # the default's bits, but not its kernels' cost: the point is skipping a repack
+                same_bits[mode] = False
+                result = measure_mode(mode, x, w, exact, repeat, modes)
             else:
-                with modes[mode]():
-                    out = torch.nn.functional.linear(x, w)
+                out = product(mode, x, w, modes)()
                 # the default's bits: the default's kernels, not worth timing (a difference would be noise)
                 same_bits[mode] = same_bits[mode] and torch.equal(out, reference.output)
                 result = (ModeResult(reference.seconds, relative_error(out, exact), out) if same_bits[mode]

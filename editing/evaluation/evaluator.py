@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from editing.evaluation.backend import PACKED
 from editing.evaluation.metrics import ExampleMeanNLL, ExampleScores, SuccessRate, TokenMeanNLL, failed
+from editing.evaluation.packed import packed_linears
 from editing.evaluation.precision import full_precision
 from editing.evaluation.products import evaluation_products
 from editing.evaluation.scorer import TokenScorer, example_nll, sequence_nll
@@ -204,7 +206,7 @@ class Evaluator(nn.Module):
         model.eval()
         self.scorer = scorer
         try:
-            with full_precision(), evaluation_products(device):
+            with full_precision(), evaluation_products(device) as mode, packed_linears(model, mode == PACKED):
                 for role in roles or datamodule.eval_roles():
                     loader = datamodule.eval_dataloader(role)
                     # a sharded model's forward passes gather weights from every process: all run as many

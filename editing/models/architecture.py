@@ -144,5 +144,8 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     if hasattr(head, "logits_from_hidden"):  # a composite head (the ensemble) computes its own fp32 logits
         return head.logits_from_hidden(hidden)
+    patched = getattr(head, "__dict__", {}).get("forward")
+    if patched is not None and head.weight.dtype == torch.float32:
+        return patched(hidden.float())  # an evaluation's packed head (editing.evaluation.packed); no hooks run
     bias = getattr(head, "bias", None)
     return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())

@@ -90,9 +90,23 @@ def test_the_benchmark_prints_the_cpu_and_the_fraction_of_the_limit(roofline, da
 
     monkeypatch.setattr(roofline, "ways", lambda x, w: {k: v for k, v in every(x, w).items()
                                                         if k in ("F.linear [default]", "torch.mm(x, W^T contiguous)")})
-    result = roofline.main(["--model", "tiny-llama", "--texts", "2", "--repeat", "1", "--threads", "1"])
+    result = roofline.main(["--model", "tiny-llama", "--texts", "2", "--repeat", "1", "--threads", "1",
+                            "--before", "1"])
     out = capsys.readouterr().out
+    assert out.count("  before: ") == 1 and out.count("  today: ") == 1 and "x faster (medians" in out
     assert result["info"]["cpu"] in out and "avx512_bf16" in out and "amx_bf16" in out
     assert 0 < result["fraction"] and result["limit"] > 0
     assert f"fraction of the limit: {result['fraction']:.3f}" in out
     assert all(name in out for name in roofline.CATEGORIES)
+
+
+def test_before_puts_the_removed_overheads_back_and_restores_them(roofline) -> None:
+    """``--before`` times the evaluator as it was: the mask kept and the log-sum-exp unchunked, then today's again."""
+    import editing.evaluation.scorer as scorer
+
+    mask = torch.tensor([[1, 1, 0]])
+    today = scorer.LSE_BYTES_PER_THREAD
+    with roofline.overheads_back():
+        assert scorer.needed_mask(mask) is mask
+        assert scorer.LSE_BYTES_PER_THREAD >= 1 << 40
+    assert scorer.needed_mask(mask) is None and scorer.LSE_BYTES_PER_THREAD == today

@@ -120,3 +120,91 @@ def test_single_evaluation_example(tiny_module, data_root):
     ref = reference_scores(module.model, dm.sets["evaluation"].examples, "bad")
     assert [p["index"] for p in summary["per_example"]] == [0]
     assert summary["per_example"][0]["score"] == pytest.approx(ref[0].item(), abs=TOL)
+
+
+def _plain_logsumexp(row: list[float]) -> float:
+    """SPEC's log-sum-exp of one row in float64, by a plain loop (max first, so no term overflows)."""
+    import math
+
+    top = max(row)
+    if top == float("-inf"):
+        return top
+    return top + math.log(sum(math.exp(v - top) for v in row))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_logsumexp_in_chunks_matches_plain_loop(threads, monkeypatch):
+    """The chunked log-sum-exp of the head (issue 37) is each row's log-sum-exp: forced into chunks of 3 rows (and
+    at 2 threads, 6), with a row holding -inf logits and one of all -inf, against a float64 loop per row."""
+    from editing.evaluation import scorer
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 64, generator=gen) * 8
+    logits[4, :10] = float("-inf")
+    logits[7] = float("-inf")
+    monkeypatch.setattr(scorer, "LSE_BYTES_PER_THREAD", 3 * 64 * 4)
+    calls = []
+    plain = torch.logsumexp
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(a[0].shape[0]) or plain(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = scorer.row_logsumexp(logits)
+    finally:
+        torch.set_num_threads(before)
+    assert max(calls) == 3 * threads < 20, calls  # it did run in chunks
+    expected = torch.tensor([_plain_logsumexp(r) for r in logits.double().tolist()], dtype=torch.float64)
+    assert got[7].item() == float("-inf")
+    finite = expected.isfinite()
+    torch.testing.assert_close(got.double()[finite], expected[finite], rtol=1e-6, atol=0)
+
+
+def test_row_logsumexp_keeps_gradients():
+    """Under autograd the plain call runs (``out=`` has no gradient): the gradient is the softmax."""
+    from editing.evaluation import scorer
+
+    logits = torch.randn(5, 7, requires_grad=True)
+    scorer.row_logsumexp(logits).sum().backward()
+    torch.testing.assert_close(logits.grad, torch.softmax(logits.detach(), -1))
+
+
+def test_needed_mask_drops_only_right_padding():
+    """A right-padded batch needs no mask (no real token sees a pad under causal attention); left padding, a hole
+    or an empty row keeps it."""
+    from editing.evaluation.scorer import needed_mask
+
+    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert needed_mask(right) is None
+    assert needed_mask(torch.ones(2, 4, dtype=torch.bool)) is None
+    assert needed_mask(None) is None
+    for kept in ([[0, 1, 1], [1, 1, 1]], [[1, 0, 1]], [[0]]):
+        mask = torch.tensor(kept)
+        assert needed_mask(mask) is mask
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_right_padded_batch_scores_equal_masked_forward(family, tiny_module, data_root):
+    """Scores of a right-padded batch without the mask equal the masked forward's (each family's own attention)."""
+    from editing.evaluation.scorer import capture_final_hidden, scored_nll, token_nll
+
+    module = tiny_module(family)
+    dm = TaskDataModule(task="country_capital", data_root=str(data_root), general_limit=12)
+    dm.attach(module.tokenizer, module.max_length)
+    rows = [(b["input_ids"][0], b["labels"][0], int(b["attention_mask"][0].sum()))
+            for b in dm.eval_dataloader("general")]
+    rows = sorted(rows, key=lambda r: r[2])[:: max(1, len(rows) // 3)]
+    rows = [(ids, labels, max(2, n - 3 * i)) for i, (ids, labels, n) in enumerate(rows)]  # lengths differ: pads
+    width = max(n for *_, n in rows)
+    batch = {"input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+             "attention_mask": torch.zeros(len(rows), width, dtype=torch.long)}
+    for i, (ids, labels, n) in enumerate(rows):
+        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = ids[:n], labels[:n], 1
+    assert not bool(batch["attention_mask"].all()), "the batch must hold padding for this test to mean anything"
+    with torch.no_grad():
+        nll, rows = token_nll(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with capture_final_hidden(module.model) as store:
+            module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        masked, masked_rows = scored_nll(module.model, store["hidden"], batch["labels"])
+    assert torch.equal(rows, masked_rows)
+    torch.testing.assert_close(nll, masked, rtol=1e-6, atol=1e-6)
