@@ -38,7 +38,8 @@ def run_eval(model: str, texts: int) -> dict:
             "peak_rss_mib": peak_rss_mib()}
 
 
-def run_lora(model: str, steps: int, rank: int, accumulate: int) -> dict:
+def run_lora(model: str, steps: int, rank: int, accumulate: int, precision: str = "32-true",
+             layer_fraction: float | None = None) -> dict:
     import lightning as L
 
     from editing.data.datamodule import TaskDataModule
@@ -46,13 +47,14 @@ def run_lora(model: str, steps: int, rank: int, accumulate: int) -> dict:
     from editing.models.loading import ModelConfig
 
     L.seed_everything(0)
-    module = LoRAEditor(ModelConfig(name=model), lora=LoRAConfig(rank=rank),
+    lora = LoRAConfig(rank=rank) if layer_fraction is None else LoRAConfig(rank=rank, layer_fraction=layer_fraction)
+    module = LoRAEditor(ModelConfig(name=model), lora=lora,
                         regularization=RegularizationConfig(kind="kl", weight=0.5))
     dm = TaskDataModule(task="country_capital", regularization_batch_size=2)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, accumulate_grad_batches=accumulate,
-                        num_sanity_val_steps=0, limit_val_batches=0)
-    counter = {"tokens": 0}
+                        num_sanity_val_steps=0, limit_val_batches=0, precision=precision)
+    counter = {"tokens": 0, "losses": []}
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -60,12 +62,17 @@ def run_lora(model: str, steps: int, rank: int, accumulate: int) -> dict:
             if batch_idx % accumulate == 0:
                 counter["tokens"] += int(dm.regularization_batch(trainer.global_step)["attention_mask"].sum())
 
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            counter["losses"].append(float(loss))
+
     trainer.callbacks.append(Count())
     start = time.perf_counter()
     trainer.fit(module, dm)
     seconds = time.perf_counter() - start
-    return {"mode": "lora+kl", "seconds": seconds, "optimizer_steps": steps,
-            "training_tokens_per_s": counter["tokens"] / seconds, "peak_rss_mib": peak_rss_mib()}
+    return {"mode": "lora+kl", "precision": precision, "seconds": seconds, "optimizer_steps": steps,
+            "training_tokens_per_s": counter["tokens"] / seconds, "peak_rss_mib": peak_rss_mib(),
+            "losses": counter["losses"]}
 
 
 def main() -> None:
