@@ -172,8 +172,7 @@ class EditResult:
         from editing.data.chat import load_chat_template
         from editing.models.generation import GREEDY, continue_module
 
-        setting = ((self.run.config or {}).get("data") or {}).get("chat_template", False)
-        chat = load_chat_template(self.tokenizer, setting if isinstance(setting, (bool, str)) else False)
+        chat = load_chat_template(self.tokenizer, self.run.chat_template)
         return continue_module(self.module, prompt, max_new_tokens, sampling or GREEDY, base, chat=chat)
 
 

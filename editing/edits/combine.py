@@ -389,8 +389,7 @@ def fitted_chat_template(folder: str | Path) -> bool | str:
     results = Path(folder).resolve().parent.parent / RESULTS_FILE
     if not results.is_file():
         return False
-    setting = ((RunRecord.read(results).config or {}).get("data") or {}).get("chat_template", False)
-    return setting if isinstance(setting, (bool, str)) else False
+    return RunRecord.read(results).chat_template
 
 
 def write_combined(folder: str | Path, record: CombinedRecord, overwrite: bool = False) -> Path:

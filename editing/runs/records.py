@@ -398,6 +398,13 @@ class RunRecord:
         return self.epochs[0]
 
     @property
+    def chat_template(self) -> bool | str:
+        """The ``data.chat_template`` the run was fitted with (``editing.data.chat``); False when its config has none
+        or holds something that is not a setting."""
+        setting = ((self.config or {}).get("data") or {}).get("chat_template", False)
+        return setting if isinstance(setting, (bool, str)) else False
+
+    @property
     def num_parameters(self) -> int | None:
         """The base model's number of parameters, when recorded."""
         return self.model.get("num_parameters")

@@ -214,3 +214,15 @@ def test_the_python_api_fits_and_generates_in_the_template(tmp_path, data_root) 
     want = continue_prompt(result.model, result.tokenizer, prompt, 4, chat=chat)
     assert result.generate(prompt, max_new_tokens=4) == want
     assert want != continue_prompt(result.model, result.tokenizer, prompt, 4)  # so the template was used
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"data": {"chat_template": True}}, True), ({"data": {"chat_template": "{{ x }}"}}, "{{ x }}"),
+    ({"data": {"chat_template": 3}}, False), ({"data": {}}, False), ({"data": None}, False), (None, False)])
+def test_a_run_says_which_chat_template_it_was_fitted_with(config, expected) -> None:
+    """``RunRecord.chat_template`` (read by ``EditResult.generate`` and by combining): the setting, or False."""
+    from editing.runs.records import RunRecord
+
+    record = object.__new__(RunRecord)
+    record.config = config
+    assert record.chat_template == expected
