@@ -499,7 +499,19 @@ class EditingModule(L.LightningModule):
                               "--ckpt_path")
         self._check_checkpoint_deltas(checkpoint, where)
 
+    deltas_by_name: tuple[str, str] | None = None
+    """For a method whose deltas take their shape from the data (MEMIT's factors: one column per request; GRACE's
+    codebook: one entry per edit), only the names in a checkpoint can be checked: (what its deltas are, "of other
+    ...", the setting that names them), e.g. ``("MEMIT factors of other layers", "memit.layers")``."""
+
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
+        if self.deltas_by_name is not None:
+            state = checkpoint.get("state_dict") or {}
+            if set(state) != set(self.trainable_parameters()):
+                what, setting = self.deltas_by_name
+                raise ConfigError(f"{where} holds {what} ({sorted(state)[:4]}); resume with the {setting} it was "
+                                  "made with")
+            return
         # Loading is not strict (a checkpoint holds only the deltas), so deltas of other names would be skipped
         # silently and other shapes would fail deep inside torch: compare them first. Methods whose deltas are made
         # later (sense selection in setup) or change shape (MEMIT's rank) have none yet or override this.

@@ -78,6 +78,7 @@ class GRACEEditor(OneShotFit, EditingModule):
     """
 
     can_continue = True
+    deltas_by_name = ("a GRACE codebook of another layer", "grace.layer")  # its size is the number of entries
     continues_from = ("grace_codebook",)  # one codebook grows over a sequence (editing fit --base_edit)
     label = "GRACE"
     one_process_reason = ("its entries are trained one after another, each on its own example, so there is nothing "
@@ -174,13 +175,6 @@ class GRACEEditor(OneShotFit, EditingModule):
     def evaluation_shortcut(self) -> FrozenPrefix:
         """The codebook replaces outputs of the wrapped layer's down projection only: the blocks below are frozen."""
         return FrozenPrefix(self.grace_layer)
-
-    def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
-        # the codebook's size is the number of entries, so only the names must match
-        state = checkpoint.get("state_dict") or {}
-        if set(state) != set(self.trainable_parameters()):
-            raise ConfigError(f"{where} holds a GRACE codebook of another layer ({sorted(state)[:2]}); resume with "
-                              "the grace.layer it was made with")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -17,7 +17,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from editing.core.digests import code_digest
-from editing.core.errors import ConfigError
 from editing.evaluation.caching import CacheEntry, model_material
 from editing.evaluation.incremental import COUNTERS, FrozenPrefix, key_of
 from editing.methods.base import EditingModule, OptimizerConfig, RegularizationConfig
@@ -51,6 +50,7 @@ class MEMITEditor(OneShotFit, EditingModule):
 
     p0_is_base = True  # the factors start at rank 0: the model before the first step is the base model
     can_continue = True
+    deltas_by_name = ("MEMIT factors of other layers", "memit.layers")  # their rank is the number of requests
     key_chunk = KEY_CHUNK
     """Requests whose keys are computed at a time while spreading (``compute.request_keys``): it bounds the memory,
     not the result."""
@@ -167,13 +167,6 @@ class MEMITEditor(OneShotFit, EditingModule):
             tensors[f"{down_projection_name(self.model, layer)}.weight"] = (
                 weight + (delta.T if is_transposed(projection) else delta)).contiguous()
         return tensors
-
-    def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
-        # the factors' rank is the number of requests, so only their names must match
-        state = checkpoint.get("state_dict") or {}
-        if set(state) != set(self.trainable_parameters()):
-            raise ConfigError(f"{where} holds MEMIT factors of other layers ({sorted(state)[:4]}); resume with the "
-                              "memit.layers it was made with")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
