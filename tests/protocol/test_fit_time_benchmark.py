@@ -1,0 +1,67 @@
+"""``benchmarks/fit_time.py --paths`` (issue 37): the evaluation path before issue 37 against today's in one
+process, on a tiny model: the "before" path really runs the old evaluation (default products, the LoRA branch, the
+whole-block log-sum-exp, the mask) and both give the same epochs and ball decisions; the projection is its formula."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_time.py"
+
+
+@pytest.fixture(scope="module")
+def fit_time():
+    spec = importlib.util.spec_from_file_location("fit_time", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fit_time"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("fit_time", None)
+
+
+def test_the_projection_is_p0_plus_epochs_of_evaluation_and_the_rest(fit_time) -> None:
+    # 2 epochs fitted in 30 s: p0 4 s, epochs 5 and 7 s, the rest 14 s (7 per epoch): 5 epochs = 4 + 5 * (6 + 7)
+    assert fit_time.projected(30.0, [4.0, 5.0, 7.0], 2, 5) == pytest.approx(69.0)
+
+
+def test_before_puts_the_old_evaluation_back_and_restores_today(fit_time, monkeypatch) -> None:
+    import torch
+
+    import editing.evaluation.scorer as scorer
+    from editing.methods.lora import LoRAEditor
+
+    monkeypatch.delenv("EDITING_PRODUCTS", raising=False)
+    today = (scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask, LoRAEditor.evaluation_weights)
+    mask = torch.tensor([[1, 0]])
+    with fit_time.before_issue_37():
+        import os
+
+        assert os.environ["EDITING_PRODUCTS"] == "default"
+        assert scorer.needed_mask(mask) is mask and scorer.LSE_BYTES_PER_THREAD >= 1 << 40
+        sentinel = object()
+        with LoRAEditor.evaluation_weights(type("M", (), {"model": sentinel})()) as model:
+            assert model is sentinel  # no merge: the branch runs
+    assert (scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask, LoRAEditor.evaluation_weights) == today
+    assert "EDITING_PRODUCTS" not in __import__("os").environ
+
+
+def test_paths_on_a_tiny_model_agree(fit_time, capsys, monkeypatch, tmp_path) -> None:
+    import callbacks.degradation_budget as budget
+
+    monkeypatch.setattr(fit_time.tempfile, "tempdir", str(tmp_path))  # its work folder under the test's
+    # what main sets for the process is put back after the test: the cache folder, the switch, the timed evaluation
+    monkeypatch.setenv("EDITING_EVAL_CACHE_DIR", str(tmp_path / "unused"))
+    monkeypatch.setenv("EDITING_EVAL_CACHES", "on")
+    monkeypatch.setattr(budget, "evaluate_epoch", budget.evaluate_epoch)
+    code = fit_time.main(["--paths", "--methods", "lora", "--model", "tiny-llama", "--general_limit", "6",
+                          "--eval_limit", "3", "--epochs", "1", "--train_batches", "2", "--project", "3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| lora | before |" in out and "| lora | today |" in out and "MISMATCH" not in out
+    assert "same ball decisions: yes" in out and "projected to 3 epochs" in out
