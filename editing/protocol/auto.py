@@ -798,7 +798,8 @@ def _open_search(*, task: str, methods: list[str] | None, ball: float, trials: i
     progress = {"settings": settings, "trials": [t.to_dict() for t in kept]}
     write_json(folder / PROGRESS_FILE, progress, overwrite=True)
     plan = plan_data(task, folder / "data", holdout, seed, loss, threshold, evaluation, hard_negatives, selection)
-    small = SmallData.of(plan.train_examples, epochs)
+    prefixes = context_prefixes(split_args(args))
+    small = SmallData.of(plan.train_examples * (1 + prefixes), epochs)
     fixed = [*split_args(args), "--budget.balls", f"[{the_ball.eps!r}]", "--seed_everything", str(seed),
              "--data.seed", str(seed), "--budget.partial", "true"]
     if patience is not None:
@@ -1213,6 +1214,32 @@ def _budget_text(trials: int | None, minutes: float | None) -> str:
     return " and ".join(parts)
 
 
+def context_prefixes(args: list[str]) -> int:
+    """The ``--data.context_prefixes N`` among a fit's ``--args`` (0 when absent): each canonical example is then
+    trained on N + 1 times an epoch (behind each prefix and bare), so the small-data rule counts N + 1 batches per
+    example.
+
+    Raises:
+        ConfigError: N is not a whole number of at least 0.
+    """
+    flag = "--data.context_prefixes"
+    found = None
+    for i, arg in enumerate(args):
+        if arg == flag:
+            found = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith(flag + "="):
+            found = arg.partition("=")[2]
+    if found is None:
+        return 0
+    try:
+        value = int(found)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"--args: {flag} {found!r} is not a whole number of prefixes; give e.g. {flag} 4")
+    return value
+
+
 def _plan_text(plan: Plan, small: SmallData) -> str:
     if plan.selection_prompts:
         data = (f"selection on held-out evaluation prompts ({plan.selection}): trials train on all "
@@ -1229,7 +1256,11 @@ def _plan_text(plan: Plan, small: SmallData) -> str:
     else:
         data = (f"no hold-out: trials train on all {plan.train_examples} canonical examples and are scored on the "
                 "task's evaluation set (its numbers are then optimistic)")
-    return (f"{data}\nsmall-data defaults for {small.examples} examples: accumulation {small.accumulate} "
+    per_epoch = f"{small.examples} examples"
+    if small.examples != plan.train_examples:
+        per_epoch = (f"{small.examples} training sequences ({plan.train_examples} canonical examples, each behind "
+                     "its context prefixes and bare)")
+    return (f"{data}\nsmall-data defaults for {per_epoch}: accumulation {small.accumulate} "
             f"({small.steps_per_epoch} optimizer steps per epoch), {small.max_epochs} epochs")
 
 

@@ -24,6 +24,7 @@ from editing.protocol.auto import (
     SmallData,
     Trial,
     auto_edit,
+    context_prefixes,
     explore_draw,
     explore_orders,
     narrowed_draw,
@@ -89,6 +90,21 @@ def test_small_data_defaults_as_stated(n: int) -> None:
     assert got.steps_per_epoch >= min(n, 8)  # an epoch never holds fewer steps than the rule's floor
     assert got.args() == ["--trainer.accumulate_grad_batches", str(accumulate), "--trainer.max_epochs", str(epochs)]
     assert SmallData.of(n, epochs=3).max_epochs == 3
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], 0), (["--data.general_limit", "200"], 0), (["--data.context_prefixes", "4"], 4),
+    (["--data.context_prefixes=3", "--data.general_limit", "9"], 3), (["--data.context_prefixes", "0"], 0)])
+def test_the_rule_counts_each_example_behind_its_context_prefixes(args, expected) -> None:
+    """With --data.context_prefixes N an epoch trains each canonical example N + 1 times (behind each prefix and
+    bare): 16 facts with 4 prefixes are 80 batches an epoch, so the rule accumulates 5 (16 steps), not 2 (which
+    would have been 40 steps an epoch, not the 8 the plan printed)."""
+    assert context_prefixes(args) == expected
+    rule = SmallData.of(16 * (1 + context_prefixes(["--data.context_prefixes", "4"])))
+    assert (rule.accumulate, rule.steps_per_epoch, rule.max_epochs) == (5, 16, 10)
+    for bad in (["--data.context_prefixes", "many"], ["--data.context_prefixes", "-1"], ["--data.context_prefixes"]):
+        with pytest.raises(ConfigError, match="context_prefixes"):
+            context_prefixes(bad)
 
 
 def test_fewer_examples_mean_less_accumulation_and_more_epochs() -> None:
