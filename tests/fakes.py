@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import torch
@@ -152,3 +156,20 @@ class FakeTestRun:
         seed = int(args[args.index("--seed_everything") + 1])
         (out / "results.json").write_text(json.dumps(fake_results(self.balls, seed)))
         return 0
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as module ``name`` (its dataclasses look the module up in ``sys.modules``),
+    taken out of ``sys.modules`` again on exit."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -4,29 +4,18 @@ the fraction of the limit."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from fakes import benchmark_module
 from torch.utils.flop_counter import FlopCounterMode
 
 from editing.evaluation import backend
 
-ROOFLINE = Path(__file__).resolve().parents[2] / "benchmarks" / "roofline.py"
-
 
 @pytest.fixture(scope="module")
 def roofline():
-    spec = importlib.util.spec_from_file_location("roofline", ROOFLINE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["roofline"] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("roofline") as module:
         yield module
-    finally:
-        sys.modules.pop("roofline", None)
 
 
 def test_the_pass_flops_are_torchs_own_count(roofline, tiny_module) -> None:

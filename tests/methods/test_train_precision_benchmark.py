@@ -4,23 +4,14 @@ changed the arithmetic) but stay close."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_precision.py"
+from fakes import benchmark_module
 
 
 def test_both_precisions_train_the_same_batches(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("train_precision", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["train_precision"] = bench
-    try:
-        spec.loader.exec_module(bench)
+    with benchmark_module("train_precision") as bench:
         result = bench.main(["--model", "tiny-llama", "--steps", "1", "--repeat", "1"])
-    finally:
-        sys.modules.pop("train_precision", None)
     out = capsys.readouterr().out
     fp32, bf16 = (result["runs"][p][0] for p in bench.PRECISIONS)
     assert fp32["precision"] == "32-true" and bf16["precision"] == "bf16-mixed"

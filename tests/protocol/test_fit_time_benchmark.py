@@ -4,25 +4,14 @@ whole-block log-sum-exp, the mask) and both give the same epochs and ball decisi
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_time.py"
+from fakes import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def fit_time():
-    spec = importlib.util.spec_from_file_location("fit_time", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fit_time"] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("fit_time") as module:
         yield module
-    finally:
-        sys.modules.pop("fit_time", None)
 
 
 def test_the_projection_is_p0_plus_epochs_of_evaluation_and_the_rest(fit_time) -> None:

@@ -4,26 +4,16 @@ the step is inside the ball (SPEC 6: strictly below (1 + eps) x the original gen
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "sequence_compare.py"
+from fakes import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("sequence_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sequence_compare"] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("sequence_compare") as module:
         yield module
-    finally:
-        sys.modules.pop("sequence_compare", None)
 
 
 def _state(eps: float, nlls: list[float]) -> dict:
