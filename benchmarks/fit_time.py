@@ -109,21 +109,25 @@ def fit(method: str, args: argparse.Namespace, folder: Path, caches: bool) -> tu
 
 @contextmanager
 def before_issue_37():
-    """The evaluation path as it was before issue 37 (see the module's docstring), put back on exit."""
-    import editing.evaluation.scorer as scorer
+    """The evaluation path as it was before issue 37 (see the module's docstring), put back on exit: roofline.py's
+    ``overheads_back`` (the unchunked log-sum-exp, the mask kept), the default products and the LoRA branch."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import roofline
+
     from editing.evaluation import products
     from editing.methods.lora import LoRAEditor
 
-    saved = (os.environ.get(products.PIN_ENV), scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask,
-             LoRAEditor.evaluation_weights)
+    saved = os.environ.get(products.PIN_ENV), LoRAEditor.evaluation_weights
     os.environ[products.PIN_ENV] = "default"
-    scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask = 1 << 62, lambda mask: mask
     LoRAEditor.evaluation_weights = lambda self: nullcontext(self.model)
     products.forget_choices()
     try:
-        yield
+        with roofline.overheads_back():
+            yield
     finally:
-        pin, scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask, LoRAEditor.evaluation_weights = saved
+        pin, LoRAEditor.evaluation_weights = saved
         if pin is None:
             os.environ.pop(products.PIN_ENV, None)
         else:

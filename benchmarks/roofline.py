@@ -36,7 +36,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -336,16 +336,11 @@ def compare_before(module, dm, pairs: int) -> list[tuple[str, float, float]]:
     out = []
     for _ in range(pairs):
         for which in ("before", "today"):
-            with overheads_back() if which == "before" else _nothing():
+            with overheads_back() if which == "before" else nullcontext():
                 start = time.perf_counter()
                 nll = evaluate(module, dm, roles=["general"])["general_nll"]
                 out.append((which, time.perf_counter() - start, nll))
     return out
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def main(argv: list[str] | None = None) -> dict:
