@@ -188,7 +188,7 @@ def check_errors(modes: dict[str, Callable[[], object]] | None = None) -> dict[s
     attention = _attention_products()
     found: dict[str, tuple[float, bool]] = {}
     for number in range(len(linear) + len(attention)):
-        calls: dict[str, Callable[[], torch.Tensor]] = {}
+        calls: dict[str, Callable[[], torch.Tensor]]
         if number < len(linear):
             x, w, exact = linear[number]
             calls = {mode: product(mode, x, w, modes) for mode in modes}

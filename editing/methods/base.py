@@ -501,8 +501,8 @@ class EditingModule(L.LightningModule):
 
     deltas_by_name: tuple[str, str] | None = None
     """For a method whose deltas take their shape from the data (MEMIT's factors: one column per request; GRACE's
-    codebook: one entry per edit), only the names in a checkpoint can be checked: (what its deltas are, "of other
-    ...", the setting that names them), e.g. ``("MEMIT factors of other layers", "memit.layers")``."""
+    codebook: one entry per edit), only the names in a checkpoint can be checked: (what a checkpoint of other names
+    holds, the setting that names the deltas), e.g. ``("MEMIT factors of other layers", "memit.layers")``."""
 
     def _check_checkpoint_deltas(self, checkpoint: dict, where: str) -> None:
         if self.deltas_by_name is not None:
@@ -514,7 +514,7 @@ class EditingModule(L.LightningModule):
             return
         # Loading is not strict (a checkpoint holds only the deltas), so deltas of other names would be skipped
         # silently and other shapes would fail deep inside torch: compare them first. Methods whose deltas are made
-        # later (sense selection in setup) or change shape (MEMIT's rank) have none yet or override this.
+        # later (sense selection in setup) have none yet; those whose deltas change shape set deltas_by_name.
         params = {n: tuple(p.shape) for n, p in self.trainable_parameters().items()}
         if not params:
             return
