@@ -40,6 +40,7 @@ from editing.core.errors import ConfigError
 from editing.core.files import write_json
 from editing.core.paths import evaluation_cache_dir
 from editing.evaluation import backend
+from editing.evaluation.attention import attention_at_ieee
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,8 @@ def evaluation_products(device: torch.device | str = "cpu") -> Iterator[str]:
     """Within the context, fp32 products run under ``chosen_mode(device)`` (enter it inside ``full_precision``,
     which sets every backend to IEEE first); yields the mode's name."""
     mode = chosen_mode(device)
-    with backend.MODES[mode]():
+    # the mode is timed on the linear layers and the head; attention keeps IEEE (editing.evaluation.attention)
+    with backend.MODES[mode](), attention_at_ieee(mode != "default"):
         yield mode
 
 
