@@ -318,15 +318,18 @@ def _subject(args):
 @contextmanager
 def overheads_back():
     """The evaluator as it was before issue 37's third part: ``torch.logsumexp`` over each whole head block (no row
-    chunks) and the padding mask passed to every forward (``scorer.needed_mask`` keeps it)."""
+    chunks), the padding mask passed to every forward (``scorer.needed_mask`` keeps it) and the attention under the
+    product mode (``editing.evaluation.attention`` keeps it IEEE)."""
     import editing.evaluation.scorer as scorer
+    from editing.evaluation import attention, products
 
-    saved = scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask
+    saved = scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask, products.attention_at_ieee
     scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask = 1 << 62, lambda mask: mask
+    products.attention_at_ieee = lambda enabled=True: attention.attention_at_ieee(False)
     try:
         yield
     finally:
-        scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask = saved
+        scorer.LSE_BYTES_PER_THREAD, scorer.needed_mask, products.attention_at_ieee = saved
 
 
 def compare_before(module, dm, pairs: int) -> list[tuple[str, float, float]]:

@@ -94,10 +94,15 @@ def test_the_benchmark_prints_the_cpu_and_the_fraction_of_the_limit(roofline, da
 def test_before_puts_the_removed_overheads_back_and_restores_them(roofline) -> None:
     """``--before`` times the evaluator as it was: the mask kept and the log-sum-exp unchunked, then today's again."""
     import editing.evaluation.scorer as scorer
+    from editing.evaluation import products
 
     mask = torch.tensor([[1, 1, 0]])
     today = scorer.LSE_BYTES_PER_THREAD
     with roofline.overheads_back():
         assert scorer.needed_mask(mask) is mask
         assert scorer.LSE_BYTES_PER_THREAD >= 1 << 40
+        with products.attention_at_ieee(True) as swapped:
+            assert not swapped, "the attention runs under the product mode, as before"
     assert scorer.needed_mask(mask) is None and scorer.LSE_BYTES_PER_THREAD == today
+    with products.attention_at_ieee(True) as swapped:
+        assert swapped
