@@ -9,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from editing.core.types import LossType
+from editing.methods.memit import suffix
 from editing.methods.memit.config import MEMITConfig
 from editing.methods.memit.layers import add_to_block_output, add_to_down_output, forward_until, hooks
 from editing.methods.memit.requests import Request, Row, RowBuilder, pad_rows
@@ -88,7 +89,7 @@ def request_keys(model: nn.Module, builder: RowBuilder, requests: list[Request],
 def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requests: int, n_templates: int,
                      layer: int, loss: LossType | str, cfg: MEMITConfig, pad_id: int,
                      progress: bool | str = False, trace: list[torch.Tensor] | None = None, site: str = "output",
-                     decay_power: int = 1) -> torch.Tensor:
+                     decay_power: int = 1, suffix_only: bool = True) -> torch.Tensor:
     """Target hidden states z at ``layer`` for a batch of requests (SPEC section 10; with ``site="value"`` and
     ``decay_power=2``, ROME's target values v*, SPEC section 11).
 
@@ -119,6 +120,10 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
             projection's output (ROME).
         decay_power: the penalty is ``weight_decay * |delta| / |h| ** decay_power`` (MEMIT 1; ROME's reference
             divides by the square, 2).
+        suffix_only: each step runs only blocks ``layer`` and up at the positions delta can change, from stored
+            hidden states, keys and values (``editing.methods.memit.suffix``; the same numbers to fp32 rounding);
+            false: full forward passes, as before issue 38's speed-up (kept for the comparison in
+            ``benchmarks/target_speed.py``). A family the suffix pass cannot serve gets full passes.
 
     Returns:
         (n_requests, d) float64 targets z = h + delta.
@@ -133,6 +138,8 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
     cell = torch.tensor([(r.request * n_templates + r.template) * n_slots + r.slot for r in rewrite], device=device)
     kl_req = torch.tensor([r.request for r in kl], device=device)
     groups = _length_groups(rewrite, kl, pad_id, device)
+    for g in groups:  # what no step can change, computed once (None: full passes for this group)
+        g["suffix"] = suffix.prepare(model, g, layer, _last_read(g)) if suffix_only else None
 
     delta = torch.zeros_like(h, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=cfg.lr)
@@ -144,16 +151,22 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
         optimizer.zero_grad(set_to_none=True)
         nll_means, kl_logps = [], []
         for g in groups:
-            def inject(hidden: torch.Tensor, g=g) -> torch.Tensor:
-                return hidden.index_put((g["row"], g["pos"]), delta[g["req"]].to(hidden.dtype), accumulate=True)
+            at = g["suffix"] or g  # the step batch's layout: the suffix pass's slots, or the full rows
 
-            with hooks([INJECT_AT[site](model, layer, inject)]), capture_final_hidden(model) as store:
-                model(input_ids=g["ids"], attention_mask=g["mask"], use_cache=False)
-            hidden = store["hidden"]
-            if g["scored"].any():
-                scored = g["scored"]
+            def inject(hidden: torch.Tensor, g=g, at=at) -> torch.Tensor:
+                return hidden.index_put((at["row"], at["pos"]), delta[g["req"]].to(hidden.dtype), accumulate=True)
+
+            with hooks([INJECT_AT[site](model, layer, inject)]):
+                if g["suffix"] is not None:
+                    hidden = suffix.step_hidden(model, g["suffix"], layer)
+                else:
+                    with capture_final_hidden(model) as store:
+                        model(input_ids=g["ids"], attention_mask=g["mask"], use_cache=False)
+                    hidden = store["hidden"]
+            if at["scored"].any():
+                scored = at["scored"]
                 logits = head_logits(model, hidden[scored])
-                nll = torch.logsumexp(logits, -1) - logits.gather(1, g["labels"][scored][:, None]).squeeze(1)
+                nll = torch.logsumexp(logits, -1) - logits.gather(1, at["labels"][scored][:, None]).squeeze(1)
                 rows = scored.nonzero(as_tuple=True)[0]
                 n = len(g["rewrite_at"])
                 sums = torch.zeros(n, device=device).index_add(0, rows, nll)
@@ -161,7 +174,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
                 nll_means.append((g["rewrite_at"], sums / counts))
             if len(g["kl_at"]):
                 k = g["kl_rows"]
-                kl_logps.append((g["kl_at"], torch.log_softmax(head_logits(model, hidden[k, g["pos"][k]]), -1)))
+                kl_logps.append((g["kl_at"], torch.log_softmax(head_logits(model, hidden[k, at["pos"][k]]), -1)))
         row_means = torch.zeros(len(rewrite), device=device).index_put(
             (torch.cat([i for i, _ in nll_means]),), torch.cat([v for _, v in nll_means]))
         means = torch.zeros(n_requests * n_templates * n_slots, device=device).index_put((cell,), row_means)
@@ -208,6 +221,14 @@ def layer_update(keys: torch.Tensor, residual: torch.Tensor, moment: torch.Tenso
 
 
 GROUP_ROWS = 64  # rows per forward pass of the target optimization
+
+
+def _last_read(group: dict) -> list[int]:
+    """Per row of a length group, the last position whose output the loss reads: a rewrite row's last scored
+    position (it predicts the suffix's last token), a KL row's subject position."""
+    lengths = group["mask"].sum(1).tolist()
+    n_rewrite = len(group["rewrite_at"])
+    return [int(lengths[j]) - 2 if j < n_rewrite else int(group["pos"][j]) for j in range(len(lengths))]
 
 
 def _length_groups(rewrite: list[Row], kl: list[Row], pad_id: int, device) -> list[dict]:
