@@ -4,14 +4,17 @@ ROME: the canonical requests one after another, each computed twice on the model
 once with full forward passes in every Adam step (``suffix_only=False``, the path before the speed-up) and once with
 the suffix pass (``editing.methods.memit.suffix``), alternating request by request so that both see the same load;
 each path keeps its own sequence of edits. Prints per request the seconds of each (the value optimization and the
-whole update: keys, values, solve), and at the end the largest relative difference of v* - v0, of v* and of each
-update Delta W, and the seconds per request of each path.
+whole update: keys, values, solve) and how far its v* - v0 is from the full passes', and at the end the largest
+relative difference of v* - v0 and of each update Delta W, and the seconds per request of each path. The requests
+form a sequence (each on the model as edited by the earlier ones), so a difference made by one request reaches every
+later one; ``--unbatched`` adds a third sequence, today's full passes with one row per forward pass (the same
+algorithm, other fp32 rounding), to show how much rounding alone moves the sequence.
 
 MEMIT (``--method memit``): the target vectors z of ``--requests`` requests (one batch of
 ``request_batch_size``), both ways, alternating batches, and the spread's Delta W per layer from each (covariance
 statistics of ``--samples`` tokens of R, the same for both).
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/target_speed.py --method rome --requests 6
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/target_speed.py --method rome --requests 8 [--unbatched]
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/target_speed.py --method memit --requests 32 --samples 5000
 
 The settings are the fit configs' (``lightning_configs/fit/{rome,memit}.yaml``); ROME's C is the identity unless
@@ -36,7 +39,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def rome(args) -> None:
     import editing.methods.rome.module as rome_module
     from editing.data.datamodule import TaskDataModule
-    from editing.methods.memit.requests import context_templates
+    from editing.methods.memit import compute as memit_compute
+    from editing.methods.memit.compute import subject_activations
+    from editing.methods.memit.requests import RowBuilder, context_templates
     from editing.methods.rome import ROMEConfig, ROMEEditor
     from editing.models.loading import ModelConfig
 
@@ -55,50 +60,66 @@ def rome(args) -> None:
                                       cfg.context_template_length)
     original = rome_module.optimize_targets
     layer = module.memit_layers[0]
-    state = {False: ([], [], []), True: ([], [], [])}  # columns, rows, targets per path
-    seconds = {False: [], True: []}
-    optimize_seconds = {False: [], True: []}
+    # path name -> (suffix_only, rows per forward pass of the full passes); "unbatched" is today's full passes with
+    # one row per pass (no padding): the same algorithm with other rounding, the yardstick of what fp32 allows
+    paths = {"full": (False, memit_compute.GROUP_ROWS), "suffix": (True, memit_compute.GROUP_ROWS)}
+    if args.unbatched:
+        paths["unbatched"] = (False, 1)
+    state = {name: ([], [], [], []) for name in paths}  # columns, rows, targets, v0 per path
+    seconds = {name: [] for name in paths}
+    optimize_seconds = {name: [] for name in paths}
     print(f"ROME on {args.model}, {args.task}, layer {layer}, {len(requests)} requests, "
           f"{len(templates)} templates, threads {torch.get_num_threads()}")
     for i, request in enumerate(requests):
-        for suffix_only in (False, True):
-            columns, rows, targets = state[suffix_only]
+        for name, (suffix_only, group_rows) in paths.items():
+            columns, rows, targets, values = state[name]
             if columns:
                 module._set_factors(torch.cat(columns, dim=1), torch.cat(rows, dim=0))
             else:
                 module.clear_edit()
 
-            def timed(*a, suffix_only=suffix_only, **kw):
+            def timed(*a, suffix_only=suffix_only, name=name, **kw):
                 start = time.perf_counter()
                 out = original(*a, **kw, suffix_only=suffix_only)
-                optimize_seconds[suffix_only].append(time.perf_counter() - start)
+                optimize_seconds[name].append(time.perf_counter() - start)
                 return out
 
             rome_module.optimize_targets = timed
+            memit_compute.GROUP_ROWS = group_rows
             try:
                 start = time.perf_counter()
                 with torch.enable_grad():
                     column, row, target, _trace = next(module.rank_one_updates([request], templates))
-                seconds[suffix_only].append(time.perf_counter() - start)
+                seconds[name].append(time.perf_counter() - start)
             finally:
                 rome_module.optimize_targets = original
+                memit_compute.GROUP_ROWS = paths["full"][1]
+            bare = [r for r in RowBuilder(module.tokenizer, module.max_length).rows([request], templates, False)
+                    if r.template == 0]
+            values.append(subject_activations(module.model, bare, layer, "value", module._pad_id))  # v0 as edited
             columns.append(column)
             rows.append(row)
             targets.append(target)
-        print(f"request {i + 1}: full passes {seconds[False][-1]:.2f} s (values {optimize_seconds[False][-1]:.2f} s), "
-              f"suffix pass {seconds[True][-1]:.2f} s (values {optimize_seconds[True][-1]:.2f} s)", flush=True)
-    old, new = state[False], state[True]
-    worst_target = max(rel(b, a) for a, b in zip(old[2], new[2], strict=True))
-    worst_update = max(rel(nc @ nr, oc @ orow)
-                       for oc, orow, nc, nr in zip(old[0], old[1], new[0], new[1], strict=True))
-    total = rel(torch.cat(new[0], 1) @ torch.cat(new[1]), torch.cat(old[0], 1) @ torch.cat(old[1]))
-    print(f"max relative difference: v* {worst_target:.2e}, each request's Delta W {worst_update:.2e}, "
-          f"the whole edit's Delta W {total:.2e}")
-    for name, key in (("full passes", False), ("suffix pass", True)):
-        s, o = seconds[key], optimize_seconds[key]
+        line = ", ".join(f"{n} {seconds[n][-1]:.2f} s (values {optimize_seconds[n][-1]:.2f} s)" for n in paths)
+        change = state["full"][2][-1] - state["full"][3][-1]
+        diffs = ", ".join(f"{n} {rel(state[n][2][-1] - state[n][3][-1], change):.1e}" for n in paths if n != "full")
+        print(f"request {i + 1}: {line}; v* - v0 against full: {diffs}", flush=True)
+    old = state["full"]
+    for name in paths:
+        if name == "full":
+            continue
+        new = state[name]
+        worst_target = max(rel(b - bv, a - av) for a, av, b, bv in zip(old[2], old[3], new[2], new[3], strict=True))
+        worst_update = max(rel(nc @ nr, oc @ orow)
+                           for oc, orow, nc, nr in zip(old[0], old[1], new[0], new[1], strict=True))
+        total = rel(torch.cat(new[0], 1) @ torch.cat(new[1]), torch.cat(old[0], 1) @ torch.cat(old[1]))
+        print(f"{name} against full, max relative difference: v* - v0 {worst_target:.2e}, each request's Delta W "
+              f"{worst_update:.2e}, the whole edit's Delta W {total:.2e}")
+    for name in paths:
+        s, o = seconds[name], optimize_seconds[name]
         print(f"{name}: {sum(s) / len(s):.2f} s per request (value optimization {sum(o) / len(o):.2f} s)")
-    print(f"ratio: {sum(seconds[False]) / sum(seconds[True]):.2f}x per request, "
-          f"{sum(optimize_seconds[False]) / sum(optimize_seconds[True]):.2f}x for the value optimization")
+    print(f"ratio full/suffix: {sum(seconds['full']) / sum(seconds['suffix']):.2f}x per request, "
+          f"{sum(optimize_seconds['full']) / sum(optimize_seconds['suffix']):.2f}x for the value optimization")
 
 
 def memit(args) -> None:
@@ -166,6 +187,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=1, help="MEMIT: batches of --requests")
     parser.add_argument("--layer", type=int, default=None, help="ROME's layer (default: the model's)")
     parser.add_argument("--samples", type=int, default=0, help="tokens of R for C (ROME 0: C = I)")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="ROME: also today's full passes with one row per pass (other rounding, same algorithm)")
     args = parser.parse_args()
     torch.manual_seed(0)
     (rome if args.method == "rome" else memit)(args)

@@ -163,9 +163,15 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
                     with capture_final_hidden(model) as store:
                         model(input_ids=g["ids"], attention_mask=g["mask"], use_cache=False)
                     hidden = store["hidden"]
-            if at["scored"].any():
-                scored = at["scored"]
-                logits = head_logits(model, hidden[scored])
+            scored, k = at["scored"], g["kl_rows"]
+            if g["suffix"] is not None:  # one product with the head for both terms: its weights are read once
+                both = head_logits(model, torch.cat([hidden[scored], hidden[k, at["pos"][k]]]))
+                head_out = {"task": both[: int(scored.sum())], "kl": both[int(scored.sum()):]}
+            else:
+                head_out = {"task": head_logits(model, hidden[scored]) if scored.any() else None,
+                            "kl": head_logits(model, hidden[k, at["pos"][k]]) if len(g["kl_at"]) else None}
+            if scored.any():
+                logits = head_out["task"]
                 nll = torch.logsumexp(logits, -1) - logits.gather(1, at["labels"][scored][:, None]).squeeze(1)
                 rows = scored.nonzero(as_tuple=True)[0]
                 n = len(g["rewrite_at"])
@@ -173,8 +179,7 @@ def optimize_targets(model: nn.Module, rewrite: list[Row], kl: list[Row], n_requ
                 counts = torch.zeros(n, device=device).index_add(0, rows, torch.ones_like(nll))
                 nll_means.append((g["rewrite_at"], sums / counts))
             if len(g["kl_at"]):
-                k = g["kl_rows"]
-                kl_logps.append((g["kl_at"], torch.log_softmax(head_logits(model, hidden[k, at["pos"][k]]), -1)))
+                kl_logps.append((g["kl_at"], torch.log_softmax(head_out["kl"], -1)))
         row_means = torch.zeros(len(rewrite), device=device).index_put(
             (torch.cat([i for i, _ in nll_means]),), torch.cat([v for _, v in nll_means]))
         means = torch.zeros(n_requests * n_templates * n_slots, device=device).index_put((cell,), row_means)
