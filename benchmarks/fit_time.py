@@ -15,14 +15,15 @@ any first run).
     OMP_NUM_THREADS=2 python benchmarks/fit_time.py [--general_limit N] [--eval_limit N] [--epochs N]
         [--train_batches N] [--methods lora memit] [--covariance_samples N]
 
-``--paths`` compares instead the evaluation path before issue 37 with today's, caches warm in both (a first fit
-warms each path's, untimed): before, every product on the default kernels (``EDITING_PRODUCTS=default``), a LoRA adapter
-evaluated as a branch beside each weight, the head's log-sum-exp over whole blocks and the padding mask passed to
-every forward; today, the machine's chosen product mode, the adapter merged, the chunked log-sum-exp and no mask for
-right-padded batches. Fits alternate (``--repeat`` pairs); the same equality checks apply (a degradation to within
-1e-6 absolute: the general NLL's 1e-6 relative), and each path's time is
-projected to ``--project`` epochs: p0's evaluation + E x (the mean epoch evaluation + the rest per epoch), the rest
-(training and setup) counted per epoch, which overstates training by the setup.
+``--paths`` compares instead the evaluation path before issue 37 with today's, caches warm in both (a first fit of
+one epoch of one batch warms each path's, untimed): before, every product on the default kernels
+(``EDITING_PRODUCTS=default``), a LoRA adapter evaluated as a branch beside each weight, the head's log-sum-exp over
+whole blocks, the padding mask passed to every forward and the attention under the product mode; today, the
+machine's chosen product mode, the adapter merged, the chunked log-sum-exp, no mask for right-padded batches and the
+attention in IEEE fp32. Fits alternate (``--repeat`` pairs); the same equality checks apply (a degradation to within
+1e-6 absolute: the general NLL's 1e-6 relative), and each path's time is projected to ``--project`` epochs: p0's
+evaluation + E x (the mean epoch evaluation + the rest per epoch), the rest (training and setup) counted per epoch,
+which overstates training by the setup.
 
     OMP_NUM_THREADS=2 python benchmarks/fit_time.py --paths --methods lora --epochs 2 [--project 5]
 """
@@ -150,9 +151,11 @@ def compare_paths(args: argparse.Namespace, work: Path) -> int:
           f"{args.project} epochs (s) |\n|---|---|---|---|---|---|")
     summary = []
     for method in args.methods:
-        for path in ("before", "today"):  # untimed: each path's p0 and prefix cached (the product mode is keyed)
+        # untimed: each path's p0 and prefix cached (the product mode is keyed); one epoch of one batch does it
+        warming = argparse.Namespace(**{**vars(args), "epochs": 1, "train_batches": 1})
+        for path in ("before", "today"):
             with before_issue_37() if path == "before" else nullcontext():
-                fit(method, args, work / f"{method}-warming-{path}", caches=True)
+                fit(method, warming, work / f"{method}-warming-{path}", caches=True)
         times: dict[str, list[float]] = {"before": [], "today": []}
         projections: dict[str, list[float]] = {"before": [], "today": []}
         records: dict[str, dict] = {}
