@@ -26,7 +26,9 @@ from editing.rules.budget import (
     ball_key,
     choose_epochs,
     edit_folder_name,
+    epoch_objective,
     parse_balls,
+    parse_epoch_rule,
     parse_max_epoch,
 )
 from editing.rules.sampling import AUTO, DEFAULT_LEVEL, parse_general_sample, parse_level
@@ -63,9 +65,9 @@ class DegradationBudget(L.Callback):
     ``val/targeted_nll`` and ``val/hard_negative_nll``, and what a practitioner reads: ``val/reliability`` (success
     on the canonical examples) and ``val/reliability_mean_score``, ``val/generalization`` (= success rate) and
     ``val/generalization_mean_score``, ``val/locality`` (the hard negatives preserved relative to p0,
-    ``editing.evaluation.locality``); keeps, per ball, the last epoch inside it and that epoch's deltas; at the
-    end writes ``results.json`` and each ball's edit into the run folder. Its state is saved in checkpoints, so a
-    resumed run continues it.
+    ``editing.evaluation.locality``); keeps, per ball, the last epoch inside it (or the best: ``epoch_rule``) and
+    that epoch's deltas; at the end writes ``results.json`` and each ball's edit into the run folder. Its state is
+    saved in checkpoints, so a resumed run continues it.
 
     Args:
         balls: the eps values of the balls (each finite, 0 < eps < 1, listed once; default 1e-3, 1e-4, 1e-5).
@@ -97,6 +99,16 @@ class DegradationBudget(L.Callback):
             times the estimated ratio, so the ball rule reads the interval's decision; its ``general_sample`` holds
             the sample size and interval. Under ``--base_edit`` all of G is used.
         interval_level: the confidence level of that interval (a t-interval of the ratio estimator).
+        epoch_rule: which epoch inside a ball it reports (and whose edit it keeps): ``last`` (the default, SPEC
+            section 6) or ``best``, the one with the highest reliability + success rate on the evaluation set, the
+            later on a tie (``editing auto``'s trials, whose evaluation set is the search's selection prompts: an
+            edit that generalizes best early and then overfits its literal prompts keeps its early epoch).
+        best_patience: None (the default): train every epoch. A number N: stop once an edited epoch is inside the
+            largest ball and reliability + success rate there has not risen above its best for N epochs (an epoch
+            outside the ball counts as not risen); with ``epoch_rule="best"`` the stop then loses only epochs that
+            would have had to beat that best after N epochs without doing so.
+        stop_at_cap: with ``max_epoch`` capping every ball, stop after the largest cap: no later epoch can be
+            reported (``editing auto``'s final fit; test runs keep training every epoch, whose records list them).
 
     A fit asked to stop softly (``editing.core.interruption.SOFT_STOP``, SIGUSR1: ``editing auto``'s time share of
     a trial ended) stops after the epoch it is in has been evaluated, and writes its results as usual; the record
@@ -107,8 +119,16 @@ class DegradationBudget(L.Callback):
                  overwrite: bool = False, save_edits: bool = True, max_epoch: dict[str, int] | None = None,
                  p0_cache: bool = True, incremental: bool = True, cache_memory_mb: float = 1024.0,
                  partial: bool = False, general_sample: str | int = AUTO,
-                 interval_level: float = DEFAULT_LEVEL) -> None:
+                 interval_level: float = DEFAULT_LEVEL, epoch_rule: str = "last", best_patience: int | None = None,
+                 stop_at_cap: bool = False) -> None:
         self.balls: tuple[Ball, ...] = parse_balls(balls, "--budget.balls")
+        self.epoch_rule = parse_epoch_rule(epoch_rule)
+        if best_patience is not None and (isinstance(best_patience, bool) or not isinstance(best_patience, int)
+                                          or best_patience < 1):
+            raise ConfigError(f"--budget.best_patience={best_patience!r}: give a number of epochs >= 1, or null to "
+                              "train every epoch")
+        self.best_patience = best_patience
+        self.stop_at_cap = bool(stop_at_cap)
         if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
             raise ConfigError(f"--budget.patience={patience!r}: give a number of epochs >= 1, or null to train every "
                               "epoch (the paper's rule)")
@@ -291,7 +311,7 @@ class DegradationBudget(L.Callback):
     def _update_balls(self, module, record: dict) -> list[str]:
         # Keep, per ball, the deltas of the epoch the ball reports (choose_epochs, with the test rule's caps): this
         # epoch, once it is in the history, when it is that choice. Returns the balls whose edit changed.
-        chosen = choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll())
+        chosen = choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll(), self.epoch_rule)
         state = None
         changed = []
         for ball in self.balls:
@@ -428,12 +448,20 @@ class DegradationBudget(L.Callback):
         if soft_stop_requested() and not trainer.should_stop:
             self._stop_softly(trainer, epoch)
             return
+        last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch
+        reason = None if last else self._nothing_left_to_gain(epoch)
+        if reason is not None:
+            trainer.should_stop = True
+            skipped = (f"epochs {epoch + 1}..{trainer.max_epochs} were not trained"
+                       if trainer.max_epochs is not None and trainer.max_epochs > 0 else "no later epoch was trained")
+            self.stopped_early = {"epoch": epoch, "reason": f"{reason}; {skipped}"}
+            self._say(trainer, f"stopped early after epoch {epoch}: {self.stopped_early['reason']}")
+            return
         largest = max(self.balls, key=lambda b: b.eps)
         if largest.inside(record[GENERAL_NLL], self.initial_nll()):
             self.outside = 0
             return
         self.outside += 1
-        last = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= epoch
         if self.patience is not None and self.outside >= self.patience and not last:
             trainer.should_stop = True
             skipped = (f"epochs {epoch + 1}..{trainer.max_epochs} were not trained"
@@ -447,10 +475,31 @@ class DegradationBudget(L.Callback):
             }
             self._say(trainer, f"stopped early after epoch {epoch}: {self.stopped_early['reason']}")
 
+    def _nothing_left_to_gain(self, epoch: int) -> str | None:
+        """Why training past ``epoch`` cannot change what this fit reports, if it cannot (else None): every ball is
+        capped at or before it (``stop_at_cap``), or the best epoch rule's objective inside the largest ball has not
+        risen for ``best_patience`` epochs (``editing auto``'s trials)."""
+        if self.stop_at_cap and self.max_epoch and set(self.max_epoch) == {b.key for b in self.balls} \
+                and epoch >= max(self.max_epoch.values()):
+            return (f"every ball's epoch is capped at or before epoch {epoch} (--budget.max_epoch with "
+                    "--budget.stop_at_cap true), so no later epoch can be reported")
+        if self.best_patience is None:
+            return None
+        largest = max(self.balls, key=lambda b: b.eps)
+        edited = [r for r in self.history if r["epoch"] > 0 and largest.inside(r.get(GENERAL_NLL), self.initial_nll())]
+        if not edited:
+            return None
+        top = max(epoch_objective(r) for r in edited)
+        first = min(r["epoch"] for r in edited if epoch_objective(r) == top)
+        if epoch - first < self.best_patience:
+            return None
+        return (f"reliability + success rate inside the largest ball ({largest.key}) has not risen above epoch "
+                f"{first}'s {top:.3f} for {epoch - first} epoch(s) (--budget.best_patience {self.best_patience})")
+
     def summary(self) -> dict[str, BallRecord]:
         """Per ball: the chosen epoch, its metrics, and the change in success rate in percentage points."""
         return ball_records([EpochRecord.from_dict(e) for e in self.history], self.balls, self.max_epoch,
-                            self.initial_nll())
+                            self.initial_nll(), self.epoch_rule)
 
     def record(self, trainer: L.Trainer, pl_module) -> RunRecord:
         """The run's record as it stands (``results.json`` without its edits)."""
@@ -492,7 +541,9 @@ class DegradationBudget(L.Callback):
         if self.stopped_early is not None:
             # the reason was printed when the run stopped; the summary only recalls that the table ends there
             epoch = self.stopped_early["epoch"]
-            why = ("its time share ended" if "time share" in self.stopped_early["reason"]
+            reason = self.stopped_early["reason"]
+            why = ("its time share ended" if "time share" in reason else "--budget.best_patience"
+                   if "best_patience" in reason else "--budget.stop_at_cap" if "stop_at_cap" in reason
                    else f"--budget.patience {self.patience}")
             print(f"(the run stopped early after epoch {epoch}: {why})")
         print(f"results: {self.results_path}")
@@ -538,7 +589,7 @@ class DegradationBudget(L.Callback):
     def _state_epoch(self, key: str) -> int:
         # The saved state of a ball is the one of the last epoch inside it up to the ball's max_epoch cap, which is
         # the epoch choose_epochs reports; an edit is exported only when the two agree.
-        return choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll())[key]
+        return choose_epochs(self.history, self.balls, self.max_epoch, self.initial_nll(), self.epoch_rule)[key]
 
 
 

@@ -33,9 +33,10 @@ from editing.runs.records import BallRecord, EpochRecord, Metrics, RunRecord, Ta
 
 
 # from tests/rules/test_budget.py
-def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **budget_kw) -> dict:
-    """A tiny LoRA fit whose general NLL after epoch e is ``factors[e]`` x the real epoch-0 value (the training and
-    the rest of the evaluation are real)."""
+def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, reliability: list[float] | None = None,
+                 **budget_kw) -> dict:
+    """A tiny LoRA fit whose general NLL after epoch e is ``factors[e]`` x the real epoch-0 value (and, when given,
+    whose reliability is ``reliability[e]``; the training and the rest of the evaluation are real)."""
     import json
 
     import callbacks.degradation_budget as budget_module
@@ -50,6 +51,8 @@ def scripted_fit(tmp_path, monkeypatch, factors: list[float], epochs: int, **bud
         if not seen:
             seen.append(summary["general_nll"])
         summary["general_nll"] = seen[0] * factors[len(seen) - 1]
+        if reliability is not None:
+            summary["reliability"] = reliability[len(seen) - 1]
         seen.append(summary["general_nll"])
         return summary
 

@@ -26,10 +26,15 @@ How it searches:
   the epochs are ``clamp(ceil(TOTAL_STEPS / steps per epoch), MIN_EPOCHS, MAX_EPOCHS)``, so fewer examples mean
   more epochs. Methods that do not train by gradient (MEMIT: no ``trainer.accumulate_grad_batches`` in their fit
   config) keep their config's settings.
-- **Objective.** A trial is scored at its ball's epoch (the last epoch inside the ball, SPEC section 6) by
-  ``reliability + generalization`` (success rates on its own canonical examples and on its evaluation set); ties go
-  to the lower mean canonical score (progress before any example succeeds), then to the smaller degradation, then
-  to the earlier trial. Hard negatives (locality) are reported, never used for selection (SPEC section 1).
+- **Objective.** A trial is scored by ``reliability + generalization`` (success rates on its own canonical
+  examples and on its evaluation set: the selection prompts or held-out examples) at its best epoch inside the ball:
+  the trials' fits report, and keep the edit of, the epoch inside the ball with the highest objective, the later on
+  a tie (``--budget.epoch_rule best``; ``TRIAL_FIT_ARGS``), not only the last epoch inside it (SPEC section 6's rule,
+  which the final fit keeps): an edit that generalizes best after a few epochs and then overfits its literal
+  prompts keeps its early epoch; a trial stops ``TRIAL_PATIENCE`` epochs after its best (``--budget.best_patience``),
+  and the final fit after its capped epoch v (``FINAL_FIT_ARGS``). Ties between trials go to the lower mean
+  canonical score (progress before any example succeeds), then to the smaller degradation, then to the earlier
+  trial. Hard negatives (locality) are reported, never used for selection (SPEC section 1).
 - **Strong on the task, protective of general text, first.** The first exploring trial of each method takes the
   extreme quarter of each ``FIRST_STRATUM`` setting: the highest learning rate and rank (and MEMIT clamp), but also
   the highest KL weight and the widest LoRA block, so that the edit learns fast while the KL term holds general text
@@ -49,7 +54,7 @@ How it searches:
   exploring trials, each trial uses the method of the best trial so far and draws every setting
   from a window around the best trial's value that halves with each such trial (a log10 range for
   ``log10_uniform``). The window is one-sided when the best trial says which way to go, a bisection of the edit's
-  strength: when it never left the ball (its ball epoch is its last epoch) and is not yet fully reliable, the edit
+  strength: when it ended inside the ball (its last epoch is inside it) and is not yet fully reliable, the edit
   was too weak and the windows of the ``STRONGER`` settings lie on the stronger side; when it left the ball in its
   first epoch (its ball epoch is 0: no edited epoch inside), it was too strong and they lie on the weaker side.
 - **Budget.** ``trials`` counts the search's trials; ``minutes`` bounds the whole command, and the search returns
@@ -96,7 +101,7 @@ from editing.core.types import LossType, MethodName
 from editing.data.jsonl import read_jsonl
 from editing.protocol.space import Parameter, load_space
 from editing.protocol.trials import run_fit, split_args
-from editing.rules.budget import Ball, ball_key, edit_folder_name
+from editing.rules.budget import Ball, ball_key, choose_epochs, edit_folder_name, key_eps
 from editing.rules.tasks import TaskSpec, get_task
 from editing.runs.records import RESULTS_FILE, RecordError, RunRecord
 from editing.runs.run_folder import PARTIAL_DIR
@@ -152,6 +157,18 @@ MIN_TRIAL_SECONDS = 30.0
 MIN_FINAL_SECONDS = 30.0
 """The final fit runs only with at least this much time left (and half its estimated time): else the best trial's
 edit is the result."""
+TRIAL_PATIENCE = 3
+"""A trial stops once its objective inside the ball has not risen for this many epochs (``--budget.best_patience``):
+its later epochs would have to beat its best after that long without doing so; the time goes to more trials. Three,
+not fewer: an edit often leaves the ball for an epoch or two and comes back inside better (see Every epoch)."""
+TRIAL_FIT_ARGS = ("--budget.epoch_rule", "best", "--budget.best_patience", str(TRIAL_PATIENCE))
+"""What the trials' fits get on top of the final fit's arguments: they report (and keep the edit of) their best
+epoch inside the ball by the search's objective, not only the last one (``editing.rules.budget.EPOCH_RULES``), and
+stop ``TRIAL_PATIENCE`` epochs after it; the final fit keeps the test rule (the last epoch inside the ball among
+epochs 0..v, v the best trial's chosen epoch)."""
+FINAL_FIT_ARGS = ("--budget.stop_at_cap", "true")
+"""The final fit stops after epoch v (nothing later can be reported), so it costs about v + 1 of the best trial's
+evaluated epochs, and its reserve is counted so."""
 FIT_TIME_SHARE = 0.75
 """The share of the time left that a fit's Lightning ``max_time`` gets: the rest covers loading the model and the
 evaluations before and after training, which ``max_time`` does not count."""
@@ -572,6 +589,8 @@ class Trial:
     degradation: float | None = None
     objective: float | None = None
     error: str | None = None
+    last_inside: bool | None = None
+    """Whether its last evaluated epoch is inside the ball (the edit had not left it at the end)."""
 
     @property
     def ok(self) -> bool:
@@ -580,8 +599,9 @@ class Trial:
 
     @property
     def weak(self) -> bool:
-        """The edit never left the ball (its ball epoch is its last) and is not fully reliable: too weak."""
-        return self.ok and self.epoch == self.last_epoch and (self.reliability or 0.0) < 1.0
+        """The edit ended inside the ball (its last epoch is inside) and is not fully reliable: too weak."""
+        inside = self.last_inside if self.last_inside is not None else self.epoch == self.last_epoch
+        return self.ok and inside and (self.reliability or 0.0) < 1.0
 
     @property
     def strong(self) -> bool:
@@ -608,6 +628,8 @@ class Trial:
         m = ball.metrics
         self.status = "partial" if partial else run.status.value
         self.epoch, self.last_epoch = ball.epoch, run.epochs[-1].epoch
+        history = [e.to_dict() for e in run.epochs]
+        self.last_inside = choose_epochs(history, (key_eps(key),))[key] == self.last_epoch
         self.reliability, self.reliability_mean_score = m.reliability, m.reliability_mean_score
         self.generalization, self.generalization_mean_score = m.success_rate, m.generalization_mean_score
         self.locality, self.degradation = m.locality, m.degradation
@@ -858,11 +880,16 @@ class _Search:
         return math.inf if self.deadline is None else self.deadline - self.clock()
 
     def final_reserve(self) -> float:
-        """Seconds kept for the final fit: the best trial's time, scaled to the final fit's examples, plus 20%."""
+        """Seconds kept for the final fit: the best trial's time, scaled to the final fit's examples and to the
+        epochs 0..v it trains and evaluates (v its chosen epoch; ``FINAL_FIT_ARGS``) of the trial's 0..last, plus
+        20%."""
         best = _best(self.done)
         if best is None or best.seconds is None or not self.plan.retrain:
             return 0.0
-        return 1.2 * best.seconds * self.plan.final_examples / self.plan.train_examples
+        epochs = 1.0
+        if best.epoch is not None and best.last_epoch is not None:
+            epochs = min(1.0, (best.epoch + 1) / (best.last_epoch + 1))
+        return 1.2 * best.seconds * epochs * self.plan.final_examples / self.plan.train_examples
 
     def typical_seconds(self, method: str) -> float:
         """The mean time of the method's trials so far (of any trial when it has none yet; 0 before the first)."""
@@ -931,7 +958,7 @@ class _Search:
         _set_aside(Path(trial.folder))
         share = None if self.deadline is None else FIT_TIME_SHARE * left
         fit = _fit_args(trial.method, self.plan.search_task, self.plan.search_split, self.model, Path(trial.folder),
-                        trial.params, self.fit_args_of(trial.method), share)
+                        trial.params, [*self.fit_args_of(trial.method), *TRIAL_FIT_ARGS], share)
         # past its share the trial is asked to stop at its next epoch boundary; only the command's own deadline
         # kills it, and what it wrote by then (its partial record) still counts
         soft = None if share is None else self.clock() + share
@@ -965,7 +992,7 @@ class _Search:
         # inside the ball among epochs 0..v, v the best trial's ball epoch (the epoch chosen at validation)
         config["max_epoch"] = {self.key: best.epoch}
         fit = _fit_args(best.method, self.plan.final_task, self.plan.final_split, self.model, Path(final.folder),
-                        best.params, self.fit_args_of(best.method),
+                        best.params, [*self.fit_args_of(best.method), *FINAL_FIT_ARGS],
                         None if self.deadline is None else max(1.0, FIT_TIME_SHARE * time_left),
                         max_epoch=config["max_epoch"])
         soft = None if self.deadline is None else self.clock() + FIT_TIME_SHARE * max(0.0, time_left)

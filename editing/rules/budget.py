@@ -173,10 +173,36 @@ def parse_max_epoch(max_epoch: Mapping[str, int] | None, balls: Iterable[Ball],
     return caps
 
 
+EPOCH_RULES = ("last", "best")
+"""``--budget.epoch_rule``: ``last`` (SPEC section 6, the default) reports the last epoch inside each ball; ``best``
+the epoch inside it with the highest ``epoch_objective`` (ties: the later), so that an edit which generalizes best
+early in training and then overfits its literal prompts keeps its early epoch (``editing auto``'s trials)."""
+
+
+def epoch_objective(record: Mapping) -> float:
+    """What the ``best`` epoch rule maximizes: reliability plus success rate on the evaluation set (``editing auto``'s
+    objective), a missing or NaN rate counting 0."""
+    total = 0.0
+    for metric in (Metric.RELIABILITY, Metric.SUCCESS_RATE):
+        value = record.get(metric)
+        if value is not None and math.isfinite(value):
+            total += float(value)
+    return total
+
+
+def parse_epoch_rule(rule: str, setting: str = "--budget.epoch_rule") -> str:
+    """``rule`` checked against ``EPOCH_RULES``."""
+    if rule not in EPOCH_RULES:
+        raise ConfigError(f"{setting}={rule!r}: expected one of {', '.join(EPOCH_RULES)} (last: SPEC section 6)")
+    return rule
+
+
 def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = None,
-                  max_epoch: Mapping[str, int] | None = None, initial: float | None = None) -> dict[str, int]:
+                  max_epoch: Mapping[str, int] | None = None, initial: float | None = None,
+                  rule: str = "last") -> dict[str, int]:
     """The reported epoch per ball (SPEC section 6): the LAST evaluated epoch whose general NLL is inside the ball
-    around epoch 0's; epoch 0 always qualifies (zero improvement).
+    around epoch 0's; epoch 0 always qualifies (zero improvement). With ``rule="best"`` it is instead the epoch
+    inside the ball (within the cap) with the highest ``epoch_objective``, the later one on a tie.
 
     Args:
         history: per-epoch records with ``epoch`` and ``general_nll``; the first is the unedited model (epoch 0).
@@ -189,23 +215,26 @@ def choose_epochs(history: list[dict], balls: Iterable[float | Ball] | None = No
             (``--base_edit``) passes the original base model's, so that a sequence of edits stays inside the balls of
             the model it started from; epoch 0 (the model the fit started from) is then inside only if that is, and
             is still reported when no epoch is (nothing this fit trained can be kept).
+        rule: ``last`` (SPEC section 6) or ``best`` (``EPOCH_RULES``).
 
     Returns:
         Ball key -> chosen epoch, in the order of ``balls``.
     """
     balls = parse_balls(balls)
     caps = parse_max_epoch(max_epoch, balls) or {}
+    parse_epoch_rule(rule)
     initial = history[0][Metric.GENERAL_NLL] if initial is None else initial
+    by_epoch = {int(record["epoch"]): record for record in history}
     chosen = {}
     for ball in balls:
         limit = caps.get(ball.key)
-        best = 0
-        for record in history:
-            if limit is not None and record["epoch"] > limit:
-                continue
-            if ball.inside(record.get(Metric.GENERAL_NLL), initial):
-                best = max(best, int(record["epoch"]))
-        chosen[ball.key] = best
+        inside = [int(record["epoch"]) for record in history if (limit is None or record["epoch"] <= limit)
+                  and ball.inside(record.get(Metric.GENERAL_NLL), initial)]
+        inside = inside or [0]  # nothing inside: epoch 0, the model the fit started from
+        if rule == "best":
+            chosen[ball.key] = max(inside, key=lambda e: (epoch_objective(by_epoch[e]), e))
+        else:
+            chosen[ball.key] = max(inside)
     return chosen
 
 
@@ -219,5 +248,6 @@ def choose_beta(nll_by_beta: Mapping[float, float], eps: float | Ball) -> float:
     return 0.0
 
 
-__all__ = ["DEFAULT_BALLS", "Ball", "ball_key", "choose_beta", "choose_epochs", "degradation", "edit_folder_name",
-           "inside", "key_eps", "key_label", "parse_balls", "parse_max_epoch", "success_change_pp"]
+__all__ = ["DEFAULT_BALLS", "EPOCH_RULES", "Ball", "ball_key", "choose_beta", "choose_epochs", "degradation",
+           "edit_folder_name", "epoch_objective", "inside", "key_eps", "key_label", "parse_balls", "parse_epoch_rule",
+           "parse_max_epoch", "success_change_pp"]

@@ -311,7 +311,7 @@ class BallRecord:
 
 def ball_records(epochs: Sequence[EpochRecord], balls: Iterable[float | Ball] | None = None,
                  max_epoch: Mapping[str, int] | None = None,
-                 initial_general_nll: float | None = None) -> dict[str, BallRecord]:
+                 initial_general_nll: float | None = None, epoch_rule: str = "last") -> dict[str, BallRecord]:
     """Per ball: the reported epoch (``editing.rules.budget.choose_epochs``), its metrics, and the success change from
     epoch 0 in percentage points.
 
@@ -321,8 +321,9 @@ def ball_records(epochs: Sequence[EpochRecord], balls: Iterable[float | Ball] | 
         max_epoch: per ball key, an epoch not to go past (the test pair's rule).
         initial_general_nll: the general NLL the balls are around (default: epoch 0's; a fit on top of an earlier
             edit passes the original base model's, ``choose_epochs``).
+        epoch_rule: ``last`` (SPEC section 6) or ``best`` (``editing.rules.budget.EPOCH_RULES``).
     """
-    chosen = choose_epochs([e.to_dict() for e in epochs], balls, max_epoch, initial_general_nll)
+    chosen = choose_epochs([e.to_dict() for e in epochs], balls, max_epoch, initial_general_nll, epoch_rule)
     by_epoch = {e.epoch: e for e in epochs}
     initial = epochs[0].metrics.success_rate
     return {key: BallRecord(epoch, by_epoch[epoch].metrics,

@@ -631,3 +631,69 @@ def test_a_search_interrupted_in_its_final_fit_resumes_with_the_real_fits_kept(t
     assert result.final is not None and result.final.ok and result.edit is not None
     assert not (out / "auto.progress.json").exists() and (out / "auto.json").is_file()
     assert [p.name.split(".")[0] for p in out.glob("final.interrupted-*")] == ["final"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 36: the trials report their best epoch inside the ball; the final fit keeps the test rule
+# ----------------------------------------------------------------------------------------------------------------
+def test_the_trials_report_their_best_epoch_and_the_final_fit_the_last_inside(tmp_path, data_root,
+                                                                             monkeypatch) -> None:
+    import editing.protocol.auto as auto_module
+
+    seen: dict[str, list[list[str]]] = {}
+
+    def fake_run(trial, args, runner, deadline, key, clock) -> None:
+        seen.setdefault(trial.phase, []).append(list(args))
+        trial.status, trial.seconds, trial.epoch, trial.last_epoch = "finished", 1.0, 2, 10
+        trial.reliability = trial.generalization = 0.5
+        trial.reliability_mean_score, trial.degradation, trial.objective = 1.0, 0.0, 1.0
+        _edit_folder(trial, key)
+
+    monkeypatch.setattr(auto_module, "_run", fake_run)
+    auto_edit(str(_user_task(tmp_path / "task", n=8)), methods=["lora"], ball=1e-3, trials=2, model="tiny-gpt2",
+              output_dir=str(tmp_path / "a"))
+    trials = [a for phase, runs in seen.items() if phase != "final" for a in runs]
+    (final,) = seen["final"]
+    assert len(trials) == 2
+    for args in trials:
+        assert args[args.index("--budget.epoch_rule") + 1] == "best"
+        assert args[args.index("--budget.best_patience") + 1] == "3" and "--budget.stop_at_cap" not in args
+    assert "--budget.epoch_rule" not in final  # SPEC section 6's rule, capped at the best trial's chosen epoch
+    assert "--budget.best_patience" not in final
+    assert json.loads(final[final.index("--budget.max_epoch") + 1]) == {"1e-03": 2}
+    assert final[final.index("--budget.stop_at_cap") + 1] == "true"  # it stops after epoch 2
+
+
+def test_the_final_fits_reserve_counts_the_epochs_it_trains(tmp_path, data_root) -> None:
+    from editing.protocol.auto import _open_search
+
+    search = _open_search(task=str(_user_task(tmp_path / "task", n=8)), methods=["lora"], ball=1e-3, trials=None,
+                          minutes=30, model="tiny-gpt2", output_dir=str(tmp_path / "a"), holdout=0.25, explore=1,
+                          epochs=None, patience=None, args=None, loss="good", threshold=None, evaluation=None,
+                          hard_negatives=None, seed=0, overwrite=False, clock=None, runner=None)
+    plan = search.plan
+    trial = Trial(0, "lora", {}, "explore", "f", status="finished", seconds=110.0, epoch=2, last_epoch=10,
+                  objective=1.0, reliability=1.0)
+    search.done.append(trial)
+    # epochs 0..2 of the trial's 0..10, scaled to the final fit's examples, plus 20%
+    want = 1.2 * 110.0 * (3 / 11) * plan.final_examples / plan.train_examples
+    assert plan.retrain and math.isclose(search.final_reserve(), want)
+    trial.epoch = 10
+    assert math.isclose(search.final_reserve(), 1.2 * 110.0 * plan.final_examples / plan.train_examples)
+
+
+def test_a_trial_at_an_early_best_epoch_that_ended_inside_the_ball_is_still_too_weak(tmp_path, monkeypatch,
+                                                                                    data_root) -> None:
+    """The narrowing's direction reads whether the edit ended inside the ball, not whether its reported epoch is its
+    last: under the best rule an edit inside the ball throughout, best at epoch 1 and never fully reliable, is too
+    weak (+1); one that left the ball after its best epoch is not (0). Real (tiny, scripted) fits' results.json."""
+    from fakes import scripted_fit
+
+    for factors, want in (([1.0, 1 + 1e-4, 1 + 2e-4, 1 + 3e-4], 1), ([1.0, 1 + 1e-4, 1 + 2e-4, 1 + 3e-3], 0)):
+        folder = tmp_path / f"t{want}"
+        scripted_fit(folder, monkeypatch, factors, epochs=3, reliability=[0.0, 0.75, 0.5, 0.5], balls=[1e-3],
+                     epoch_rule="best")
+        trial = Trial(0, "lora", {}, "explore", str(folder / "run"))
+        trial.read_results("1e-03")
+        assert (trial.epoch, trial.last_epoch, trial.reliability) == (1, 3, 0.75)
+        assert trial.last_inside is (want == 1) and trial.direction == want

@@ -334,3 +334,127 @@ def test_the_test_pairs_epoch_on_random_histories_matches_the_reference() -> Non
             assert epoch == _reference_epoch(test, eps, caps[ball_key(eps)])
             assert epoch <= caps[ball_key(eps)]
             assert epoch == 0 or test[epoch] < (1 + eps) * test[0]
+
+
+# --- issue 36: the best epoch inside the ball (--budget.epoch_rule best, editing auto's trials) ----------------------
+def _reference_best_epoch(records: list[dict], eps: float, v: int | None = None) -> int:
+    """Written out: among the epochs 0..v (all without v) whose general NLL is strictly below (1 + eps) times epoch
+    0's (NaN never inside), the one with the highest reliability + success rate (a missing or NaN rate is 0), the
+    later on a tie; epoch 0 when none is inside."""
+    best, best_value = None, None
+    for record in records:
+        if v is not None and record["epoch"] > v:
+            break
+        nll = record["general_nll"]
+        if not (nll == nll and nll < (1.0 + eps) * records[0]["general_nll"]):
+            continue
+        value = 0.0
+        for name in ("reliability", "success_rate"):
+            x = record.get(name)
+            if x is not None and x == x:
+                value += x
+        if best_value is None or value >= best_value:
+            best, best_value = record["epoch"], value
+    return 0 if best is None else best
+
+
+def test_the_best_epoch_rule_keeps_an_early_epoch_that_generalizes_best() -> None:
+    base = 3.0
+    records = [{"epoch": 0, "general_nll": base, "success_rate": 0.0, "reliability": 0.0},
+               {"epoch": 1, "general_nll": base * (1 + 5e-3), "success_rate": 0.6, "reliability": 1.0},  # outside
+               {"epoch": 2, "general_nll": base * (1 + 5e-4), "success_rate": 0.5, "reliability": 1.0},
+               {"epoch": 3, "general_nll": base * (1 + 2e-4), "success_rate": 0.3, "reliability": 1.0},
+               {"epoch": 4, "general_nll": base * (1 + 1e-4), "success_rate": 0.3, "reliability": 1.0}]
+    assert choose_epochs(records, balls=(1e-3,)) == {"1e-03": 4}  # SPEC section 6: the last inside
+    assert choose_epochs(records, balls=(1e-3,), rule="best") == {"1e-03": 2}  # epoch 1 is outside: never chosen
+    # a tie goes to the later epoch; with a cap, only epochs 0..cap count
+    records[4]["success_rate"] = 0.5
+    assert choose_epochs(records, balls=(1e-3,), rule="best") == {"1e-03": 4}
+    assert choose_epochs(records, balls=(1e-3,), rule="best", max_epoch={"1e-03": 3}) == {"1e-03": 2}
+    with pytest.raises(Exception, match=r"--budget\.epoch_rule"):
+        choose_epochs(records, balls=(1e-3,), rule="first")
+
+
+def test_the_best_epoch_rule_on_random_histories_matches_the_reference() -> None:
+    import random
+
+    rng = random.Random(36)
+    balls = (1e-3, 1e-4, 1e-5)
+    for _ in range(400):
+        base = rng.uniform(2.0, 6.0)
+        records = [{"epoch": 0, "general_nll": base, "success_rate": rng.choice([0.0, 0.25]), "reliability": 0.0}]
+        for epoch in range(1, rng.randint(1, 11)):
+            nll = base * (1 + 10 ** rng.uniform(-6.5, -2)) if rng.random() < 0.9 else float("nan")
+            record = {"epoch": epoch, "general_nll": nll, "success_rate": rng.choice([0.0, 0.25, 0.5, 0.75]),
+                      "reliability": rng.choice([0.0, 0.5, 1.0, None, float("nan")])}
+            records.append(record)
+        cap = rng.choice([None, rng.randint(0, 10)])
+        for eps in balls:
+            key = ball_key(eps)
+            want = _reference_best_epoch(records, eps, cap)
+            got = choose_epochs(records, balls=(eps,), rule="best", max_epoch=None if cap is None else {key: cap})
+            assert got == {key: want}
+
+
+def test_a_fit_with_the_best_epoch_rule_exports_the_edit_of_that_epoch(tmp_path, monkeypatch, data_root) -> None:
+    """Every epoch is inside every ball; reliability is best at epoch 2 of 3, so the best rule reports epoch 2 and
+    its edit must be epoch 2's (the reference: the same 3-epoch fit under SPEC's rule capped at epoch 2, whose edit
+    the test above checks), not epoch 3's."""
+    import torch
+
+    inside_all = [1.0, 1 + 5e-6, 1 + 6e-6, 1 + 7e-6]
+    best = scripted_fit(tmp_path / "best", monkeypatch, inside_all, epochs=3, reliability=[0.0, 0.5, 1.0, 0.5],
+                        epoch_rule="best")
+    assert {k: b["epoch"] for k, b in best["balls"].items()} == {"1e-03": 2, "1e-04": 2, "1e-05": 2}
+    assert [e["reliability"] for e in best["epochs"]] == [0.0, 0.5, 1.0, 0.5]
+    assert best["balls"]["1e-03"]["metrics"]["reliability"] == 1.0
+    capped = scripted_fit(tmp_path / "capped", monkeypatch, inside_all, epochs=3, max_epoch={"1e-03": 2})
+    assert capped["balls"]["1e-03"]["epoch"] == 2
+    got = _edit_tensors(tmp_path / "best" / "run" / "edits" / "ball_1e-03")
+    want = _edit_tensors(tmp_path / "capped" / "run" / "edits" / "ball_1e-03")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    last = scripted_fit(tmp_path / "last", monkeypatch, inside_all, epochs=3, reliability=[0.0, 0.5, 1.0, 0.5])
+    assert last["balls"]["1e-03"]["epoch"] == 3  # the default stays SPEC section 6's last epoch inside
+    late = _edit_tensors(tmp_path / "last" / "run" / "edits" / "ball_1e-03")
+    assert any(not torch.equal(got[k], late[k]) for k in got)  # epochs 2 and 3 differ, so the check can fail
+
+
+def test_best_patience_stops_when_the_objective_inside_the_ball_has_not_risen(tmp_path, monkeypatch, capsys,
+                                                                            data_root) -> None:
+    inside = [1.0] + [1 + 5e-6] * 6
+    # best at epoch 1 (reliability 1.0), not beaten at 2 and 3: with patience 2 the fit stops after epoch 3
+    flat = scripted_fit(tmp_path / "flat", monkeypatch, inside, epochs=6, reliability=[0, 1.0, 0.5, 1.0, 1, 1, 1],
+                        epoch_rule="best", best_patience=2)
+    assert [e["epoch"] for e in flat["epochs"]] == [0, 1, 2, 3]
+    assert flat["balls"]["1e-03"]["epoch"] == 3  # the tie at epoch 3 goes to the later epoch
+    assert flat["stopped_early"]["epoch"] == 3 and "best_patience 2" in flat["stopped_early"]["reason"]
+    assert "epochs 4..6 were not trained" in flat["stopped_early"]["reason"]
+    assert "--budget.best_patience" in capsys.readouterr().out
+    # a rise restarts the count; an epoch outside the ball never counts as one (epoch 2: 1.0 but outside)
+    rising = scripted_fit(tmp_path / "rising", monkeypatch, [1.0, 1 + 5e-6, 1 + 5e-3, 1 + 5e-6, 1 + 5e-6, 1 + 5e-6,
+                                                             1 + 5e-6],
+                          epochs=6, reliability=[0, 0.25, 1.0, 0.5, 0.5, 0.5, 0.5], epoch_rule="best",
+                          best_patience=2)
+    assert [e["epoch"] for e in rising["epochs"]] == [0, 1, 2, 3, 4, 5]
+    # best first reached at epoch 3 (0.5), tied at 4 and 5: stopped after 5, which the tie rule reports
+    assert rising["balls"]["1e-03"]["epoch"] == 5 and rising["stopped_early"]["epoch"] == 5
+    # nothing edited inside the ball yet: no stop
+    outside = scripted_fit(tmp_path / "out", monkeypatch, [1.0, 1 + 5e-3, 1 + 5e-3, 1 + 5e-3], epochs=3,
+                           reliability=[0, 1.0, 1.0, 1.0], epoch_rule="best", best_patience=1)
+    assert [e["epoch"] for e in outside["epochs"]] == [0, 1, 2, 3] and outside["stopped_early"] is None
+
+
+def test_stop_at_cap_ends_the_fit_after_the_largest_cap_of_every_ball(tmp_path, monkeypatch, data_root) -> None:
+    inside_all = [1.0, 1 + 5e-6, 1 + 6e-6, 1 + 7e-6, 1 + 8e-6]
+    caps = {"1e-03": 2, "1e-04": 1, "1e-05": 1}
+    stopped = scripted_fit(tmp_path / "stop", monkeypatch, inside_all, epochs=4, max_epoch=caps, stop_at_cap=True)
+    assert [e["epoch"] for e in stopped["epochs"]] == [0, 1, 2]
+    assert {k: b["epoch"] for k, b in stopped["balls"].items()} == caps
+    assert "stop_at_cap" in stopped["stopped_early"]["reason"]
+    trained = scripted_fit(tmp_path / "all", monkeypatch, inside_all, epochs=4, max_epoch=caps)
+    assert [e["epoch"] for e in trained["epochs"]] == [0, 1, 2, 3, 4]  # the default trains every epoch
+    assert {k: b["epoch"] for k, b in trained["balls"].items()} == caps
+    # a ball without a cap can still report a later epoch: no stop
+    some = scripted_fit(tmp_path / "some", monkeypatch, inside_all, epochs=4, max_epoch={"1e-03": 1},
+                        stop_at_cap=True)
+    assert [e["epoch"] for e in some["epochs"]] == [0, 1, 2, 3, 4] and some["stopped_early"] is None
