@@ -5,8 +5,8 @@ passes, for every loss type and family.
 
 Why the optimization's tolerance is wider than one pass's: Adam's first step moves every coordinate by lr times the
 sign of its gradient, so a coordinate whose gradient is at the rounding level can go either way, and 20 steps carry
-that on. ``benchmarks/target_speed.py``'s doc and ``/work/notes/targets_results.md`` measure it: the full passes'
-own result moves as much (more) when only their batching changes (one row per pass instead of padded groups)."""
+that on. ``benchmarks/target_speed.py --unbatched`` measures it: the full passes' own result moves more than the
+suffix pass's difference when only their batching changes (one row per pass instead of padded groups)."""
 
 from __future__ import annotations
 
