@@ -54,6 +54,30 @@ def _fresh_cache(model: nn.Module, stored: list[tuple[torch.Tensor, torch.Tensor
     return cache
 
 
+def _step_mask(starts: torch.Tensor, real: torch.Tensor, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """The steps' additive attention mask (b, 1, q, past + q): row r's query slot j sees its past slots below
+    ``starts[r]`` and its new slots 0..j (a padding slot sees itself, so no row of the softmax is empty)."""
+    b, q = real.shape
+    device = real.device
+    slot = torch.arange(q, device=device)
+    past_ok = torch.arange(past, device=device)[None, None, :] < starts[:, None, None]
+    past_ok = past_ok & real[:, :, None]
+    causal = slot[None, :] <= slot[:, None]  # (q, q)
+    new_ok = (causal[None] & real[:, None, :] & real[:, :, None]) | torch.eye(q, dtype=torch.bool,
+                                                                              device=device)[None]
+    allowed = torch.cat([past_ok.expand(b, q, past), new_ok.expand(b, q, q)], dim=2)
+    return torch.zeros(b, 1, q, past + q, dtype=dtype, device=device).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _step_labels(full_labels: torch.Tensor, starts: list[int], lengths: list[int], q: int) -> torch.Tensor:
+    """The full pass's labels at each row's new slots (``lengths[r]`` positions from ``starts[r]``), -100 after."""
+    labels = torch.full((full_labels.shape[0], q), -100, dtype=torch.long, device=full_labels.device)
+    for r, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        labels[r, :length] = full_labels[r, start: start + length]
+    return labels
+
+
 @torch.no_grad()
 def prepare(model: nn.Module, group: dict, layer: int, ends: list[int]) -> dict | None:
     """The per-request part of a group's passes: one full forward (no gradient) storing the hidden states entering
@@ -104,21 +128,9 @@ def prepare(model: nn.Module, group: dict, layer: int, ends: list[int]) -> dict 
     position = torch.where(real, position, starts[:, None])  # padding slots repeat the first (finite, unread)
     new_ids = ids.gather(1, position)
     hidden = seen["hidden"].gather(1, position[:, :, None].expand(-1, -1, seen["hidden"].shape[-1]))
-    # attention: row r's query slot j sees its past slots below p_r and its new slots 0..j (a padding slot itself)
-    past_ok = torch.arange(past, device=device)[None, None, :] < starts[:, None, None]
-    past_ok = past_ok & real[:, :, None]
-    causal = slot[None, :] <= slot[:, None]  # (q, q)
-    new_ok = (causal[None] & real[:, None, :] & real[:, :, None]) | torch.eye(q, dtype=torch.bool,
-                                                                              device=device)[None]
-    allowed = torch.cat([past_ok.expand(b, q, past), new_ok.expand(b, q, q)], dim=2)
-    dtype = seen["hidden"].dtype
-    attn = torch.zeros(b, 1, q, past + q, dtype=dtype, device=device).masked_fill(
-        ~allowed[:, None], torch.finfo(dtype).min)
+    attn = _step_mask(starts, real, past, seen["hidden"].dtype)
     # the scored positions in the new slots, in the full pass's (row, position) order
-    labels = torch.full((b, q), -100, dtype=torch.long, device=device)
-    full_labels = group["labels"]
-    for r in range(b):
-        labels[r, : lengths[r]] = full_labels[r, starts_list[r]: starts_list[r] + lengths[r]]
+    labels = _step_labels(group["labels"], starts_list, lengths, q)
     if int((labels != -100).sum()) != int(group["scored"].sum()):
         return None  # a scored position below the subject (cannot happen for prompts built by RowBuilder)
     return {"ids": new_ids, "position": position, "hidden": hidden, "mask": attn, "labels": labels,
