@@ -38,7 +38,7 @@ from editing.core.digests import tensor_sha256
 from editing.core.errors import ConfigError
 from editing.data.batching import IGNORE
 from editing.evaluation.scorer import capture_final_hidden, head_nll, scored_nll, token_nll
-from editing.models.architecture import backpack_of, blocks
+from editing.models.architecture import backpack_of, blocks, entering_at
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,6 @@ def _same_batch(entry: dict[str, torch.Tensor], batch: dict) -> bool:
 
 
 # --- frozen prefix ------------------------------------------------------------------------------------------------
-_MISSING = object()
-
-
-def _passthrough(*args, **kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -259,28 +252,8 @@ class PrefixScorer:
             for handle in handles:
                 handle.remove()
 
-    @contextmanager
-    def _substituted(self, hidden: torch.Tensor) -> Iterator[None]:
-        skipped = self.blocks[: self.start]
-        saved = [block.__dict__.get("forward", _MISSING) for block in skipped]
-
-        def pre(_module, args, kwargs):
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        handle = self.blocks[self.start].register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            for block in skipped:
-                block.forward = _passthrough
-            yield
-        finally:
-            handle.remove()
-            for block, old in zip(skipped, saved, strict=True):
-                if old is _MISSING:
-                    block.__dict__.pop("forward", None)
-                else:  # a wrapper's own forward (e.g. accelerate's device hooks) goes back in place
-                    block.forward = old
+    def _substituted(self, hidden: torch.Tensor):
+        return entering_at(self.blocks, self.start, hidden)
 
 
 # --- sense edits --------------------------------------------------------------------------------------------------

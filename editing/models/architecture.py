@@ -139,6 +139,42 @@ def capture_final_hidden(model):
         handle.remove()
 
 
+_MISSING = object()
+
+
+def _passthrough(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def entering_at(stack: nn.ModuleList, start: int, hidden: torch.Tensor):
+    """Within the context, the blocks of ``stack`` below ``start`` pass their input through and block ``start``
+    receives ``hidden`` as its input: a forward pass computes only from block ``start`` up (a frozen prefix's
+    stored hidden states, the evaluation's incremental caches and the target optimization's suffix pass). The
+    blocks need to return a plain tensor for the pass-through to be what the model's loop expects; a block's own
+    ``forward`` attribute (e.g. accelerate's device hooks) is put back in place on exit."""
+    skipped = stack[:start]
+    saved = [block.__dict__.get("forward", _MISSING) for block in skipped]
+
+    def pre(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = stack[start].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for block in skipped:
+            block.forward = _passthrough
+        yield
+    finally:
+        handle.remove()
+        for block, old in zip(skipped, saved, strict=True):
+            if old is _MISSING:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = old
+
+
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's LM head to ``hidden`` (n, d) in fp32."""
     head = model.get_output_embeddings()

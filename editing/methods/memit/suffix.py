@@ -23,19 +23,10 @@ hold later positions and are masked); the new slots ``P .. P+Q-1`` hold row ``r`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
-from editing.models.architecture import blocks, capture_final_hidden
-
-_MISSING = object()
-
-
-def _passthrough(*args, **kwargs):
-    return args[0] if args else kwargs["hidden_states"]
+from editing.models.architecture import blocks, capture_final_hidden, entering_at
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,30 +132,10 @@ def prepare(model: nn.Module, group: dict, layer: int, ends: list[int]) -> dict 
             "row": torch.arange(b, device=device), "pos": torch.zeros(b, dtype=torch.long, device=device)}
 
 
-@contextmanager
-def _from_block(model: nn.Module, start: int, hidden: torch.Tensor) -> Iterator[None]:
+def _from_block(model: nn.Module, start: int, hidden: torch.Tensor):
     """Blocks below ``start`` pass their input through; block ``start`` receives ``hidden``."""
-    stack = blocks(model)
-    skipped = stack[:start]
-    saved = [block.__dict__.get("forward", _MISSING) for block in skipped]
+    return entering_at(blocks(model), start, hidden)
 
-    def pre(_module, args, kwargs):
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
-    handle = stack[start].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        for block in skipped:
-            block.forward = _passthrough
-        yield
-    finally:
-        handle.remove()
-        for block, old in zip(skipped, saved, strict=True):
-            if old is _MISSING:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = old
 
 
 def step_hidden(model: nn.Module, prepared: dict, layer: int) -> torch.Tensor:
