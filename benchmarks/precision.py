@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -38,27 +37,15 @@ def general_nll(module: EditingModule, dm: TaskDataModule) -> tuple[float, float
     return summary["general_nll"], time.time() - start
 
 
-@contextmanager
 def _before_issue_37():
-    """The evaluator before issue 37: the default products (pinned) and roofline.py's ``overheads_back``."""
+    """The evaluator before issue 37: ``fit_time.before_issue_37`` (the default products pinned, roofline.py's
+    ``overheads_back``; its LoRA branch does not apply to this benchmark's perturbed weights)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    import roofline
+    import fit_time
 
-    saved = os.environ.get(products.PIN_ENV)
-    os.environ[products.PIN_ENV] = "default"
-    products.forget_choices()
-    try:
-        with roofline.overheads_back():
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop(products.PIN_ENV, None)
-        else:
-            os.environ[products.PIN_ENV] = saved
-        products.forget_choices()
-
+    return fit_time.before_issue_37()
 
 WAYS = ("bf16", "fpmath-bf16", "before-issue-37")
 """The ways compared with fp32: ``bf16`` weights and activations (the ``bf16`` precision setting), and fp32 tensors
