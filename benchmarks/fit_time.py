@@ -1,4 +1,4 @@
-"""Fit time with the evaluation caches off and on (issue 13): the main job's LoRA fit and a MEMIT fit.
+"""Fit time with the evaluation caches off and on (issue 13): the main job's LoRA fit, a MEMIT fit and a sense edit.
 
 Each method is fitted three times in this one process, on the same model and data: with the caches off (every
 evaluation a full pass over every set), then on and cold (a fresh cache: p0 is computed and stored, the frozen
@@ -10,10 +10,12 @@ exit status is 1 when a check fails.
 By default every text of G is evaluated each epoch (the paper's protocol; the main job's config limits it to 300).
 Run it smaller with ``--general_limit``/``--eval_limit``/``--epochs``/``--train_batches``. Untimed before the fits:
 one load of the model (a GGUF's first load converts it) and MEMIT's covariance statistics (cached on disk, as after
-any first run).
+any first run). ``senses`` (not run by default) is sense finetuning of the Backpack distilled from SmolLM2
+(``lightning_configs/main/senses_country_capital.yaml``: the main job's data limits; ``--model FOLDER`` names another
+Backpack); its sense selection's background statistics are cached by the first fit, like MEMIT's.
 
     OMP_NUM_THREADS=2 python benchmarks/fit_time.py [--general_limit N] [--eval_limit N] [--epochs N]
-        [--train_batches N] [--methods lora memit] [--covariance_samples N]
+        [--train_batches N] [--methods lora memit senses] [--covariance_samples N] [--model NAME]
 
 ``--paths`` compares instead the evaluation path before issue 37 with today's, caches warm in both (a first fit of
 one epoch of one batch warms each path's, untimed): before, every product on the default kernels
@@ -43,7 +45,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"lora": REPO / "lightning_configs" / "main" / "lora_country_capital.yaml",
-           "memit": REPO / "lightning_configs" / "main" / "memit_country_capital.yaml"}
+           "memit": REPO / "lightning_configs" / "main" / "memit_country_capital.yaml",
+           "senses": REPO / "lightning_configs" / "main" / "senses_country_capital.yaml"}
+DEFAULT_METHODS = ["lora", "memit"]  # senses needs a distilled Backpack, which a fresh machine does not have
 METRICS = ("success_rate", "general_nll", "targeted_nll", "hard_negative_nll", "degradation")
 RTOL = 1e-6
 DEGRADATION_ATOL = RTOL
@@ -222,7 +226,9 @@ def warm_up(methods: list[str], args: argparse.Namespace) -> None:
     from editing.methods import MEMITConfig, MEMITEditor
     from editing.models.loading import ModelConfig, load_model
 
-    load_model(ModelConfig(name=args.model or "smollm2-135m", precision="fp32"))
+    for method in methods:  # each method's base (its config's, or --model)
+        base = yaml.safe_load(CONFIGS[method].read_text())["model"]["init_args"]["base"]["name"]
+        load_model(ModelConfig(name=args.model or base, precision="fp32"))
     if "memit" in methods:
         init = yaml.safe_load(CONFIGS["memit"].read_text())["model"]["init_args"]
         memit = dict(init["memit"])
@@ -239,18 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--general_limit", type=int, default=None, help="texts of G per evaluation (default: all)")
     parser.add_argument("--eval_limit", type=int, default=None,
                         help="examples of the evaluation, targeted and hard-negative sets (default: the config's)")
-    parser.add_argument("--epochs", type=int, default=None, help="LoRA epochs (default: the config's)")
+    parser.add_argument("--epochs", type=int, default=None, help="LoRA and senses epochs (default: the config's)")
     parser.add_argument("--train_batches", type=int, default=None,
-                        help="LoRA: canonical batches per epoch (default: all; fewer makes the run shorter, and "
-                             "evaluation a larger share of it)")
-    parser.add_argument("--methods", nargs="+", default=["lora", "memit"], choices=sorted(CONFIGS))
+                        help="LoRA, senses: canonical batches per epoch (default: all; fewer makes the run shorter, "
+                             "and evaluation a larger share of it)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(CONFIGS),
+                        help="senses: a sense edit of the distilled Backpack (not by default)")
     parser.add_argument("--covariance_samples", type=int, default=None,
                         help="MEMIT's statistics tokens (default: the config's)")
     parser.add_argument("--paths", action="store_true",
                         help="compare the evaluation path before issue 37 with today's (caches warm in both)")
     parser.add_argument("--repeat", type=int, default=1, help="--paths: alternating pairs of fits per method")
     parser.add_argument("--project", type=int, default=5, help="--paths: epochs to project each path's time to")
-    parser.add_argument("--model", default=None, help="the base model (default: the configs' SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="the base model of every method run (default: each config's: SmolLM2, for senses the "
+                             "distilled Backpack)")
     args = parser.parse_args(argv)
 
     import torch

@@ -1,6 +1,7 @@
 """``benchmarks/fit_time.py --paths`` (issue 37): the evaluation path before issue 37 against today's in one
 process, on a tiny model: the "before" path really runs the old evaluation (default products, the LoRA branch, the
-whole-block log-sum-exp, the mask) and both give the same epochs and ball decisions; the projection is its formula."""
+whole-block log-sum-exp, the mask) and both give the same epochs and ball decisions, for a LoRA edit and for a sense
+edit of a Backpack; the projection is its formula."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def test_before_puts_the_old_evaluation_back_and_restores_today(fit_time, monkey
     assert "EDITING_PRODUCTS" not in __import__("os").environ
 
 
-def test_paths_on_a_tiny_model_agree(fit_time, capsys, monkeypatch, tmp_path) -> None:
+@pytest.mark.parametrize(("method", "model"), [("lora", "tiny-llama"), ("senses", "tiny-backpack")])
+def test_paths_on_a_tiny_model_agree(fit_time, capsys, monkeypatch, tmp_path, method, model) -> None:
     import callbacks.degradation_budget as budget
 
     monkeypatch.setattr(fit_time.tempfile, "tempdir", str(tmp_path))  # its work folder under the test's
@@ -48,9 +50,9 @@ def test_paths_on_a_tiny_model_agree(fit_time, capsys, monkeypatch, tmp_path) ->
     monkeypatch.setenv("EDITING_EVAL_CACHE_DIR", str(tmp_path / "unused"))
     monkeypatch.setenv("EDITING_EVAL_CACHES", "on")
     monkeypatch.setattr(budget, "evaluate_epoch", budget.evaluate_epoch)
-    code = fit_time.main(["--paths", "--methods", "lora", "--model", "tiny-llama", "--general_limit", "6",
+    code = fit_time.main(["--paths", "--methods", method, "--model", model, "--general_limit", "6",
                           "--eval_limit", "3", "--epochs", "1", "--train_batches", "2", "--project", "3"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "| lora | before |" in out and "| lora | today |" in out and "MISMATCH" not in out
+    assert f"| {method} | before |" in out and f"| {method} | today |" in out and "MISMATCH" not in out
     assert "same ball decisions: yes" in out and "projected to 3 epochs" in out
