@@ -151,15 +151,19 @@ def projected(seconds: float, evaluations: list[float], epochs: int, target: int
 def compare_paths(args: argparse.Namespace, work: Path) -> int:
     """``--paths``: before issue 37 against today, alternating, caches warm; prints the table, returns the exit."""
     failed = False
-    print("| method | path | fit (s) | evaluations: p0, epochs (s) | the rest (s) | projected "
-          f"{args.project} epochs (s) |\n|---|---|---|---|---|---|")
     summary = []
     for method in args.methods:
         # untimed: each path's p0 and prefix cached (the product mode is keyed); one epoch of one batch does it
         warming = argparse.Namespace(**{**vars(args), "epochs": 1, "train_batches": 1})
         for path in ("before", "today"):
+            EVALUATIONS.clear()
             with before_issue_37() if path == "before" else nullcontext():
-                fit(method, warming, work / f"{method}-warming-{path}", caches=True)
+                seconds, _ = fit(method, warming, work / f"{method}-warming-{path}", caches=True)
+            # cold: p0 a full pass over every set, epoch 1's the first of the edit's (what the caches then keep)
+            print(f"warming {method} {path} (untimed): {seconds:.1f} s; evaluations, cold (p0, epoch 1) "
+                  f"{', '.join(f'{s:.1f}' for s in EVALUATIONS)} s", flush=True)
+        print("\n| method | path | fit (s) | evaluations: p0, epochs (s) | the rest (s) | projected "
+              f"{args.project} epochs (s) |\n|---|---|---|---|---|---|")
         times: dict[str, list[float]] = {"before": [], "today": []}
         projections: dict[str, list[float]] = {"before": [], "today": []}
         records: dict[str, dict] = {}
