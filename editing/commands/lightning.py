@@ -19,7 +19,7 @@ from dataclasses import is_dataclass
 from pathlib import Path
 
 from jsonargparse import Namespace, lazy_instance
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -525,15 +525,16 @@ def _launching_process() -> bool:
 
 
 def _resolve_ckpt_path(trainer, ckpt_path: str | None) -> Path | None:
-    """The checkpoint file ``--ckpt_path`` means: ``last`` is the newest ``last*.ckpt`` where the run's
-    ModelCheckpoint writes (None when there is none: the fit starts afresh, as Lightning does); other keywords
-    (``best``, ``hpc``) are left to Lightning (None)."""
+    """The checkpoint file ``--ckpt_path`` means: ``last`` is the newest ``last*.ckpt`` or ``interrupted.ckpt``
+    (``SaveOnInterrupt``'s) where the run's ModelCheckpoint writes (None when there is none: the fit starts afresh,
+    as Lightning does); other keywords (``best``, ``hpc``) are left to Lightning (None)."""
     if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return None
     if ckpt_path == "last":
         folders = {Path(cb.dirpath) if cb.dirpath else Path(trainer.log_dir) / "checkpoints"
                    for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)}
-        found = [f for folder in folders for f in folder.glob("last*.ckpt") if f.is_file()]
+        found = [f for folder in folders for pattern in ("last*.ckpt", SaveOnInterrupt.FILENAME)
+                 for f in folder.glob(pattern) if f.is_file()]
         if not found:
             print(f"--ckpt_path last: no last.ckpt in {', '.join(map(str, sorted(folders))) or 'any folder'}; "
                   "starting a new run", file=sys.stderr)
@@ -625,16 +626,31 @@ def test(args: list[str]) -> None:
     run_lightning_cli("test", args)
 
 
-class SaveOnInterrupt(OnExceptionCheckpoint):
-    """Writes ``interrupted.ckpt`` beside the run's other checkpoints when a fit stops on an exception (Ctrl-C)."""
+class SaveOnInterrupt(Callback):
+    """Writes ``interrupted.ckpt`` beside the run's other checkpoints when a fit stops on an exception (Ctrl-C, a
+    crash) after at least one optimizer step; ``--ckpt_path last`` takes the newer of it and ``last.ckpt``.
+
+    Not Lightning's ``OnExceptionCheckpoint``: given one, a fit without ``--ckpt_path`` resumes from whatever
+    checkpoint that callback would have written (Lightning's implicit ``last``), and before the fit starts that is
+    ``./interrupted.ckpt`` in the working folder. A run that failed in its setup left one there at step 0 and the
+    next distillation from that folder, of any config, silently resumed from it. Here a fit without ``--ckpt_path``
+    always starts afresh, and a failure before the first step writes nothing (nothing was trained).
+    """
+
+    FILENAME = "interrupted.ckpt"
 
     def __init__(self) -> None:
-        super().__init__(dirpath=".", filename="interrupted")
+        self.dirpath: Path | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         checkpoint = _last_checkpoint(trainer)
-        if checkpoint is not None:
-            self.dirpath = checkpoint.dirpath
+        self.dirpath = Path(checkpoint.dirpath) if checkpoint is not None else Path(trainer.default_root_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.dirpath is None or trainer.global_step == 0:
+            return
+        # a write of the whole training state (optimizer, loops), what a resume needs
+        trainer.save_checkpoint(str(self.dirpath / self.FILENAME), weights_only=False)
 
 
 def _last_checkpoint(trainer) -> ModelCheckpoint | None:
