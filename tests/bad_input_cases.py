@@ -355,6 +355,18 @@ def _cases() -> list[Case]:
     add(_c("distill_resume_from_truncated_checkpoint", distill_resume_truncated, ["last.ckpt", "truncated"],
            ["without --ckpt_path"]))
 
+    def distill_validation_past_the_epoch(d: Path, a: Artifacts) -> list[str]:
+        (d / "corpus").mkdir()
+        (d / "corpus" / "part.jsonl").write_text("".join(f'{{"text": "line {i} of a small corpus."}}\n'
+                                                         for i in range(200)))
+        return ["backpack", "distill", "--config", str(REPO_DIR / "lightning_configs" / "distill" / "tiny.yaml"),
+                "--model.output", "model", "--data.corpus", "corpus", "--trainer.val_check_interval", "400",
+                "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--checkpoint.dirpath", "ckpt"]
+
+    add(_c("distill_val_check_interval_past_the_epoch", distill_validation_past_the_epoch,
+           ["--trainer.val_check_interval 400", "training batches"], ["--trainer.val_check_interval 10"],
+           absent=("model", "ckpt", "interrupted.ckpt")))
+
     # --- models --------------------------------------------------------------------------------------------------
     def not_gguf(d: Path, a: Artifacts) -> list[str]:
         (d / "model.gguf").write_bytes(b"this is not a model\n" * 100)

@@ -4,6 +4,9 @@ cache-teacher`` (the teacher's outputs on the corpus, computed once for distilla
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from jsonargparse import lazy_instance
@@ -22,6 +25,7 @@ from editing.commands.lightning import (
     model_help_parser,
     wants_help,
 )
+from editing.core.errors import ConfigError
 
 
 class DistillCLI(ProjectCLI):
@@ -49,6 +53,27 @@ class DistillCLI(ProjectCLI):
         return intro, model_help_parser(parser, BackpackDistillation)
 
 
+_VAL_CHECK = re.compile(r"`val_check_interval` \((\d+)\) must be less than or equal to the number of the "
+                        r"training batches \((\d+)\)")
+
+
+@contextmanager
+def _clear_trainer_errors() -> Iterator[None]:
+    """Lightning's refusal of a ``val_check_interval`` longer than the epoch (a traceback from its data setup) as a
+    ``ConfigError`` naming the option and the fix: the presets validate every 400 steps, which a corpus cut with
+    ``--data.max_tokens`` may not reach."""
+    try:
+        yield
+    except ValueError as err:
+        found = _VAL_CHECK.search(str(err))
+        if found is None:
+            raise
+        given, batches = found.groups()
+        raise ConfigError(f"--trainer.val_check_interval {given} is more than the {batches} training batches an "
+                          f"epoch has here: give at most {batches} (--trainer.val_check_interval {batches}), or more "
+                          "text (--data.max_tokens)") from None
+
+
 @parses_own_arguments
 def distill(args: list[str]) -> None:
     """``editing backpack distill``: a Lightning fit of ``BackpackDistillation`` on a ``CorpusDataModule``."""
@@ -57,7 +82,7 @@ def distill(args: list[str]) -> None:
 
     # an interrupted run (Ctrl-C, a crash) still leaves its latest state: `editing backpack export` turns it into
     # a model folder, `--ckpt_path` resumes it
-    with field_docstrings(args):
+    with field_docstrings(args), _clear_trainer_errors():
         DistillCLI(BackpackDistillation, CorpusDataModule,
                    args=["fit", *["--help" if a == HELP_ALL else a for a in args]],
                    save_config_callback=FitConfigSaver, parser_class=EditingArgumentParser,
