@@ -219,7 +219,7 @@ class PrefixScorer:
         entry = self.store.get(batch["position"]) if self.checked else None
         if entry is not None and _same_batch(entry, batch):
             COUNTERS["prefix_reused"] += 1
-            with self._substituted(entry["hidden"].to(ids.device)):
+            with entering_at(self.blocks, self.start, entry["hidden"].to(ids.device)):
                 return token_nll(model, ids, mask, labels)
         captured: dict = {}
         with self._capturing(captured):
@@ -251,9 +251,6 @@ class PrefixScorer:
         finally:
             for handle in handles:
                 handle.remove()
-
-    def _substituted(self, hidden: torch.Tensor):
-        return entering_at(self.blocks, self.start, hidden)
 
 
 # --- sense edits --------------------------------------------------------------------------------------------------

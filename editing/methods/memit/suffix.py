@@ -132,17 +132,11 @@ def prepare(model: nn.Module, group: dict, layer: int, ends: list[int]) -> dict 
             "row": torch.arange(b, device=device), "pos": torch.zeros(b, dtype=torch.long, device=device)}
 
 
-def _from_block(model: nn.Module, start: int, hidden: torch.Tensor):
-    """Blocks below ``start`` pass their input through; block ``start`` receives ``hidden``."""
-    return entering_at(blocks(model), start, hidden)
-
-
-
 def step_hidden(model: nn.Module, prepared: dict, layer: int) -> torch.Tensor:
     """One step's final hidden states (b, q, d) at the new slots (the LM head's input; the head itself is not
     applied), the inject hook being registered by the caller."""
     cache = _fresh_cache(model, prepared["stored"])
-    with _from_block(model, layer, prepared["hidden"]), capture_final_hidden(model) as store:
+    with entering_at(blocks(model), layer, prepared["hidden"]), capture_final_hidden(model) as store:
         model(input_ids=prepared["ids"], attention_mask=prepared["mask"], position_ids=prepared["position"],
               cache=cache, use_cache=True)
     return store["hidden"]
