@@ -649,8 +649,7 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.dirpath is None or trainer.global_step == 0:
             return
-        # a write of the whole training state (optimizer, loops), what a resume needs
-        trainer.save_checkpoint(str(self.dirpath / self.FILENAME), weights_only=False)
+        _save_training_state(trainer, str(self.dirpath / self.FILENAME))
 
 
 def _last_checkpoint(trainer) -> ModelCheckpoint | None:
@@ -681,9 +680,15 @@ class SaveLastOnStop(Checkpoint):
 def _save_last(trainer, checkpoint) -> None:
     """Bring ``last.ckpt`` up to this step: the whole training state (optimizer, loops), as the periodic saves do."""
     path = os.path.join(checkpoint.dirpath, checkpoint.CHECKPOINT_NAME_LAST + checkpoint.FILE_EXTENSION)
-    trainer.save_checkpoint(path, weights_only=False)  # said, so that Lightning prints no info line about it
+    _save_training_state(trainer, path)
     checkpoint._last_global_step_saved = trainer.global_step
     checkpoint.last_model_path = path
+
+
+def _save_training_state(trainer, path: str) -> None:
+    """Write a checkpoint of the whole training state (weights, optimizer, loops) to ``path``: what a resume needs.
+    A write only; checkpoints are read back with ``weights_only=True`` (``editing.runs.checkpoints``)."""
+    trainer.save_checkpoint(path, weights_only=False)  # said, so that Lightning prints no info line about it
 
 
 class StopOnSignal(Checkpoint):
